@@ -1,0 +1,162 @@
+"""Save and load adapter weights alone (safetensors) with a JSON adapter config.
+
+File layout (``adapter_model.safetensors``), per adapted module ``M``:
+    M.router.gate_weight (N x D), M.router.threshold_weight (1 x D), M.router.threshold_bias (1)
+    M.experts.<global id>.lora_A (r x D), M.experts.<global id>.lora_B (O x r)
+    modules_to_save.<parameter name>   (task head trained in full)
+Experts are keyed by global id so a file written under one expert-parallel layout loads
+under any other. Under ZeRO-3, registered adapter parameters are gathered one module at a
+time (never the whole model); all ranks must call ``adapter_state``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from .config import AdapterConfig
+from .experts import ExpertBank
+from .inject import Adapters, inject_adapters
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+FORMAT_VERSION = 1
+
+
+def gathered(params: list[nn.Parameter], modifier_rank: int | None = None):
+    """Context in which ZeRO-3 partitioned ``params`` hold their full values."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+    return contextlib.nullcontext()
+
+
+def bank_tensors(prefix: str, bank: ExpertBank) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, gid in enumerate(bank.expert_ids):
+        out[f"{prefix}.experts.{gid}.lora_A"] = bank.lora_A[i].detach().cpu().clone()
+        out[f"{prefix}.experts.{gid}.lora_B"] = bank.lora_B[i].detach().t().cpu().contiguous()
+    return out
+
+
+def load_bank_tensors(prefix: str, bank: ExpertBank, tensors: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for i, gid in enumerate(bank.expert_ids):
+            bank.lora_A[i].copy_(tensors[f"{prefix}.experts.{gid}.lora_A"])
+            bank.lora_B[i].copy_(tensors[f"{prefix}.experts.{gid}.lora_B"].t())
+
+
+def head_parameters(adapters: Adapters) -> dict[str, nn.Parameter]:
+    from .inject import matches
+
+    out = {}
+    for name, module in adapters.model.named_modules():
+        if any(matches(name, t) for t in adapters.trainable_modules):
+            for pname, p in module.named_parameters(recurse=True):
+                out[f"{name}.{pname}"] = p
+    return out
+
+
+def adapter_state(adapters: Adapters, *, experts: bool = True) -> dict[str, torch.Tensor]:
+    """Every adapter tensor on CPU, under the file layout above (local experts only)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, layer in adapters.layers.items():
+        if layer.router is not None:
+            params = dict(layer.router.named_parameters())
+            with gathered(list(params.values())):
+                for pname, p in params.items():
+                    out[f"{name}.router.{pname}"] = p.detach().cpu().clone()
+            if experts:
+                out.update(bank_tensors(name, layer.experts))
+        else:
+            with gathered([layer.lora.lora_A, layer.lora.lora_B]):
+                out.update(bank_tensors(name, layer.lora))
+    for pname, p in head_parameters(adapters).items():
+        with gathered([p]):
+            out[f"modules_to_save.{pname}"] = p.detach().cpu().clone()
+    return out
+
+
+def load_adapter_state(adapters: Adapters, tensors: dict[str, torch.Tensor], *, experts: bool = True) -> None:
+    """Copy tensors (file layout) into the adapters; every expected key must be present."""
+    expected = set()
+    for name, layer in adapters.layers.items():
+        if layer.router is not None:
+            params = dict(layer.router.named_parameters())
+            expected |= {f"{name}.router.{p}" for p in params}
+            with gathered(list(params.values()), modifier_rank=0), torch.no_grad():
+                for pname, p in params.items():
+                    p.copy_(_need(tensors, f"{name}.router.{pname}"))
+            if experts:
+                _check_experts(tensors, name, layer.experts)
+                load_bank_tensors(name, layer.experts, tensors)
+        else:
+            _check_experts(tensors, name, layer.lora)
+            with gathered([layer.lora.lora_A, layer.lora.lora_B], modifier_rank=0):
+                load_bank_tensors(name, layer.lora, tensors)
+    for pname, p in head_parameters(adapters).items():
+        with gathered([p], modifier_rank=0), torch.no_grad():
+            p.copy_(_need(tensors, f"modules_to_save.{pname}"))
+
+
+def _need(tensors: dict, key: str) -> torch.Tensor:
+    if key not in tensors:
+        raise KeyError(f"adapter weights lack {key!r}")
+    return tensors[key]
+
+
+def _check_experts(tensors: dict, name: str, bank: ExpertBank) -> None:
+    for gid in bank.expert_ids:
+        for part in ("lora_A", "lora_B"):
+            _need(tensors, f"{name}.experts.{gid}.{part}")
+
+
+def write_atomically(target: Path, write) -> None:
+    """Call ``write(tmp_dir)``, then swap the directory into place: readers never see half a save."""
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def save_adapter(out_dir: str | Path, tensors: dict[str, torch.Tensor], cfg: AdapterConfig, meta: dict) -> None:
+    """Write weights and config (call on one rank, with ``adapter_state`` gathered on all)."""
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS_NAME))
+        doc = {"format_version": FORMAT_VERSION, "adapter": cfg.to_dict(), **meta}
+        (tmp / CONFIG_NAME).write_text(json.dumps(doc, indent=2))
+
+    write_atomically(Path(out_dir), write)
+
+
+def read_adapter_config(adapter_dir: str | Path) -> dict:
+    path = Path(adapter_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not an adapter directory")
+    return json.loads(path.read_text())
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path, **inject_kw) -> Adapters:
+    """Inject the saved adapter into a fresh base model and load its weights."""
+    doc = read_adapter_config(adapter_dir)
+    cfg = AdapterConfig.from_dict(doc["adapter"])
+    adapters = inject_adapters(model, cfg, trainable_modules=doc.get("trainable_modules", []), **inject_kw)
+    load_adapter_state(adapters, load_file(str(Path(adapter_dir) / WEIGHTS_NAME)))
+    return adapters

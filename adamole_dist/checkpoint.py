@@ -1,0 +1,185 @@
+"""Training checkpoints: DeepSpeed engine state + expert banks + trainer state + RNG, atomically.
+
+Layout of ``<output_dir>/checkpoints/step_0000100/``:
+    DeepSpeed's files (engine module/optimizer/scheduler, frozen base excluded)
+    experts_ep<k>.safetensors   expert params and AdamW moments keyed by global expert id
+    trainer_state.json          step, data position, config
+    rng_rank<r>.pt              each rank's RNG states (dropout, data order)
+Everything is written under a hidden temporary tag and renamed into place by rank 0 after a
+barrier; ``latest`` is replaced atomically last. A crash mid-save leaves the previous
+checkpoint and ``latest`` untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from .expert_optim import ExpertOptimizer
+from .inject import Adapters
+
+LATEST = "latest"
+TAG_RE = re.compile(r"^step_(\d+)$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def expert_state(adapters: Adapters, opt: ExpertOptimizer) -> dict[str, torch.Tensor]:
+    """Expert params and their AdamW state, one entry per global expert id."""
+    out: dict[str, torch.Tensor] = {}
+    state = opt.optimizer.state if opt.optimizer is not None else {}
+    for name, bank in adapters.expert_banks.items():
+        for pname in ("lora_A", "lora_B"):
+            p = getattr(bank, pname)
+            moments = state.get(p, {})
+            for i, gid in enumerate(bank.expert_ids):
+                key = f"{name}.experts.{gid}.{pname}"
+                out[key] = p[i].detach().cpu().contiguous()
+                for m in ("exp_avg", "exp_avg_sq"):
+                    if m in moments:
+                        out[f"{key}.{m}"] = moments[m][i].detach().cpu().contiguous()
+                if "step" in moments:
+                    out[f"{key}.step"] = torch.as_tensor(moments["step"], dtype=torch.float64).reshape(1).cpu()
+    return out
+
+
+def load_expert_state(adapters: Adapters, opt: ExpertOptimizer, tensors: dict[str, torch.Tensor]) -> bool:
+    """Load this rank's experts by global id; returns whether optimizer moments were restored."""
+    restored = True
+    with torch.no_grad():
+        for name, bank in adapters.expert_banks.items():
+            for pname in ("lora_A", "lora_B"):
+                p = getattr(bank, pname)
+                keys = [f"{name}.experts.{gid}.{pname}" for gid in bank.expert_ids]
+                missing = [k for k in keys if k not in tensors]
+                if missing:
+                    raise KeyError(f"checkpoint lacks expert tensors, e.g. {missing[0]!r}")
+                p.copy_(torch.stack([tensors[k] for k in keys]))
+                if opt.optimizer is None:
+                    continue
+                if all(f"{k}.exp_avg" in tensors for k in keys):
+                    opt.optimizer.state[p] = {
+                        "step": torch.tensor(float(tensors[f"{keys[0]}.step"].item())),
+                        "exp_avg": torch.stack([tensors[f"{k}.exp_avg"] for k in keys]).to(p.device, p.dtype),
+                        "exp_avg_sq": torch.stack([tensors[f"{k}.exp_avg_sq"] for k in keys]).to(p.device, p.dtype),
+                    }
+                else:
+                    restored = False
+    return restored
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def write_latest(root: Path, tag: str) -> None:
+    tmp = root / f".{LATEST}.tmp"
+    tmp.write_text(tag)
+    os.replace(tmp, root / LATEST)
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name))
+
+
+def resolve_checkpoint(root: Path, resume: str) -> Path | None:
+    """'latest' -> the checkpoint named by root/latest (None if there is none yet); else the path."""
+    if resume != LATEST:
+        return Path(resume)
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    return root / pointer.read_text().strip()
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    engine,
+    adapters: Adapters,
+    expert_opt: ExpertOptimizer,
+    trainer_state: dict,
+    *,
+    rank: int,
+    expert_writer: bool,
+    expert_shard: int,
+    keep: int,
+) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    root = Path(root)
+    tag = tag_for(step)
+    tmp_tag = f".tmp_{tag}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(root / tmp_tag, ignore_errors=True)
+    barrier()
+    engine.save_checkpoint(str(root), tag=tmp_tag, client_state={}, save_latest=False,
+                           exclude_frozen_parameters=True)
+    tmp_dir = root / tmp_tag
+    if expert_writer and adapters.expert_banks:
+        save_file(expert_state(adapters, expert_opt), str(tmp_dir / f"experts_ep{expert_shard}.safetensors"))
+    torch.save(rng_state(), tmp_dir / f"rng_rank{rank}.pt")
+    if rank == 0:
+        (tmp_dir / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+    barrier()
+    final = root / tag
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp_dir, final)
+        write_latest(root, tag)
+        for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_checkpoint(ckpt: Path, engine, adapters: Adapters, expert_opt: ExpertOptimizer, *, rank: int) -> dict:
+    """Restore engine, experts, RNG; returns the trainer state saved with the checkpoint."""
+    ckpt = Path(ckpt)
+    state_file = ckpt / "trainer_state.json"
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{ckpt} is not a complete checkpoint (no trainer_state.json)")
+    load_path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_module_strict=False)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {ckpt}")
+    if adapters.expert_banks:
+        tensors: dict[str, torch.Tensor] = {}
+        for f in sorted(ckpt.glob("experts_ep*.safetensors")):
+            tensors.update(load_file(str(f)))
+        load_expert_state(adapters, expert_opt, tensors)
+    trainer_state = json.loads(state_file.read_text())
+    expert_opt.set_step(trainer_state["step"])
+    rng_file = ckpt / f"rng_rank{rank}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return trainer_state

@@ -1,0 +1,113 @@
+"""Command line and YAML recipe -> TrainConfig. Flags override the recipe; both are validated
+by the dataclasses before any work starts.
+
+Every TrainConfig field is a flag (``--lr``), and so is every AdapterConfig field
+(``--method``, ``--num_experts`` ...). A recipe is YAML with the same names, adapter fields
+either at the top level or under ``adapter:``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from pathlib import Path
+
+import yaml
+
+from .config import AdapterConfig, ConfigError
+from .train_config import TrainConfig
+
+LAUNCHER_FLAGS = ("--local_rank", "--local-rank")  # added by the deepspeed launcher / old torchrun
+
+
+def _none_or(cast):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null", "") else cast(text)
+
+    parse.__name__ = cast.__name__
+    return parse
+
+
+def _csv_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls, skip: set[str]) -> list[str]:
+    hints = typing.get_type_hints(cls)
+    names = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        names.append(f.name)
+        hint = hints[f.name]
+        kw: dict = {"help": f.metadata.get("help", ""), "default": argparse.SUPPRESS, "dest": f.name}
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        args = typing.get_args(hint)
+        if hint is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif hint is list or typing.get_origin(hint) is list:
+            kw.update(type=_csv_list, metavar="A,B,...")
+        elif type(None) in args:
+            base = next(a for a in args if a is not type(None))
+            kw["type"] = _none_or(base)
+        else:
+            kw["type"] = hint
+        parser.add_argument(f"--{f.name}", **kw)
+    return names
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, list[str], list[str]]:
+    parser = argparse.ArgumentParser(
+        description="Fine-tune a Hugging Face model with AdaMoLE / LoRA-MoE adapters under DeepSpeed.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", type=Path, help="YAML recipe; flags override its values")
+    for flag in LAUNCHER_FLAGS:
+        parser.add_argument(flag, type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS, dest="local_rank")
+    parser.add_argument("--deepspeed_config", dest="ds_config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    train_group = parser.add_argument_group("training")
+    train_names = _add_fields(train_group, TrainConfig, skip={"adapter"})
+    adapter_group = parser.add_argument_group("adapter")
+    adapter_names = _add_fields(adapter_group, AdapterConfig, skip=set())
+    return parser, train_names, adapter_names
+
+
+def load_recipe(path: Path, train_names: list[str], adapter_names: list[str]) -> tuple[dict, dict]:
+    if not path.is_file():
+        raise ConfigError(f"config ({path}) is not a file")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config ({path}) must be a YAML mapping of option names to values")
+    train_kw, adapter_kw = {}, dict(data.pop("adapter", None) or {})
+    for key, value in data.items():
+        if key in train_names:
+            train_kw[key] = value
+        elif key in adapter_names:
+            adapter_kw[key] = value
+        else:
+            raise ConfigError(f"config ({path}): unknown option {key!r}")
+    unknown = sorted(set(adapter_kw) - set(adapter_names))
+    if unknown:
+        raise ConfigError(f"config ({path}): unknown adapter option(s) {', '.join(unknown)}")
+    return train_kw, adapter_kw
+
+
+def parse_train_config(argv: list[str] | None = None) -> TrainConfig:
+    """Parse flags (and the recipe they name) into a validated TrainConfig; raises ConfigError."""
+    parser, train_names, adapter_names = build_parser()
+    ns = vars(parser.parse_args(argv))
+    ns.pop("local_rank", None)
+    recipe = ns.pop("config", None)
+    train_kw, adapter_kw = load_recipe(recipe, train_names, adapter_names) if recipe else ({}, {})
+    for key, value in ns.items():
+        (adapter_kw if key in adapter_names else train_kw)[key] = value
+    try:
+        adapter = AdapterConfig(**adapter_kw)
+    except TypeError as e:  # a recipe value of the wrong shape
+        raise ConfigError(f"adapter options: {e}") from None
+    try:
+        return TrainConfig(**train_kw, adapter=adapter)
+    except TypeError as e:
+        raise ConfigError(f"training options: {e}") from None

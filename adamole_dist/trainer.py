@@ -1,0 +1,339 @@
+"""The training run: set-up in order (validate -> data -> output dir -> model -> engine), then the loop.
+
+One optimizer step (``Trainer.train_step``) fits on a screen: for each micro batch, task loss
++ coeff * aux loss, DeepSpeed backward and step (DeepSpeed applies the update at the
+accumulation boundary), then the expert optimizer steps the banks that live outside the
+engine (docs/zero3_experts.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt_io
+from .adapter_io import adapter_state, save_adapter
+from .balance import summarize_stats
+from .config import ConfigError
+from .data import load_examples
+from .distributed import DistInfo, device_for, init_distributed
+from .ds_config import build_ds_config, zero_stage
+from .evaluate import evaluate_accuracy
+from .expert_optim import ExpertOptimizer
+from .inject import Adapters, inject_adapters
+from .metrics import MetricsLogger
+from .modeling import default_trainable_modules, load_model_and_tokenizer
+from .output_dir import check_output_dir, prepare_output_dir
+from .sampler import ShardedBatches
+from .schedule import lr_lambda, warmup_steps_for
+from .tasks import build_task
+from .train_config import TrainConfig
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def param_bytes(module: torch.nn.Module) -> dict:
+    """Bytes of parameters this rank holds (ZeRO-3 shard where partitioned) and their full size."""
+    out = {"frozen_local": 0, "frozen_full": 0, "trainable_local": 0, "trainable_full": 0}
+    for p in module.parameters():
+        es = p.element_size() if not hasattr(p, "ds_tensor") else p.ds_tensor.element_size()
+        local = p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+        full = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        kind = "trainable" if p.requires_grad else "frozen"
+        out[f"{kind}_local"] += local * es
+        out[f"{kind}_full"] += full * es
+    return out
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, info: DistInfo) -> None:
+        self.cfg = cfg
+        self.info = info
+        self.out = Path(cfg.output_dir)
+        self.ckpt_root = self.out / "checkpoints"
+        self.device = device_for(info)
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.last_checkpoint: Path | None = None
+
+    # -- set-up ------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg, info = self.cfg, self.info
+        seed_everything(cfg.seed)
+        self.train_examples = load_examples(cfg.dataset, cfg.train_split, cfg.data_format,
+                                            limit=cfg.max_train_examples or None, seed=cfg.seed)
+        self.eval_examples = load_examples(cfg.dataset, cfg.eval_split, cfg.data_format,
+                                           limit=cfg.max_eval_examples or None, seed=cfg.seed)
+        self.batches = ShardedBatches(len(self.train_examples), cfg.micro_batch_size,
+                                      rank=info.rank, world_size=info.world_size, seed=cfg.seed)
+        config_record = cfg.to_dict()
+        problem = [None]
+        if info.is_main:
+            try:
+                check_output_dir(self.out, config_record, overwrite=cfg.overwrite, resume=cfg.resume)
+            except ConfigError as e:
+                problem[0] = str(e)
+        dist.broadcast_object_list(problem, src=0)  # every rank stops, or none does
+        if problem[0]:
+            raise ConfigError(problem[0])
+        if info.is_main:
+            prepare_output_dir(self.out, config_record, overwrite=cfg.overwrite)
+        ckpt_io.barrier()
+
+        model, self.tokenizer, self.task_type, self.model_path = load_model_and_tokenizer(cfg.model, cfg.task_type)
+        trainable = cfg.trainable_modules or default_trainable_modules(self.task_type, model)
+        self.adapters: Adapters = inject_adapters(model, cfg.adapter, trainable_modules=trainable)
+        self.adapters.expert_module.to(self.device)
+        self.task = build_task(self.task_type, self.tokenizer, cfg.max_length, cfg.loss_on, self.device)
+
+        self.total_steps = self.compute_total_steps()
+        schedule = lr_lambda(cfg.lr_scheduler, self.total_steps,
+                             warmup_steps_for(self.total_steps, cfg.warmup_steps, cfg.warmup_ratio))
+        import deepspeed
+
+        self.ds_config = build_ds_config(cfg, info.world_size)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=self.adapters.engine_parameters(),
+            config=self.ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        )
+        self.expert_opt = ExpertOptimizer(
+            self.adapters.expert_parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_eps, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+            lr_lambda=schedule, world_size=info.world_size, edp_group=None,
+        )
+        self.logger = MetricsLogger(self.out, cfg.report_to, enabled=info.is_main, run_config=config_record,
+                                    project=cfg.wandb_project)
+        self.report_memory()
+        if cfg.resume:
+            self.resume()
+
+    def compute_total_steps(self) -> int:
+        if self.cfg.max_steps > 0:
+            return self.cfg.max_steps
+        per_epoch = self.batches.batches_per_epoch // self.cfg.gradient_accumulation_steps
+        if per_epoch == 0:
+            raise ConfigError("gradient_accumulation_steps exceeds the micro batches in one epoch")
+        return max(1, int(math.ceil(self.cfg.epochs * per_epoch)))
+
+    def report_memory(self) -> None:
+        mine = param_bytes(self.engine.module)
+        mine["experts_local"] = sum(p.numel() * p.element_size() for p in self.adapters.expert_parameters())
+        everyone = [None] * self.info.world_size
+        dist.all_gather_object(everyone, mine)
+        if self.info.is_main:
+            mb = 1 / 2**20
+            print(f"ZeRO stage {zero_stage(self.ds_config)}, world {self.info.world_size}, "
+                  f"model {self.model_path}, task {self.task_type}, method {self.cfg.adapter.method}")
+            for r, b in enumerate(everyone):
+                print(f"  rank {r}: frozen base {b['frozen_local'] * mb:8.2f} MB of {b['frozen_full'] * mb:8.2f} MB"
+                      f" | trainable (engine) {b['trainable_local'] * mb:6.2f} MB | experts {b['experts_local'] * mb:6.2f} MB")
+            self.logger.log(0, "memory", {"zero_stage": zero_stage(self.ds_config),
+                                          "per_rank": {str(r): b for r, b in enumerate(everyone)}})
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def trainer_state(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "world_size": self.info.world_size, "config": self.cfg.to_dict()}
+
+    def save(self) -> None:
+        self.last_checkpoint = ckpt_io.save_checkpoint(
+            self.ckpt_root, self.step, self.engine, self.adapters, self.expert_opt, self.trainer_state(),
+            rank=self.info.rank, expert_writer=self.info.rank == 0, expert_shard=0, keep=self.cfg.keep_checkpoints,
+        )
+        if self.info.is_main:
+            print(f"[step {self.step}] checkpoint saved: {self.last_checkpoint}")
+
+    def resume(self) -> None:
+        path = ckpt_io.resolve_checkpoint(self.ckpt_root, self.cfg.resume)
+        if path is None:
+            if self.info.is_main:
+                print(f"--resume latest: no checkpoint in {self.ckpt_root} yet, starting from scratch")
+            return
+        state = ckpt_io.load_checkpoint(path, self.engine, self.adapters, self.expert_opt, rank=self.info.rank)
+        if state["world_size"] != self.info.world_size:
+            raise ConfigError(f"--resume: checkpoint {path} was written with world size {state['world_size']}, "
+                              f"this run has {self.info.world_size}; the data order would differ")
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.last_checkpoint = path
+        if self.info.is_main:
+            print(f"resumed from {path} at step {self.step}")
+
+    # -- the loop ------------------------------------------------------------------------------
+    def train_step(self, micro_batches: list[dict]) -> dict:
+        """One optimizer step over gradient_accumulation_steps micro batches."""
+        coeff = self.cfg.adapter.aux_loss_coeff
+        task_sum, aux_sum = 0.0, 0.0
+        for batch in micro_batches:
+            task_loss = self.task.loss(self.engine, batch)
+            aux = self.adapters.aux_loss()
+            loss = task_loss + coeff * aux if aux is not None else task_loss
+            self.engine.backward(loss)
+            self.engine.step()
+            task_sum += task_loss.item()
+            aux_sum += aux.item() if aux is not None else 0.0
+        self.expert_opt.step()
+        n = len(micro_batches)
+        return {"task_loss": task_sum / n, "aux_loss": aux_sum / n}
+
+    def check_finite(self, metrics: dict) -> None:
+        flag = torch.tensor([0.0 if math.isfinite(metrics["task_loss"] + metrics["aux_loss"]) else 1.0])
+        if all_reduce_sum(flag).item() > 0:
+            last = self.last_checkpoint or "none (no checkpoint was written yet)"
+            raise NonFiniteLoss(f"non-finite loss at step {self.step} (task {metrics['task_loss']}, aux "
+                                f"{metrics['aux_loss']}); last good checkpoint: {last}")
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        gas = cfg.gradient_accumulation_steps
+        stream = self.batches.iterate(self.epoch, self.batch_in_epoch)
+        self.adapters.train(True)
+        window = {"task_loss": 0.0, "aux_loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
+        progress = self.progress_bar()
+        while self.step < self.total_steps:
+            micro = []
+            for _ in range(gas):
+                epoch, b, idx = next(stream)
+                micro.append(self.task.collate([self.train_examples[i] for i in idx]))
+            self.epoch, self.batch_in_epoch = (epoch, b + 1)
+            metrics = self.train_step(micro)
+            self.step += 1
+            self.check_finite(metrics)
+            window["task_loss"] += metrics["task_loss"]
+            window["aux_loss"] += metrics["aux_loss"]
+            window["steps"] += 1
+            window["tokens"] += sum(int(m["attention_mask"].sum()) for m in micro)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{metrics['task_loss']:.4f}")
+            if self.step % cfg.log_interval == 0 or self.step == self.total_steps:
+                self.log_window(window)
+                window = {"task_loss": 0.0, "aux_loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
+            if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step < self.total_steps:
+                self.evaluate()
+            if cfg.save_interval and self.step % cfg.save_interval == 0 and self.step < self.total_steps:
+                self.save()
+        if progress is not None:
+            progress.close()
+        final = self.evaluate()
+        self.save()
+        self.export_adapter()
+        return final
+
+    def progress_bar(self):
+        if not (self.info.is_main and sys.stderr.isatty()):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
+
+    def log_window(self, w: dict) -> None:
+        totals = all_reduce_sum(torch.tensor([w["task_loss"], w["aux_loss"], float(w["tokens"])], dtype=torch.float64))
+        n = max(w["steps"], 1)
+        elapsed = time.perf_counter() - w["t0"]
+        routing = self.routing_summary(self.adapters.context.pop_stats())
+        metrics = {
+            "task_loss": totals[0].item() / n / self.info.world_size,
+            "aux_loss": totals[1].item() / n / self.info.world_size,
+            "lr": self.engine.get_lr()[0],
+            "tokens_per_s": totals[2].item() / max(elapsed, 1e-9),
+            "epoch": self.epoch,
+            **routing["overall"],
+        }
+        if self.info.is_main:
+            print(f"[step {self.step}/{self.total_steps}] task_loss {metrics['task_loss']:.4f} "
+                  f"aux_loss {metrics['aux_loss']:.4f} lr {metrics['lr']:.2e} tok/s {metrics['tokens_per_s']:.0f}"
+                  + (f" active {metrics['mean_active_experts']:.2f}" if "mean_active_experts" in metrics else ""),
+                  flush=True)
+        self.logger.log(self.step, "train", {**metrics, "layers": routing["layers"]})
+
+    def routing_summary(self, stats: dict[str, torch.Tensor]) -> dict:
+        """Per-layer routing statistics summed over ranks, and their token-weighted overall means."""
+        if not stats:
+            return {"overall": {}, "layers": {}}
+        names = sorted(stats)
+        flat = all_reduce_sum(torch.stack([stats[n].double().cpu() for n in names]))
+        has_tau = self.cfg.adapter.method == "adamole"
+        layers = {n: summarize_stats(flat[i], has_tau) for i, n in enumerate(names)}
+        tokens = sum(v["tokens"] for v in layers.values()) or 1
+        overall = {
+            "mean_active_experts": sum(v["mean_active_experts"] * v["tokens"] for v in layers.values()) / tokens,
+            "no_active_fraction": sum(v["no_active_fraction"] * v["tokens"] for v in layers.values()) / tokens,
+            "dropped_pairs": sum(v["dropped_pairs"] for v in layers.values()),
+        }
+        if has_tau:
+            overall["mean_tau"] = sum(v["mean_tau"] * v["tokens"] for v in layers.values()) / tokens
+        return {"overall": overall, "layers": layers}
+
+    def evaluate(self) -> dict:
+        self.adapters.context.pop_stats()  # drop partial training statistics
+        result = evaluate_accuracy(self.engine, self.task, self.eval_examples, self.cfg.eval_batch_size,
+                                   rank=self.info.rank, world_size=self.info.world_size, all_reduce=all_reduce_sum)
+        routing = self.routing_summary(self.adapters.context.pop_stats())
+        self.adapters.train(True)
+        metrics = {**result, **routing["overall"]}
+        if self.info.is_main:
+            print(f"[step {self.step}] eval accuracy {result['accuracy']:.4f} ({result['correct']}/{result['total']})"
+                  + (f" mean active experts {routing['overall']['mean_active_experts']:.2f}" if routing["layers"] else ""))
+            print_routing_table(routing["layers"])
+        self.logger.log(self.step, "eval", {**metrics, "layers": routing["layers"]})
+        return {**metrics, "layers": routing["layers"]}
+
+    def export_adapter(self) -> None:
+        tensors = adapter_state(self.adapters)  # collective under ZeRO-3
+        if self.info.is_main:
+            meta = {"base_model": self.cfg.model, "base_model_path": self.model_path, "task_type": self.task_type,
+                    "trainable_modules": self.adapters.trainable_modules, "step": self.step}
+            save_adapter(self.out / "adapter", tensors, self.cfg.adapter, meta)
+            print(f"adapter saved: {self.out / 'adapter'}")
+        ckpt_io.barrier()
+
+
+def print_routing_table(layers: dict) -> None:
+    if not layers:
+        return
+    print(f"  {'layer':<52}{'active':>8}{'tau':>8}{'none%':>7}{'drop%':>7}  load min/max")
+    for name, s in layers.items():
+        tau = f"{s['mean_tau']:.4f}" if s["mean_tau"] is not None else "-"
+        load = s["expert_load"]
+        print(f"  {name[-52:]:<52}{s['mean_active_experts']:>8.2f}{tau:>8}{100 * s['no_active_fraction']:>7.1f}"
+              f"{100 * s['dropped_fraction']:>7.1f}  {min(load):.3f}/{max(load):.3f}")
+
+
+def run_training(cfg: TrainConfig) -> dict:
+    info = init_distributed()
+    trainer = Trainer(cfg, info)
+    try:
+        trainer.setup()
+        result = trainer.train()
+    finally:
+        if hasattr(trainer, "logger"):
+            trainer.logger.close()
+    if info.is_main:
+        final = {k: v for k, v in result.items() if k != "layers"}
+        (Path(cfg.output_dir) / "final_metrics.json").write_text(json.dumps(final, indent=1))
+    return result

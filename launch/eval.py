@@ -1,0 +1,70 @@
+"""Evaluate a saved adapter: multiple-choice accuracy and per-layer routing statistics.
+
+    python launch/eval.py --adapter runs/default/adapter [--dataset DIR] [--split test] [--json out.json]
+
+The base model is the one recorded in the adapter's config unless --model names another.
+Runs in one process (no DeepSpeed needed): the adapter is small and the base loads whole.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import torch  # noqa: E402
+
+from adamole_dist.adapter_io import load_adapter, read_adapter_config  # noqa: E402
+from adamole_dist.balance import summarize_stats  # noqa: E402
+from adamole_dist.config import ConfigError  # noqa: E402
+from adamole_dist.data import DataError, load_examples  # noqa: E402
+from adamole_dist.evaluate import evaluate_accuracy  # noqa: E402
+from adamole_dist.modeling import load_model_and_tokenizer  # noqa: E402
+from adamole_dist.tasks import build_task  # noqa: E402
+from adamole_dist.trainer import print_routing_table  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--adapter", required=True, type=Path, help="adapter directory written by training")
+    ap.add_argument("--model", help="base model (default: the one recorded in the adapter config)")
+    ap.add_argument("--dataset", default=None, help="dataset (default: the training run's dataset)")
+    ap.add_argument("--split", default=None, help="split to evaluate (default: the run's eval split)")
+    ap.add_argument("--data_format", default=None, choices=("auto", "instruction", "mc"))
+    ap.add_argument("--max_examples", type=int, default=0, help="subsample to this many examples (0 = all)")
+    ap.add_argument("--max_length", type=int, default=None)
+    ap.add_argument("--batch_size", type=int, default=16)
+    ap.add_argument("--json", type=Path, help="write accuracy and routing statistics here")
+    args = ap.parse_args(argv)
+    try:
+        doc = read_adapter_config(args.adapter)
+        run = {}
+        run_config = args.adapter.parent / "run_config.json"
+        if run_config.is_file():
+            run = json.loads(run_config.read_text())
+        dataset = args.dataset or run.get("dataset")
+        if not dataset:
+            raise ConfigError("--dataset is required: the adapter does not record its training dataset")
+        split = args.split or run.get("eval_split", "test")
+        examples = load_examples(dataset, split, args.data_format or run.get("data_format", "auto"),
+                                 limit=args.max_examples or None, seed=run.get("seed", 0))
+        model, tokenizer, task_type, _ = load_model_and_tokenizer(args.model or doc["base_model"], doc["task_type"])
+        adapters = load_adapter(model, args.adapter)
+        task = build_task(task_type, tokenizer, args.max_length or run.get("max_length", 128),
+                          run.get("loss_on", "answer"), torch.device("cpu"))
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result = evaluate_accuracy(model, task, examples, args.batch_size)
+    has_tau = doc["adapter"]["method"] == "adamole"
+    layers = {n: summarize_stats(s, has_tau) for n, s in sorted(adapters.context.pop_stats().items())}
+    print(f"{dataset} [{split}]: accuracy {result['accuracy']:.4f} ({result['correct']}/{result['total']})")
+    print_routing_table(layers)
+    if args.json:
+        args.json.write_text(json.dumps({**result, "dataset": dataset, "split": split, "layers": layers}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
