@@ -55,6 +55,7 @@ class TrainConfig:
     save_interval: int = opt(100, "save a checkpoint every N optimizer steps (0 = only at the end)")
     keep_checkpoints: int = opt(2, "newest checkpoints kept on disk")
     eval_interval: int = opt(100, "evaluate every N optimizer steps (0 = only at the end)")
+    eval_at_start: bool = opt(True, "evaluate before the first step (a baseline for the final accuracy)")
     log_interval: int = opt(10, "log metrics every N optimizer steps")
     report_to: str = opt("jsonl", "metrics sink besides the always-written metrics.jsonl",
                          choices=("none", "jsonl", "wandb", "tensorboard"))

@@ -29,7 +29,7 @@ from .ds_config import build_ds_config, zero_stage
 from .evaluate import evaluate_accuracy
 from .expert_optim import ExpertOptimizer
 from .inject import Adapters, inject_adapters
-from .metrics import MetricsLogger
+from .metrics import MetricsLogger, read_metrics
 from .modeling import default_trainable_modules, load_model_and_tokenizer
 from .output_dir import check_output_dir, prepare_output_dir
 from .sampler import ShardedBatches
@@ -99,13 +99,14 @@ class Trainer:
         dist.broadcast_object_list(problem, src=0)  # every rank stops, or none does
         if problem[0]:
             raise ConfigError(problem[0])
-        if info.is_main:
-            prepare_output_dir(self.out, config_record, overwrite=cfg.overwrite)
-        ckpt_io.barrier()
-
+        # The model is loaded and the adapters injected (validating target modules) before
+        # anything is written, so a bad option leaves the output directory untouched.
         model, self.tokenizer, self.task_type, self.model_path = load_model_and_tokenizer(cfg.model, cfg.task_type)
         trainable = cfg.trainable_modules or default_trainable_modules(self.task_type, model)
         self.adapters: Adapters = inject_adapters(model, cfg.adapter, trainable_modules=trainable)
+        if info.is_main:
+            prepare_output_dir(self.out, config_record, overwrite=cfg.overwrite)
+        ckpt_io.barrier()
         self.adapters.expert_module.to(self.device)
         self.task = build_task(self.task_type, self.tokenizer, cfg.max_length, cfg.loss_on, self.device)
 
@@ -214,6 +215,8 @@ class Trainer:
         self.adapters.train(True)
         window = {"task_loss": 0.0, "aux_loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
         progress = self.progress_bar()
+        if self.step == 0 and cfg.eval_at_start:
+            self.initial_eval = self.evaluate(print_layers=False)
         while self.step < self.total_steps:
             micro = []
             for _ in range(gas):
@@ -242,7 +245,18 @@ class Trainer:
         final = self.evaluate()
         self.save()
         self.export_adapter()
+        self.print_summary(final)
         return final
+
+    def print_summary(self, final: dict) -> None:
+        if not self.info.is_main:
+            return
+        losses = [r["task_loss"] for r in read_metrics(self.logger.path) if r["kind"] == "train"]
+        start = getattr(self, "initial_eval", None)
+        acc = f"{start['accuracy']:.4f} -> {final['accuracy']:.4f}" if start else f"{final['accuracy']:.4f}"
+        loss = f"{losses[0]:.4f} (first log) -> {losses[-1]:.4f} (last log)" if losses else "n/a"
+        print(f"done: {self.step} steps | task loss {loss} | held-out accuracy {acc} "
+              f"on {final['total']} examples | adapter: {self.out / 'adapter'}")
 
     def progress_bar(self):
         if not (self.info.is_main and sys.stderr.isatty()):
@@ -289,7 +303,7 @@ class Trainer:
             overall["mean_tau"] = sum(v["mean_tau"] * v["tokens"] for v in layers.values()) / tokens
         return {"overall": overall, "layers": layers}
 
-    def evaluate(self) -> dict:
+    def evaluate(self, print_layers: bool = True) -> dict:
         self.adapters.context.pop_stats()  # drop partial training statistics
         result = evaluate_accuracy(self.engine, self.task, self.eval_examples, self.cfg.eval_batch_size,
                                    rank=self.info.rank, world_size=self.info.world_size, all_reduce=all_reduce_sum)
@@ -299,7 +313,8 @@ class Trainer:
         if self.info.is_main:
             print(f"[step {self.step}] eval accuracy {result['accuracy']:.4f} ({result['correct']}/{result['total']})"
                   + (f" mean active experts {routing['overall']['mean_active_experts']:.2f}" if routing["layers"] else ""))
-            print_routing_table(routing["layers"])
+            if print_layers:
+                print_routing_table(routing["layers"])
         self.logger.log(self.step, "eval", {**metrics, "layers": routing["layers"]})
         return {**metrics, "layers": routing["layers"]}
 
