@@ -65,15 +65,36 @@ def head_parameters(adapters: Adapters) -> dict[str, nn.Parameter]:
     return out
 
 
-def adapter_state(adapters: Adapters, *, experts: bool = True) -> dict[str, torch.Tensor]:
-    """Every adapter tensor on CPU, under the file layout above (local experts only)."""
+def gather_experts(local: dict[str, torch.Tensor], ep_group, ep_size: int) -> dict[str, torch.Tensor]:
+    """Merge every EP rank's expert tensors (keyed by global id). Collective over the EP group."""
+    import torch.distributed as dist
+
+    parts: list = [None] * ep_size
+    dist.all_gather_object(parts, local, group=ep_group)
+    merged: dict[str, torch.Tensor] = {}
+    for part in parts:
+        merged.update(part)
+    return merged
+
+
+def adapter_state(adapters: Adapters, *, experts: bool = True, ep_group=None, ep_size: int = 1) -> dict[str, torch.Tensor]:
+    """Every adapter tensor on CPU, under the file layout above. With expert parallelism pass the
+    EP group: all experts are gathered (collective); otherwise only this rank's experts."""
     out: dict[str, torch.Tensor] = {}
+    if experts and ep_size > 1:
+        local = {}
+        for name, bank in adapters.expert_banks.items():
+            local.update(bank_tensors(name, bank))
+        out.update(gather_experts(local, ep_group, ep_size))
+        experts = False
     for name, layer in adapters.layers.items():
         if layer.router is not None:
             params = dict(layer.router.named_parameters())
             with gathered(list(params.values())):
                 for pname, p in params.items():
                     out[f"{name}.router.{pname}"] = p.detach().cpu().clone()
+            if layer.router.selection_bias is not None:
+                out[f"{name}.router.selection_bias"] = layer.router.selection_bias.detach().cpu().clone()
             if experts:
                 out.update(bank_tensors(name, layer.experts))
         else:
@@ -87,14 +108,14 @@ def adapter_state(adapters: Adapters, *, experts: bool = True) -> dict[str, torc
 
 def load_adapter_state(adapters: Adapters, tensors: dict[str, torch.Tensor], *, experts: bool = True) -> None:
     """Copy tensors (file layout) into the adapters; every expected key must be present."""
-    expected = set()
     for name, layer in adapters.layers.items():
         if layer.router is not None:
             params = dict(layer.router.named_parameters())
-            expected |= {f"{name}.router.{p}" for p in params}
             with gathered(list(params.values()), modifier_rank=0), torch.no_grad():
                 for pname, p in params.items():
                     p.copy_(_need(tensors, f"{name}.router.{pname}"))
+            if layer.router.selection_bias is not None:
+                layer.router.selection_bias.copy_(_need(tensors, f"{name}.router.selection_bias"))
             if experts:
                 _check_experts(tensors, name, layer.experts)
                 load_bank_tensors(name, layer.experts, tensors)

@@ -29,6 +29,33 @@ def load_balancing_loss(
     return N * (f_N * P_N).sum()
 
 
+def global_load_balancing_loss(
+    probs_TN: torch.Tensor,
+    mask_TN: torch.Tensor,
+    count_T: torch.Tensor,
+    variant: str,
+    tau_T: torch.Tensor | None,
+    all_reduce,
+    world_size: int,
+) -> torch.Tensor:
+    """N * sum_i f_i P_i with f and P over the tokens of every data-parallel rank.
+
+    The value is the global loss on every rank. Its gradient reaches this rank's tokens as
+    world_size * dL/dp: DeepSpeed averages gradients over the ranks, and the average of the
+    ranks' parts times world_size is the global loss's gradient."""
+    N = probs_TN.shape[-1]
+    p_TN = probs_TN - tau_T.unsqueeze(-1) if variant == "reference" else probs_TN
+    c_T1 = count_T.unsqueeze(-1)
+    p_sum_N = (p_TN * c_T1).sum(0)
+    local = torch.cat([(mask_TN.to(probs_TN.dtype) * c_T1).sum(0), p_sum_N.detach(), count_T.sum().reshape(1)])
+    total = all_reduce(local.detach().clone())
+    n = total[-1].clamp(min=1.0)
+    f_N = total[:N] / n
+    value = N * (f_N * total[N : 2 * N] / n).sum()
+    mine = N * (f_N * p_sum_N / n).sum()
+    return value + world_size * (mine - mine.detach())
+
+
 def balance_terms(
     probs_TN: torch.Tensor,
     mask_TN: torch.Tensor,

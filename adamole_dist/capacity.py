@@ -46,3 +46,65 @@ def apply_capacity(mask_TN: torch.Tensor, probs_TN: torch.Tensor, capacity: int 
     if policy == "probs":
         return keep_by_probs(mask_TN, probs_TN, capacity)
     raise ValueError(f"drop_policy ({policy!r}) must be 'probs' or 'position'")
+
+
+# -- capacity over an expert-parallel group ------------------------------------------------------
+# An expert's capacity bounds the pairs it receives from the whole EP group. Ranks order the
+# group's tokens rank-major (rank 0's tokens first), which is exactly the order of the global
+# batch in one process, so the group decides the same drops a single process would.
+# Legend: J ranks in the group, K candidates per expert.
+
+
+def position_quota(counts_JN: torch.Tensor, me: int, capacity: int) -> torch.Tensor:
+    """Pairs this rank may keep per expert under the position policy: what ranks before it left."""
+    before_N = counts_JN[:me].sum(0)
+    return (capacity - before_N).clamp(min=0)
+
+
+def keep_within_quota(mask_TN: torch.Tensor, quota_N: torch.Tensor) -> torch.Tensor:
+    return mask_TN & (mask_TN.to(torch.int64).cumsum(dim=0) <= quota_N)
+
+
+def probs_candidates(mask_TN: torch.Tensor, probs_TN: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per expert the k highest-probability local pairs (ties: earlier token), padded with -inf.
+
+    No pair outside them can survive the group-wide cut, so only these are exchanged."""
+    T, N = mask_TN.shape
+    key_TN = torch.where(mask_TN, probs_TN.float(), torch.full_like(probs_TN, float("-inf"), dtype=torch.float32))
+    order_TN = key_TN.argsort(dim=0, descending=True, stable=True)[:k]
+    vals_KN = key_TN.gather(0, order_TN)
+    pos_KN = order_TN
+    if order_TN.shape[0] < k:  # fewer local tokens than k
+        pad = k - order_TN.shape[0]
+        vals_KN = torch.cat([vals_KN, vals_KN.new_full((pad, N), float("-inf"))])
+        pos_KN = torch.cat([pos_KN, pos_KN.new_zeros((pad, N))])
+    return vals_KN, pos_KN
+
+
+def probs_cutoff(vals_JKN: torch.Tensor, pos_JKN: torch.Tensor, capacity: int, stride: int):
+    """The capacity-th best (probability desc, then global position asc) candidate per expert.
+
+    Global position = rank * stride + local position, stride >= every rank's token count.
+    Returns (p_N, g_N); an expert with fewer candidates gets p = -inf (keeps everything)."""
+    J, K, N = vals_JKN.shape
+    ranks = torch.arange(J, device=vals_JKN.device).view(J, 1, 1)
+    g_CN = (ranks * stride + pos_JKN).reshape(J * K, N)
+    p_CN = vals_JKN.reshape(J * K, N)
+    by_pos = g_CN.argsort(dim=0, stable=True)
+    p_sorted = p_CN.gather(0, by_pos)
+    g_sorted = g_CN.gather(0, by_pos)
+    by_prob = p_sorted.argsort(dim=0, descending=True, stable=True)
+    p_rank = p_sorted.gather(0, by_prob)
+    g_rank = g_sorted.gather(0, by_prob)
+    if capacity > J * K:
+        return p_CN.new_full((N,), float("-inf")), g_CN.new_zeros(N)
+    return p_rank[capacity - 1], g_rank[capacity - 1]
+
+
+def keep_by_cutoff(mask_TN: torch.Tensor, probs_TN: torch.Tensor, p_N: torch.Tensor, g_N: torch.Tensor,
+                   me: int, stride: int) -> torch.Tensor:
+    """Keep pairs ranked at or above the cut-off (probability desc, global position asc)."""
+    T = mask_TN.shape[0]
+    g_T1 = (me * stride + torch.arange(T, device=mask_TN.device)).unsqueeze(1)
+    p = probs_TN.float()
+    return mask_TN & ((p > p_N) | ((p == p_N) & (g_T1 <= g_N)))

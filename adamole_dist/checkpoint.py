@@ -4,6 +4,7 @@ Layout of ``<output_dir>/checkpoints/step_0000100/``:
     DeepSpeed's files (engine module/optimizer/scheduler, frozen base excluded)
     experts_ep<k>.safetensors   expert params and AdamW moments keyed by global expert id
     trainer_state.json          step, data position, config
+    balance_bias.safetensors    aux-loss-free balancing biases (when enabled)
     rng_rank<r>.pt              each rank's RNG states (dropout, data order)
 Everything is written under a hidden temporary tag and renamed into place by rank 0 after a
 barrier; ``latest`` is replaced atomically last. A crash mid-save leaves the previous
@@ -28,6 +29,7 @@ from .expert_optim import ExpertOptimizer
 from .inject import Adapters
 
 LATEST = "latest"
+BIAS_FILE = "balance_bias.safetensors"
 TAG_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -82,6 +84,19 @@ def load_expert_state(adapters: Adapters, opt: ExpertOptimizer, tensors: dict[st
                 else:
                     restored = False
     return restored
+
+
+def balance_biases(adapters: Adapters) -> dict[str, torch.Tensor]:
+    """Aux-loss-free balancing biases (identical on every rank)."""
+    return {f"{name}.router.selection_bias": r.selection_bias.detach().cpu().clone()
+            for name, r in adapters.routers().items() if r.selection_bias is not None}
+
+
+def load_balance_biases(adapters: Adapters, tensors: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, r in adapters.routers().items():
+            if r.selection_bias is not None:
+                r.selection_bias.copy_(tensors[f"{name}.router.selection_bias"])
 
 
 def rng_state() -> dict:
@@ -150,6 +165,9 @@ def save_checkpoint(
     torch.save(rng_state(), tmp_dir / f"rng_rank{rank}.pt")
     if rank == 0:
         (tmp_dir / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+        biases = balance_biases(adapters)
+        if biases:
+            save_file(biases, str(tmp_dir / BIAS_FILE))
     barrier()
     final = root / tag
     if rank == 0:
@@ -177,6 +195,8 @@ def load_checkpoint(ckpt: Path, engine, adapters: Adapters, expert_opt: ExpertOp
         for f in sorted(ckpt.glob("experts_ep*.safetensors")):
             tensors.update(load_file(str(f)))
         load_expert_state(adapters, expert_opt, tensors)
+    if (ckpt / BIAS_FILE).is_file():
+        load_balance_biases(adapters, load_file(str(ckpt / BIAS_FILE)))
     trainer_state = json.loads(state_file.read_text())
     expert_opt.set_step(trainer_state["step"])
     rng_file = ckpt / f"rng_rank{rank}.pt"

@@ -118,6 +118,12 @@ class AdapterConfig:
         choices=("switch", "reference"),
     )
     aux_loss_reduce: str = opt("sum", "how per-layer aux losses combine", choices=("sum", "mean"))
+    aux_loss_scope: str = opt(
+        "local", "f and P of the aux loss from this rank's tokens, or all-reduced over data parallel ranks",
+        choices=("local", "global"))
+    balance_bias_rate: float = opt(
+        0.0, "aux-loss-free balancing (DeepSeek-V3 style): per-expert bias on the selection scores only, "
+        "moved by this step size towards the mean global load after every optimizer step; 0 = off")
     route_padding: bool = opt(
         False, "route padding tokens (attention_mask 0) through the experts and into the aux loss, as the "
         "public AdaMoLE code does; by default they get a zero delta and are left out of all statistics")
@@ -182,6 +188,8 @@ class AdapterConfig:
             raise ConfigError(f"{p}gate_dropout ({self.gate_dropout}) must be in [0, 1)")
         if self.aux_loss_variant == "reference" and self.method != "adamole":
             raise ConfigError(f"{p}aux_loss_variant 'reference' uses p - tau and needs method 'adamole', not {self.method!r}")
+        if self.balance_bias_rate < 0:
+            raise ConfigError(f"{p}balance_bias_rate ({self.balance_bias_rate}) must be >= 0 (0 = off)")
         if self.aux_loss_coeff < 0:
             raise ConfigError(f"{p}aux_loss_coeff ({self.aux_loss_coeff}) must be >= 0")
         if not all(isinstance(t, str) and t for t in self.target_modules):

@@ -16,6 +16,9 @@ class RoutingContext:
         self.aux_losses: list[torch.Tensor] = []
         self.stats: dict[str, torch.Tensor] = {}
         self.collect_stats = True
+        # Set by the trainer for aux_loss_scope "global": sum over data-parallel ranks, and their count.
+        self.dp_all_reduce = None
+        self.dp_world_size = 1
 
     def begin_forward(self, attention_mask: torch.Tensor | None) -> None:
         self.attention_mask = attention_mask

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from .parallel import is_single
+
 
 class ExpertOptimizer:
     def __init__(
@@ -46,7 +48,7 @@ class ExpertOptimizer:
         if not grads:
             return
         flat = _flatten_dense_tensors(grads)
-        if self.world_size > 1 and dist.is_initialized():
+        if self.world_size > 1 and dist.is_initialized() and not is_single(self.edp_group):
             dist.all_reduce(flat, group=self.edp_group)
         flat.div_(self.world_size)
         for p, g in zip(self.params, _unflatten_dense_tensors(flat, grads)):

@@ -128,6 +128,20 @@ class Adapters:
     def expert_parameters(self) -> list[nn.Parameter]:
         return list(self.expert_module.parameters())
 
+    def routers(self) -> dict[str, torch.nn.Module]:
+        return {name: layer.router for name, layer in self.layers.items() if layer.router is not None}
+
+    def update_balance_bias(self, all_reduce=None) -> None:
+        """Aux-loss-free balancing, after an optimizer step: one all-reduce of every layer's load."""
+        routers = [r for r in self.routers().values() if r.selection_bias is not None]
+        if not routers:
+            return
+        loads = torch.stack([r.routed_load for r in routers])
+        if all_reduce is not None:
+            loads = all_reduce(loads)
+        for router, load in zip(routers, loads):
+            router.update_bias(load)
+
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
         self.expert_module.train(mode)

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .balance import load_balancing_loss, routing_stats
+from .balance import global_load_balancing_loss, load_balancing_loss, routing_stats
 from .config import AdapterConfig
 from .context import RoutingContext
 from .dispatch import Dispatcher
@@ -89,8 +89,17 @@ class AdaptedLinear(nn.Module):
         else:
             weights_TN = r.weights_TN * kept_TN
         if self.training and cfg.aux_loss_coeff > 0:
-            count_T = torch.ones_like(r.probs_TN[:, 0]) if cfg.route_padding else valid_T.to(r.probs_TN.dtype)
-            aux = load_balancing_loss(r.probs_TN, routed_TN, count_T, cfg.aux_loss_variant, r.tau_T)
-            self.context.add_aux_loss(aux)
+            self.context.add_aux_loss(self.aux_loss(r, routed_TN, valid_T))
+        if self.training and cfg.balance_bias_rate > 0:
+            self.router.routed_load += routed_TN.sum(0).to(self.router.routed_load.dtype)
         self.context.add_stats(self.adapter_name, routing_stats(kept_TN, routed_TN, weights_TN, valid_T, r.tau_T))
         return weights_TN, kept_TN
+
+    def aux_loss(self, r, routed_TN: torch.Tensor, valid_T: torch.Tensor) -> torch.Tensor:
+        cfg, ctx = self.cfg, self.context
+        count_T = torch.ones_like(r.probs_TN[:, 0]) if cfg.route_padding else valid_T.to(r.probs_TN.dtype)
+        if cfg.aux_loss_scope == "global" and ctx.dp_all_reduce is not None:
+            return global_load_balancing_loss(r.probs_TN, routed_TN, count_T, cfg.aux_loss_variant, r.tau_T,
+                                              ctx.dp_all_reduce, ctx.dp_world_size)
+        return load_balancing_loss(r.probs_TN, routed_TN, count_T, cfg.aux_loss_variant, r.tau_T)
+

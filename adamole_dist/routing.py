@@ -38,22 +38,30 @@ def renormalize(scores_TN: torch.Tensor, mask_TN: torch.Tensor) -> torch.Tensor:
     return kept_TN / safe_T1
 
 
-def adamole_select(probs_TN: torch.Tensor, tau_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+# ``bias_N`` (aux-loss-free balancing) shifts only which experts are selected, never the weights.
+
+
+def adamole_select(probs_TN: torch.Tensor, tau_T: torch.Tensor, bias_N: torch.Tensor | None = None):
     """AdaMoLE: a_i = p_i - tau, selected where a_i >= 0. Returns (scores, mask)."""
     scores_TN = probs_TN - tau_T.unsqueeze(-1)
-    return scores_TN, scores_TN >= 0
+    if bias_N is None:
+        return scores_TN, scores_TN >= 0
+    # A bias can select an expert with p_i < tau; it then fires with weight 0.
+    return scores_TN.clamp(min=0), scores_TN + bias_N >= 0
 
 
-def topk_select(probs_TN: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_select(probs_TN: torch.Tensor, k: int, bias_N: torch.Tensor | None = None):
     """MoLE top-k: the k largest probabilities, renormalised over themselves."""
-    top_idx_TK = probs_TN.topk(k, dim=-1).indices
+    key_TN = probs_TN if bias_N is None else probs_TN + bias_N
+    top_idx_TK = key_TN.topk(k, dim=-1).indices
     mask_TN = torch.zeros_like(probs_TN, dtype=torch.bool).scatter_(-1, top_idx_TK, True)
     return probs_TN, mask_TN
 
 
-def threshold_select(probs_TN: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+def threshold_select(probs_TN: torch.Tensor, threshold: float, bias_N: torch.Tensor | None = None):
     """MoLE fixed threshold: experts with p_i >= threshold; none selected -> zero delta."""
-    return probs_TN, probs_TN >= threshold
+    key_TN = probs_TN if bias_N is None else probs_TN + bias_N
+    return probs_TN, key_TN >= threshold
 
 
 def kaiming_linear_init_(weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
@@ -77,6 +85,17 @@ class Router(nn.Module):
         self.num_experts = cfg.num_experts
         self.gate_weight = nn.Parameter(torch.empty(cfg.num_experts, in_features, device=device, dtype=dtype))
         kaiming_linear_init_(self.gate_weight)
+        if cfg.balance_bias_rate > 0:
+            self.register_buffer("selection_bias", torch.zeros(cfg.num_experts, device=device))
+            self.register_buffer("routed_load", torch.zeros(cfg.num_experts, device=device), persistent=False)
+        else:
+            self.selection_bias = None
+
+    @torch.no_grad()
+    def update_bias(self, global_load_N: torch.Tensor) -> None:
+        """Aux-loss-free balancing: move each expert's bias towards the mean load by the rate."""
+        self.selection_bias += self.cfg.balance_bias_rate * torch.sign(global_load_N.mean() - global_load_N)
+        self.routed_load.zero_()
 
     def logits(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Gate logits (fp32) and, for routers that have one, the threshold pre-activation."""
@@ -115,7 +134,7 @@ class AdaMoLERouter(Router):
 
     def select(self, probs_TN: torch.Tensor, threshold_logit_T: torch.Tensor) -> Routing:
         tau_T = self.tau_max * torch.sigmoid(threshold_logit_T)
-        scores_TN, mask_TN = adamole_select(probs_TN, tau_T)
+        scores_TN, mask_TN = adamole_select(probs_TN, tau_T, self.selection_bias)
         return Routing(probs_TN, scores_TN, mask_TN, renormalize(scores_TN, mask_TN), tau_T)
 
 
@@ -123,7 +142,7 @@ class TopKRouter(Router):
     """mole_topk, and sira (which adds gate dropout and a capacity limit)."""
 
     def select(self, probs_TN: torch.Tensor, _: None) -> Routing:
-        scores_TN, mask_TN = topk_select(probs_TN, self.cfg.top_k)
+        scores_TN, mask_TN = topk_select(probs_TN, self.cfg.top_k, self.selection_bias)
         return Routing(probs_TN, scores_TN, mask_TN, renormalize(scores_TN, mask_TN))
 
 
@@ -131,7 +150,7 @@ class ThresholdRouter(Router):
     """mole_threshold: a fixed threshold on p."""
 
     def select(self, probs_TN: torch.Tensor, _: None) -> Routing:
-        scores_TN, mask_TN = threshold_select(probs_TN, self.cfg.effective_threshold)
+        scores_TN, mask_TN = threshold_select(probs_TN, self.cfg.effective_threshold, self.selection_bias)
         return Routing(probs_TN, scores_TN, mask_TN, renormalize(scores_TN, mask_TN))
 
 

@@ -33,6 +33,9 @@ class TrainConfig:
     max_length: int = opt(64, "maximum tokens per sequence (the prompt is truncated from the left)")
     loss_on: str = opt("answer", "causal_lm: loss on the answer tokens only, or on the full sequence "
                        "(the public reference's behaviour)", choices=("answer", "full"))
+    ep_size: int = opt(1, "expert parallelism: each group of ep_size consecutive ranks shards every layer's "
+                       "experts N/ep_size per rank and exchanges tokens by all-to-all; must divide the world "
+                       "size and num_experts")
     # -- optimisation ----------------------------------------------------------------------
     lr: float = opt(1e-3, "peak learning rate (AdamW) for all adapter parameters")
     weight_decay: float = opt(0.0, "AdamW weight decay")
@@ -92,6 +95,14 @@ class TrainConfig:
             raise ConfigError(f"ds_config ({self.ds_config}) is not a file")
         if self.resume not in ("", "latest") and not Path(self.resume).is_dir():
             raise ConfigError(f"resume ({self.resume}) must be 'latest' or an existing checkpoint directory")
+        if self.ep_size < 1:
+            raise ConfigError(f"ep_size ({self.ep_size}) must be >= 1")
+        if self.ep_size > 1 and not self.adapter.is_moe:
+            raise ConfigError(f"ep_size ({self.ep_size}) > 1 needs an MoE method; adapter.method is "
+                              f"{self.adapter.method!r}")
+        if self.adapter.num_experts % self.ep_size:
+            raise ConfigError(f"adapter.num_experts ({self.adapter.num_experts}) is not divisible by "
+                              f"ep_size ({self.ep_size})")
         if not self.output_dir:
             raise ConfigError("output_dir must not be empty")
 

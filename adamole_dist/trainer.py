@@ -24,7 +24,9 @@ from .adapter_io import adapter_state, save_adapter
 from .balance import summarize_stats
 from .config import ConfigError
 from .data import load_examples
+from .dispatch import LocalDispatcher
 from .distributed import DistInfo, device_for, init_distributed
+from .ep_dispatch import ExpertParallelDispatcher
 from .ds_config import build_ds_config, zero_stage
 from .evaluate import evaluate_accuracy
 from .expert_optim import ExpertOptimizer
@@ -32,6 +34,7 @@ from .inject import Adapters, inject_adapters
 from .metrics import MetricsLogger, read_metrics
 from .modeling import default_trainable_modules, load_model_and_tokenizer
 from .output_dir import check_output_dir, prepare_output_dir
+from .parallel import build_layout
 from .sampler import ShardedBatches
 from .schedule import lr_lambda, warmup_steps_for
 from .tasks import build_task
@@ -101,9 +104,16 @@ class Trainer:
             raise ConfigError(problem[0])
         # The model is loaded and the adapters injected (validating target modules) before
         # anything is written, so a bad option leaves the output directory untouched.
+        self.layout = build_layout(cfg.ep_size, cfg.adapter.num_experts)
+        self.dispatcher = ExpertParallelDispatcher(self.layout) if cfg.ep_size > 1 else LocalDispatcher()
         model, self.tokenizer, self.task_type, self.model_path = load_model_and_tokenizer(cfg.model, cfg.task_type)
         trainable = cfg.trainable_modules or default_trainable_modules(self.task_type, model)
-        self.adapters: Adapters = inject_adapters(model, cfg.adapter, trainable_modules=trainable)
+        self.adapters: Adapters = inject_adapters(model, cfg.adapter, trainable_modules=trainable,
+                                                  dispatcher=self.dispatcher,
+                                                  expert_slice=self.layout.expert_slice(cfg.adapter.num_experts))
+        if cfg.adapter.aux_loss_scope == "global":
+            self.adapters.context.dp_all_reduce = all_reduce_sum
+            self.adapters.context.dp_world_size = info.world_size
         if info.is_main:
             prepare_output_dir(self.out, config_record, overwrite=cfg.overwrite)
         ckpt_io.barrier()
@@ -125,7 +135,7 @@ class Trainer:
         self.expert_opt = ExpertOptimizer(
             self.adapters.expert_parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
             eps=cfg.adam_eps, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-            lr_lambda=schedule, world_size=info.world_size, edp_group=None,
+            lr_lambda=schedule, world_size=info.world_size, edp_group=self.layout.edp_group,
         )
         self.logger = MetricsLogger(self.out, cfg.report_to, enabled=info.is_main, run_config=config_record,
                                     project=cfg.wandb_project)
@@ -164,7 +174,8 @@ class Trainer:
     def save(self) -> None:
         self.last_checkpoint = ckpt_io.save_checkpoint(
             self.ckpt_root, self.step, self.engine, self.adapters, self.expert_opt, self.trainer_state(),
-            rank=self.info.rank, expert_writer=self.info.rank == 0, expert_shard=0, keep=self.cfg.keep_checkpoints,
+            rank=self.info.rank, expert_writer=self.layout.edp_rank == 0, expert_shard=self.layout.ep_rank,
+            keep=self.cfg.keep_checkpoints,
         )
         if self.info.is_main:
             print(f"[step {self.step}] checkpoint saved: {self.last_checkpoint}")
@@ -198,6 +209,7 @@ class Trainer:
             task_sum += task_loss.item()
             aux_sum += aux.item() if aux is not None else 0.0
         self.expert_opt.step()
+        self.adapters.update_balance_bias(all_reduce_sum)
         n = len(micro_batches)
         return {"task_loss": task_sum / n, "aux_loss": aux_sum / n}
 
@@ -277,6 +289,7 @@ class Trainer:
             "tokens_per_s": totals[2].item() / max(elapsed, 1e-9),
             "epoch": self.epoch,
             **routing["overall"],
+            **self.dispatch_metrics(n),
         }
         if self.info.is_main:
             print(f"[step {self.step}/{self.total_steps}] task_loss {metrics['task_loss']:.4f} "
@@ -284,6 +297,17 @@ class Trainer:
                   + (f" active {metrics['mean_active_experts']:.2f}" if "mean_active_experts" in metrics else ""),
                   flush=True)
         self.logger.log(self.step, "train", {**metrics, "layers": routing["layers"]})
+
+    def dispatch_metrics(self, steps: int) -> dict:
+        """Expert-parallel traffic and all-to-all time per optimizer step (this rank), then reset."""
+        counters = getattr(self.dispatcher, "counters", None)
+        if counters is None:
+            return {}
+        out = {"a2a_ms_per_step": 1000 * counters.a2a_seconds / steps,
+               "a2a_bytes_per_step": counters.bytes_sent / steps,
+               "a2a_bytes_min_per_step": counters.bytes_min / steps}
+        counters.reset()
+        return out
 
     def routing_summary(self, stats: dict[str, torch.Tensor]) -> dict:
         """Per-layer routing statistics summed over ranks, and their token-weighted overall means."""
@@ -319,7 +343,8 @@ class Trainer:
         return {**metrics, "layers": routing["layers"]}
 
     def export_adapter(self) -> None:
-        tensors = adapter_state(self.adapters)  # collective under ZeRO-3
+        # Collective: ZeRO-3 gathers routers/head, the EP group gathers the experts.
+        tensors = adapter_state(self.adapters, ep_group=self.layout.ep_group, ep_size=self.layout.ep_size)
         if self.info.is_main:
             meta = {"base_model": self.cfg.model, "base_model_path": self.model_path, "task_type": self.task_type,
                     "trainable_modules": self.adapters.trainable_modules, "step": self.step}

@@ -1,0 +1,89 @@
+"""Expert-parallel dispatcher: experts sharded over the EP group, tokens exchanged by all-to-all.
+
+Legend: T local tokens, D input features, O output features, N global experts, J = ep_size,
+L = N / J local experts, S rows this rank sends, R rows it receives.
+
+Per adapted layer: route locally (layer.py) -> capacity over the group (counts exchanged) ->
+plan + exchange per-destination counts -> permute -> all-to-all -> local experts (the same
+dense/grouped fast path as one process) -> all-to-all back -> unpermute and sum. Every rank
+joins every collective even with nothing to send, so no rank waits on another forever.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .capacity import (expert_capacity, keep_by_cutoff, keep_within_quota, position_quota, probs_candidates,
+                       probs_cutoff)
+from .comm import TrafficCounters, all_gather_stack, all_to_all, exchange_counts
+from .dispatch import Dispatcher, resolve_path
+from .experts import ExpertBank
+from .parallel import ParallelLayout
+from .permute import combine, pack, plan_dispatch, unpack
+
+
+class ExpertParallelDispatcher(Dispatcher):
+    def __init__(self, layout: ParallelLayout) -> None:
+        self.layout = layout
+        self.group = layout.ep_group
+        self.size = layout.ep_size
+        self.me = layout.ep_rank
+        self.counters = TrafficCounters()
+
+    # -- capacity over the group --------------------------------------------------------------
+    def capacity_keep(self, mask_TN, probs_TN, capacity_factor, policy):
+        if capacity_factor <= 0:
+            return mask_TN
+        T, N = mask_TN.shape
+        counts_N1 = torch.cat([mask_TN.sum(0), torch.tensor([T], device=mask_TN.device)])
+        counts_JN1 = all_gather_stack(counts_N1, self.group, self.size)
+        counts_JN = counts_JN1[:, :N]
+        capacity = expert_capacity(int(counts_JN.sum().item()), N, capacity_factor)  # NOTE: device sync
+        if policy == "position":
+            return keep_within_quota(mask_TN, position_quota(counts_JN, self.me, capacity))
+        stride = int(counts_JN1[:, N].max().item()) + 1
+        vals_KN, pos_KN = probs_candidates(mask_TN, probs_TN, capacity)
+        vals = all_gather_stack(vals_KN, self.group, self.size)
+        pos = all_gather_stack(pos_KN, self.group, self.size)
+        p_N, g_N = probs_cutoff(vals, pos, capacity, stride)
+        return keep_by_cutoff(mask_TN, probs_TN, p_N, g_N, self.me, stride)
+
+    # -- dispatch and combine -------------------------------------------------------------------
+    def __call__(self, x_TD, weights_TN, mask_TN, bank: ExpertBank, path):
+        c = self.counters
+        t0 = time.perf_counter()
+        T, D = x_TD.shape
+        L = bank.num_experts
+        O = bank.lora_B.shape[-1]
+        es = x_TD.element_size()
+        plan = plan_dispatch(mask_TN, self.size)
+        recv_counts = exchange_counts(plan.send_counts_J, self.group)
+        send, recv = plan.send_counts_J.tolist(), recv_counts.tolist()  # NOTE: device sync for split sizes
+        rows_SX = pack(x_TD, weights_TN, mask_TN, plan, self.size)
+        t1 = time.perf_counter()
+        rows_RX = all_to_all(rows_SX, recv, send, self.group, c, self.me, D * es, D * es)
+        t2 = time.perf_counter()
+        x_RD, w_RL, m_RL = unpack(rows_RX, D, L)
+        y_RO = bank(x_RD, w_RL, m_RL, resolve_path(path, m_RL, bank)).to(x_TD.dtype)
+        t3 = time.perf_counter()
+        y_SO = all_to_all(y_RO, send, recv, self.group, c, self.me, O * es, O * es)
+        t4 = time.perf_counter()
+        out = combine(y_SO, plan, T)
+        c.add_time("permute", t1 - t0)
+        c.add_time("a2a", (t2 - t1) + (t4 - t3))
+        c.add_time("expert_compute", t3 - t2)
+        c.add_time("combine", time.perf_counter() - t4)
+        return out
+
+
+def expected_min_bytes(mask_TN: torch.Tensor, ep_size: int, me: int, in_features: int, out_features: int,
+                       element_size: int) -> int:
+    """Forward-pass minimum for this rank's tokens: each token once per distinct remote rank owning
+    one of its kept experts, D values there and O values back."""
+    T, N = mask_TN.shape
+    dests_TJ = mask_TN.view(T, ep_size, N // ep_size).any(-1)
+    remote = int(dests_TJ.sum().item()) - int(dests_TJ[:, me].sum().item())
+    return remote * (in_features + out_features) * element_size
+
