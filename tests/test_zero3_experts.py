@@ -1,6 +1,6 @@
-"""ZeRO-3 on 2 gloo ranks partitions the frozen base but never the experts, and the experts'
-gradients (after the expert-data-parallel reduction) equal single-process gradients on the
-global batch. See docs/zero3_experts.md."""
+"""ZeRO-3 on 2 gloo ranks, with ep_size 1 and 2, partitions the frozen base but never the
+experts, and the experts' gradients (after the expert-data-parallel reduction) equal the
+single-process gradients of the same experts on the global batch. See docs/zero3_experts.md."""
 
 import os
 
@@ -40,10 +40,12 @@ def global_batch():
 
 
 def randomize_experts(adapters):
+    """Random B for all N experts, then this rank's slice: same values whatever the layout."""
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for bank in adapters.expert_banks.values():
-            bank.lora_B.copy_(torch.randn(bank.lora_B.shape, generator=g) * 0.1)
+            full = torch.randn((adapter_cfg().num_experts,) + tuple(bank.lora_B.shape[1:]), generator=g) * 0.1
+            bank.lora_B.copy_(full[bank.first_expert:bank.first_expert + bank.num_experts])
 
 
 def loss_of(model, ids, mask):
@@ -51,7 +53,7 @@ def loss_of(model, ids, mask):
     return model(input_ids=ids, attention_mask=mask, labels=labels).loss
 
 
-def worker(rank, port, out):
+def worker(rank, port, out, ep_size):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -61,9 +63,16 @@ def worker(rank, port, out):
     from adamole_dist.expert_optim import ExpertOptimizer
     from adamole_dist.inject import inject_adapters
 
+    from adamole_dist.dispatch import LocalDispatcher
+    from adamole_dist.ep_dispatch import ExpertParallelDispatcher
+    from adamole_dist.parallel import build_layout
+
     init_distributed()
+    layout = build_layout(ep_size, adapter_cfg().num_experts)
+    dispatcher = ExpertParallelDispatcher(layout) if ep_size > 1 else LocalDispatcher()
     model = tiny_llama()
-    adapters = inject_adapters(model, adapter_cfg())
+    adapters = inject_adapters(model, adapter_cfg(), dispatcher=dispatcher,
+                               expert_slice=layout.expert_slice(adapter_cfg().num_experts))
     randomize_experts(adapters)
     ds = {"train_micro_batch_size_per_gpu": PER_RANK, "gradient_accumulation_steps": 1,
           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
@@ -73,11 +82,13 @@ def worker(rank, port, out):
     mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
     engine.backward(loss_of(engine, ids[mine], mask[mine]))
     opt = ExpertOptimizer(adapters.expert_parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                          max_grad_norm=0.0, lr_lambda=lambda s: 1.0, world_size=WORLD)
+                          max_grad_norm=0.0, lr_lambda=lambda s: 1.0, world_size=WORLD, edp_group=layout.edp_group)
     opt.reduce_gradients()
     base = [p for p in engine.module.parameters() if not p.requires_grad]
     torch.save({
         "expert_grads": {n: (b.lora_A.grad.clone(), b.lora_B.grad.clone()) for n, b in adapters.expert_banks.items()},
+        "expert_ids": {n: list(b.expert_ids) for n, b in adapters.expert_banks.items()},
+        "experts": {n: b.lora_B.detach().clone() for n, b in adapters.expert_banks.items()},
         "experts_have_ds_attrs": any(hasattr(p, "ds_id") for p in adapters.expert_parameters()),
         "base_all_partitioned": all(hasattr(p, "ds_id") for p in base),
         "base_local": sum(p.ds_tensor.numel() for p in base),
@@ -86,18 +97,27 @@ def worker(rank, port, out):
     torch.distributed.barrier()
 
 
-@pytest.fixture(scope="module")
-def zero3_result(tmp_path_factory):
+@pytest.fixture(scope="module", params=[1, 2], ids=["ep1", "ep2"])
+def zero3_result(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("zero3")
-    mp.start_processes(worker, args=(free_port(), str(out)), nprocs=WORLD, start_method="spawn", join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    mp.start_processes(worker, args=(free_port(), str(out), request.param), nprocs=WORLD, start_method="spawn",
+                       join=True)
+    return request.param, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
 def test_base_partitioned_experts_not(zero3_result):
-    for r in zero3_result:
+    ep_size, results = zero3_result
+    for r in results:
         assert r["base_all_partitioned"]
         assert not r["experts_have_ds_attrs"]
         assert 0.45 <= r["base_local"] / r["base_full"] <= 0.55
+    ids = [set(map(tuple, r["expert_ids"].values())) for r in results]
+    if ep_size == 2:  # each EP rank owns different experts, holding different values
+        assert ids[0] == {(0, 1)} and ids[1] == {(2, 3)}
+        name = next(iter(results[0]["experts"]))
+        assert not torch.equal(results[0]["experts"][name], results[1]["experts"][name])
+    else:
+        assert ids[0] == ids[1] == {(0, 1, 2, 3)}
 
 
 def test_expert_grads_equal_single_process(zero3_result):
@@ -112,9 +132,11 @@ def test_expert_grads_equal_single_process(zero3_result):
               for r in range(WORLD)]
     (sum(losses) / WORLD).backward()
     assert adapters.expert_banks
+    _, results = zero3_result
     for name, bank in adapters.expert_banks.items():
-        for r in zero3_result:
+        for r in results:
+            first, last = r["expert_ids"][name][0], r["expert_ids"][name][-1] + 1
             gA, gB = r["expert_grads"][name]
-            torch.testing.assert_close(gA, bank.lora_A.grad, atol=1e-6, rtol=1e-4)
-            torch.testing.assert_close(gB, bank.lora_B.grad, atol=1e-6, rtol=1e-4)
+            torch.testing.assert_close(gA, bank.lora_A.grad[first:last], atol=1e-6, rtol=1e-4)
+            torch.testing.assert_close(gB, bank.lora_B.grad[first:last], atol=1e-6, rtol=1e-4)
         assert bank.lora_B.grad.abs().sum() > 0

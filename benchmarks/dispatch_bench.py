@@ -1,0 +1,143 @@
+"""Expert-parallel dispatch of one adapted layer: bytes on the wire and where the time goes.
+
+Launch on 2 CPU ranks (gloo):
+
+    torchrun --nproc_per_node 2 benchmarks/dispatch_bench.py --json dispatch.json
+
+Per training step (forward + backward of one adapted linear with tokens_per_rank tokens on
+every rank) it reports the bytes the all-to-alls actually sent to other ranks (summed over ranks,
+forward and backward), the minimum (each token once per distinct remote rank owning one of its
+active experts, D values there and O back, in both passes), and the time split route / permute
+/ all-to-all / expert compute / combine (forward; all-to-all also backward). ep_size 1 (experts
+replicated, no exchange) runs in the same process for comparison. Medians over --steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from adamole_dist.balance import STAT_DROPPED, STAT_ROUTED, summarize_stats  # noqa: E402
+from adamole_dist.config import AdapterConfig  # noqa: E402
+from adamole_dist.dispatch import LocalDispatcher  # noqa: E402
+from adamole_dist.ep_dispatch import ExpertParallelDispatcher, expected_min_bytes  # noqa: E402
+from adamole_dist.inject import adapt_linear  # noqa: E402
+from adamole_dist.parallel import build_layout  # noqa: E402
+
+
+def all_sum(value: float) -> float:
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def bench(args, ep_size: int) -> dict:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    layout = build_layout(ep_size, args.num_experts)
+    dispatcher = ExpertParallelDispatcher(layout) if ep_size > 1 else LocalDispatcher()
+    cfg = AdapterConfig(method=args.method, num_experts=args.num_experts, rank=args.rank, dropout=0.0,
+                        capacity_factor=args.capacity_factor, top_k=args.top_k)
+    torch.manual_seed(0)
+    base = nn.Linear(args.hidden, args.hidden, bias=False).requires_grad_(False)
+    layer = adapt_linear(base, cfg, dispatcher=dispatcher, expert_slice=layout.expert_slice(args.num_experts))
+    nn.init.normal_(layer.experts.lora_B, std=0.01)
+    layer.train()
+    torch.manual_seed(100 + rank)  # every rank its own tokens
+    x = torch.randn(args.tokens_per_rank, args.hidden)
+    grad = torch.randn(args.tokens_per_rank, args.hidden)
+    counters = getattr(dispatcher, "counters", None)
+    steps, a2a, phases, sent, minimum = [], [], {}, [], []
+    for it in range(args.warmup + args.steps):
+        xx = x.clone().requires_grad_(True)
+        for p in list(layer.parameters()) + list(layer.experts.parameters()):
+            p.grad = None
+        if counters is not None:
+            counters.reset()
+        dist.barrier()
+        t0 = time.perf_counter()
+        weights, kept = layer.route(xx, None)
+        t_route = time.perf_counter() - t0
+        delta = dispatcher(xx, weights, kept, layer.experts, cfg.compute_path)
+        (delta * grad).sum().backward()
+        t_step = time.perf_counter() - t0
+        layer.context.aux_losses = []
+        if it < args.warmup:
+            layer.context.pop_stats()
+            continue
+        steps.append(t_step)
+        phase = {"route": t_route, **(counters.timings if counters else {})}
+        for k, v in phase.items():
+            phases.setdefault(k, []).append(v)
+        a2a.append(counters.a2a_seconds if counters else 0.0)
+        sent.append(all_sum(counters.bytes_sent if counters else 0))
+        # Independent of the counters: the minimum from the routing itself, forward and backward.
+        fwd_min = expected_min_bytes(kept, ep_size, layout.ep_rank, args.hidden, args.hidden, x.element_size()) \
+            if ep_size > 1 else 0
+        minimum.append(all_sum(2 * fwd_min))
+    stats = layer.context.pop_stats()[layer.adapter_name]
+    tokens = all_sum(stats[0].item())
+    dropped = all_sum(stats[STAT_DROPPED].item()) / max(all_sum(stats[STAT_ROUTED].item()), 1.0)
+    active = all_sum(summarize_stats(stats, False)["mean_active_experts"] * stats[0].item()) / max(tokens, 1.0)
+    med = lambda v: 1000 * statistics.median(v)  # noqa: E731
+    return {
+        "ep_size": ep_size, "world": world, "tokens_per_rank": args.tokens_per_rank, "hidden": args.hidden,
+        "num_experts": args.num_experts, "rank": args.rank, "method": args.method,
+        "avg_active_experts": round(active, 3),
+        "bytes_sent": int(statistics.median(sent)), "bytes_min": int(statistics.median(minimum)),
+        "ms_step_median": round(med(steps), 3), "ms_a2a_median": round(med(a2a), 3),
+        "ms_phase_median": {k: round(med(v), 3) for k, v in phases.items()},
+        "dropped_fraction": round(dropped, 5),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--tokens_per_rank", type=int, default=4096)
+    ap.add_argument("--num_experts", type=int, default=8)
+    ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--method", default="adamole")
+    ap.add_argument("--top_k", type=int, default=2)
+    ap.add_argument("--capacity_factor", type=float, default=0.0)
+    ap.add_argument("--ep_sizes", default="1,world", help="comma list; 'world' = all ranks")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    dist.init_process_group("gloo")
+    world = dist.get_world_size()
+    sizes = [world if s == "world" else int(s) for s in args.ep_sizes.split(",")]
+    records = [bench(args, ep) for ep in sizes]
+    if dist.get_rank() == 0:
+        print(f"{'ep':>3}{'world':>6}{'tokens':>8}{'active':>8}{'MB sent':>10}{'MB min':>9}{'sent/min':>9}"
+              f"{'step ms':>9}{'a2a ms':>8}{'drop%':>7}   forward phases (ms)")
+        for r in records:
+            ratio = r["bytes_sent"] / r["bytes_min"] if r["bytes_min"] else float("nan")
+            phases = " ".join(f"{k} {v:.1f}" for k, v in r["ms_phase_median"].items())
+            print(f"{r['ep_size']:>3}{r['world']:>6}{r['tokens_per_rank']:>8}{r['avg_active_experts']:>8.2f}"
+                  f"{r['bytes_sent'] / 1e6:>10.2f}{r['bytes_min'] / 1e6:>9.2f}{ratio:>9.4f}"
+                  f"{r['ms_step_median']:>9.1f}{r['ms_a2a_median']:>8.1f}{100 * r['dropped_fraction']:>7.2f}   {phases}")
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(records, indent=1))
+            print(f"wrote {args.json}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

@@ -1,0 +1,252 @@
+"""Expert parallelism on real gloo processes (world 2, ep_size 2) against one process.
+
+* equivalence: one global batch through 2 EP ranks and through one process gives the same
+  outputs, losses and parameters after 3 optimizer steps (fp32, tol 1e-5), for adamole and
+  mole_topk, with and without capacity drops (aux loss with global scope included);
+* a checkpoint and an adapter written at ep_size 2 load at ep_size 1 with identical outputs;
+* ranks that receive no tokens (or have none) do not hang.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+from mp_harness import run_ranks
+
+from adamole_dist import AdapterConfig
+from adamole_dist.dispatch import LocalDispatcher
+from adamole_dist.expert_optim import ExpertOptimizer
+from adamole_dist.inject import inject_adapters
+
+pytestmark = pytest.mark.slow
+
+N, RANK, SEQ, PER_RANK, STEPS, LR = 4, 2, 10, 3, 3, 1e-2
+CASES = {
+    "adamole": dict(method="adamole"),
+    "adamole_drop_probs": dict(method="adamole", capacity_factor=0.5, drop_policy="probs"),
+    "topk": dict(method="mole_topk", top_k=2),
+    "topk_drop_position": dict(method="mole_topk", top_k=2, capacity_factor=0.6, drop_policy="position",
+                               renormalize_after_drop=True),
+}
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    return LlamaForCausalLM(cfg)
+
+
+def build(case: str, layout=None, **extra):
+    cfg = AdapterConfig(num_experts=N, rank=RANK, dropout=0.0, aux_loss_coeff=1e-2, aux_loss_scope="global",
+                        **{**CASES[case], **extra})
+    model = tiny_llama()
+    if layout is None:
+        adapters = inject_adapters(model, cfg, dispatcher=LocalDispatcher())
+    else:
+        from adamole_dist.ep_dispatch import ExpertParallelDispatcher
+
+        adapters = inject_adapters(model, cfg, dispatcher=ExpertParallelDispatcher(layout),
+                                   expert_slice=layout.expert_slice(N))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for bank in adapters.expert_banks.values():  # B from the full bank, then this rank's slice
+            full = torch.randn((N,) + tuple(bank.lora_B.shape[1:]), generator=g) * 0.2
+            bank.lora_B.copy_(full[bank.first_expert:bank.first_expert + bank.num_experts])
+    return model, adapters
+
+
+def global_batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 64, (2 * PER_RANK, SEQ), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    mask[5, 4:] = 0
+    return ids, mask
+
+
+def task_loss(logits, ids, mask):
+    labels = ids.masked_fill(mask == 0, -100)
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def optimizers(model, adapters, world, edp_group=None):
+    router_opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    expert_opt = ExpertOptimizer(adapters.expert_parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                                 max_grad_norm=0.0, lr_lambda=lambda s: 1.0, world_size=world, edp_group=edp_group)
+    return router_opt, expert_opt
+
+
+def snapshot(model, adapters):
+    state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for name, bank in adapters.expert_banks.items():
+        for i, gid in enumerate(bank.expert_ids):
+            state[f"{name}.e{gid}.A"] = bank.lora_A[i].detach().clone()
+            state[f"{name}.e{gid}.B"] = bank.lora_B[i].detach().clone()
+    return state
+
+
+def ep_worker(rank, world, out):
+    import torch.distributed as dist
+
+    from adamole_dist.parallel import build_layout
+    from adamole_dist.trainer import all_reduce_sum
+
+    ids, mask = global_batch()
+    mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    results = {}
+    for case in CASES:
+        layout = build_layout(2, N)
+        model, adapters = build(case, layout)
+        adapters.context.dp_all_reduce, adapters.context.dp_world_size = all_reduce_sum, world
+        model.train()
+        router_opt, expert_opt = optimizers(model, adapters, world, layout.edp_group)
+        losses, first_logits = [], None
+        for _ in range(STEPS):
+            logits = model(input_ids=ids[mine], attention_mask=mask[mine]).logits
+            first_logits = logits.detach().clone() if first_logits is None else first_logits
+            loss = task_loss(logits, ids[mine], mask[mine])
+            total = loss + adapters.cfg.aux_loss_coeff * adapters.aux_loss()
+            total.backward()
+            for p in router_opt.param_groups[0]["params"]:  # data-parallel average, as DeepSpeed does
+                dist.all_reduce(p.grad)
+                p.grad /= world
+            router_opt.step()
+            router_opt.zero_grad()
+            expert_opt.step()
+            losses.append(loss.item())
+        results[case] = {"logits": first_logits, "losses": losses, "params": snapshot(model, adapters),
+                         "expert_ids": [list(b.expert_ids) for b in adapters.expert_banks.values()]}
+    torch.save(results, Path(out) / f"ep_rank{rank}.pt")
+
+
+def single_process(case):
+    ids, mask = global_batch()
+    model, adapters = build(case)
+    model.train()
+    router_opt, expert_opt = optimizers(model, adapters, 1)
+    losses, first_logits = [], None
+    for _ in range(STEPS):
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        first_logits = logits.detach().clone() if first_logits is None else first_logits
+        halves = [task_loss(logits[r * PER_RANK:(r + 1) * PER_RANK], ids[r * PER_RANK:(r + 1) * PER_RANK],
+                            mask[r * PER_RANK:(r + 1) * PER_RANK]) for r in range(2)]
+        loss = sum(halves) / 2
+        (loss + adapters.cfg.aux_loss_coeff * adapters.aux_loss()).backward()
+        router_opt.step()
+        router_opt.zero_grad()
+        expert_opt.step()
+        losses.append([h.item() for h in halves])
+    stats = {k: v.clone() for k, v in adapters.context.stats.items()}
+    return first_logits, losses, snapshot(model, adapters), stats
+
+
+@pytest.fixture(scope="module")
+def ep_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ep")
+    run_ranks(ep_worker, 2, str(out))
+    return [torch.load(out / f"ep_rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_ep2_equals_single_process(ep_results, case):
+    logits, losses, params, stats = single_process(case)
+    if "drop" in case:
+        dropped = sum(s[4].item() for s in stats.values())
+        assert dropped > 0, "the capacity case must actually drop pairs"
+    for rank, res in enumerate(ep_results):
+        r = res[case]
+        torch.testing.assert_close(r["logits"], logits[rank * PER_RANK:(rank + 1) * PER_RANK], atol=1e-5, rtol=1e-5)
+        for step in range(STEPS):
+            assert r["losses"][step] == pytest.approx(losses[step][rank], abs=1e-5)
+        assert all(ids == [2 * rank, 2 * rank + 1] for ids in r["expert_ids"])
+        for name, value in r["params"].items():
+            torch.testing.assert_close(value, params[name], atol=1e-5, rtol=1e-5, msg=f"{case} {name}")
+
+
+def test_experts_differ_across_ranks(ep_results):
+    a, b = ep_results[0]["adamole"]["params"], ep_results[1]["adamole"]["params"]
+    assert not set(k for k in a if ".e" in k) & set(k for k in b if ".e" in k)
+
+
+# -- checkpoints written at ep_size 2 load at ep_size 1 --------------------------------------------
+def reshard_worker(rank, world, out):
+    from adamole_dist.adapter_io import adapter_state, save_adapter
+    from adamole_dist.checkpoint import expert_state
+    from adamole_dist.parallel import build_layout
+    from safetensors.torch import save_file
+
+    layout = build_layout(2, N)
+    model, adapters = build("adamole", layout)
+    ids, mask = global_batch()
+    _, expert_opt = optimizers(model, adapters, world, layout.edp_group)
+    model.train()
+    task_loss(model(input_ids=ids, attention_mask=mask).logits, ids, mask).backward()
+    expert_opt.step()  # gives the experts AdamW moments to reshard
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    save_file(expert_state(adapters, expert_opt), str(Path(out) / f"experts_ep{layout.ep_rank}.safetensors"))
+    tensors = adapter_state(adapters, ep_group=layout.ep_group, ep_size=2)
+    if rank == 0:
+        save_adapter(Path(out) / "adapter", tensors, adapters.cfg, {"task_type": "causal_lm", "trainable_modules": []})
+        torch.save(logits, Path(out) / "logits_ep2.pt")
+
+
+def test_checkpoint_at_ep2_loads_at_ep1(tmp_path):
+    from safetensors.torch import load_file
+
+    from adamole_dist.adapter_io import load_adapter
+    from adamole_dist.checkpoint import load_expert_state
+
+    run_ranks(reshard_worker, 2, str(tmp_path))
+    ids, mask = global_batch()
+    fresh = tiny_llama()
+    adapters = load_adapter(fresh, tmp_path / "adapter")
+    fresh.eval()
+    with torch.no_grad():
+        logits = fresh(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(logits, torch.load(tmp_path / "logits_ep2.pt"), atol=1e-6, rtol=1e-6)
+    # the training checkpoint's expert shards reshard into one rank, optimizer moments included
+    model, one = build("adamole")
+    _, expert_opt = optimizers(model, one, 1)
+    tensors = {}
+    for f in sorted(tmp_path.glob("experts_ep*.safetensors")):
+        tensors.update(load_file(str(f)))
+    assert load_expert_state(one, expert_opt, tensors)
+    for name, bank in one.expert_banks.items():
+        torch.testing.assert_close(bank.lora_A, adapters.expert_banks[name].lora_A)
+        torch.testing.assert_close(bank.lora_B, adapters.expert_banks[name].lora_B)
+        assert expert_opt.optimizer.state[bank.lora_B]["exp_avg"].abs().sum() > 0
+
+
+# -- no tokens, no hang -----------------------------------------------------------------------------
+def empty_worker(rank, world, out):
+    from adamole_dist.parallel import build_layout
+
+    layout = build_layout(2, N)
+    ids, mask = global_batch()
+    mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    m = mask[mine].clone()
+    if rank == 1:
+        m.zero_()  # rank 1 has only padding: it sends nothing, yet must join every exchange
+    model, adapters = build("topk", layout, balance_bias_rate=1.0)
+    model.train()
+    for router in adapters.routers().values():  # experts 0 and 1 win every token: rank 1 receives nothing
+        router.selection_bias.copy_(torch.tensor([10.0, 10.0, -10.0, -10.0]))
+    out_logits = model(input_ids=ids[mine], attention_mask=m).logits
+    out_logits.float().pow(2).mean().backward()
+    counters = next(iter(adapters.layers.values())).dispatcher.counters
+    stats = adapters.context.stats
+    torch.save({"calls": counters.calls, "bytes": counters.bytes_sent,
+                "load": sum(v[6:] for v in stats.values())}, Path(out) / f"empty{rank}.pt")
+
+
+def test_rank_without_tokens_does_not_hang(tmp_path):
+    run_ranks(empty_worker, 2, str(tmp_path), timeout=120)
+    r0, r1 = (torch.load(tmp_path / f"empty{r}.pt") for r in range(2))
+    assert r0["calls"] == r1["calls"] > 0  # both ranks joined every all-to-all, forward and backward
+    assert r1["bytes"] == 0  # rank 1 had no tokens and received none to return
+    assert r0["load"][2:].sum() == 0 and r0["load"][:2].sum() > 0  # nothing routed to rank 1's experts
