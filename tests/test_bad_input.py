@@ -29,6 +29,9 @@ def fails_cleanly(tmp_path, *args, expect: list[str], out_name="run"):
         (["--method", "mole_topk", "--top_k", "9"], ["adapter.top_k", "9", "adapter.num_experts (8)"]),
         (["--num_experts", "0"], ["adapter.num_experts", "0"]),
         (["--rank", "-2"], ["adapter.rank", "-2"]),
+        (["--num_experts", "6", "--ep_size", "4"], ["adapter.num_experts (6)", "ep_size (4)"]),
+        (["--ep_size", "2"], ["ep_size (2)", "world size (1)"]),
+        (["--method", "lora", "--ep_size", "2"], ["ep_size (2)", "MoE method"]),
     ],
 )
 def test_bad_adapter_options(tmp_path, args, expect):

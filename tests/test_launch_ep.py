@@ -1,0 +1,39 @@
+"""launch/train.py --ep_size 2 with every routing method, under the deepspeed launcher and torchrun
+(2 gloo ranks, ZeRO-3): trains, logs traffic close to the minimum, exports all experts."""
+
+import json
+
+import pytest
+from launch_utils import SMALL_RUN, check, deepspeed_cmd, records, run, torchrun_cmd
+
+pytestmark = pytest.mark.slow
+
+RUNS = [
+    ("adamole", deepspeed_cmd, []),
+    ("mole_topk", torchrun_cmd, ["--capacity_factor", "1.0", "--drop_policy", "position"]),
+    ("mole_threshold", deepspeed_cmd, ["--aux_loss_scope", "global"]),
+    ("sira", torchrun_cmd, ["--balance_bias_rate", "0.001"]),
+]
+
+
+@pytest.mark.parametrize("method, launcher, extra", RUNS, ids=[r[0] for r in RUNS])
+def test_train_with_expert_parallelism(tmp_path, method, launcher, extra):
+    out = tmp_path / "run"
+    args = ["--ds_config", "ds_configs/zero3.json", "--output_dir", str(out), "--max_steps", "6",
+            "--method", method, "--ep_size", "2", "--save_interval", "3", "--no-eval_at_start", *SMALL_RUN, *extra]
+    check(run(launcher(2, *args)))
+    train = records(out, "train")
+    assert [r["step"] for r in train] == list(range(1, 7))
+    last = train[-1]
+    assert last["a2a_bytes_per_step"] > 0
+    assert last["a2a_bytes_per_step"] <= 1.05 * last["a2a_bytes_min_per_step"]
+    adapter = out / "adapter"
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert cfg["adapter"]["method"] == method
+    from safetensors import safe_open
+
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+        experts = {k.split(".experts.")[1].split(".")[0] for k in f.keys() if ".experts." in k}
+    assert experts == {str(i) for i in range(8)}  # experts of both EP ranks gathered
+    shards = sorted(p.name for p in (out / "checkpoints" / "step_0000006").glob("experts_ep*.safetensors"))
+    assert shards == ["experts_ep0.safetensors", "experts_ep1.safetensors"]
