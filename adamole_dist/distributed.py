@@ -1,8 +1,9 @@
-"""Process-group start-up for every launcher: deepspeed, torchrun, mpirun and plain python.
+"""Process-group start-up for every launcher: deepspeed, torchrun, mpirun, srun and plain python.
 
 The deepspeed launcher and torchrun export RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/PORT.
 Under mpirun (no such variables, but MPI's own) rank and world come from mpi4py and rank 0
-broadcasts its address and a free port. A plain ``python`` run becomes a world of one.
+broadcasts its address and a free port. Inside an ``srun`` step rank and world come from
+SLURM_PROCID/SLURM_NTASKS. A plain ``python`` run becomes a world of one.
 The backend is nccl with CUDA, gloo otherwise (DeepSpeed's CPU accelerator).
 """
 
@@ -39,12 +40,29 @@ def free_port() -> int:
 
 
 def detect_launcher(env: dict | None = None) -> str:
+    """deepspeed/torchrun (they export RANK...), mpi (mpirun/mpiexec), slurm (inside an srun step),
+    or python (a single process)."""
     env = os.environ if env is None else env
     if all(k in env for k in REQUIRED_ENV):
         return "torchrun" if "TORCHELASTIC_RUN_ID" in env else "deepspeed"
     if any(k in env for k in MPI_ENV):
         return "mpi"
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and "SLURM_NTASKS" in env:
+        return "slurm"
     return "python"
+
+
+def _slurm_env() -> None:
+    """One srun task per process: rank and world from SLURM; the address and port must be exported
+    by the job script (launch/slurm/train.sbatch derives them from the allocation)."""
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing and int(os.environ["SLURM_NTASKS"]) > 1:
+        raise RuntimeError(f"srun launch: export {' and '.join(missing)} in the job script "
+                           "(see launch/slurm/train.sbatch)")
+    os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
+                      LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
 def _mpi_discovery() -> None:
@@ -75,6 +93,8 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     launcher = detect_launcher()
     if launcher == "mpi":
         _mpi_discovery()
+    elif launcher == "slurm":
+        _slurm_env()
     elif launcher == "python":
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))

@@ -64,6 +64,9 @@ class TrainConfig:
                          choices=("none", "jsonl", "wandb", "tensorboard"))
     wandb_project: str = opt("adamole_dist", "wandb project (WANDB_MODE=offline works without network)")
     ds_config: str = opt("", "DeepSpeed JSON config; 'auto' values are filled from these options; empty = ZeRO-3 defaults")
+    peer_timeout: float = opt(60.0, "a rank whose heartbeat stops for this many seconds ends the run on every "
+                              "rank, naming it (0 = off)")
+    comm_timeout: float = opt(1800.0, "timeout of one collective operation in seconds")
     eval_batch_size: int = opt(16, "examples per rank per evaluation forward")
     # -- adapter ---------------------------------------------------------------------------
     adapter: AdapterConfig = dataclasses.field(default_factory=AdapterConfig, metadata={"help": "adapter options"})
@@ -80,11 +83,13 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} ({getattr(self, name)}) must be positive")
-        non_negative = ["max_steps", "save_interval", "eval_interval", "max_train_examples", "max_eval_examples",
+        non_negative = ["peer_timeout", "max_steps", "save_interval", "eval_interval", "max_train_examples", "max_eval_examples",
                         "weight_decay", "max_grad_norm", "keep_checkpoints"]
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} ({getattr(self, name)}) must be >= 0")
+        if self.comm_timeout <= 0:
+            raise ConfigError(f"comm_timeout ({self.comm_timeout}) must be positive")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr ({self.lr}) must be a positive number")
         if self.max_steps == 0 and not self.epochs > 0:

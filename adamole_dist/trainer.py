@@ -35,14 +35,12 @@ from .metrics import MetricsLogger, read_metrics
 from .modeling import default_trainable_modules, load_model_and_tokenizer
 from .output_dir import check_output_dir, prepare_output_dir
 from .parallel import build_layout
+from .stopping import NonFiniteLoss, Preempted, StopSignal
+from .watchdog import PeerWatchdog
 from .sampler import ShardedBatches
 from .schedule import lr_lambda, warmup_steps_for
 from .tasks import build_task
 from .train_config import TrainConfig
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 def seed_everything(seed: int) -> None:
@@ -81,6 +79,7 @@ class Trainer:
         self.epoch = 0
         self.batch_in_epoch = 0
         self.last_checkpoint: Path | None = None
+        self.stop_signal = StopSignal().install()
 
     # -- set-up ------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -213,6 +212,17 @@ class Trainer:
         n = len(micro_batches)
         return {"task_loss": task_sum / n, "aux_loss": aux_sum / n}
 
+    def stop_if_requested(self) -> None:
+        """After a step: if any rank got a stop signal, all checkpoint and leave together."""
+        flag = torch.tensor([1.0 if self.stop_signal.requested else 0.0])
+        if all_reduce_sum(flag).item() == 0:
+            return
+        if self.last_checkpoint is None or self.last_checkpoint.name != ckpt_io.tag_for(self.step):
+            self.save()
+        if self.info.is_main:
+            print(f"[step {self.step}] stop signal received: checkpoint written, exiting for a requeue", flush=True)
+        raise Preempted(self.step, self.last_checkpoint)
+
     def check_finite(self, metrics: dict) -> None:
         flag = torch.tensor([0.0 if math.isfinite(metrics["task_loss"] + metrics["aux_loss"]) else 1.0])
         if all_reduce_sum(flag).item() > 0:
@@ -252,6 +262,7 @@ class Trainer:
                 self.evaluate()
             if cfg.save_interval and self.step % cfg.save_interval == 0 and self.step < self.total_steps:
                 self.save()
+            self.stop_if_requested()
         if progress is not None:
             progress.close()
         final = self.evaluate()
@@ -365,15 +376,28 @@ def print_routing_table(layers: dict) -> None:
 
 
 def run_training(cfg: TrainConfig) -> dict:
-    info = init_distributed()
+    info = init_distributed(timeout_s=cfg.comm_timeout)
+    watchdog = PeerWatchdog(info.rank, info.world_size, timeout_s=cfg.peer_timeout)
+    if cfg.peer_timeout > 0:
+        watchdog.start()
     trainer = Trainer(cfg, info)
     try:
         trainer.setup()
         result = trainer.train()
+    except (ConfigError, NonFiniteLoss, Preempted):
+        raise  # decided by every rank together: nobody needs telling
+    except Exception as e:
+        # A peer's death surfaces here as a communication error: name the peer if it is gone.
+        if "gloo" in str(e).lower() or "nccl" in str(e).lower() or "connection" in str(e).lower():
+            watchdog.wait_for_verdict()
+        watchdog.publish_failure(f"{type(e).__name__}: {e}")
+        raise
     finally:
         if hasattr(trainer, "logger"):
             trainer.logger.close()
     if info.is_main:
         final = {k: v for k, v in result.items() if k != "layers"}
         (Path(cfg.output_dir) / "final_metrics.json").write_text(json.dumps(final, indent=1))
+    ckpt_io.barrier()  # everyone is done before the watchdogs (and rank 0's store) go away
+    watchdog.stop()
     return result

@@ -6,16 +6,24 @@
     python launch/train.py [options]                      # one process
 
 Options come from flags and/or a YAML recipe (--config); flags win. --help lists them all.
+Exit codes: 0 done, 2 bad input (nothing written), 3 non-finite loss, 75 stopped by SIGTERM/SIGUSR1
+after writing a checkpoint (requeue and --resume latest), 76 another rank died.
 """
 
 import sys
+import warnings
 from pathlib import Path
+
+# DeepSpeed calls torch.distributed functions that torch 2.13 deprecates, once per step.
+warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+.* is deprecated", category=FutureWarning)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from adamole_dist.cli import parse_train_config  # noqa: E402
 from adamole_dist.config import ConfigError  # noqa: E402
 from adamole_dist.data import DataError  # noqa: E402
+from adamole_dist.stopping import (EXIT_BAD_INPUT, EXIT_NON_FINITE, EXIT_PREEMPTED, NonFiniteLoss,  # noqa: E402
+                                   Preempted)
 
 
 def main(argv=None) -> int:
@@ -26,7 +34,13 @@ def main(argv=None) -> int:
         run_training(cfg)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return EXIT_BAD_INPUT
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_NON_FINITE
+    except Preempted as e:
+        print(f"stopped: {e}", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
     return 0
 
 
