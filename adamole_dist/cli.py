@@ -45,7 +45,11 @@ def _add_fields(parser: argparse.ArgumentParser, cls, skip: set[str]) -> list[st
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         args = typing.get_args(hint)
-        if hint is bool:
+        if "aliases" in f.metadata:
+            aliases = f.metadata["aliases"]
+            kw["type"] = lambda text, a=aliases, cast=hint: a[text] if text in a else cast(text)
+            kw["metavar"] = f"{{{hint.__name__},{','.join(aliases)}}}"
+        elif hint is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif hint is list or typing.get_origin(hint) is list:
             kw.update(type=_csv_list, metavar="A,B,...")

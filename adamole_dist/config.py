@@ -21,11 +21,13 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
-def opt(default: Any, help: str, choices: tuple | None = None, **kw) -> Any:
-    """A dataclass field carrying its help text (and choices) for the CLI."""
+def opt(default: Any, help: str, choices: tuple | None = None, aliases: dict | None = None, **kw) -> Any:
+    """A dataclass field carrying its help text (and choices, and word aliases of values) for the CLI."""
     meta = {"help": help}
     if choices is not None:
         meta["choices"] = choices
+    if aliases is not None:
+        meta["aliases"] = aliases
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
     return dataclasses.field(default=default, metadata=meta, **kw)
@@ -80,6 +82,8 @@ def coerce_types(obj: Any, prefix: str) -> None:
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
+        if isinstance(value, str) and value in f.metadata.get("aliases", {}):
+            value = f.metadata["aliases"][value]
         try:
             setattr(obj, f.name, _coerce(value, hints[f.name]))
         except (TypeError, ValueError):

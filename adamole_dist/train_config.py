@@ -35,7 +35,10 @@ class TrainConfig:
                        "(the public reference's behaviour)", choices=("answer", "full"))
     ep_size: int = opt(1, "expert parallelism: each group of ep_size consecutive ranks shards every layer's "
                        "experts N/ep_size per rank and exchanges tokens by all-to-all; must divide the world "
-                       "size and num_experts")
+                       "size and num_experts; auto (= 0): the placement cost model picks and logs why",
+                       aliases={"auto": 0})
+    expert_memory_budget_mb: float = opt(0.0, "--ep_size auto: most memory per rank for expert parameters, "
+                                         "gradients and AdamW moments (0 = no limit)")
     # -- optimisation ----------------------------------------------------------------------
     lr: float = opt(1e-3, "peak learning rate (AdamW) for all adapter parameters")
     weight_decay: float = opt(0.0, "AdamW weight decay")
@@ -83,7 +86,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} ({getattr(self, name)}) must be positive")
-        non_negative = ["peer_timeout", "max_steps", "save_interval", "eval_interval", "max_train_examples", "max_eval_examples",
+        non_negative = ["expert_memory_budget_mb", "peer_timeout", "max_steps", "save_interval", "eval_interval", "max_train_examples", "max_eval_examples",
                         "weight_decay", "max_grad_norm", "keep_checkpoints"]
         for name in non_negative:
             if getattr(self, name) < 0:
@@ -100,12 +103,12 @@ class TrainConfig:
             raise ConfigError(f"ds_config ({self.ds_config}) is not a file")
         if self.resume not in ("", "latest") and not Path(self.resume).is_dir():
             raise ConfigError(f"resume ({self.resume}) must be 'latest' or an existing checkpoint directory")
-        if self.ep_size < 1:
-            raise ConfigError(f"ep_size ({self.ep_size}) must be >= 1")
-        if self.ep_size > 1 and not self.adapter.is_moe:
-            raise ConfigError(f"ep_size ({self.ep_size}) > 1 needs an MoE method; adapter.method is "
+        if self.ep_size < 0:
+            raise ConfigError(f"ep_size ({self.ep_size}) must be >= 1, or auto")
+        if self.ep_size != 1 and not self.adapter.is_moe:
+            raise ConfigError(f"ep_size ({self.ep_size or 'auto'}) needs an MoE method; adapter.method is "
                               f"{self.adapter.method!r}")
-        if self.adapter.num_experts % self.ep_size:
+        if self.ep_size and self.adapter.num_experts % self.ep_size:
             raise ConfigError(f"adapter.num_experts ({self.adapter.num_experts}) is not divisible by "
                               f"ep_size ({self.ep_size})")
         if not self.output_dir:

@@ -30,7 +30,8 @@ from .ep_dispatch import ExpertParallelDispatcher
 from .ds_config import build_ds_config, zero_stage
 from .evaluate import evaluate_accuracy
 from .expert_optim import ExpertOptimizer
-from .inject import Adapters, inject_adapters
+from .cost_model import CommModel, Workload, choose_ep_size, measure_comm, measure_compute
+from .inject import Adapters, default_targets, find_target_modules, inject_adapters, weight_shape
 from .metrics import MetricsLogger, read_metrics
 from .modeling import default_trainable_modules, load_model_and_tokenizer
 from .output_dir import check_output_dir, prepare_output_dir
@@ -103,9 +104,10 @@ class Trainer:
             raise ConfigError(problem[0])
         # The model is loaded and the adapters injected (validating target modules) before
         # anything is written, so a bad option leaves the output directory untouched.
-        self.layout = build_layout(cfg.ep_size, cfg.adapter.num_experts)
-        self.dispatcher = ExpertParallelDispatcher(self.layout) if cfg.ep_size > 1 else LocalDispatcher()
         model, self.tokenizer, self.task_type, self.model_path = load_model_and_tokenizer(cfg.model, cfg.task_type)
+        ep_size = cfg.ep_size or self.choose_ep_size(model)
+        self.layout = build_layout(ep_size, cfg.adapter.num_experts)
+        self.dispatcher = ExpertParallelDispatcher(self.layout) if ep_size > 1 else LocalDispatcher()
         trainable = cfg.trainable_modules or default_trainable_modules(self.task_type, model)
         self.adapters: Adapters = inject_adapters(model, cfg.adapter, trainable_modules=trainable,
                                                   dispatcher=self.dispatcher,
@@ -141,6 +143,29 @@ class Trainer:
         self.report_memory()
         if cfg.resume:
             self.resume()
+
+    def choose_ep_size(self, model) -> int:
+        """--ep_size auto: calibrate the cost model here (collective) and take the cheapest placement."""
+        cfg = self.cfg
+        targets = cfg.adapter.target_modules or default_targets(model)
+        layers = [weight_shape(m)[::-1] for _, m in find_target_modules(model, targets)]
+        a = cfg.adapter
+        active = a.top_k if a.method in ("mole_topk", "sira") else a.num_experts / 2  # adamole: 3.5-4.6 of 8 in the paper
+        work = Workload(layers=layers, num_experts=a.num_experts, rank=a.rank,
+                        tokens_per_rank=cfg.micro_batch_size * cfg.max_length, avg_active=active,
+                        world_size=self.info.world_size, act_bytes=2 if torch.cuda.is_available() else 4)
+        comm = measure_comm() if self.info.world_size > 1 else CommModel()
+        comp = measure_compute(d=layers[0][0], tokens=min(work.tokens_per_rank, 2048), num_experts=a.num_experts,
+                               rank=a.rank)
+        budget = cfg.expert_memory_budget_mb * 2**20 or None
+        ep_size, _, why = choose_ep_size(work, comm, comp, budget)
+        # Every rank measured its own compute: take rank 0's choice so the layout agrees.
+        choice = [ep_size, why]
+        dist.broadcast_object_list(choice, src=0)
+        if self.info.is_main:
+            print(f"--ep_size auto: {choice[1]} (assumed {active:g} active experts per token, "
+                  f"{work.tokens_per_rank} tokens per rank)")
+        return int(choice[0])
 
     def compute_total_steps(self) -> int:
         if self.cfg.max_steps > 0:

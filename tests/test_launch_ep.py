@@ -37,3 +37,16 @@ def test_train_with_expert_parallelism(tmp_path, method, launcher, extra):
     assert experts == {str(i) for i in range(8)}  # experts of both EP ranks gathered
     shards = sorted(p.name for p in (out / "checkpoints" / "step_0000006").glob("experts_ep*.safetensors"))
     assert shards == ["experts_ep0.safetensors", "experts_ep1.safetensors"]
+
+
+def test_ep_size_auto_follows_the_cost_model(tmp_path):
+    """At MiniLM sizes replicated experts are cheapest; under a memory budget that replicated experts
+    exceed, the cost model must choose expert parallelism — and training runs with it."""
+    out = tmp_path / "run"
+    args = ["--output_dir", str(out), "--max_steps", "2", "--ep_size", "auto", "--expert_memory_budget_mb", "6",
+            "--no-eval_at_start", *SMALL_RUN]
+    proc = check(run(torchrun_cmd(2, *args)))
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("--ep_size auto:"))
+    assert "ep_size 2 (expert_parallel)" in line and "replicated" in line
+    shards = sorted(p.name for p in (out / "checkpoints" / "step_0000002").glob("experts_ep*.safetensors"))
+    assert shards == ["experts_ep0.safetensors", "experts_ep1.safetensors"]

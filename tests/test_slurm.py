@@ -86,3 +86,21 @@ def test_sigterm_checkpoints_requeues_and_resumes(cluster, tmp_path):
     assert train_steps[-1] == steps
     assert sorted(set(train_steps)) == list(range(1, steps + 1))  # nothing skipped across the requeue
     time.sleep(0.1)
+
+
+def test_scaling_sbatch_appends_records(cluster, tmp_path):
+    out = tmp_path / "scaling.json"
+    env = (f"ALL,ADAMOLE_VENV={Path(sys.executable).parents[1]},HF_HUB_OFFLINE=1,SCALING_JSON={out},STEPS=2,"
+           "BATCH=4,OMP_NUM_THREADS=1")
+    proc = cluster.run("sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", f"--chdir={REPO}",
+                       f"--output={tmp_path}/scaling-%j.out", f"--export={env}",
+                       str(REPO / "launch/slurm/scaling.sbatch"))
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip().split(";")[0]
+    job = cluster.wait_job(job_id, timeout=600)
+    log = (tmp_path / f"scaling-{job_id}.out").read_text()
+    assert job["JobState"] == "COMPLETED", log[-3000:]
+    recs = json.loads(out.read_text())
+    assert sorted((r["mode"], r["ep_size"]) for r in recs) == [("strong", 1), ("strong", 2), ("weak", 1), ("weak", 2)]
+    assert all(r["world"] == 2 and r["nodes"] == 1 and r["tokens_per_s"] > 0 for r in recs)
+    assert (tmp_path / "scaling.csv").read_text().count("\n") == 5  # header + 4 rows

@@ -1,0 +1,213 @@
+"""One measured training run (under any launcher): the worker behind scaling.py and e2e_compare.py.
+
+    torchrun --nproc_per_node 2 benchmarks/step_worker.py --system adamole_dist --method adamole \
+        --ep_size 2 --json out.json
+    srun python benchmarks/step_worker.py ...          # inside launch/slurm/scaling.sbatch
+
+Builds MiniLM-L6 (offline) with adapters — ours (`adamole_dist`) or Hugging Face PEFT's LoRA
+(`peft`, same rank and targets) — wraps it in a DeepSpeed ZeRO-3 engine and runs the same
+training loop on the generated word-categories task. Per step it times forward, backward and
+optimizer, our all-to-alls (dispatcher counters) and ZeRO's all-gathers / reduce-scatters
+(DeepSpeed's comms logger). Rank 0 appends one record (medians over steps) to --json / --csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+.* is deprecated", category=FutureWarning)
+
+from adamole_dist.config import AdapterConfig  # noqa: E402
+from adamole_dist.cost_model import (CommModel, Workload, measure_comm, measure_compute,  # noqa: E402
+                                     predict_expert_parallel, predict_replicated)
+from adamole_dist.data import load_examples  # noqa: E402
+from adamole_dist.dispatch import LocalDispatcher  # noqa: E402
+from adamole_dist.distributed import init_distributed  # noqa: E402
+from adamole_dist.ep_dispatch import ExpertParallelDispatcher  # noqa: E402
+from adamole_dist.expert_optim import ExpertOptimizer  # noqa: E402
+from adamole_dist.inject import inject_adapters, weight_shape  # noqa: E402
+from adamole_dist.modeling import load_model_and_tokenizer  # noqa: E402
+from adamole_dist.parallel import build_layout  # noqa: E402
+from adamole_dist.tasks import build_task  # noqa: E402
+from adamole_dist.trainer import param_bytes  # noqa: E402
+
+TARGETS = ["query", "key", "value", "attention.output.dense"]
+N, R = 8, 4
+ZERO_OPS = ("all_gather", "allgather", "reduce_scatter")  # ZeRO-3 parameter gathers and gradient reduction
+
+
+def build(args, layout):
+    model, tokenizer, task_type, _ = load_model_and_tokenizer("minilm-l6", "seq_cls")
+    adapters = None
+    if args.system == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=N * R, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS,
+                                                 modules_to_save=["classifier"]))
+        params = [p for p in model.parameters() if p.requires_grad]
+    else:
+        kw = {"method": "lora", "rank": N * R} if args.method == "lora" else {"method": args.method, "num_experts": N,
+                                                                             "rank": R}
+        cfg = AdapterConfig(target_modules=TARGETS, **kw)
+        dispatcher = ExpertParallelDispatcher(layout) if layout.ep_size > 1 else LocalDispatcher()
+        adapters = inject_adapters(model, cfg, trainable_modules=["classifier"], dispatcher=dispatcher,
+                                   expert_slice=layout.expert_slice(cfg.num_experts))
+        params = adapters.engine_parameters()
+    return model, tokenizer, task_type, adapters, params
+
+
+def comm_ms_total(comms: dict, names: tuple[str, ...]) -> float:
+    """Milliseconds spent so far in DeepSpeed collectives whose log name contains one of ``names``.
+
+    DeepSpeed's comms logger appends each op's *cumulative* timer value (elapsed(reset=False)),
+    so the largest value logged under a name is that name's total."""
+    total = 0.0
+    for record, sizes in comms.items():
+        if any(n in record for n in names):
+            total += max(max(v[1]) for v in sizes.values())
+    return total
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--system", choices=("adamole_dist", "peft"), default="adamole_dist")
+    ap.add_argument("--method", default="adamole", help="adamole_dist: any method; peft: lora")
+    ap.add_argument("--ep_size", type=int, default=1)
+    ap.add_argument("--mode", choices=("weak", "strong"), default="weak",
+                    help="weak: --batch examples per rank; strong: --batch examples in total")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--max_length", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--nodes", type=int, default=int(os.environ.get("SLURM_NNODES", "1")))
+    ap.add_argument("--predict", action="store_true", help="calibrate the cost model here and predict this run")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--csv", type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    info = init_distributed()
+    import deepspeed
+    from deepspeed.comm.comm import comms_logger
+
+    world = info.world_size
+    layout = build_layout(args.ep_size, N)
+    per_rank = args.batch if args.mode == "weak" else max(1, args.batch // world)
+    torch.manual_seed(0)
+    model, tokenizer, task_type, adapters, params = build(args, layout)
+    ds = {"train_micro_batch_size_per_gpu": per_rank, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+          "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1e4},
+          "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
+          "comms_logger": {"enabled": True, "prof_all": True, "verbose": False},
+          "steps_per_print": 10**9}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds)
+    expert_opt = ExpertOptimizer(adapters.expert_parameters() if adapters else [], lr=1e-4, betas=(0.9, 0.999),
+                                 eps=1e-8, weight_decay=0.0, max_grad_norm=1.0, lr_lambda=lambda s: 1.0,
+                                 world_size=world, edp_group=layout.edp_group)
+    task = build_task(task_type, tokenizer, args.max_length, device=engine.device)
+    examples = load_examples("builtin:word_categories", "train")
+    counters = getattr(next(iter(adapters.layers.values())).dispatcher, "counters", None) if adapters else None
+    phases: dict[str, list[float]] = {k: [] for k in ("step", "forward", "backward", "optimizer", "a2a", "zero_comm")}
+    tokens = []
+    engine.train()
+    for it in range(args.warmup + args.steps):
+        start = (it * world + info.rank) * per_rank
+        batch = task.collate([examples[(start + i) % len(examples)] for i in range(per_rank)])
+        zero_before = comm_ms_total(comms_logger.comms_dict, ZERO_OPS)
+        if counters is not None:
+            counters.reset()
+        dist.barrier()
+        t0 = time.perf_counter()
+        loss = task.loss(engine, batch)
+        if adapters is not None and adapters.aux_loss() is not None:
+            loss = loss + 1e-3 * adapters.aux_loss()
+        t1 = time.perf_counter()
+        engine.backward(loss)
+        t2 = time.perf_counter()
+        engine.step()
+        expert_opt.step()
+        t3 = time.perf_counter()
+        if it < args.warmup:
+            continue
+        phases["forward"].append(t1 - t0)
+        phases["backward"].append(t2 - t1)
+        phases["optimizer"].append(t3 - t2)
+        phases["step"].append(t3 - t0)
+        phases["a2a"].append(counters.a2a_seconds if counters else 0.0)
+        phases["zero_comm"].append((comm_ms_total(comms_logger.comms_dict, ZERO_OPS) - zero_before) / 1000)
+        tokens.append(float(batch["attention_mask"].sum()))
+    # Totals over ranks: tokens per step; per rank: the breakdown of rank 0, memory of every rank.
+    tok = torch.tensor([statistics.mean(tokens)], dtype=torch.float64)
+    dist.all_reduce(tok)
+    mine = {"peak_mem_mb": peak_memory_mb(), **param_bytes(engine.module)}
+    everyone = [None] * world
+    dist.all_gather_object(everyone, mine)
+    record = {
+        "system": args.system, "method": args.method if args.system == "adamole_dist" else "lora",
+        "world": world, "nodes": args.nodes, "ep_size": args.ep_size, "mode": args.mode,
+        "examples_per_rank": per_rank, "tokens_per_step": tok.item(),
+        "tokens_per_s": tok.item() / statistics.median(phases["step"]),
+        **{f"{k}_ms": 1000 * statistics.median(v) for k, v in phases.items()},
+        "peak_mem_mb_max": max(e["peak_mem_mb"] for e in everyone),
+        "frozen_bytes_local_max": max(e["frozen_local"] for e in everyone),
+        "frozen_bytes_full": everyone[0]["frozen_full"],
+        "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
+    }
+    if args.predict and adapters is not None and adapters.cfg.is_moe:
+        record.update(predict_this_run(adapters, tok.item() / world, layout, world))
+    if info.is_main:
+        print(json.dumps(record))
+        if args.json:
+            old = json.loads(args.json.read_text()) if args.json.exists() else []
+            args.json.write_text(json.dumps(old + [record], indent=1))
+        if args.csv:
+            new_file = not args.csv.exists()
+            with args.csv.open("a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(record))
+                if new_file:
+                    writer.writeheader()
+                writer.writerow(record)
+    dist.barrier()
+
+
+def predict_this_run(adapters, tokens_per_rank: float, layout, world: int) -> dict:
+    """Calibrate (compute on this rank, alpha/beta with gloo/NCCL here) and predict the expert part."""
+    stats = adapters.context.pop_stats()
+    active = sum(s[1].item() for s in stats.values()) / max(sum(s[0].item() for s in stats.values()), 1.0)
+    layers = [weight_shape(layer.base_layer)[::-1] for layer in adapters.layers.values()]
+    comp = measure_compute(d=layers[0][0], tokens=int(tokens_per_rank), num_experts=N, rank=R)
+    comm = measure_comm() if world > 1 else CommModel()  # one rank: no communication to price
+    w = Workload(layers=layers, num_experts=N, rank=R, tokens_per_rank=int(tokens_per_rank), avg_active=active,
+                 world_size=world, act_bytes=4, grad_bytes=4)
+    out = {"avg_active": active, "calibration": {"dense_s_per_unit": comp.dense_s_per_unit,
+                                                 "permute_s_per_byte": comp.permute_s_per_byte,
+                                                 "alpha_s": comm.alpha_intra, "beta_Bps": comm.beta_intra,
+                                                 "a2a_beta_Bps": comm.beta_intra * comm.a2a_beta_scale}}
+    out["pred_replicated_ms"] = 1000 * predict_replicated(w, comm, comp).total_s
+    if layout.ep_size > 1:
+        ep = predict_expert_parallel(w, layout.ep_size, comm, comp)
+        out["pred_ep_ms"] = 1000 * ep.total_s
+        out["pred_a2a_ms"] = 1000 * ep.detail["a2a_s"]
+    return out
+
+
+if __name__ == "__main__":
+    main()
