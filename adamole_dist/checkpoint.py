@@ -155,7 +155,8 @@ def save_checkpoint(
     tmp_tag = f".tmp_{tag}"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(root / tmp_tag, ignore_errors=True)
+        for stale in root.glob(".tmp_step_*"):  # left by a save that crashed
+            shutil.rmtree(stale, ignore_errors=True)
     barrier()
     engine.save_checkpoint(str(root), tag=tmp_tag, client_state={}, save_latest=False,
                            exclude_frozen_parameters=True)

@@ -70,7 +70,9 @@ def _grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
 
 def grouped_matmul(x_PD: torch.Tensor, w_NDM: torch.Tensor, counts_N: torch.Tensor) -> torch.Tensor:
     """Rows of x sorted by group; group n (counts_N[n] rows) multiplies w_NDM[n]."""
-    if _grouped_mm_supported(x_PD.device.type, x_PD.dtype):
+    # The grouped kernel needs every row stride (forward and backward) to be a multiple of 16 bytes.
+    aligned = all(n * x_PD.element_size() % 16 == 0 for n in (x_PD.shape[-1], w_NDM.shape[-1], w_NDM.shape[-2]))
+    if aligned and _grouped_mm_supported(x_PD.device.type, x_PD.dtype):
         offs_N = counts_N.cumsum(0).to(torch.int32)
         return torch._grouped_mm(x_PD, w_NDM, offs=offs_N)
     # Fallback where no grouped kernel exists: one matmul per expert. Only reached on the

@@ -166,10 +166,14 @@ def adapt_linear(
             count, cfg.rank, in_f, out_f, cfg.scaling,
             first_expert=first, total_experts=cfg.num_experts, device=w.device, dtype=w.dtype,
         )
-    return AdaptedLinear(
+    layer = AdaptedLinear(
         base, cfg, name=name, in_features=in_f, out_features=out_f,
         context=context or RoutingContext(), dispatcher=dispatcher or LocalDispatcher(), experts=bank,
     )
+    layer.train(base.training)  # new modules follow the model's mode (dropout off in an eval model)
+    if bank is not None:
+        bank.train(base.training)
+    return layer
 
 
 def _begin_forward_hook(context: RoutingContext):

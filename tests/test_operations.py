@@ -112,9 +112,28 @@ def png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
-def test_plot_command_renders_pngs_from_a_real_run(tmp_path):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained") / "run"
     check(run(python_cmd("--output_dir", str(out), "--max_steps", "4", *SMALL_RUN, "--eval_interval", "2")))
+    return out
+
+
+def test_eval_command_reproduces_the_runs_final_accuracy(trained_run, tmp_path):
+    """launch/eval.py loads the saved adapter onto a fresh base (no DeepSpeed) and gets the
+    accuracy the ZeRO-3 run measured on the same examples."""
+    report = tmp_path / "eval.json"
+    proc = check(run([sys.executable, str(REPO / "launch" / "eval.py"), "--adapter", str(trained_run / "adapter"),
+                      "--max_examples", "48", "--json", str(report)]))
+    final = json.loads((trained_run / "final_metrics.json").read_text())
+    got = json.loads(report.read_text())
+    assert got["total"] == final["total"] == 48
+    assert got["correct"] == final["correct"]
+    assert "accuracy" in proc.stdout and got["layers"]
+
+
+def test_plot_command_renders_pngs_from_a_real_run(trained_run):
+    out = trained_run
     proc = check(run([sys.executable, str(REPO / "launch" / "plot.py"), str(out)]))
     names = sorted(p.name for p in (out / "plots").glob("*.png"))
     assert names == ["active_experts.png", "expert_load.png", "loss.png"]

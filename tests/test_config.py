@@ -1,0 +1,123 @@
+"""Typed configuration: validation messages name the field and the value; CLI and YAML recipes;
+DeepSpeed config filling; the output-directory guard."""
+
+import json
+
+import pytest
+
+from adamole_dist import AdapterConfig, ConfigError
+from adamole_dist.cli import parse_train_config
+from adamole_dist.ds_config import build_ds_config
+from adamole_dist.output_dir import check_output_dir, prepare_output_dir
+from adamole_dist.train_config import TrainConfig
+
+
+@pytest.mark.parametrize(
+    "kw, field, value",
+    [
+        ({"method": "moe"}, "adapter.method", "'moe'"),
+        ({"tau_max": 0.0}, "adapter.tau_max", "0.0"),
+        ({"tau_max": -1.0}, "adapter.tau_max", "-1.0"),
+        ({"tau_max": 1.5}, "adapter.tau_max", "1.5"),
+        ({"method": "mole_topk", "top_k": 9}, "adapter.top_k", "9"),
+        ({"method": "sira", "top_k": 9}, "adapter.top_k", "9"),
+        ({"num_experts": 0}, "adapter.num_experts", "0"),
+        ({"rank": 0}, "adapter.rank", "0"),
+        ({"rank": -3}, "adapter.rank", "-3"),
+        ({"capacity_factor": -0.5}, "adapter.capacity_factor", "-0.5"),
+        ({"dropout": 1.0}, "adapter.dropout", "1.0"),
+        ({"method": "mole_topk", "aux_loss_variant": "reference"}, "adapter.aux_loss_variant", "mole_topk"),
+        ({"rank": "four"}, "adapter.rank", "'four'"),
+    ],
+)
+def test_adapter_config_errors_name_field_and_value(kw, field, value):
+    with pytest.raises(ConfigError) as e:
+        AdapterConfig(**kw)
+    assert field in str(e.value) and value in str(e.value)
+
+
+def test_adapter_config_defaults_and_round_trip():
+    assert AdapterConfig(tau_max=1.0).effective_tau_max == 1.0
+    assert AdapterConfig().effective_tau_max == pytest.approx(1 / 8)
+    assert AdapterConfig(method="lora", num_experts=8).num_experts == 1
+    assert AdapterConfig(method="sira").effective_capacity_factor == 1.0
+    assert AdapterConfig().effective_capacity_factor == 0.0
+    cfg = AdapterConfig(method="mole_topk", top_k=3, target_modules=["q_proj"])
+    assert AdapterConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="unknown fields: bogus"):
+        AdapterConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+@pytest.mark.parametrize(
+    "kw, field",
+    [({"micro_batch_size": 0}, "micro_batch_size"), ({"lr": 0.0}, "lr"), ({"lr_scheduler": "step"}, "lr_scheduler"),
+     ({"ds_config": "/nonexistent.json"}, "ds_config"), ({"resume": "/nope"}, "resume"), ({"ep_size": -1}, "ep_size")],
+)
+def test_train_config_errors(kw, field):
+    with pytest.raises(ConfigError, match=field):
+        TrainConfig(**kw)
+
+
+def test_cli_flags_map_to_both_configs():
+    cfg = parse_train_config(["--method", "mole_topk", "--top_k", "3", "--lr", "1e-4", "--target_modules",
+                              "q_proj,v_proj", "--overwrite", "--local_rank", "0", "--ep_size", "auto"])
+    assert cfg.adapter.method == "mole_topk" and cfg.adapter.top_k == 3
+    assert cfg.adapter.target_modules == ["q_proj", "v_proj"]
+    assert cfg.lr == 1e-4 and cfg.overwrite is True and cfg.ep_size == 0
+    with pytest.raises(ConfigError, match="adapter.tau_max"):
+        parse_train_config(["--tau_max", "2"])
+
+
+def test_yaml_recipe_with_flag_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lr: 1e-4\nmax_steps: 7\nnum_experts: 4\nadapter:\n  rank: 2\n  method: sira\n")
+    cfg = parse_train_config(["--config", str(recipe), "--max_steps", "9"])
+    assert cfg.lr == 1e-4 and isinstance(cfg.lr, float)  # YAML reads 1e-4 as text; coerced
+    assert cfg.max_steps == 9 and cfg.adapter.num_experts == 4 and cfg.adapter.rank == 2
+    assert cfg.adapter.method == "sira"
+    recipe.write_text("lr: 1e-4\nlearning_rate: 3\n")
+    with pytest.raises(ConfigError, match="learning_rate"):
+        parse_train_config(["--config", str(recipe)])
+
+
+def test_ds_config_auto_values_and_conflicts(tmp_path):
+    cfg = TrainConfig(micro_batch_size=4, gradient_accumulation_steps=2, lr=3e-4)
+    ds = build_ds_config(cfg, world_size=2)
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["train_batch_size"] == 16
+    assert ds["optimizer"]["params"]["lr"] == 3e-4 and ds["zero_optimization"]["stage"] == 3
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}}))
+    with pytest.raises(ConfigError) as e:
+        build_ds_config(TrainConfig(micro_batch_size=4, ds_config=str(path)), world_size=1)
+    assert "train_micro_batch_size_per_gpu (8)" in str(e.value) and "--micro_batch_size (4)" in str(e.value)
+    path.write_text(json.dumps({"scheduler": {"type": "WarmupLR"}}))
+    with pytest.raises(ConfigError, match="scheduler"):
+        build_ds_config(TrainConfig(ds_config=str(path)), world_size=1)
+
+
+def test_shipped_ds_configs_fill(tmp_path):
+    for name in ("zero3", "zero2", "zero3_offload"):
+        ds = build_ds_config(TrainConfig(ds_config=f"ds_configs/{name}.json"), world_size=2)
+        assert "auto" not in json.dumps(ds)
+
+
+def test_output_dir_guard(tmp_path):
+    config = TrainConfig(output_dir=str(tmp_path / "run")).to_dict()
+    out = tmp_path / "run"
+    check_output_dir(out, config, overwrite=False, resume="")  # does not exist: fine
+    out.mkdir()
+    check_output_dir(out, config, overwrite=False, resume="")  # empty: fine
+    (out / "x.txt").write_text("x")
+    with pytest.raises(ConfigError, match="not one of our runs"):
+        check_output_dir(out, config, overwrite=False, resume="")
+    check_output_dir(out, config, overwrite=True, resume="")
+    prepare_output_dir(out, config, overwrite=True)
+    assert not (out / "x.txt").exists() and (out / "run_config.json").is_file()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        check_output_dir(out, config, overwrite=False, resume="")
+    check_output_dir(out, config, overwrite=False, resume="latest")  # same options: may continue
+    other = TrainConfig(output_dir=str(out), lr=5.0).to_dict()
+    with pytest.raises(ConfigError, match="different options.*lr"):
+        check_output_dir(out, other, overwrite=False, resume="latest")
+    continued = TrainConfig(output_dir=str(out), max_steps=999, ep_size=1).to_dict()
+    check_output_dir(out, continued, overwrite=False, resume="latest")  # bookkeeping options may change

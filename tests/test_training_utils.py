@@ -1,0 +1,120 @@
+"""Pieces of the training loop that need no process group: data order, lr schedule, the expert
+optimizer's gradient scaling, metrics sink, checkpoint helpers."""
+
+import json
+
+import pytest
+import torch
+
+from adamole_dist.checkpoint import list_checkpoints, resolve_checkpoint, tag_for, write_latest
+from adamole_dist.expert_optim import ExpertOptimizer
+from adamole_dist.metrics import MetricsLogger, read_metrics
+from adamole_dist.sampler import ShardedBatches
+from adamole_dist.schedule import lr_lambda, warmup_steps_for
+
+
+def test_ranks_get_disjoint_equal_shards_of_one_permutation():
+    shards = [ShardedBatches(103, 4, rank=r, world_size=3, seed=5).epoch_indices(0) for r in range(3)]
+    assert all(len(s) == 8 for s in shards)  # 103 // 3 = 34 per rank -> 8 batches of 4
+    flat = [i for s in shards for b in s for i in b]
+    assert len(flat) == len(set(flat)) == 96
+    again = ShardedBatches(103, 4, rank=1, world_size=3, seed=5).epoch_indices(0)
+    assert again == shards[1]
+    assert ShardedBatches(103, 4, rank=1, world_size=3, seed=5).epoch_indices(1) != shards[1]
+
+
+def test_iterate_resumes_exactly():
+    sb = ShardedBatches(40, 4, rank=0, world_size=1, seed=1)
+    full = sb.iterate(0, 0)
+    first = [next(full) for _ in range(25)]  # crosses an epoch boundary (10 batches per epoch)
+    resumed = sb.iterate(1, 3)
+    assert [next(resumed) for _ in range(12)] == first[13:25]
+
+
+def test_too_few_examples_is_an_error():
+    with pytest.raises(ValueError, match="fewer than micro_batch_size"):
+        ShardedBatches(5, 4, rank=0, world_size=2, seed=0)
+
+
+def test_lr_schedules():
+    lin = lr_lambda("linear", 100, 10)
+    assert lin(0) == pytest.approx(1 / 11) and lin(9) == pytest.approx(10 / 11)
+    assert lin(10) == 1.0 and lin(55) == pytest.approx(0.5) and lin(100) == 0.0
+    cos = lr_lambda("cosine", 100, 0)
+    assert cos(0) == 1.0 and cos(50) == pytest.approx(0.5) and cos(100) == pytest.approx(0.0)
+    assert lr_lambda("constant", 100, 5)(90) == 1.0
+    assert warmup_steps_for(200, -1, 0.06) == 12 and warmup_steps_for(200, 7, 0.06) == 7
+
+
+def test_expert_optimizer_divides_by_world_and_follows_the_schedule():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = ExpertOptimizer([p], lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, max_grad_norm=0.0,
+                          lr_lambda=lambda s: 0.5 if s >= 1 else 1.0, world_size=4)
+    p.grad = torch.full((3,), 8.0)
+    opt.reduce_gradients()  # no process group: the sum over one rank, divided by the world size
+    torch.testing.assert_close(p.grad, torch.full((3,), 2.0))
+    opt.step()
+    assert opt.lr == pytest.approx(0.05)
+    opt.set_step(0)
+    assert opt.lr == pytest.approx(0.1)
+
+
+def test_metrics_logger_writes_jsonl(tmp_path):
+    log = MetricsLogger(tmp_path, "jsonl", enabled=True, run_config={}, project="x")
+    log.log(3, "train", {"task_loss": 0.5, "layers": {"a": {"mean_active_experts": 2.0}}})
+    log.log(3, "eval", {"accuracy": 0.75})
+    log.close()
+    recs = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["kind"] for r in recs] == ["train", "eval"]
+    assert recs[0]["layers"]["a"]["mean_active_experts"] == 2.0 and recs[1]["accuracy"] == 0.75
+    MetricsLogger(tmp_path / "other", "jsonl", enabled=False, run_config={}, project="x").log(1, "train", {})
+    assert not (tmp_path / "other").exists()
+
+
+def test_checkpoint_pointer_helpers(tmp_path):
+    assert resolve_checkpoint(tmp_path, "latest") is None
+    for step in (5, 10):
+        (tmp_path / tag_for(step)).mkdir()
+    (tmp_path / ".tmp_step_0000015").mkdir()  # an interrupted save is never listed
+    write_latest(tmp_path, tag_for(10))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000005", "step_0000010"]
+    assert resolve_checkpoint(tmp_path, "latest") == tmp_path / "step_0000010"
+    assert not list(tmp_path.glob(".latest*"))
+    assert json.dumps(str(resolve_checkpoint(tmp_path, str(tmp_path / "step_0000005")))).endswith('05"')
+
+
+class CrashingEngine:
+    """Stands in for the DeepSpeed engine: writes part of a checkpoint, then dies."""
+
+    def __init__(self, crash: bool) -> None:
+        self.crash = crash
+
+    def save_checkpoint(self, save_dir, tag, **kw):
+        from pathlib import Path
+
+        d = Path(save_dir) / tag
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+        if self.crash:
+            raise OSError("disk full")
+
+
+def test_crash_mid_save_leaves_the_previous_checkpoint(tmp_path):
+    from adamole_dist import AdapterConfig, inject_adapters
+    from adamole_dist.checkpoint import save_checkpoint
+    from conftest import make_tiny_llama
+
+    adapters = inject_adapters(make_tiny_llama(), AdapterConfig(num_experts=4, rank=2))
+    opt = ExpertOptimizer(adapters.expert_parameters(), lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                          max_grad_norm=0.0, lr_lambda=lambda s: 1.0, world_size=1)
+    kw = dict(rank=0, expert_writer=True, expert_shard=0, keep=2)
+    first = save_checkpoint(tmp_path, 5, CrashingEngine(False), adapters, opt, {"step": 5}, **kw)
+    assert (first / "experts_ep0.safetensors").is_file() and (first / "trainer_state.json").is_file()
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path, 10, CrashingEngine(True), adapters, opt, {"step": 10}, **kw)
+    assert resolve_checkpoint(tmp_path, "latest") == first
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000005"]
+    assert not (tmp_path / "step_0000010").exists()
+    third = save_checkpoint(tmp_path, 15, CrashingEngine(False), adapters, opt, {"step": 15}, **kw)
+    assert resolve_checkpoint(tmp_path, "latest") == third
+    assert not (tmp_path / ".tmp_step_0000010").exists()  # the crashed save's leftovers are cleared
