@@ -41,14 +41,18 @@ def run_config(world: int, ep: int, mode: str, args, out: Path) -> None:
 
 
 def efficiency(records: list[dict]) -> list[dict]:
-    """Add scaling efficiency: tokens/s against (units of scale) x the smallest run's tokens/s."""
+    """Add scaling efficiency: tokens/s against (units of scale) x the smallest run's tokens/s.
+
+    Two series: replicated experts (ep_size 1) and expert parallel (ep_size > 1), both measured
+    against the same smallest run (a single unit has nothing to shard, so it runs ep_size 1)."""
+    unit = "nodes" if len({x["nodes"] for x in records}) > 1 else "world"
     for r in records:
-        unit = "nodes" if len({x["nodes"] for x in records}) > 1 else "world"
-        peers = [x for x in records if x["mode"] == r["mode"] and x["method"] == r["method"]
-                 and x["system"] == r["system"] and (x["ep_size"] == 1) == (r["ep_size"] == 1)]
-        base = min(peers, key=lambda x: x[unit])
-        scale = r[unit] / base[unit]
-        r["efficiency"] = r["tokens_per_s"] / (scale * base["tokens_per_s"])
+        same = [x for x in records if x["mode"] == r["mode"] and x["method"] == r["method"]
+                and x["system"] == r["system"]]
+        smallest = min(x[unit] for x in same)
+        base = next(x for x in same if x[unit] == smallest and x["ep_size"] == 1) if any(
+            x[unit] == smallest and x["ep_size"] == 1 for x in same) else min(same, key=lambda x: x[unit])
+        r["efficiency"] = r["tokens_per_s"] / (r[unit] / base[unit] * base["tokens_per_s"])
     return records
 
 

@@ -145,3 +145,22 @@ def test_majority_class_accuracy():
     assert majority_class_accuracy(train, []) == 0.0
     with pytest.raises(ValueError):
         majority_class_accuracy([], test)
+
+
+def test_batches_group_similar_lengths_without_changing_counts():
+    lengths = [9, 1, 7, 3, 8, 2, 6, 4]
+    examples = [Example("q" * n + str(i), ["a"], "", [" a"], i % 2, " a") for i, n in enumerate(lengths)]
+    preds = {e.context: (e.label if i in (0, 1, 4) else 1 - e.label) for i, e in enumerate(examples)}
+
+    class RecordingTask(StubTask):
+        def __init__(self, preds):
+            super().__init__(preds)
+            self.batches = []
+
+        def predict(self, model, batch):
+            self.batches.append(sorted(len(k) for k in batch["keys"]))
+            return super().predict(model, batch)
+
+    task = RecordingTask(preds)
+    assert evaluate_accuracy(StubModel(), task, examples, batch_size=4) == {"accuracy": 3 / 8, "correct": 3, "total": 8}
+    assert task.batches == [[2, 3, 4, 5], [7, 8, 9, 10]]  # the four shortest together, then the rest

