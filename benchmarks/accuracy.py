@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.records import read_records, write_records  # noqa: E402
 from adamole_dist.balance import summarize_stats  # noqa: E402
 from adamole_dist.config import AdapterConfig  # noqa: E402
 from adamole_dist.data import load_examples  # noqa: E402
@@ -128,10 +129,6 @@ def merge_records(old: list[dict], new: list[dict]) -> list[dict]:
     return sorted(merged.values(), key=lambda r: (r["dataset"], r["method"], r["tau_max"] or 0, r["seed"]))
 
 
-def merge(path: Path, new: list[dict]) -> list[dict]:
-    return merge_records(json.loads(path.read_text()) if path.exists() else [], new)
-
-
 def report(records: list[dict], baselines: dict | None = None) -> str:
     """Markdown tables: accuracy mean ± std per method and dataset, and the tau_max sweep."""
     datasets = sorted({r["dataset"] for r in records})
@@ -220,7 +217,7 @@ def main() -> None:
         for path in args.report:
             records = merge_records(records, json.loads(path.read_text()))
         if args.json:
-            args.json.write_text(json.dumps(records, indent=1))
+            write_records(args.json, records)
         baselines = {}
         for d in sorted({r["dataset"] for r in records}):
             if (args.data_dir / d).is_dir():
@@ -236,7 +233,7 @@ def main() -> None:
         train = load_examples(source, "train", limit=args.train_examples or None, seed=0)
         n_test = args.test_examples if args.test_examples >= 0 else {**DEFAULT_BUDGET, **BUDGET.get(d, {})}["test_examples"]
         test = load_examples(source, "test", limit=n_test or None, seed=0)
-        done = {key(r) for r in json.loads(args.json.read_text())} if args.json and args.json.exists() else set()
+        done = {key(r) for r in read_records(args.json)} if args.json else set()
         runs = ([("adamole", t) for t in TAU_SWEEP] if args.tau_sweep
                 else [(m, None) for m in args.methods.split(",")])
         print(f"{d}: {len(train)} train / {len(test)} test examples; majority class "
@@ -252,8 +249,7 @@ def main() -> None:
                       f"loss {rec['loss_first50']:.3f} -> {rec['loss_last50']:.3f}  ({rec['train_seconds']:.0f} s)",
                       flush=True)
                 if args.json:
-                    args.json.parent.mkdir(parents=True, exist_ok=True)
-                    args.json.write_text(json.dumps(merge(args.json, [rec]), indent=1))
+                    write_records(args.json, merge_records(read_records(args.json), [rec]))
     if args.json:
         print(report(json.loads(args.json.read_text())))
 

@@ -15,7 +15,6 @@ replicated, no exchange) runs in the same process for comparison. Medians over -
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -28,6 +27,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.records import write_records  # noqa: E402
 from adamole_dist.balance import STAT_DROPPED, STAT_ROUTED, summarize_stats  # noqa: E402
 from adamole_dist.config import AdapterConfig  # noqa: E402
 from adamole_dist.dispatch import LocalDispatcher  # noqa: E402
@@ -131,9 +131,7 @@ def main() -> None:
                   f"{r['bytes_sent'] / 1e6:>10.2f}{r['bytes_min'] / 1e6:>9.2f}{ratio:>9.4f}"
                   f"{r['ms_step_median']:>9.1f}{r['ms_a2a_median']:>8.1f}{100 * r['dropped_fraction']:>7.2f}   {phases}")
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(records, indent=1))
-            print(f"wrote {args.json}")
+            write_records(args.json, records, announce=True)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -21,6 +21,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.records import write_records  # noqa: E402
 SYSTEMS = [("adamole_dist", "adamole"), ("adamole_dist", "lora"), ("peft", "lora")]
 
 
@@ -65,9 +68,7 @@ def main() -> None:
         print(f"{r['system']:<14}{r['method']:<9}{r['world']:>6}{r['tokens_per_s']:>10.0f}{r['peak_rss_mb']:>13.0f}"
               f"{r['tokens_per_s'] / ours['tokens_per_s']:>12.2f}{r['tokens_per_s'] / peft['tokens_per_s']:>9.2f}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(records, indent=1))
-        print(f"wrote {args.json}")
+        write_records(args.json, records, announce=True)
 
 
 if __name__ == "__main__":

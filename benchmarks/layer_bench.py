@@ -13,7 +13,6 @@ noise hits all of them alike; medians are quoted.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -24,6 +23,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.records import write_records  # noqa: E402
 from adamole_dist.balance import summarize_stats  # noqa: E402
 from adamole_dist.config import AdapterConfig  # noqa: E402
 from adamole_dist.experts import GROUPED_PAIR_COST, choose_compute_path  # noqa: E402
@@ -205,9 +205,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     recs = sweep_paths(args) if args.sweep_paths else main_methods(args)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(recs, indent=1))
-        print(f"wrote {args.json}")
+        write_records(args.json, recs, announce=True)
 
 
 if __name__ == "__main__":

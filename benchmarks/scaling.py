@@ -26,6 +26,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.records import write_records  # noqa: E402
+
 WORKER = str(REPO / "benchmarks" / "step_worker.py")
 
 
@@ -154,7 +158,7 @@ def main() -> None:
                     print(f"running {mode} scaling, world {world}, ep_size {ep} ...", flush=True)
                     run_config(world, ep, mode, args, args.json)
     records = efficiency(json.loads((args.report or args.json).read_text()))
-    (args.report or args.json).write_text(json.dumps(records, indent=1))
+    write_records(args.report or args.json, records)
     print(table(records))
     print(validation(records))
     print(zero3_memory(records))

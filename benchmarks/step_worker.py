@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+.* is deprecated", category=FutureWarning)
+
+from benchmarks.records import read_records, write_records  # noqa: E402warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+.* is deprecated", category=FutureWarning)
 
 from adamole_dist.config import AdapterConfig  # noqa: E402
 from adamole_dist.cost_model import (CommModel, Workload, measure_comm, measure_compute,  # noqa: E402
@@ -176,8 +177,7 @@ def main() -> None:
     if info.is_main:
         print(json.dumps(record))
         if args.json:
-            old = json.loads(args.json.read_text()) if args.json.exists() else []
-            args.json.write_text(json.dumps(old + [record], indent=1))
+            write_records(args.json, read_records(args.json) + [record])
         if args.csv:
             new_file = not args.csv.exists()
             with args.csv.open("a", newline="") as f:
