@@ -119,6 +119,12 @@ def train_and_eval(args, dataset: str, train, test, method: str, seed: int, tau_
     }
 
 
+def scored_test_split(args, dataset: str) -> list:
+    """The test examples every run of ``dataset`` is scored on (and its majority baseline)."""
+    n = args.test_examples if args.test_examples >= 0 else {**DEFAULT_BUDGET, **BUDGET.get(dataset, {})}["test_examples"]
+    return load_examples(str(args.data_dir / dataset), "test", limit=n or None, seed=0)
+
+
 def key(r: dict) -> tuple:
     return r["dataset"], r["method"], r["seed"], r["tau_max"]
 
@@ -222,7 +228,7 @@ def main() -> None:
         for d in sorted({r["dataset"] for r in records}):
             if (args.data_dir / d).is_dir():
                 baselines[d] = majority_class_accuracy(load_examples(str(args.data_dir / d), "train"),
-                                                       load_examples(str(args.data_dir / d), "test"))
+                                                       scored_test_split(args, d))
         print(report(records, baselines))
         if args.plot:
             plot_layers(records, args.plot)
@@ -231,8 +237,7 @@ def main() -> None:
     for d in datasets:
         source = str(args.data_dir / d)
         train = load_examples(source, "train", limit=args.train_examples or None, seed=0)
-        n_test = args.test_examples if args.test_examples >= 0 else {**DEFAULT_BUDGET, **BUDGET.get(d, {})}["test_examples"]
-        test = load_examples(source, "test", limit=n_test or None, seed=0)
+        test = scored_test_split(args, d)
         done = {key(r) for r in read_records(args.json)} if args.json else set()
         runs = ([("adamole", t) for t in TAU_SWEEP] if args.tau_sweep
                 else [(m, None) for m in args.methods.split(",")])
