@@ -113,5 +113,11 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     )
 
 
+def shutdown_distributed() -> None:
+    """Tear the process group down before exit, so no gloo/NCCL thread outlives the interpreter."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def device_for(info: DistInfo) -> torch.device:
     return torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")

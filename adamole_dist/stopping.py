@@ -3,15 +3,31 @@
 Stop requests (SIGTERM from SLURM's --signal or a preemption, and SIGUSR1; Ctrl-C is left
 alone): the handler only sets a flag; the training loop agrees on it across ranks after each
 optimizer step, writes a checkpoint and leaves with EXIT_PREEMPTED so the job script can requeue.
+Before any rank leaves, rank 0 also writes PREEMPTED_MARKER into the output dir: under
+``srun --kill-on-bad-exit`` the first rank to exit 75 gets the others killed, so srun's own exit
+code may be 143 instead of 75, and the job script needs a sign that does not race.
 A non-finite loss stops every rank at the same step (the check is all-reduced)."""
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 EXIT_NON_FINITE = 3
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again (resume from the checkpoint just written)
+PREEMPTED_MARKER = "preempted.json"  # launch/slurm/train.sbatch removes it before srun, reads it after
+
+
+def write_preempted_marker(output_dir: Path, step: int, checkpoint, signum: int | None) -> None:
+    """Atomically record that this run stopped for a requeue after writing ``checkpoint``."""
+    record = {"step": step, "checkpoint": str(checkpoint),
+              "signal": signal.Signals(signum).name if signum else None}
+    tmp = Path(output_dir) / f".{PREEMPTED_MARKER}.tmp"
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, Path(output_dir) / PREEMPTED_MARKER)
 
 
 class NonFiniteLoss(RuntimeError):

@@ -25,7 +25,7 @@ from .balance import summarize_stats
 from .config import ConfigError
 from .data import load_examples
 from .dispatch import LocalDispatcher
-from .distributed import DistInfo, device_for, init_distributed
+from .distributed import DistInfo, device_for, init_distributed, shutdown_distributed
 from .ep_dispatch import ExpertParallelDispatcher
 from .ds_config import build_ds_config, zero_stage
 from .evaluate import evaluate_accuracy
@@ -36,7 +36,7 @@ from .metrics import MetricsLogger, read_metrics
 from .modeling import default_trainable_modules, load_model_and_tokenizer
 from .output_dir import check_output_dir, prepare_output_dir
 from .parallel import build_layout
-from .stopping import NonFiniteLoss, Preempted, StopSignal
+from .stopping import NonFiniteLoss, Preempted, StopSignal, write_preempted_marker
 from .watchdog import PeerWatchdog
 from .sampler import ShardedBatches
 from .schedule import lr_lambda, warmup_steps_for
@@ -245,7 +245,9 @@ class Trainer:
         if self.last_checkpoint is None or self.last_checkpoint.name != ckpt_io.tag_for(self.step):
             self.save()
         if self.info.is_main:
+            write_preempted_marker(Path(self.cfg.output_dir), self.step, self.last_checkpoint, self.stop_signal.received)
             print(f"[step {self.step}] stop signal received: checkpoint written, exiting for a requeue", flush=True)
+        ckpt_io.barrier()  # the marker exists before any rank exits (and srun kills the rest)
         raise Preempted(self.step, self.last_checkpoint)
 
     def check_finite(self, metrics: dict) -> None:
@@ -410,7 +412,9 @@ def run_training(cfg: TrainConfig) -> dict:
         trainer.setup()
         result = trainer.train()
     except (ConfigError, NonFiniteLoss, Preempted):
-        raise  # decided by every rank together: nobody needs telling
+        watchdog.stop()  # decided by every rank together: nobody needs telling
+        shutdown_distributed()
+        raise
     except Exception as e:
         # A peer's death surfaces here as a communication error: name the peer if it is gone.
         if "gloo" in str(e).lower() or "nccl" in str(e).lower() or "connection" in str(e).lower():
@@ -425,4 +429,5 @@ def run_training(cfg: TrainConfig) -> dict:
         (Path(cfg.output_dir) / "final_metrics.json").write_text(json.dumps(final, indent=1))
     ckpt_io.barrier()  # everyone is done before the watchdogs (and rank 0's store) go away
     watchdog.stop()
+    shutdown_distributed()
     return result

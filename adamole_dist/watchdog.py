@@ -45,7 +45,12 @@ class PeerWatchdog:
         return self
 
     def stop(self) -> None:
+        """Stop and join the thread: one still inside a store call at interpreter exit can make the
+        C++ runtime abort the process ("terminate called without an active exception")."""
         self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(self.interval_s + max(5.0, self.interval_s * 5))
+        self._thread, self._store = None, None
 
     def publish_failure(self, message: str) -> None:
         """Tell the other ranks why this one is about to exit (best effort)."""
