@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from .atomic_files import write_dir_atomically
 from .config import AdapterConfig
 from .experts import ExpertBank
 from .inject import Adapters, inject_adapters
@@ -140,22 +139,6 @@ def _check_experts(tensors: dict, name: str, bank: ExpertBank) -> None:
             _need(tensors, f"{name}.experts.{gid}.{part}")
 
 
-def write_atomically(target: Path, write) -> None:
-    """Call ``write(tmp_dir)``, then swap the directory into place: readers never see half a save."""
-    target = Path(target)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old.exists():
-        shutil.rmtree(old)
-
-
 def save_adapter(out_dir: str | Path, tensors: dict[str, torch.Tensor], cfg: AdapterConfig, meta: dict) -> None:
     """Write weights and config (call on one rank, with ``adapter_state`` gathered on all)."""
 
@@ -164,7 +147,7 @@ def save_adapter(out_dir: str | Path, tensors: dict[str, torch.Tensor], cfg: Ada
         doc = {"format_version": FORMAT_VERSION, "adapter": cfg.to_dict(), **meta}
         (tmp / CONFIG_NAME).write_text(json.dumps(doc, indent=2))
 
-    write_atomically(Path(out_dir), write)
+    write_dir_atomically(Path(out_dir), write)
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict:

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from .atomic_files import write_text_atomically
 from .expert_optim import ExpertOptimizer
 from .inject import Adapters
 
@@ -115,9 +116,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def write_latest(root: Path, tag: str) -> None:
-    tmp = root / f".{LATEST}.tmp"
-    tmp.write_text(tag)
-    os.replace(tmp, root / LATEST)
+    write_text_atomically(root / LATEST, tag)
 
 
 def list_checkpoints(root: Path) -> list[Path]:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
+from .atomic_files import write_text_atomically
 from .config import ConfigError
 
 RUN_CONFIG = "run_config.json"
@@ -49,6 +49,4 @@ def prepare_output_dir(output_dir: Path, config: dict, *, overwrite: bool) -> No
     if overwrite and output_dir.exists():
         shutil.rmtree(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    tmp = output_dir / f".{RUN_CONFIG}.tmp"
-    tmp.write_text(json.dumps(config, indent=1, default=str))
-    os.replace(tmp, output_dir / RUN_CONFIG)
+    write_text_atomically(output_dir / RUN_CONFIG, json.dumps(config, indent=1, default=str))

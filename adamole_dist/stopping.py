@@ -11,9 +11,10 @@ A non-finite loss stops every rank at the same step (the check is all-reduced)."
 from __future__ import annotations
 
 import json
-import os
 import signal
 from pathlib import Path
+
+from .atomic_files import write_text_atomically
 
 EXIT_BAD_INPUT = 2
 EXIT_NON_FINITE = 3
@@ -25,9 +26,7 @@ def write_preempted_marker(output_dir: Path, step: int, checkpoint, signum: int 
     """Atomically record that this run stopped for a requeue after writing ``checkpoint``."""
     record = {"step": step, "checkpoint": str(checkpoint),
               "signal": signal.Signals(signum).name if signum else None}
-    tmp = Path(output_dir) / f".{PREEMPTED_MARKER}.tmp"
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, Path(output_dir) / PREEMPTED_MARKER)
+    write_text_atomically(Path(output_dir) / PREEMPTED_MARKER, json.dumps(record))
 
 
 class NonFiniteLoss(RuntimeError):

@@ -29,7 +29,10 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.records import read_records, write_records  # noqa: E402warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+.* is deprecated", category=FutureWarning)
+from benchmarks.records import read_records, write_records  # noqa: E402
+
+# DeepSpeed calls torch.distributed functions that torch 2.13 deprecates, once per step.
+warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+.* is deprecated", category=FutureWarning)
 
 from adamole_dist.config import AdapterConfig  # noqa: E402
 from adamole_dist.cost_model import (CommModel, Workload, measure_comm, measure_compute,  # noqa: E402
