@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError
+from .pooling import apply_pooling
 
 ENCODER_TYPES = {"bert", "roberta", "distilbert", "deberta", "deberta-v2", "electra", "xlm-roberta", "mpnet"}
 HEAD_MODULES = {"seq_cls": ["classifier"], "causal_lm": []}
@@ -33,18 +34,22 @@ def resolve_task_type(task_type: str, model_path: str) -> str:
     return "seq_cls" if cfg.model_type in ENCODER_TYPES else "causal_lm"
 
 
-def load_model_and_tokenizer(model: str, task_type: str, dtype: torch.dtype = torch.float32):
+def load_model_and_tokenizer(model: str, task_type: str, dtype: torch.dtype = torch.float32, pooling: str = "cls"):
     """(model, tokenizer, task_type, model_path). Encoders get a 1-logit sequence-classification
-    head (each (context, choice) pair is scored); decoders their causal LM head."""
+    head (each (context, choice) pair is scored) reading the [CLS] or the mean-pooled
+    representation (``pooling``, see :mod:`.pooling`); decoders their causal LM head."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     path = resolve_model_path(model)
     if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise ConfigError(f"model ({model}) is not a directory and HF_HUB_OFFLINE=1 forbids the hub")
     task_type = resolve_task_type(task_type, path)
+    if pooling != "cls" and task_type != "seq_cls":
+        raise ConfigError(f"pooling ({pooling!r}) applies to seq_cls models; this one is {task_type}")
     tokenizer = AutoTokenizer.from_pretrained(path)
     if task_type == "seq_cls":
-        net = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+        net = apply_pooling(AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype),
+                            pooling)
     else:
         net = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         if tokenizer.pad_token is None:

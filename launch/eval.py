@@ -49,7 +49,8 @@ def main(argv=None) -> int:
         split = args.split or run.get("eval_split", "test")
         examples = load_examples(dataset, split, args.data_format or run.get("data_format", "auto"),
                                  limit=args.max_examples or None, seed=run.get("seed", 0))
-        model, tokenizer, task_type, _ = load_model_and_tokenizer(args.model or doc["base_model"], doc["task_type"])
+        model, tokenizer, task_type, _ = load_model_and_tokenizer(args.model or doc["base_model"], doc["task_type"],
+                                                                  pooling=doc.get("pooling", "cls"))
         adapters = load_adapter(model, args.adapter)
         task = build_task(task_type, tokenizer, args.max_length or run.get("max_length", 128),
                           run.get("loss_on", "answer"), torch.device("cpu"))

@@ -32,6 +32,7 @@ def fails_cleanly(tmp_path, *args, expect: list[str], out_name="run"):
         (["--num_experts", "6", "--ep_size", "4"], ["adapter.num_experts (6)", "ep_size (4)"]),
         (["--ep_size", "2"], ["ep_size (2)", "world size (1)"]),
         (["--method", "lora", "--ep_size", "2"], ["ep_size (2)", "MoE method"]),
+        (["--pooling", "max"], ["--pooling", "'max'", "'cls', 'mean'"]),
     ],
 )
 def test_bad_adapter_options(tmp_path, args, expect):

@@ -115,13 +115,16 @@ def png_size(path: Path) -> tuple[int, int]:
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("trained") / "run"
-    check(run(python_cmd("--output_dir", str(out), "--max_steps", "4", *SMALL_RUN, "--eval_interval", "2")))
+    # mean pooling: the adapter must record it for eval.py to rebuild the same head
+    check(run(python_cmd("--output_dir", str(out), "--max_steps", "4", *SMALL_RUN, "--eval_interval", "2",
+                         "--pooling", "mean")))
     return out
 
 
 def test_eval_command_reproduces_the_runs_final_accuracy(trained_run, tmp_path):
-    """launch/eval.py loads the saved adapter onto a fresh base (no DeepSpeed) and gets the
-    accuracy the ZeRO-3 run measured on the same examples."""
+    """launch/eval.py loads the saved adapter onto a fresh base (no DeepSpeed), pooled as in
+    training, and gets the accuracy the ZeRO-3 run measured on the same examples."""
+    assert json.loads((trained_run / "adapter" / "adapter_config.json").read_text())["pooling"] == "mean"
     report = tmp_path / "eval.json"
     proc = check(run([sys.executable, str(REPO / "launch" / "eval.py"), "--adapter", str(trained_run / "adapter"),
                       "--max_examples", "48", "--json", str(report)]))
