@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import AdapterConfig, ConfigError, check_choices, opt
+from .pooling import POOLINGS
 
 DEFAULT_MODEL = "minilm-l6"
 
@@ -22,7 +23,7 @@ class TrainConfig:
                          "model architecture", choices=("auto", "causal_lm", "seq_cls"))
     pooling: str = opt("cls", "seq_cls: what the head reads: the model's pooler on [CLS], or the masked mean of "
                        "the last hidden states through the same pooler (what sentence-transformers models such "
-                       "as MiniLM-L6 were trained for)", choices=("cls", "mean"))
+                       "as MiniLM-L6 were trained for)", choices=POOLINGS)
     trainable_modules: list = opt([], "extra modules trained in full (task head); default: the "
                                   "classification head for seq_cls, none for causal_lm")
     # -- data -----------------------------------------------------------------------------

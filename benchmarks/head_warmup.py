@@ -28,8 +28,9 @@ class HeadInputs:
         return HeadInputs(self.feats[index], self.choice_mask[index], self.labels[index])
 
 
-def pooler_dense(model) -> torch.nn.Linear:
-    return getattr(model, model.base_model_prefix).pooler.dense
+def pooler_of(model) -> torch.nn.Module:
+    """The BERT-style pooler (dense + activation), [CLS] or mean-pooling alike."""
+    return getattr(model, model.base_model_prefix).pooler
 
 
 @torch.no_grad()
@@ -37,7 +38,7 @@ def extract_head_inputs(model, task, examples: list, batch_size: int) -> HeadInp
     """Run the model (eval mode) over ``task.collate`` batches of ``examples`` and keep what
     enters the pooler's dense layer (the [CLS] state or the masked mean, per the pooling)."""
     captured: list[torch.Tensor] = []
-    handle = pooler_dense(model).register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
+    handle = pooler_of(model).dense.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
     width = max(len(ex.choice_texts) for ex in examples)
     feats, masks, labels = [], [], []
     was_training = model.training
@@ -60,8 +61,8 @@ def extract_head_inputs(model, task, examples: list, batch_size: int) -> HeadInp
 
 def head_scores(model, feats: torch.Tensor, choice_mask: torch.Tensor) -> torch.Tensor:
     """[Q, C] scores of the model's head on pooler inputs, -inf at padded choices."""
-    dense = pooler_dense(model)
-    pooled = getattr(model, model.base_model_prefix).pooler.activation(dense(feats))
+    pooler = pooler_of(model)
+    pooled = pooler.activation(pooler.dense(feats))
     return model.classifier(pooled).squeeze(-1).masked_fill(~choice_mask, float("-inf"))
 
 
@@ -69,7 +70,7 @@ def fit_head(model, inputs: HeadInputs, epochs: int, lr: float, after_epoch=None
     """Full-batch AdamW on the head's parameters (pooler dense + classifier); returns the last loss.
     Draws no random numbers, so the adapters' data order and dropout that follow are the same as
     without the warm-up for a given seed. ``after_epoch(epoch)`` is called after each update."""
-    params = list(pooler_dense(model).parameters()) + list(model.classifier.parameters())
+    params = list(pooler_of(model).dense.parameters()) + list(model.classifier.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     loss = torch.tensor(float("nan"))  # epochs = 0
     for epoch in range(epochs):

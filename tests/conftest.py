@@ -15,11 +15,11 @@ def make_tiny_llama(seed: int = 0):
     return LlamaForCausalLM(cfg).eval()
 
 
-def make_tiny_bert(seed: int = 0):
+def make_tiny_bert(seed: int = 0, vocab_size: int = 128):
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+    cfg = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=64, num_labels=1)
     return BertForSequenceClassification(cfg).eval()
 

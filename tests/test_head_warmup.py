@@ -9,16 +9,12 @@ from adamole_dist.data import Example
 from adamole_dist.inject import inject_adapters
 from adamole_dist.pooling import apply_pooling
 from adamole_dist.tasks import build_task
+from tests.conftest import make_tiny_bert
 from benchmarks.head_warmup import extract_head_inputs, fit_head, head_accuracy, head_scores, validation_curve
 
 
-def tiny_bert(vocab_size: int, pooling: str, seed: int = 0):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=4, max_position_embeddings=128, num_labels=1)
-    return apply_pooling(BertForSequenceClassification(cfg).eval(), pooling)
+def tiny_bert(vocab_size: int, pooling: str):
+    return apply_pooling(make_tiny_bert(vocab_size=vocab_size), pooling)
 
 
 def examples() -> list[Example]:
