@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from . import collectives
 from .atomic_files import write_dir_atomically
 from .config import AdapterConfig
 from .experts import ExpertBank
@@ -66,10 +67,7 @@ def head_parameters(adapters: Adapters) -> dict[str, nn.Parameter]:
 
 def gather_experts(local: dict[str, torch.Tensor], ep_group, ep_size: int) -> dict[str, torch.Tensor]:
     """Merge every EP rank's expert tensors (keyed by global id). Collective over the EP group."""
-    import torch.distributed as dist
-
-    parts: list = [None] * ep_size
-    dist.all_gather_object(parts, local, group=ep_group)
+    parts = collectives.all_gather_objects(local, group=ep_group)
     merged: dict[str, torch.Tensor] = {}
     for part in parts:
         merged.update(part)

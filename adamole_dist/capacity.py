@@ -85,8 +85,11 @@ def probs_cutoff(vals_JKN: torch.Tensor, pos_JKN: torch.Tensor, capacity: int, s
     """The capacity-th best (probability desc, then global position asc) candidate per expert.
 
     Global position = rank * stride + local position, stride >= every rank's token count.
-    Returns (p_N, g_N); an expert with fewer candidates gets p = -inf (keeps everything)."""
+    Returns (p_N, g_N); an expert with fewer candidates gets p = -inf (keeps everything), and
+    capacity 0 gives p = +inf (keeps nothing)."""
     J, K, N = vals_JKN.shape
+    if capacity <= 0:
+        return vals_JKN.new_full((N,), float("inf")), pos_JKN.new_zeros(N)
     ranks = torch.arange(J, device=vals_JKN.device).view(J, 1, 1)
     g_CN = (ranks * stride + pos_JKN).reshape(J * K, N)
     p_CN = vals_JKN.reshape(J * K, N)

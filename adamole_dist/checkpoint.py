@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from . import collectives
 from .atomic_files import write_text_atomically
 from .expert_optim import ExpertOptimizer
 from .inject import Adapters
@@ -39,8 +39,7 @@ def tag_for(step: int) -> str:
 
 
 def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+    collectives.barrier()
 
 
 def expert_state(adapters: Adapters, opt: ExpertOptimizer) -> dict[str, torch.Tensor]:

@@ -216,28 +216,37 @@ def measure_compute(d: int = 1024, tokens: int = 2048, num_experts: int = 8, ran
                         permute_s_per_byte=permute / (2 * rows * 2 * d * 4))
 
 
-def measure_comm(group=None, ranks_per_node: int | None = None, large: int = 4 << 20, repeats: int = 5) -> CommModel:
+def measure_comm(group=None, ranks_per_node: int | None = None, large: int = 4 << 20, repeats: int = 5,
+                 device=None) -> CommModel:
     """alpha from a 1-element all-reduce, beta from a large one (ring formula inverted), and the
-    all-to-all bandwidth from a large all_to_all_single. Collective: every rank of the group calls it."""
+    all-to-all bandwidth from a large all_to_all_single, with tensors on ``device`` (the training
+    device: CUDA under NCCL). Collective: every rank of the group calls it."""
     import torch
-    import torch.distributed as dist
 
-    p = dist.get_world_size(group)
+    from . import collectives
+
+    device = torch.device(device or "cpu")
+    p = collectives.world_size(group)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     def timed(op) -> float:
         def run():
-            dist.barrier(group)
+            collectives.barrier(group)
             op()
-        return _median_time(run, repeats) - _median_time(lambda: dist.barrier(group), repeats)
+            sync()
+        return _median_time(run, repeats) - _median_time(lambda: collectives.barrier(group), repeats)
 
-    small_t = torch.zeros(1)
-    big_t = torch.zeros(large // 4)
-    t_small = max(timed(lambda: dist.all_reduce(small_t, group=group)), 1e-7)
-    t_large = timed(lambda: dist.all_reduce(big_t, group=group))
+    small_t = torch.zeros(1, device=device)
+    big_t = torch.zeros(large // 4, device=device)
+    t_small = max(timed(lambda: collectives.all_reduce_sum(small_t, group)), 1e-7)
+    t_large = timed(lambda: collectives.all_reduce_sum(big_t, group))
     alpha = t_small / max(2 * (p - 1), 1)
     beta = (2 * (p - 1) / p * large) / max(t_large - 2 * (p - 1) * alpha, 1e-9)
     out = torch.empty_like(big_t)
-    t_a2a = timed(lambda: dist.all_to_all_single(out, big_t, group=group))
+    t_a2a = timed(lambda: collectives.all_to_all_single(out, big_t, group=group))
     sent = large * (p - 1) / p
     a2a_beta = sent / max(t_a2a - (p - 1) * alpha, 1e-9)
     rpn = ranks_per_node or p

@@ -4,7 +4,10 @@ The deepspeed launcher and torchrun export RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADD
 Under mpirun (no such variables, but MPI's own) rank and world come from mpi4py and rank 0
 broadcasts its address and a free port. Inside an ``srun`` step rank and world come from
 SLURM_PROCID/SLURM_NTASKS. A plain ``python`` run becomes a world of one.
-The backend is nccl with CUDA, gloo otherwise (DeepSpeed's CPU accelerator).
+The backend (``--dist_backend auto``) is mixed with CUDA, ``cpu:gloo,cuda:nccl``: NCCL moves GPU
+tensors and gloo serves the host-side values (stop flags, object collectives) without a trip
+through the GPU; gloo alone otherwise (DeepSpeed's CPU accelerator). Whatever the backend, the
+project's collectives place their tensors where it serves them (collectives.py).
 """
 
 from __future__ import annotations
@@ -86,7 +89,19 @@ def _mpi_discovery() -> None:
                       MASTER_ADDR=addr, MASTER_PORT=str(port))
 
 
-def init_distributed(timeout_s: float = 600.0) -> DistInfo:
+BACKENDS = ("auto", "gloo", "nccl", "cpu:gloo,cuda:nccl")
+
+
+def resolve_backend(backend: str, cuda: bool) -> str:
+    """'auto' -> mixed gloo/NCCL with CUDA, gloo without; explicit choices pass through."""
+    if backend not in BACKENDS:
+        raise ValueError(f"dist_backend ({backend!r}) must be one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "cpu:gloo,cuda:nccl" if cuda else "gloo"
+    return backend
+
+
+def init_distributed(timeout_s: float = 600.0, backend: str = "auto") -> DistInfo:
     """Start torch.distributed (through DeepSpeed's comm layer) for whichever launcher ran us."""
     import deepspeed
 
@@ -98,12 +113,12 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     elif launcher == "python":
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = resolve_backend(backend, torch.cuda.is_available())
+    if torch.cuda.is_available():  # before the process group: NCCL binds to the current device
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                    timeout=timedelta(seconds=timeout_s))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     return DistInfo(
         rank=torch.distributed.get_rank(),
         world_size=torch.distributed.get_world_size(),

@@ -35,6 +35,26 @@ def _fill(cfg: dict, key: str, value, flag: str, path: str) -> None:
                           f"set it to \"auto\" or change {flag}")
 
 
+FP16_STANCE = ("the experts train outside the DeepSpeed engine (docs/zero3_experts.md), where DeepSpeed's "
+               "fp16 loss scaling does not reach them; use bf16 (\"bf16\": {\"enabled\": true}) or fp32")
+
+
+def reject_fp16(ds: dict, source: str) -> None:
+    """fp16 needs dynamic loss scaling; the expert optimizer would step on scaled (or, after an
+    overflow the engine skipped, inf/NaN) gradients. bf16 needs no loss scale."""
+    fp16 = ds.get("fp16")
+    if isinstance(fp16, dict) and fp16.get("enabled") is True:
+        raise ConfigError(f"ds_config ({source}) fp16.enabled: fp16 is not supported: {FP16_STANCE}")
+    amp = ds.get("amp")
+    if isinstance(amp, dict) and amp.get("enabled") is True:
+        raise ConfigError(f"ds_config ({source}) amp.enabled: apex AMP (fp16) is not supported: {FP16_STANCE}")
+    autocast = ds.get("torch_autocast")
+    if isinstance(autocast, dict) and autocast.get("enabled") is True and \
+            str(autocast.get("dtype", "")).replace("torch.", "") in ("float16", "half", "fp16"):
+        raise ConfigError(f"ds_config ({source}) torch_autocast.dtype ({autocast.get('dtype')}): fp16 autocast is "
+                          f"not supported: {FP16_STANCE}")
+
+
 def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
     if cfg.ds_config:
         try:
@@ -43,6 +63,7 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
             raise ConfigError(f"ds_config ({cfg.ds_config}) is not valid JSON: {e}") from None
     else:
         ds = copy.deepcopy(DEFAULT_ZERO3)
+    reject_fp16(ds, cfg.ds_config or "default")
     if "scheduler" in ds:
         raise ConfigError(f"ds_config ({cfg.ds_config}) has a 'scheduler': the trainer owns the lr schedule "
                           "(--lr_scheduler, --warmup_steps); remove it")

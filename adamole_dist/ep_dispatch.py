@@ -17,7 +17,7 @@ import torch
 
 from .capacity import (expert_capacity, keep_by_cutoff, keep_within_quota, position_quota, probs_candidates,
                        probs_cutoff)
-from .comm import TrafficCounters, all_gather_stack, all_to_all, exchange_counts
+from .collectives import TrafficCounters, all_gather_stack, all_to_all, exchange_counts
 from .dispatch import Dispatcher, resolve_path
 from .experts import ExpertBank
 from .parallel import ParallelLayout
@@ -41,6 +41,10 @@ class ExpertParallelDispatcher(Dispatcher):
         counts_JN1 = all_gather_stack(counts_N1, self.group, self.size)
         counts_JN = counts_JN1[:, :N]
         capacity = expert_capacity(int(counts_JN.sum().item()), N, capacity_factor)  # NOTE: device sync
+        if capacity == 0:
+            # Nothing routed anywhere in the group (all padding, or no expert over its threshold):
+            # every rank sees the same gathered counts, so all of them take this branch together.
+            return torch.zeros_like(mask_TN)
         if policy == "position":
             return keep_within_quota(mask_TN, position_quota(counts_JN, self.me, capacity))
         stride = int(counts_JN1[:, N].max().item()) + 1

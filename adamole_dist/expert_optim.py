@@ -9,14 +9,23 @@ divided it by the accumulation steps. An expert's gradient on its owner sums the
 contributions of all tokens routed to it; summing that over the expert-data-parallel group
 and dividing by the world size gives the gradient of the mean loss over the global batch,
 exactly what DeepSpeed's average gives the replicated parameters.
+
+Clipping: the expert banks are clipped by the norm of ALL experts' gradients (every layer,
+all N experts): each rank's shard norm squared, summed over its expert-parallel group, which
+holds each expert exactly once (replicas in other EP groups hold identical gradients after
+the reduction and are not counted again). So the update is the one a single process makes,
+at every world and ep_size. The engine's parameters (routers, LoRA, task head) are clipped by
+DeepSpeed with their own global norm: two norms, each layout independent (README).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
-import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from . import collectives
 from .parallel import is_single
 
 
@@ -33,11 +42,15 @@ class ExpertOptimizer:
         lr_lambda,
         world_size: int,
         edp_group=None,
+        ep_group=None,
     ) -> None:
+        """``edp_group``: ranks holding the same experts (None = the whole world); ``ep_group``:
+        the ranks that together hold every expert once (None = this rank holds them all)."""
         self.params = params
         self.max_grad_norm = max_grad_norm
         self.world_size = world_size
         self.edp_group = edp_group
+        self.ep_group = ep_group
         self.optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay) if params else None
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda) if params else None
         self.last_grad_norm: float | None = None
@@ -48,21 +61,38 @@ class ExpertOptimizer:
         if not grads:
             return
         flat = _flatten_dense_tensors(grads)
-        if self.world_size > 1 and dist.is_initialized() and not is_single(self.edp_group):
-            dist.all_reduce(flat, group=self.edp_group)
+        if self.world_size > 1 and not is_single(self.edp_group):
+            collectives.all_reduce_sum(flat, group=self.edp_group)
         flat.div_(self.world_size)
         for p, g in zip(self.params, _unflatten_dense_tensors(flat, grads)):
             p.grad = g
 
-    def step(self) -> None:
+    def global_grad_norm(self) -> float:
+        """L2 norm of every expert's gradient, each expert counted once (collective over the EP group)."""
+        sq = torch.stack([p.grad.detach().float().pow(2).sum() for p in self.params]).sum().reshape(1)
+        if self.ep_group is not None:
+            collectives.all_reduce_sum(sq, group=self.ep_group)
+        return math.sqrt(sq.item())  # NOTE: device sync
+
+    def step(self) -> float | None:
+        """Reduce, measure, clip, update. Returns the expert gradient norm (before clipping); a
+        non-finite norm skips the update (the trainer then stops the run)."""
         if self.optimizer is None:
-            return
+            return None
         self.reduce_gradients()
+        norm = self.last_grad_norm = self.global_grad_norm()
+        if not math.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return norm
         if self.max_grad_norm > 0:
-            self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
+            coef = self.max_grad_norm / (norm + 1e-6)  # torch.nn.utils.clip_grad_norm_'s rule
+            if coef < 1.0:
+                for p in self.params:
+                    p.grad.mul_(coef)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return norm
 
     def set_step(self, step: int) -> None:
         """Put the lr schedule at optimizer step ``step`` (after a resume)."""

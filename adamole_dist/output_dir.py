@@ -16,7 +16,7 @@ def comparable(config: dict) -> dict:
     """The parts of a run's config that must match to continue it (not bookkeeping options)."""
     skip = {"resume", "overwrite", "output_dir", "max_steps", "epochs", "save_interval", "eval_interval",
             "log_interval", "report_to", "keep_checkpoints", "eval_at_start", "peer_timeout", "comm_timeout",
-            "ep_size"}  # experts reshard by global id, so a run may continue at another ep_size
+            "dist_backend", "ep_size"}  # experts reshard by global id, so a run may continue at another ep_size
     return {k: v for k, v in config.items() if k not in skip}
 
 

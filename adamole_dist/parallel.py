@@ -13,8 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch.distributed as dist
-
+from . import collectives
 from .config import ConfigError
 
 
@@ -56,19 +55,19 @@ def check_sizes(world_size: int, ep_size: int, num_experts: int) -> None:
 
 def build_layout(ep_size: int, num_experts: int) -> ParallelLayout:
     """Collective when ep_size > 1: every rank creates every group, in the same order."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = collectives.world_size()
+    rank = collectives.rank()
     check_sizes(world, ep_size, num_experts)
     if ep_size == 1:
         return ParallelLayout(rank=rank, world_size=world, ep_size=1)
     ep_group = edp_group = None
     for start in range(0, world, ep_size):
-        group = dist.new_group(list(range(start, start + ep_size)))
+        group = collectives.new_group(list(range(start, start + ep_size)))
         if start <= rank < start + ep_size:
             ep_group = group
     for offset in range(ep_size):
         ranks = list(range(offset, world, ep_size))
-        group = dist.new_group(ranks) if len(ranks) > 1 else None
+        group = collectives.new_group(ranks) if len(ranks) > 1 else None
         if rank % ep_size == offset:
             edp_group = group
     return ParallelLayout(rank=rank, world_size=world, ep_size=ep_size, ep_group=ep_group,

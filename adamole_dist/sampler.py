@@ -1,8 +1,12 @@
-"""Deterministic, resumable data order: a seeded permutation per epoch, sharded by rank.
+"""Deterministic, resumable data order: a seeded permutation per epoch, cut into global batches.
 
-Every rank gets the same number of micro batches per epoch (the tail is dropped), so ranks
-never disagree on how many collective steps an epoch has. The position (epoch, micro batch)
-is all that a checkpoint needs to continue the exact same order.
+Global micro batch b of an epoch is ``perm[b * W * m : (b + 1) * W * m]`` (W ranks, m examples
+per rank) and rank r takes its r-th slice of m. So the examples of a step depend on the global
+batch size only, not on how it is split: W ranks with m examples see, rank-major, exactly what
+one process with W * m examples sees (the equivalence tests rely on it, and capacity over an EP
+group orders tokens rank-major too). Every rank gets the same number of micro batches per epoch
+(the tail is dropped), so ranks never disagree on how many collective steps an epoch has. The
+position (epoch, micro batch) is all that a checkpoint needs to continue the exact same order.
 """
 
 from __future__ import annotations
@@ -27,9 +31,9 @@ class ShardedBatches:
     def epoch_indices(self, epoch: int) -> list[list[int]]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         perm = torch.randperm(self.num_examples, generator=g).tolist()
-        per_rank = self.batches_per_epoch * self.micro_batch_size
-        mine = perm[self.rank :: self.world_size][:per_rank]
-        return [mine[i : i + self.micro_batch_size] for i in range(0, per_rank, self.micro_batch_size)]
+        m, global_batch = self.micro_batch_size, self.micro_batch_size * self.world_size
+        return [perm[b * global_batch + self.rank * m : b * global_batch + (self.rank + 1) * m]
+                for b in range(self.batches_per_epoch)]
 
     def iterate(self, epoch: int, start_batch: int):
         """Yield (epoch, batch_index, indices) forever, starting at (epoch, start_batch)."""

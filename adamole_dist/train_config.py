@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import AdapterConfig, ConfigError, check_choices, opt
+from .distributed import BACKENDS
 from .pooling import POOLINGS
 
 DEFAULT_MODEL = "minilm-l6"
@@ -74,6 +75,8 @@ class TrainConfig:
     peer_timeout: float = opt(60.0, "a rank whose heartbeat stops for this many seconds ends the run on every "
                               "rank, naming it (0 = off)")
     comm_timeout: float = opt(1800.0, "timeout of one collective operation in seconds")
+    dist_backend: str = opt("auto", "torch.distributed backend; auto = cpu:gloo,cuda:nccl with CUDA (NCCL for GPU "
+                            "tensors, gloo for host-side values), gloo without", choices=BACKENDS)
     eval_batch_size: int = opt(16, "examples per rank per evaluation forward")
     # -- adapter ---------------------------------------------------------------------------
     adapter: AdapterConfig = dataclasses.field(default_factory=AdapterConfig, metadata={"help": "adapter options"})

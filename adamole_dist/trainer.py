@@ -3,7 +3,8 @@
 One optimizer step (``Trainer.train_step``) fits on a screen: for each micro batch, task loss
 + coeff * aux loss, DeepSpeed backward and step (DeepSpeed applies the update at the
 accumulation boundary), then the expert optimizer steps the banks that live outside the
-engine (docs/zero3_experts.md).
+engine (docs/zero3_experts.md). Every collective goes through collectives.py; after each
+step one of them tells every rank whether any rank saw a non-finite value or a stop signal.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from . import checkpoint as ckpt_io
+from . import collectives
 from .adapter_io import adapter_state, save_adapter
 from .balance import summarize_stats
 from .config import ConfigError
@@ -48,12 +49,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t
 
 
 def param_bytes(module: torch.nn.Module) -> dict:
@@ -85,6 +80,8 @@ class Trainer:
     # -- set-up ------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg, info = self.cfg, self.info
+        # The DeepSpeed config is checked first: a bad one stops the run before anything is written.
+        self.ds_config = build_ds_config(cfg, info.world_size)
         seed_everything(cfg.seed)
         self.train_examples = load_examples(cfg.dataset, cfg.train_split, cfg.data_format,
                                             limit=cfg.max_train_examples or None, seed=cfg.seed)
@@ -93,15 +90,15 @@ class Trainer:
         self.batches = ShardedBatches(len(self.train_examples), cfg.micro_batch_size,
                                       rank=info.rank, world_size=info.world_size, seed=cfg.seed)
         config_record = cfg.to_dict()
-        problem = [None]
+        problem = None
         if info.is_main:
             try:
                 check_output_dir(self.out, config_record, overwrite=cfg.overwrite, resume=cfg.resume)
             except ConfigError as e:
-                problem[0] = str(e)
-        dist.broadcast_object_list(problem, src=0)  # every rank stops, or none does
-        if problem[0]:
-            raise ConfigError(problem[0])
+                problem = str(e)
+        problem = collectives.broadcast_object(problem, src=0)  # every rank stops, or none does
+        if problem:
+            raise ConfigError(problem)
         # The model is loaded and the adapters injected (validating target modules) before
         # anything is written, so a bad option leaves the output directory untouched.
         model, self.tokenizer, self.task_type, self.model_path = load_model_and_tokenizer(
@@ -114,7 +111,7 @@ class Trainer:
                                                   dispatcher=self.dispatcher,
                                                   expert_slice=self.layout.expert_slice(cfg.adapter.num_experts))
         if cfg.adapter.aux_loss_scope == "global":
-            self.adapters.context.dp_all_reduce = all_reduce_sum
+            self.adapters.context.dp_all_reduce = collectives.all_reduce_sum
             self.adapters.context.dp_world_size = info.world_size
         if info.is_main:
             prepare_output_dir(self.out, config_record, overwrite=cfg.overwrite)
@@ -127,7 +124,6 @@ class Trainer:
                              warmup_steps_for(self.total_steps, cfg.warmup_steps, cfg.warmup_ratio))
         import deepspeed
 
-        self.ds_config = build_ds_config(cfg, info.world_size)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
             model_parameters=self.adapters.engine_parameters(),
@@ -138,6 +134,7 @@ class Trainer:
             self.adapters.expert_parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
             eps=cfg.adam_eps, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
             lr_lambda=schedule, world_size=info.world_size, edp_group=self.layout.edp_group,
+            ep_group=self.layout.ep_group,
         )
         self.logger = MetricsLogger(self.out, cfg.report_to, enabled=info.is_main, run_config=config_record,
                                     project=cfg.wandb_project)
@@ -155,18 +152,17 @@ class Trainer:
         work = Workload(layers=layers, num_experts=a.num_experts, rank=a.rank,
                         tokens_per_rank=cfg.micro_batch_size * cfg.max_length, avg_active=active,
                         world_size=self.info.world_size, act_bytes=2 if torch.cuda.is_available() else 4)
-        comm = measure_comm() if self.info.world_size > 1 else CommModel()
+        comm = measure_comm(device=self.device) if self.info.world_size > 1 else CommModel()
         comp = measure_compute(d=layers[0][0], tokens=min(work.tokens_per_rank, 2048), num_experts=a.num_experts,
                                rank=a.rank)
         budget = cfg.expert_memory_budget_mb * 2**20 or None
         ep_size, _, why = choose_ep_size(work, comm, comp, budget)
         # Every rank measured its own compute: take rank 0's choice so the layout agrees.
-        choice = [ep_size, why]
-        dist.broadcast_object_list(choice, src=0)
+        ep_size, why = collectives.broadcast_object((ep_size, why), src=0)
         if self.info.is_main:
-            print(f"--ep_size auto: {choice[1]} (assumed {active:g} active experts per token, "
+            print(f"--ep_size auto: {why} (assumed {active:g} active experts per token, "
                   f"{work.tokens_per_rank} tokens per rank)")
-        return int(choice[0])
+        return int(ep_size)
 
     def compute_total_steps(self) -> int:
         if self.cfg.max_steps > 0:
@@ -179,8 +175,7 @@ class Trainer:
     def report_memory(self) -> None:
         mine = param_bytes(self.engine.module)
         mine["experts_local"] = sum(p.numel() * p.element_size() for p in self.adapters.expert_parameters())
-        everyone = [None] * self.info.world_size
-        dist.all_gather_object(everyone, mine)
+        everyone = collectives.all_gather_objects(mine)
         if self.info.is_main:
             mb = 1 / 2**20
             print(f"ZeRO stage {zero_stage(self.ds_config)}, world {self.info.world_size}, "
@@ -233,16 +228,31 @@ class Trainer:
             self.engine.step()
             task_sum += task_loss.item()
             aux_sum += aux.item() if aux is not None else 0.0
-        self.expert_opt.step()
-        self.adapters.update_balance_bias(all_reduce_sum)
+        expert_norm = self.expert_opt.step()
+        self.adapters.update_balance_bias(collectives.all_reduce_sum)
         n = len(micro_batches)
-        return {"task_loss": task_sum / n, "aux_loss": aux_sum / n}
+        engine_norm = self.engine.get_global_grad_norm()
+        return {"task_loss": task_sum / n, "aux_loss": aux_sum / n,
+                "grad_norm": float(engine_norm) if engine_norm is not None else 0.0,
+                "expert_grad_norm": expert_norm if expert_norm is not None else 0.0}
 
-    def stop_if_requested(self) -> None:
-        """After a step: if any rank got a stop signal, all checkpoint and leave together."""
-        flag = torch.tensor([1.0 if self.stop_signal.requested else 0.0])
-        if all_reduce_sum(flag).item() == 0:
-            return
+    def after_step(self, metrics: dict) -> bool:
+        """One collective for two questions: did any rank see a non-finite loss or expert gradient
+        (raise at once, naming the last good checkpoint), and did any rank get a stop signal (the
+        answer: the loop finishes the step's logging, then calls ``stop_for_requeue``)? Every rank
+        gets the same answers, so all leave together."""
+        finite = all(math.isfinite(metrics[k]) for k in ("task_loss", "aux_loss", "expert_grad_norm"))
+        non_finite, stop = collectives.sum_over_ranks([0.0 if finite else 1.0,
+                                                       1.0 if self.stop_signal.requested else 0.0])
+        if non_finite > 0:
+            last = self.last_checkpoint or "none (no checkpoint was written yet)"
+            raise NonFiniteLoss(f"non-finite loss or gradient at step {self.step} (task {metrics['task_loss']}, "
+                                f"aux {metrics['aux_loss']}, expert grad norm {metrics['expert_grad_norm']}); "
+                                f"last good checkpoint: {last}")
+        return stop > 0
+
+    def stop_for_requeue(self) -> None:
+        """Checkpoint (unless this step's exists), leave the marker, exit with Preempted."""
         if self.last_checkpoint is None or self.last_checkpoint.name != ckpt_io.tag_for(self.step):
             self.save()
         if self.info.is_main:
@@ -251,19 +261,12 @@ class Trainer:
         ckpt_io.barrier()  # the marker exists before any rank exits (and srun kills the rest)
         raise Preempted(self.step, self.last_checkpoint)
 
-    def check_finite(self, metrics: dict) -> None:
-        flag = torch.tensor([0.0 if math.isfinite(metrics["task_loss"] + metrics["aux_loss"]) else 1.0])
-        if all_reduce_sum(flag).item() > 0:
-            last = self.last_checkpoint or "none (no checkpoint was written yet)"
-            raise NonFiniteLoss(f"non-finite loss at step {self.step} (task {metrics['task_loss']}, aux "
-                                f"{metrics['aux_loss']}); last good checkpoint: {last}")
-
     def train(self) -> dict:
         cfg = self.cfg
         gas = cfg.gradient_accumulation_steps
         stream = self.batches.iterate(self.epoch, self.batch_in_epoch)
         self.adapters.train(True)
-        window = {"task_loss": 0.0, "aux_loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
+        window = new_window()
         progress = self.progress_bar()
         if self.step == 0 and cfg.eval_at_start:
             self.initial_eval = self.evaluate(print_layers=False)
@@ -275,9 +278,9 @@ class Trainer:
             self.epoch, self.batch_in_epoch = (epoch, b + 1)
             metrics = self.train_step(micro)
             self.step += 1
-            self.check_finite(metrics)
-            window["task_loss"] += metrics["task_loss"]
-            window["aux_loss"] += metrics["aux_loss"]
+            stop_requested = self.after_step(metrics)  # before anything could save a non-finite state
+            for key in WINDOW_SUMS:
+                window[key] += metrics[key]
             window["steps"] += 1
             window["tokens"] += sum(int(m["attention_mask"].sum()) for m in micro)
             if progress is not None:
@@ -285,12 +288,13 @@ class Trainer:
                 progress.set_postfix(loss=f"{metrics['task_loss']:.4f}")
             if self.step % cfg.log_interval == 0 or self.step == self.total_steps:
                 self.log_window(window)
-                window = {"task_loss": 0.0, "aux_loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
+                window = new_window()
             if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step < self.total_steps:
                 self.evaluate()
             if cfg.save_interval and self.step % cfg.save_interval == 0 and self.step < self.total_steps:
                 self.save()
-            self.stop_if_requested()
+            if stop_requested:
+                self.stop_for_requeue()
         if progress is not None:
             progress.close()
         final = self.evaluate()
@@ -317,15 +321,18 @@ class Trainer:
         return tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
 
     def log_window(self, w: dict) -> None:
-        totals = all_reduce_sum(torch.tensor([w["task_loss"], w["aux_loss"], float(w["tokens"])], dtype=torch.float64))
+        """Window means over steps; losses averaged over ranks, grad norms are global already."""
+        task, aux, tokens = collectives.sum_over_ranks([w["task_loss"], w["aux_loss"], w["tokens"]])
         n = max(w["steps"], 1)
         elapsed = time.perf_counter() - w["t0"]
         routing = self.routing_summary(self.adapters.context.pop_stats())
         metrics = {
-            "task_loss": totals[0].item() / n / self.info.world_size,
-            "aux_loss": totals[1].item() / n / self.info.world_size,
+            "task_loss": task / n / self.info.world_size,
+            "aux_loss": aux / n / self.info.world_size,
+            "grad_norm": w["grad_norm"] / n,
+            **({"expert_grad_norm": w["expert_grad_norm"] / n} if self.adapters.expert_banks else {}),
             "lr": self.engine.get_lr()[0],
-            "tokens_per_s": totals[2].item() / max(elapsed, 1e-9),
+            "tokens_per_s": tokens / max(elapsed, 1e-9),
             "epoch": self.epoch,
             **routing["overall"],
             **self.dispatch_metrics(n),
@@ -353,7 +360,7 @@ class Trainer:
         if not stats:
             return {"overall": {}, "layers": {}}
         names = sorted(stats)
-        flat = all_reduce_sum(torch.stack([stats[n].double().cpu() for n in names]))
+        flat = collectives.all_reduce_sum(torch.stack([stats[n].double() for n in names]))
         has_tau = self.cfg.adapter.method == "adamole"
         layers = {n: summarize_stats(flat[i], has_tau) for i, n in enumerate(names)}
         tokens = sum(v["tokens"] for v in layers.values()) or 1
@@ -369,7 +376,8 @@ class Trainer:
     def evaluate(self, print_layers: bool = True) -> dict:
         self.adapters.context.pop_stats()  # drop partial training statistics
         result = evaluate_accuracy(self.engine, self.task, self.eval_examples, self.cfg.eval_batch_size,
-                                   rank=self.info.rank, world_size=self.info.world_size, all_reduce=all_reduce_sum)
+                                   rank=self.info.rank, world_size=self.info.world_size,
+                                   all_reduce=collectives.all_reduce_sum)
         routing = self.routing_summary(self.adapters.context.pop_stats())
         self.adapters.train(True)
         metrics = {**result, **routing["overall"]}
@@ -392,6 +400,14 @@ class Trainer:
         ckpt_io.barrier()
 
 
+WINDOW_SUMS = ("task_loss", "aux_loss", "grad_norm", "expert_grad_norm")
+
+
+def new_window() -> dict:
+    """Sums over the optimizer steps since the last log line."""
+    return {**{k: 0.0 for k in WINDOW_SUMS}, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
+
+
 def print_routing_table(layers: dict) -> None:
     if not layers:
         return
@@ -404,7 +420,7 @@ def print_routing_table(layers: dict) -> None:
 
 
 def run_training(cfg: TrainConfig) -> dict:
-    info = init_distributed(timeout_s=cfg.comm_timeout)
+    info = init_distributed(timeout_s=cfg.comm_timeout, backend=cfg.dist_backend)
     watchdog = PeerWatchdog(info.rank, info.world_size, timeout_s=cfg.peer_timeout)
     if cfg.peer_timeout > 0:
         watchdog.start()

@@ -28,6 +28,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.records import write_records  # noqa: E402
+from adamole_dist import collectives  # noqa: E402
 from adamole_dist.balance import STAT_DROPPED, STAT_ROUTED, summarize_stats  # noqa: E402
 from adamole_dist.config import AdapterConfig  # noqa: E402
 from adamole_dist.dispatch import LocalDispatcher  # noqa: E402
@@ -37,9 +38,7 @@ from adamole_dist.parallel import build_layout  # noqa: E402
 
 
 def all_sum(value: float) -> float:
-    t = torch.tensor([float(value)], dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.item()
+    return collectives.sum_over_ranks([value])[0]
 
 
 def bench(args, ep_size: int) -> dict:
@@ -64,7 +63,7 @@ def bench(args, ep_size: int) -> dict:
             p.grad = None
         if counters is not None:
             counters.reset()
-        dist.barrier()
+        collectives.barrier()
         t0 = time.perf_counter()
         weights, kept = layer.route(xx, None)
         t_route = time.perf_counter() - t0
@@ -132,7 +131,7 @@ def main() -> None:
                   f"{r['ms_step_median']:>9.1f}{r['ms_a2a_median']:>8.1f}{100 * r['dropped_fraction']:>7.2f}   {phases}")
         if args.json:
             write_records(args.json, records, announce=True)
-    dist.barrier()
+    collectives.barrier()
     dist.destroy_process_group()
 
 

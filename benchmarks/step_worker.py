@@ -25,7 +25,6 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -34,6 +33,7 @@ from benchmarks.records import read_records, write_records  # noqa: E402
 # DeepSpeed calls torch.distributed functions that torch 2.13 deprecates, once per step.
 warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+.* is deprecated", category=FutureWarning)
 
+from adamole_dist import collectives  # noqa: E402
 from adamole_dist.config import AdapterConfig  # noqa: E402
 from adamole_dist.cost_model import (CommModel, Workload, measure_comm, measure_compute,  # noqa: E402
                                      predict_expert_parallel, predict_replicated)
@@ -125,7 +125,8 @@ def main() -> None:
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds)
     expert_opt = ExpertOptimizer(adapters.expert_parameters() if adapters else [], lr=1e-4, betas=(0.9, 0.999),
                                  eps=1e-8, weight_decay=0.0, max_grad_norm=1.0, lr_lambda=lambda s: 1.0,
-                                 world_size=world, edp_group=layout.edp_group)
+                                 world_size=world, edp_group=layout.edp_group,
+                                 ep_group=layout.ep_group)
     task = build_task(task_type, tokenizer, args.max_length, device=engine.device)
     examples = load_examples("builtin:word_categories", "train")
     counters = getattr(next(iter(adapters.layers.values())).dispatcher, "counters", None) if adapters else None
@@ -138,7 +139,7 @@ def main() -> None:
         zero_before = comm_ms_total(comms_logger.comms_dict, ZERO_OPS)
         if counters is not None:
             counters.reset()
-        dist.barrier()
+        collectives.barrier()
         t0 = time.perf_counter()
         loss = task.loss(engine, batch)
         if adapters is not None and adapters.aux_loss() is not None:
@@ -159,16 +160,14 @@ def main() -> None:
         phases["zero_comm"].append((comm_ms_total(comms_logger.comms_dict, ZERO_OPS) - zero_before) / 1000)
         tokens.append(float(batch["attention_mask"].sum()))
     # Totals over ranks: tokens per step; per rank: the breakdown of rank 0, memory of every rank.
-    tok = torch.tensor([statistics.mean(tokens)], dtype=torch.float64)
-    dist.all_reduce(tok)
+    tokens_per_step = collectives.sum_over_ranks([statistics.mean(tokens)])[0]
     mine = {"peak_mem_mb": peak_memory_mb(), **param_bytes(engine.module)}
-    everyone = [None] * world
-    dist.all_gather_object(everyone, mine)
+    everyone = collectives.all_gather_objects(mine)
     record = {
         "system": args.system, "method": args.method if args.system == "adamole_dist" else "lora",
         "world": world, "nodes": args.nodes, "ep_size": args.ep_size, "mode": args.mode,
-        "examples_per_rank": per_rank, "tokens_per_step": tok.item(),
-        "tokens_per_s": tok.item() / statistics.median(phases["step"]),
+        "examples_per_rank": per_rank, "tokens_per_step": tokens_per_step,
+        "tokens_per_s": tokens_per_step / statistics.median(phases["step"]),
         **{f"{k}_ms": 1000 * statistics.median(v) for k, v in phases.items()},
         "peak_mem_mb_max": max(e["peak_mem_mb"] for e in everyone),
         "frozen_bytes_local_max": max(e["frozen_local"] for e in everyone),
@@ -176,7 +175,7 @@ def main() -> None:
         "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
     }
     if args.predict and adapters is not None and adapters.cfg.is_moe:
-        record.update(predict_this_run(adapters, tok.item() / world, layout, world))
+        record.update(predict_this_run(adapters, tokens_per_step / world, layout, world))
     if info.is_main:
         print(json.dumps(record))
         if args.json:
@@ -188,7 +187,7 @@ def main() -> None:
                 if new_file:
                     writer.writeheader()
                 writer.writerow(record)
-    dist.barrier()
+    collectives.barrier()
 
 
 def predict_this_run(adapters, tokens_per_rank: float, layout, world: int) -> dict:
@@ -197,7 +196,8 @@ def predict_this_run(adapters, tokens_per_rank: float, layout, world: int) -> di
     active = sum(s[1].item() for s in stats.values()) / max(sum(s[0].item() for s in stats.values()), 1.0)
     layers = [weight_shape(layer.base_layer)[::-1] for layer in adapters.layers.values()]
     comp = measure_compute(d=layers[0][0], tokens=int(tokens_per_rank), num_experts=N, rank=R)
-    comm = measure_comm() if world > 1 else CommModel()  # one rank: no communication to price
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    comm = measure_comm(device=device) if world > 1 else CommModel()  # one rank: no communication to price
     w = Workload(layers=layers, num_experts=N, rank=R, tokens_per_rank=int(tokens_per_rank), avg_active=active,
                  world_size=world, act_bytes=4, grad_bytes=4)
     out = {"avg_active": active, "calibration": {"dense_s_per_unit": comp.dense_s_per_unit,

@@ -76,3 +76,18 @@ def test_output_dir_with_foreign_files_is_refused(tmp_path):
     (out / "notes.txt").write_text("mine")
     fails_cleanly(tmp_path, expect=["output_dir", "not one of our runs"])
     assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("section", [{"fp16": {"enabled": True}},
+                                     {"torch_autocast": {"enabled": True, "dtype": "float16"}}])
+def test_fp16_is_refused_naming_bf16_and_an_existing_run_survives(tmp_path, section):
+    """fp16's loss scaling never reaches the experts (they train outside the engine): refused before
+    anything is touched, even with --overwrite over a previous run."""
+    ds = tmp_path / "ds_fp16.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}, **section}))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run_config.json").write_text(json.dumps({"model": "previous"}))
+    _, message = fails_cleanly(tmp_path, "--ds_config", str(ds), "--overwrite", expect=["fp16", "bf16"])
+    assert str(ds) in message
+    assert json.loads((out / "run_config.json").read_text()) == {"model": "previous"}

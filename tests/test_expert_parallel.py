@@ -92,7 +92,7 @@ def ep_worker(rank, world, out):
     import torch.distributed as dist
 
     from adamole_dist.parallel import build_layout
-    from adamole_dist.trainer import all_reduce_sum
+    from adamole_dist.collectives import all_reduce_sum
 
     ids, mask = global_batch()
     mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)

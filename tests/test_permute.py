@@ -119,3 +119,40 @@ def test_group_capacity_equals_single_process_capacity():
                                     expert_capacity(int(torch.cat(masks).sum()), 6, cf), policy)
             grouped = torch.cat(group_keep(masks, probs, cf, policy))
             assert torch.equal(grouped, single), (policy, cf)
+
+
+def test_capacity_zero_keeps_nothing():
+    """Nothing routed in the group: capacity 0, and the cut-off keeps no pair (no empty-index crash)."""
+    mask = torch.zeros(5, 4, dtype=torch.bool)
+    probs = torch.rand(5, 4)
+    assert expert_capacity(0, 4, 1.0) == 0
+    vals, pos = probs_candidates(mask, probs, 0)
+    assert vals.shape == (0, 4)
+    p_N, g_N = probs_cutoff(vals.unsqueeze(0).expand(2, -1, -1), pos.unsqueeze(0).expand(2, -1, -1), 0, stride=6)
+    assert torch.isinf(p_N).all() and (p_N > 0).all()
+    assert not keep_by_cutoff(torch.ones(5, 4, dtype=torch.bool), probs, p_N, g_N, 0, 6).any()
+    for policy in ("probs", "position"):
+        assert not apply_capacity(mask, probs, 0, policy).any()
+
+
+def test_weights_cross_a_16_bit_wire_bit_for_bit_and_so_do_their_gradients():
+    torch.manual_seed(3)
+    T, D, N, J = 7, 5, 4, 2
+    kept = torch.rand(T, N) > 0.4
+    w = (torch.rand(T, N) * kept).requires_grad_()
+    for dtype in (torch.bfloat16, torch.float16):
+        x = torch.randn(T, D).to(dtype)
+        plan = plan_dispatch(kept, J)
+        rows = pack(x, w, kept, plan, J)
+        assert rows.dtype == dtype and rows.shape[1] == D + 2 * (N // J) + N // J  # two columns per fp32 weight
+        halves = []
+        for me in range(J):  # what each destination receives
+            x_R, w_R, m_R = unpack(rows[plan.dest_S == me], D, N // J)
+            sel = plan.token_S[plan.dest_S == me]
+            assert w_R.dtype == torch.float32
+            assert torch.equal(w_R, w.detach()[sel][:, me * 2:(me + 1) * 2])  # exact, not rounded to 16 bits
+            halves.append((w_R * torch.arange(1.0, 3.0)).sum())
+        w.grad = None
+        sum(halves).backward()
+        torch.testing.assert_close(w.grad, torch.arange(1.0, 3.0).repeat(2) * kept.any(1, keepdim=True).float()
+                                   * (kept.view(T, J, 2).any(-1).repeat_interleave(2, dim=1)).float(), rtol=0, atol=0)

@@ -23,6 +23,16 @@ def test_ranks_get_disjoint_equal_shards_of_one_permutation():
     assert ShardedBatches(103, 4, rank=1, world_size=3, seed=5).epoch_indices(1) != shards[1]
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_a_step_sees_the_same_examples_whatever_the_world_size(world):
+    """W ranks with m examples each see, rank-major, what one process with W * m sees."""
+    one = ShardedBatches(103, 8, rank=0, world_size=1, seed=3).epoch_indices(0)
+    split = [ShardedBatches(103, 8 // world, rank=r, world_size=world, seed=3).epoch_indices(0) for r in range(world)]
+    assert all(len(s) == len(one) for s in split)
+    for b, batch in enumerate(one):
+        assert [i for r in range(world) for i in split[r][b]] == batch
+
+
 def test_iterate_resumes_exactly():
     sb = ShardedBatches(40, 4, rank=0, world_size=1, seed=1)
     full = sb.iterate(0, 0)
@@ -57,6 +67,38 @@ def test_expert_optimizer_divides_by_world_and_follows_the_schedule():
     assert opt.lr == pytest.approx(0.05)
     opt.set_step(0)
     assert opt.lr == pytest.approx(0.1)
+
+
+def test_expert_clipping_uses_the_norm_of_all_experts():
+    """Without a process group the expert optimizer clips like torch's clip_grad_norm_ over all banks."""
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(2, 5))]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    grads = [torch.randn_like(p) * 3 for p in ours]
+    opt = ExpertOptimizer(ours, lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, max_grad_norm=0.5,
+                          lr_lambda=lambda s: 1.0, world_size=1)
+    for p, g in zip(ours, grads):
+        p.grad = g.clone()
+    applied = []  # the gradients AdamW is given (Adam itself hardly sees a constant rescaling)
+    opt.optimizer.step = lambda: applied.extend(p.grad.clone() for p in ours)
+    norm = opt.step()
+    for p, g in zip(ref, grads):
+        p.grad = g.clone()
+    expected = float(torch.nn.utils.clip_grad_norm_(ref, 0.5))
+    assert norm == pytest.approx(expected, rel=1e-6) and expected > 0.5  # clipping was active
+    for g, r in zip(applied, ref):
+        torch.testing.assert_close(g, r.grad)
+
+
+def test_non_finite_expert_gradient_skips_the_update():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = ExpertOptimizer([p], lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, max_grad_norm=1.0,
+                          lr_lambda=lambda s: 1.0, world_size=1)
+    p.grad = torch.tensor([1.0, float("nan"), 0.0])
+    norm = opt.step()
+    assert norm != norm  # NaN, reported to the trainer (which stops the run)
+    torch.testing.assert_close(p.detach(), torch.ones(3))  # untouched
+    assert p.grad is None and not opt.optimizer.state
 
 
 def test_metrics_logger_writes_jsonl(tmp_path):

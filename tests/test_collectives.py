@@ -1,0 +1,162 @@
+"""One home for collectives (adamole_dist/collectives.py): no other module of the project calls a
+torch.distributed collective, and tensors go to the device the process group's backend serves
+(CUDA under NCCL alone, where a CPU tensor raises 'No backend type associated with device type cpu').
+
+CI has no GPU: the device rule is pinned here as a pure function, and on a real one-process
+group whose only backend serves CUDA (gloo registered for cuda stands in for NCCL)."""
+
+import ast
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from adamole_dist import collectives
+from adamole_dist.collectives import COLLECTIVE_OPS, parse_backend_config, placement
+
+REPO = Path(__file__).resolve().parents[1]
+SCANNED = ["adamole_dist", "launch", "benchmarks"]
+HOME = REPO / "adamole_dist" / "collectives.py"
+DIST_MODULES = ("torch.distributed", "deepspeed.comm")
+
+
+def direct_collectives(source: str) -> list[str]:
+    """'line: call' for every torch.distributed / deepspeed.comm collective called in ``source``."""
+    tree = ast.parse(source)
+    aliases: set[str] = set()  # names bound to a distributed module
+    direct: set[str] = set()  # collectives imported by name
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name in DIST_MODULES and a.asname:
+                    aliases.add(a.asname)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            for a in node.names:
+                full = f"{node.module}.{a.name}"
+                if full in DIST_MODULES:
+                    aliases.add(a.asname or a.name)
+                elif node.module in DIST_MODULES and a.name in COLLECTIVE_OPS:
+                    direct.add(a.asname or a.name)
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        if isinstance(f, ast.Name) and f.id in direct:
+            found.append(f"{node.lineno}: {f.id}")
+        elif isinstance(f, ast.Attribute) and f.attr in COLLECTIVE_OPS:
+            base = ast.unparse(f.value)
+            if base in aliases or base in DIST_MODULES:
+                found.append(f"{node.lineno}: {base}.{f.attr}")
+    return found
+
+
+def test_the_scanner_sees_every_spelling():
+    src = textwrap.dedent("""
+        import torch
+        import torch.distributed as dist
+        from torch import distributed as d2
+        from torch.distributed import all_gather_object as ago
+        import deepspeed.comm as dscomm
+        dist.all_reduce(t)
+        d2.barrier()
+        torch.distributed.broadcast_object_list(x, src=0)
+        ago(out, obj)
+        dscomm.all_to_all_single(a, b)
+        dist.get_rank()
+        dist.TCPStore("h", 1)
+    """)
+    assert [c.split(": ")[1] for c in direct_collectives(src)] == [
+        "dist.all_reduce", "d2.barrier", "torch.distributed.broadcast_object_list", "ago", "dscomm.all_to_all_single"]
+
+
+def test_no_module_but_collectives_py_calls_a_collective():
+    offenders = {}
+    for folder in SCANNED:
+        for path in sorted((REPO / folder).rglob("*.py")):
+            if path == HOME:
+                continue
+            found = direct_collectives(path.read_text())
+            if found:
+                offenders[str(path.relative_to(REPO))] = found
+    assert not offenders, f"collectives outside adamole_dist/collectives.py: {offenders}"
+    assert direct_collectives(HOME.read_text()), "collectives.py itself must be scanned and found"
+
+
+@pytest.mark.parametrize("config, served", [
+    ("gloo", {"cpu", "cuda"}),
+    ("nccl", {"cuda"}),
+    ("cuda:nccl", {"cuda"}),
+    ("cpu:gloo,cuda:nccl", {"cpu", "cuda"}),
+    ("cpu:gloo,cuda:gloo", {"cpu", "cuda"}),
+])
+def test_backend_configs(config, served):
+    assert parse_backend_config(config) == served
+
+
+CUDA0 = torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("config, tensor_device, expected", [
+    ("nccl", "cpu", CUDA0),  # the crash this module exists to prevent: flags built on the CPU
+    ("nccl", "cuda:0", CUDA0),
+    ("gloo", "cpu", torch.device("cpu")),
+    ("gloo", "cuda:0", CUDA0),  # gloo also takes CUDA tensors (no copy)
+    ("cpu:gloo,cuda:nccl", "cpu", torch.device("cpu")),  # host values stay on the host under mixed
+    ("cpu:gloo,cuda:nccl", "cuda:0", CUDA0),  # activations stay on the GPU (NCCL)
+])
+def test_placement_per_backend(config, tensor_device, expected):
+    assert placement(torch.device(tensor_device), parse_backend_config(config), cuda_device=CUDA0) == expected
+
+
+def test_placement_with_no_usable_device_names_it():
+    with pytest.raises(RuntimeError, match="serves only"):
+        placement(torch.device("cpu"), frozenset({"xpu"}))
+
+
+def test_single_process_collectives_are_identities():
+    t = torch.tensor([1.0, 2.0])
+    assert collectives.all_reduce_sum(t) is t and t.tolist() == [1.0, 2.0]
+    assert collectives.sum_over_ranks([1, 2.5]) == [1.0, 2.5]
+    assert collectives.broadcast_object({"a": 1}) == {"a": 1}
+    assert collectives.all_gather_objects(3) == [3]
+    collectives.barrier()
+
+
+CUDA_ONLY_GROUP = """
+import os, torch, torch.distributed as dist
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
+dist.init_process_group("cuda:gloo", rank=0, world_size=1)   # a group whose only backend serves CUDA
+from adamole_dist import collectives
+try:
+    dist.all_reduce(torch.ones(1))
+    print("direct: ok")
+except RuntimeError as e:
+    print("direct:", e)
+print("served:", sorted(collectives.served_device_types()))
+print("comm_device:", collectives.comm_device().type)
+try:
+    print("staged:", collectives._staged(torch.ones(1), None).device)  # what every collective does first
+except (RuntimeError, AssertionError) as e:
+    print("staged:", e)
+dist.destroy_process_group()
+"""
+
+
+def test_cpu_tensors_are_moved_off_the_cpu_under_a_cuda_only_backend():
+    from launch_utils import free_port
+
+    proc = subprocess.run([sys.executable, "-c", CUDA_ONLY_GROUP], capture_output=True, text=True, timeout=120,
+                          cwd=REPO, env={**__import__("os").environ, "PORT": str(free_port())})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "direct: No backend type associated with device type cpu" in out  # what the trainer used to do
+    assert "served: ['cuda']" in out
+    assert "comm_device: cuda" in out  # where the trainer's flags and counts now go
+    if not torch.cuda.is_available():  # the CPU tensor was sent to CUDA rather than to the missing CPU backend
+        assert "staged: Torch not compiled with CUDA enabled" in out or "staged: No CUDA GPUs" in out, out
+    else:
+        assert "staged: cuda" in out
