@@ -70,9 +70,12 @@ class ExpertParallelDispatcher(Dispatcher):
         rows_RX = all_to_all(rows_SX, recv, send, self.group, c, self.me, D * es, D * es)
         t2 = time.perf_counter()
         x_RD, w_RL, m_RL = unpack(rows_RX, D, L)
-        y_RO = bank(x_RD, w_RL, m_RL, resolve_path(path, m_RL, bank)).to(x_TD.dtype)
+        # The partial deltas return in the experts' dtype, as the local path keeps them until the layer
+        # adds them to the base output: fp32 experts under bf16 activations sum in fp32 on both paths.
+        y_RO = bank(x_RD, w_RL, m_RL, resolve_path(path, m_RL, bank))
         t3 = time.perf_counter()
-        y_SO = all_to_all(y_RO, send, recv, self.group, c, self.me, O * es, O * es)
+        ys = y_RO.element_size()
+        y_SO = all_to_all(y_RO, send, recv, self.group, c, self.me, O * ys, O * ys)
         t4 = time.perf_counter()
         out = combine(y_SO, plan, T)
         c.add_time("permute", t1 - t0)
