@@ -228,7 +228,12 @@ def test_checkpoint_at_ep2_loads_at_ep1(tmp_path):
     for name, bank in one.expert_banks.items():
         torch.testing.assert_close(bank.lora_A, adapters.expert_banks[name].lora_A)
         torch.testing.assert_close(bank.lora_B, adapters.expert_banks[name].lora_B)
-        assert expert_opt.optimizer.state[bank.lora_B]["exp_avg"].abs().sum() > 0
+        for pname in ("lora_A", "lora_B"):  # each expert's moments, written by its EP owner, on its global id
+            state = expert_opt.optimizer.state[getattr(bank, pname)]
+            for gid in range(N):
+                for m in ("exp_avg", "exp_avg_sq"):
+                    assert torch.equal(state[m][gid], tensors[f"{name}.experts.{gid}.{pname}.{m}"])
+            assert len({state["exp_avg"][gid].abs().sum().item() for gid in range(N)}) == N  # distinct per expert
 
 
 # -- no tokens, no hang -----------------------------------------------------------------------------

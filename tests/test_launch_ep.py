@@ -50,3 +50,33 @@ def test_ep_size_auto_follows_the_cost_model(tmp_path):
     assert "ep_size 2 (expert_parallel)" in line and "replicated" in line
     shards = sorted(p.name for p in (out / "checkpoints" / "step_0000002").glob("experts_ep*.safetensors"))
     assert shards == ["experts_ep0.safetensors", "experts_ep1.safetensors"]
+
+
+def test_world_8_with_ep_size_4_under_the_deepspeed_launcher(tmp_path):
+    """Oversubscribed smoke run: 8 gloo ranks on this machine, two EP groups of 4 (experts split 2 per
+    rank, the expert-data-parallel reduction over pairs of ranks), tiny Llama, ZeRO-3, a few steps with
+    clipping and accumulation: it finishes (no hang), trains every step, and writes all 8 expert shards'
+    worth of experts (4 shard files, all 8 experts in the adapter)."""
+    from tiny_models import write_tiny_llama
+
+    model = write_tiny_llama(tmp_path / "tiny_llama")
+    out = tmp_path / "run"
+    args = ["--model", str(model), "--task_type", "causal_lm", "--ds_config", "ds_configs/zero3.json",
+            "--output_dir", str(out), "--ep_size", "4", "--max_steps", "3", "--gradient_accumulation_steps", "2",
+            "--micro_batch_size", "2", "--max_length", "48", "--max_train_examples", "64", "--max_eval_examples", "16",
+            "--eval_batch_size", "2", "--no-eval_at_start", "--eval_interval", "0", "--log_interval", "1",
+            "--max_grad_norm", "0.01", "--aux_loss_scope", "global", "--peer_timeout", "120"]
+    proc = check(run(deepspeed_cmd(8, *args), timeout=900))
+    train = records(out, "train")
+    assert [r["step"] for r in train] == [1, 2, 3]
+    assert all(r["expert_grad_norm"] > 0 and r["a2a_bytes_per_step"] > 0 for r in train)
+    memory = records(out, "memory")[0]
+    assert sorted(memory["per_rank"], key=int) == [str(r) for r in range(8)]
+    shards = sorted(p.name for p in (out / "checkpoints" / "step_0000003").glob("experts_ep*.safetensors"))
+    assert shards == [f"experts_ep{k}.safetensors" for k in range(4)]
+    from safetensors import safe_open
+
+    with safe_open(str(out / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        experts = {k.split(".experts.")[1].split(".")[0] for k in f.keys() if ".experts." in k}
+    assert experts == {str(i) for i in range(8)}
+    assert "done: 3 steps" in proc.stdout

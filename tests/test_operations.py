@@ -63,7 +63,7 @@ def test_nan_loss_stops_with_step_and_last_checkpoint(tmp_path):
                           "--warmup_steps", "0", "--save_interval", "1", "--max_steps", "30", "--no-eval_at_start"))
     assert proc.returncode == 3, proc.stderr[-3000:]
     message = proc.stderr.strip().splitlines()[-1]
-    assert message.startswith("error: non-finite loss at step ")
+    assert message.startswith("error: non-finite loss or gradient at step ")
     step = int(message.split("at step ")[1].split()[0])
     assert f"last good checkpoint: {out / 'checkpoints' / f'step_{step - 1:07d}'}" in message
     assert (out / "checkpoints" / f"step_{step - 1:07d}" / "trainer_state.json").is_file()
