@@ -340,6 +340,8 @@ class Trainer:
         if self.info.is_main:
             print(f"[step {self.step}/{self.total_steps}] task_loss {metrics['task_loss']:.4f} "
                   f"aux_loss {metrics['aux_loss']:.4f} lr {metrics['lr']:.2e} tok/s {metrics['tokens_per_s']:.0f}"
+                  f" grad_norm {metrics['grad_norm']:.3g}"
+                  + (f" expert_grad_norm {metrics['expert_grad_norm']:.3g}" if "expert_grad_norm" in metrics else "")
                   + (f" active {metrics['mean_active_experts']:.2f}" if "mean_active_experts" in metrics else ""),
                   flush=True)
         self.logger.log(self.step, "train", {**metrics, "layers": routing["layers"]})
