@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from . import collectives
 from .atomic_files import write_dir_atomically
-from .config import AdapterConfig
+from .config import AdapterConfig, ConfigError
 from .experts import ExpertBank
 from .inject import Adapters, inject_adapters
 
@@ -50,8 +50,9 @@ def bank_tensors(prefix: str, bank: ExpertBank) -> dict[str, torch.Tensor]:
 def load_bank_tensors(prefix: str, bank: ExpertBank, tensors: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for i, gid in enumerate(bank.expert_ids):
-            bank.lora_A[i].copy_(tensors[f"{prefix}.experts.{gid}.lora_A"])
-            bank.lora_B[i].copy_(tensors[f"{prefix}.experts.{gid}.lora_B"].t())
+            key = f"{prefix}.experts.{gid}"
+            bank.lora_A[i].copy_(_fitting(tensors, f"{key}.lora_A", bank.lora_A[i].shape))
+            bank.lora_B[i].copy_(_fitting(tensors, f"{key}.lora_B", bank.lora_B[i].t().shape).t())
 
 
 def head_parameters(adapters: Adapters) -> dict[str, nn.Parameter]:
@@ -110,9 +111,10 @@ def load_adapter_state(adapters: Adapters, tensors: dict[str, torch.Tensor], *, 
             params = dict(layer.router.named_parameters())
             with gathered(list(params.values()), modifier_rank=0), torch.no_grad():
                 for pname, p in params.items():
-                    p.copy_(_need(tensors, f"{name}.router.{pname}"))
+                    p.copy_(_fitting(tensors, f"{name}.router.{pname}", p.shape))
             if layer.router.selection_bias is not None:
-                layer.router.selection_bias.copy_(_need(tensors, f"{name}.router.selection_bias"))
+                bias = layer.router.selection_bias
+                bias.copy_(_fitting(tensors, f"{name}.router.selection_bias", bias.shape))
             if experts:
                 _check_experts(tensors, name, layer.experts)
                 load_bank_tensors(name, layer.experts, tensors)
@@ -122,13 +124,21 @@ def load_adapter_state(adapters: Adapters, tensors: dict[str, torch.Tensor], *, 
                 load_bank_tensors(name, layer.lora, tensors)
     for pname, p in head_parameters(adapters).items():
         with gathered([p], modifier_rank=0), torch.no_grad():
-            p.copy_(_need(tensors, f"modules_to_save.{pname}"))
+            p.copy_(_fitting(tensors, f"modules_to_save.{pname}", p.shape))
 
 
 def _need(tensors: dict, key: str) -> torch.Tensor:
     if key not in tensors:
         raise KeyError(f"adapter weights lack {key!r}")
     return tensors[key]
+
+
+def _fitting(tensors: dict, key: str, shape) -> torch.Tensor:
+    """The tensor under ``key``, which must have this model's ``shape``."""
+    t = _need(tensors, key)
+    if tuple(t.shape) != tuple(shape):
+        raise ConfigError(f"adapter tensor {key!r} has shape {tuple(t.shape)}, this model's is {tuple(shape)}")
+    return t
 
 
 def _check_experts(tensors: dict, name: str, bank: ExpertBank) -> None:
@@ -159,6 +169,12 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, **inject_kw) -> Adap
     """Inject the saved adapter into a fresh base model and load its weights."""
     doc = read_adapter_config(adapter_dir)
     cfg = AdapterConfig.from_dict(doc["adapter"])
-    adapters = inject_adapters(model, cfg, trainable_modules=doc.get("trainable_modules", []), **inject_kw)
-    load_adapter_state(adapters, load_file(str(Path(adapter_dir) / WEIGHTS_NAME)))
+    trained_on = doc.get("base_model_path") or doc.get("base_model") or "an unrecorded base model"
+    try:
+        adapters = inject_adapters(model, cfg, trainable_modules=doc.get("trainable_modules", []), **inject_kw)
+        load_adapter_state(adapters, load_file(str(Path(adapter_dir) / WEIGHTS_NAME)))
+    except (ConfigError, KeyError) as e:
+        message = e.args[0] if isinstance(e, KeyError) else str(e)
+        raise ConfigError(f"adapter {adapter_dir} does not fit this model: it was trained on {trained_on} "
+                          f"({message})") from None
     return adapters

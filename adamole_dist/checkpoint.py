@@ -8,7 +8,12 @@ Layout of ``<output_dir>/checkpoints/step_0000100/``:
     rng_rank<r>.pt              each rank's RNG states (dropout, data order)
 Everything is written under a hidden temporary tag and renamed into place by rank 0 after a
 barrier; ``latest`` is replaced atomically last. A crash mid-save leaves the previous
-checkpoint and ``latest`` untouched.
+checkpoint and ``latest`` untouched. Re-saving an existing tag moves the old copy aside
+(``.replaced_step_N``) before the new one is renamed in, and deletes it only after: a crash in
+between leaves a complete copy, which ``resolve_checkpoint`` finds (and the next save restores).
+Before loading, every rank checks that every file of the checkpoint reads (``check_readable``),
+so a corrupt file is named, with the newest other complete checkpoint, instead of failing inside
+a collective load on one rank.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ from .inject import Adapters
 
 LATEST = "latest"
 BIAS_FILE = "balance_bias.safetensors"
+STATE_FILE = "trainer_state.json"
 TAG_RE = re.compile(r"^step_(\d+)$")
+REPLACED = ".replaced_"  # prefix of a tag moved aside while its re-save is renamed in
 
 
 def tag_for(step: int) -> str:
@@ -124,14 +131,65 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name))
 
 
+def is_complete(ckpt: Path) -> bool:
+    """Renamed into place only when every rank had written its part; the trainer state is rank 0's."""
+    return (Path(ckpt) / STATE_FILE).is_file()
+
+
+def step_of(ckpt: Path) -> int:
+    return int(Path(ckpt).name.removeprefix(REPLACED).split("_")[1])
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first, including a copy moved aside by an interrupted re-save."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name.removeprefix(REPLACED))
+             and is_complete(p)]
+    return sorted(found, key=lambda p: (step_of(p), not p.name.startswith(REPLACED)))
+
+
 def resolve_checkpoint(root: Path, resume: str) -> Path | None:
-    """'latest' -> the checkpoint named by root/latest (None if there is none yet); else the path."""
+    """'latest' -> the checkpoint named by root/latest (None if there is none yet); else the path.
+    When ``latest`` names a missing or incomplete checkpoint, see ``resolve_latest``."""
     if resume != LATEST:
         return Path(resume)
+    return resolve_latest(root)[0]
+
+
+def resolve_latest(root: Path) -> tuple[Path | None, str | None]:
+    """(the checkpoint to resume from, a note when it is not the one ``latest`` names)."""
     pointer = root / LATEST
-    if not pointer.is_file():
-        return None
-    return root / pointer.read_text().strip()
+    named = root / pointer.read_text().strip() if pointer.is_file() else None
+    if named is not None and is_complete(named):
+        return named, None
+    complete = complete_checkpoints(root)
+    if not complete:
+        if named is not None:
+            raise FileNotFoundError(f"{pointer} names {named.name}, which is missing or incomplete, and {root} "
+                                    "holds no complete checkpoint")
+        return None, None
+    chosen = complete[-1]
+    why = f"'latest' names {named.name}, which is missing or incomplete" if named is not None else \
+        "there is no 'latest' pointer"
+    return chosen, f"{why}; using the newest complete checkpoint, {chosen}"
+
+
+def check_readable(ckpt: Path) -> str | None:
+    """None if every file of the checkpoint reads, else 'file: error' for the first that does not."""
+    for f in sorted(Path(ckpt).rglob("*")):
+        if not f.is_file() or f.name == LATEST:
+            continue
+        try:
+            if f.suffix == ".pt":
+                torch.load(f, map_location="cpu", weights_only=False, mmap=True)
+            elif f.suffix == ".safetensors":
+                load_file(str(f))
+            elif f.suffix == ".json":
+                json.loads(f.read_text())
+        except Exception as e:  # torch/safetensors/json raise many types for a damaged file
+            return f"{f}: {type(e).__name__}: {str(e).strip()[:200]}"
+    return None
 
 
 def save_checkpoint(
@@ -155,6 +213,7 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".tmp_step_*"):  # left by a save that crashed
             shutil.rmtree(stale, ignore_errors=True)
+        restore_replaced(root)
     barrier()
     engine.save_checkpoint(str(root), tag=tmp_tag, client_state={}, save_latest=False,
                            exclude_frozen_parameters=True)
@@ -170,22 +229,35 @@ def save_checkpoint(
     barrier()
     final = root / tag
     if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
+        aside = root / f"{REPLACED}{tag}"
+        if final.exists():  # a re-save: the old copy stays complete until the new one is in place
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(final, aside)
         os.replace(tmp_dir, final)
         write_latest(root, tag)
+        shutil.rmtree(aside, ignore_errors=True)
         for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
 
 
+def restore_replaced(root: Path) -> None:
+    """After a re-save that crashed between its renames: put the complete old copy back in place."""
+    for aside in root.glob(f"{REPLACED}step_*"):
+        final = root / aside.name.removeprefix(REPLACED)
+        if not final.exists() and is_complete(aside):
+            os.replace(aside, final)
+        else:
+            shutil.rmtree(aside, ignore_errors=True)
+
+
 def load_checkpoint(ckpt: Path, engine, adapters: Adapters, expert_opt: ExpertOptimizer, *, rank: int) -> dict:
     """Restore engine, experts, RNG; returns the trainer state saved with the checkpoint."""
     ckpt = Path(ckpt)
-    state_file = ckpt / "trainer_state.json"
+    state_file = ckpt / STATE_FILE
     if not state_file.is_file():
-        raise FileNotFoundError(f"{ckpt} is not a complete checkpoint (no trainer_state.json)")
+        raise FileNotFoundError(f"{ckpt} is not a complete checkpoint (no {STATE_FILE})")
     load_path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_module_strict=False)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {ckpt}")

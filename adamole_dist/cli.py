@@ -33,6 +33,19 @@ def _csv_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def shown_default(f: dataclasses.Field) -> str:
+    """A field's default as --help shows it (flags default to 'unset' so that recipes can fill them)."""
+    if f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        value = f.default
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "none" if value is None or value == "" else str(value)
+
+
 def _add_fields(parser: argparse.ArgumentParser, cls, skip: set[str]) -> list[str]:
     hints = typing.get_type_hints(cls)
     names = []
@@ -41,7 +54,8 @@ def _add_fields(parser: argparse.ArgumentParser, cls, skip: set[str]) -> list[st
             continue
         names.append(f.name)
         hint = hints[f.name]
-        kw: dict = {"help": f.metadata.get("help", ""), "default": argparse.SUPPRESS, "dest": f.name}
+        help_text = f"{f.metadata.get('help', '')} (default: {shown_default(f)})".replace("%", "%%")
+        kw: dict = {"help": help_text, "default": argparse.SUPPRESS, "dest": f.name}
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         args = typing.get_args(hint)
@@ -65,7 +79,6 @@ def _add_fields(parser: argparse.ArgumentParser, cls, skip: set[str]) -> list[st
 def build_parser() -> tuple[argparse.ArgumentParser, list[str], list[str]]:
     parser = argparse.ArgumentParser(
         description="Fine-tune a Hugging Face model with AdaMoLE / LoRA-MoE adapters under DeepSpeed.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", type=Path, help="YAML recipe; flags override its values")
     for flag in LAUNCHER_FLAGS:
@@ -81,10 +94,22 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str], list[str]]:
 def load_recipe(path: Path, train_names: list[str], adapter_names: list[str]) -> tuple[dict, dict]:
     if not path.is_file():
         raise ConfigError(f"config ({path}) is not a file")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config ({path}):{where}: not valid YAML: {problem}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config ({path}) cannot be read: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config ({path}) must be a YAML mapping of option names to values")
-    train_kw, adapter_kw = {}, dict(data.pop("adapter", None) or {})
+    adapter = data.pop("adapter", None) or {}
+    if not isinstance(adapter, dict):
+        raise ConfigError(f"config ({path}): adapter must be a mapping of adapter options (method: adamole, ...), "
+                          f"not a {type(adapter).__name__}")
+    train_kw, adapter_kw = {}, dict(adapter)
     for key, value in data.items():
         if key in train_names:
             train_kw[key] = value

@@ -77,6 +77,16 @@ def _coerce(value: Any, hint: Any) -> Any:
     return value
 
 
+def type_name(hint: Any) -> str:
+    """'a number', 'a list (a,b,c)' ... for error messages (not "<class 'float'>")."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if args and type(None) in typing.get_args(hint):
+        return f"{type_name(args[0])} or null"
+    if hint is list or typing.get_origin(hint) is list:
+        return "a list (comma-separated on the command line)"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
 def coerce_types(obj: Any, prefix: str) -> None:
     """Convert values given as text or ints (recipes, CLI) to the declared field types."""
     hints = typing.get_type_hints(type(obj))
@@ -87,7 +97,7 @@ def coerce_types(obj: Any, prefix: str) -> None:
         try:
             setattr(obj, f.name, _coerce(value, hints[f.name]))
         except (TypeError, ValueError):
-            raise ConfigError(f"{prefix}{f.name} ({value!r}) must be of type {hints[f.name]}") from None
+            raise ConfigError(f"{prefix}{f.name} ({value!r}) must be {type_name(hints[f.name])}") from None
 
 
 @dataclass(kw_only=True)
@@ -137,7 +147,6 @@ class AdapterConfig:
     )
 
     def __post_init__(self) -> None:
-        self.target_modules = list(self.target_modules)
         if self.method == "lora":
             self.num_experts = 1
         self.validate()

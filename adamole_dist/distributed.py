@@ -116,9 +116,10 @@ def init_distributed(timeout_s: float = 600.0, backend: str = "auto") -> DistInf
     backend = resolve_backend(backend, torch.cuda.is_available())
     if torch.cuda.is_available():  # before the process group: NCCL binds to the current device
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                                   timeout=timedelta(seconds=timeout_s))
+    # Also when torch.distributed is already up (a test harness, an embedding program): DeepSpeed's
+    # comm layer then wraps the existing group, and its config checks read the world size from it.
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               timeout=timedelta(seconds=timeout_s))
     return DistInfo(
         rank=torch.distributed.get_rank(),
         world_size=torch.distributed.get_world_size(),

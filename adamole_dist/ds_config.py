@@ -8,6 +8,7 @@ rather than a silent override.
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 from pathlib import Path
 
@@ -26,12 +27,13 @@ DEFAULT_ZERO3 = {
 }
 
 
-def _fill(cfg: dict, key: str, value, flag: str, path: str) -> None:
+def _fill(cfg: dict, key: str, value, flag: str, where: str) -> None:
+    """``where``: 'ds_config (file) section.' for the message."""
     current = cfg.get(key, "auto")
     if current == "auto":
         cfg[key] = value
     elif current != value:
-        raise ConfigError(f"ds_config {path}{key} ({current}) disagrees with {flag} ({value}); "
+        raise ConfigError(f"{where}{key} ({current}) disagrees with {flag} ({value}); "
                           f"set it to \"auto\" or change {flag}")
 
 
@@ -55,31 +57,40 @@ def reject_fp16(ds: dict, source: str) -> None:
                           f"not supported: {FP16_STANCE}")
 
 
+def read_ds_config(path: str) -> dict:
+    try:
+        ds = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"ds_config ({path}) is not valid JSON: line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"ds_config ({path}) cannot be read: {e}") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"ds_config ({path}) must be a JSON object, not a {type(ds).__name__}")
+    return ds
+
+
 def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
-    if cfg.ds_config:
-        try:
-            ds = json.loads(Path(cfg.ds_config).read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"ds_config ({cfg.ds_config}) is not valid JSON: {e}") from None
-    else:
-        ds = copy.deepcopy(DEFAULT_ZERO3)
-    reject_fp16(ds, cfg.ds_config or "default")
+    source = cfg.ds_config or "the default ZeRO-3 config"
+    ds = read_ds_config(cfg.ds_config) if cfg.ds_config else copy.deepcopy(DEFAULT_ZERO3)
+    top = f"ds_config ({source}) "
+    reject_fp16(ds, source)
     if "scheduler" in ds:
-        raise ConfigError(f"ds_config ({cfg.ds_config}) has a 'scheduler': the trainer owns the lr schedule "
+        raise ConfigError(f"{top}has a 'scheduler': the trainer owns the lr schedule "
                           "(--lr_scheduler, --warmup_steps); remove it")
-    _fill(ds, "train_micro_batch_size_per_gpu", cfg.micro_batch_size, "--micro_batch_size", "")
-    _fill(ds, "gradient_accumulation_steps", cfg.gradient_accumulation_steps, "--gradient_accumulation_steps", "")
+    _fill(ds, "train_micro_batch_size_per_gpu", cfg.micro_batch_size, "--micro_batch_size", top)
+    _fill(ds, "gradient_accumulation_steps", cfg.gradient_accumulation_steps, "--gradient_accumulation_steps", top)
     _fill(ds, "train_batch_size", cfg.micro_batch_size * cfg.gradient_accumulation_steps * world_size,
-          "micro_batch_size * gradient_accumulation_steps * world size", "")
-    _fill(ds, "gradient_clipping", cfg.max_grad_norm, "--max_grad_norm", "")
+          "micro_batch_size * gradient_accumulation_steps * world size", top)
+    _fill(ds, "gradient_clipping", cfg.max_grad_norm, "--max_grad_norm", top)
     opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
-    if str(opt.get("type", "")).lower() not in ("adamw", "adam"):
-        raise ConfigError(f"ds_config optimizer.type ({opt.get('type')}) must be AdamW: the expert optimizer mirrors it")
+    if not isinstance(opt, dict) or str(opt.get("type", "")).lower() not in ("adamw", "adam"):
+        shown = opt.get("type") if isinstance(opt, dict) else opt
+        raise ConfigError(f"{top}optimizer.type ({shown}) must be AdamW: the expert optimizer mirrors it")
     params = opt.setdefault("params", {})
-    _fill(params, "lr", cfg.lr, "--lr", "optimizer.params.")
-    _fill(params, "betas", [cfg.adam_beta1, cfg.adam_beta2], "--adam_beta1/--adam_beta2", "optimizer.params.")
-    _fill(params, "eps", cfg.adam_eps, "--adam_eps", "optimizer.params.")
-    _fill(params, "weight_decay", cfg.weight_decay, "--weight_decay", "optimizer.params.")
+    _fill(params, "lr", cfg.lr, "--lr", f"{top}optimizer.params.")
+    _fill(params, "betas", [cfg.adam_beta1, cfg.adam_beta2], "--adam_beta1/--adam_beta2", f"{top}optimizer.params.")
+    _fill(params, "eps", cfg.adam_eps, "--adam_eps", f"{top}optimizer.params.")
+    _fill(params, "weight_decay", cfg.weight_decay, "--weight_decay", f"{top}optimizer.params.")
     if not torch.cuda.is_available():
         params.setdefault("torch_adam", True)  # no fused CUDA kernel on the CPU accelerator
     cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -90,6 +101,78 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
     ds.setdefault("steps_per_print", 10**9)  # the trainer logs; keep DeepSpeed quiet
     ds.setdefault("wall_clock_breakdown", False)
     return ds
+
+
+class _KeysRead(dict):
+    """A dict that remembers which keys were looked up (to find the top-level keys DeepSpeed ignores)."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.read: set = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key) -> bool:
+        self.read.add(key)
+        return super().__contains__(key)
+
+
+def _model_fields(title: str) -> list[str]:
+    """Field names of the DeepSpeed config model called ``title`` (for 'did you mean')."""
+    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+
+    todo = [DeepSpeedConfigModel]
+    while todo:
+        cls = todo.pop()
+        if cls.__name__ == title:  # names and their aliases (DeepSpeed's JSON keys are often the aliases)
+            return list(cls.model_fields) + [f.alias for f in cls.model_fields.values() if f.alias]
+        todo.extend(cls.__subclasses__())
+    return []
+
+
+def _did_you_mean(name: str, candidates) -> str:
+    close = difflib.get_close_matches(str(name), [str(c) for c in candidates], n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _section_of(ds: dict, key) -> str:
+    """'zero_optimization.' when ``key`` sits in that top-level section, else ''."""
+    for name, value in ds.items():
+        if isinstance(value, dict) and key in value:
+            return f"{name}."
+    return ""
+
+
+def validate_with_deepspeed(ds: dict, source: str) -> None:
+    """Parse ``ds`` with DeepSpeed's own config model, as deepspeed.initialize will (needs the process
+    group for the world size): nested typos, wrong types and batch-size conflicts become a
+    ConfigError naming the key, and so does a top-level key DeepSpeed would silently ignore."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from pydantic import ValidationError
+
+    where = f"ds_config ({source})"
+    recorded = _KeysRead(copy.deepcopy(ds))
+    try:
+        DeepSpeedConfig(recorded)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = err["loc"][0] if err["loc"] else "?"
+        path = _section_of(ds, key) + ".".join(map(str, err["loc"]))
+        hint = _did_you_mean(key, _model_fields(e.title)) if err["type"] == "extra_forbidden" else ""
+        raise ConfigError(f"{where} {path}: {err['msg'].lower()}{hint}") from None
+    except (AssertionError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{where}: rejected by DeepSpeed: {str(e).strip() or type(e).__name__}") from None
+    known = recorded.read | {"steps_per_print", "wall_clock_breakdown"}
+    unknown = sorted(k for k in ds if k not in known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}{_did_you_mean(unknown[0], known)}; DeepSpeed "
+                          "would ignore it")
 
 
 def zero_stage(ds: dict) -> int:

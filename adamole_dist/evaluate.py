@@ -34,17 +34,20 @@ def _length_proxy(ex: Example) -> int:
     return len(ex.context) + len(ex.prompt) + max(map(len, ex.choice_texts or ex.candidates or [""]))
 
 
-def count_correct(model, task, shard: list[Example], counted: int, batch_size: int) -> int:
+def count_correct(model, task, shard: list[Example], counted: int, batch_size: int, progress=None) -> int:
     """Correct predictions among the first ``counted`` examples; padding repeats run but don't count.
 
     Examples run in order of length so a batch pads to similar lengths (on real data this cuts the
     padded tokens by about half); the batches and their number are the same on every rank."""
     order = sorted(range(len(shard)), key=lambda i: _length_proxy(shard[i]))
     correct = 0
-    for start in range(0, len(order), batch_size):
+    batches = math.ceil(len(order) / batch_size)
+    for b, start in enumerate(range(0, len(order), batch_size)):
         chunk = order[start : start + batch_size]
         preds = task.predict(model, task.eval_batch([shard[i] for i in chunk])).tolist()
         correct += sum(int(p == shard[i].label) for i, p in zip(chunk, preds) if i < counted)
+        if progress is not None:
+            progress(b + 1, batches)
     return correct
 
 
@@ -66,16 +69,18 @@ def evaluate_accuracy(
     rank: int = 0,
     world_size: int = 1,
     all_reduce: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """{"accuracy", "correct", "total"} over all ranks; ``all_reduce`` sums a tensor across ranks
-    (its return value is used when it returns a tensor, else the tensor is taken as reduced in place)."""
+    (its return value is used when it returns a tensor, else the tensor is taken as reduced in place);
+    ``progress(batches done, batches)`` is called after every batch."""
     if batch_size < 1:
         raise ValueError(f"batch_size ({batch_size}) must be >= 1")
     shard, counted = shard_examples(examples, rank, world_size)
     was_training = model.training
     model.eval()
     try:
-        correct = count_correct(model, task, shard, counted, batch_size)
+        correct = count_correct(model, task, shard, counted, batch_size, progress)
     finally:
         model.train(was_training)
     totals = torch.tensor([correct, counted], dtype=torch.long, device=_counts_device(model, task))

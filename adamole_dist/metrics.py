@@ -60,3 +60,14 @@ class MetricsLogger:
 
 def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(path: str | Path, last_step: int) -> None:
+    """Keep the records up to ``last_step`` (a resume discards the steps after its checkpoint), atomically."""
+    from .atomic_files import write_text_atomically
+
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    write_text_atomically(path, "".join(line + "\n" for line in kept))

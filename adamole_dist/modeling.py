@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -47,14 +48,32 @@ def load_model_and_tokenizer(model: str, task_type: str, dtype: torch.dtype = to
     if pooling != "cls" and task_type != "seq_cls":
         raise ConfigError(f"pooling ({pooling!r}) applies to seq_cls models; this one is {task_type}")
     tokenizer = AutoTokenizer.from_pretrained(path)
+    auto = AutoModelForSequenceClassification if task_type == "seq_cls" else AutoModelForCausalLM
+    extra = {"num_labels": 1} if task_type == "seq_cls" else {}
+    with quiet_transformers():  # its load report is per rank, colour-coded, and wrong where an adapter follows
+        net, info = auto.from_pretrained(path, dtype=dtype, output_loading_info=True, **extra)
+    net.newly_initialized = sorted(info.get("missing_keys", []))  # the caller decides whether to say so
     if task_type == "seq_cls":
-        net = apply_pooling(AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype),
-                            pooling)
-    else:
-        net = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        net = apply_pooling(net, pooling)
+    elif tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     return net, tokenizer, task_type, path
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' logging at error level and no progress bars for the duration."""
+    from transformers.utils import logging as hf_logging
+
+    before, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars are carriage-return noise in a log file
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def default_trainable_modules(task_type: str, model) -> list[str]:

@@ -78,13 +78,13 @@ class TrainConfig:
     dist_backend: str = opt("auto", "torch.distributed backend; auto = cpu:gloo,cuda:nccl with CUDA (NCCL for GPU "
                             "tensors, gloo for host-side values), gloo without", choices=BACKENDS)
     eval_batch_size: int = opt(16, "examples per rank per evaluation forward")
+    debug: bool = opt(False, "on an error, print the full traceback (by default a bad input prints one line)")
     # -- adapter ---------------------------------------------------------------------------
     adapter: AdapterConfig = dataclasses.field(default_factory=AdapterConfig, metadata={"help": "adapter options"})
 
     def __post_init__(self) -> None:
         if isinstance(self.adapter, dict):
             self.adapter = AdapterConfig.from_dict(self.adapter)
-        self.trainable_modules = list(self.trainable_modules)
         self.validate()
 
     def validate(self) -> None:
@@ -108,8 +108,10 @@ class TrainConfig:
             raise ConfigError(f"warmup_ratio ({self.warmup_ratio}) must be in [0, 1)")
         if self.ds_config and not Path(self.ds_config).is_file():
             raise ConfigError(f"ds_config ({self.ds_config}) is not a file")
-        if self.resume not in ("", "latest") and not Path(self.resume).is_dir():
-            raise ConfigError(f"resume ({self.resume}) must be 'latest' or an existing checkpoint directory")
+        if self.resume not in ("", "latest") and not (Path(self.resume) / "trainer_state.json").is_file():
+            what = "has no trainer_state.json" if Path(self.resume).is_dir() else "does not exist"
+            raise ConfigError(f"resume ({self.resume}) must be 'latest' or a checkpoint directory "
+                              f"(output_dir/checkpoints/step_N); it {what}")
         if self.ep_size < 0:
             raise ConfigError(f"ep_size ({self.ep_size}) must be >= 1, or auto")
         if self.ep_size != 1 and not self.adapter.is_moe:

@@ -28,16 +28,16 @@ from .data import load_examples
 from .dispatch import LocalDispatcher
 from .distributed import DistInfo, device_for, init_distributed, shutdown_distributed
 from .ep_dispatch import ExpertParallelDispatcher
-from .ds_config import build_ds_config, zero_stage
+from .ds_config import build_ds_config, validate_with_deepspeed, zero_stage
 from .evaluate import evaluate_accuracy
 from .expert_optim import ExpertOptimizer
 from .cost_model import CommModel, Workload, choose_ep_size, measure_comm, measure_compute
-from .inject import Adapters, default_targets, find_target_modules, inject_adapters, weight_shape
-from .metrics import MetricsLogger, read_metrics
+from .inject import Adapters, default_targets, find_target_modules, inject_adapters, matches, weight_shape
+from .metrics import MetricsLogger, read_metrics, truncate_metrics
 from .modeling import default_trainable_modules, load_model_and_tokenizer
 from .output_dir import check_output_dir, prepare_output_dir
 from .parallel import build_layout
-from .stopping import NonFiniteLoss, Preempted, StopSignal, write_preempted_marker
+from .stopping import PREEMPTED_MARKER, NonFiniteLoss, Preempted, StopSignal, write_preempted_marker
 from .watchdog import PeerWatchdog
 from .sampler import ShardedBatches
 from .schedule import lr_lambda, warmup_steps_for
@@ -75,28 +75,39 @@ class Trainer:
         self.epoch = 0
         self.batch_in_epoch = 0
         self.last_checkpoint: Path | None = None
+        self.progress = None  # the tqdm bar while the loop runs on a terminal (rank 0)
         self.stop_signal = StopSignal().install()
 
     # -- set-up ------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg, info = self.cfg, self.info
-        # The DeepSpeed config is checked first: a bad one stops the run before anything is written.
+        # Everything is validated before anything in the output directory is touched: the DeepSpeed
+        # config (against DeepSpeed's own model), data, output dir, resume target, model and targets.
         self.ds_config = build_ds_config(cfg, info.world_size)
+        validate_with_deepspeed(self.ds_config, cfg.ds_config or "the default ZeRO-3 config")
         seed_everything(cfg.seed)
         self.train_examples = load_examples(cfg.dataset, cfg.train_split, cfg.data_format,
                                             limit=cfg.max_train_examples or None, seed=cfg.seed)
         self.eval_examples = load_examples(cfg.dataset, cfg.eval_split, cfg.data_format,
                                            limit=cfg.max_eval_examples or None, seed=cfg.seed)
-        self.batches = ShardedBatches(len(self.train_examples), cfg.micro_batch_size,
-                                      rank=info.rank, world_size=info.world_size, seed=cfg.seed)
+        if not self.eval_examples:
+            raise ConfigError(f"dataset ({cfg.dataset}): the evaluation split {cfg.eval_split!r} has no examples")
+        try:
+            self.batches = ShardedBatches(len(self.train_examples), cfg.micro_batch_size,
+                                          rank=info.rank, world_size=info.world_size, seed=cfg.seed)
+        except ValueError as e:
+            raise ConfigError(f"dataset ({cfg.dataset}) split {cfg.train_split!r}: {e}; lower micro_batch_size or "
+                              "use more data (max_train_examples)") from None
         config_record = cfg.to_dict()
-        problem = None
-        if info.is_main:
+        problem, resume_from = None, None
+        if info.is_main:  # rank 0 reads the shared output dir and checkpoint for everyone
             try:
                 check_output_dir(self.out, config_record, overwrite=cfg.overwrite, resume=cfg.resume)
+                resume_from = self.plan_resume() if cfg.resume else None
             except ConfigError as e:
                 problem = str(e)
-        problem = collectives.broadcast_object(problem, src=0)  # every rank stops, or none does
+        # every rank stops, or none does
+        problem, self.resume_from = collectives.broadcast_object((problem, resume_from), src=0)
         if problem:
             raise ConfigError(problem)
         # The model is loaded and the adapters injected (validating target modules) before
@@ -110,6 +121,11 @@ class Trainer:
         self.adapters: Adapters = inject_adapters(model, cfg.adapter, trainable_modules=trainable,
                                                   dispatcher=self.dispatcher,
                                                   expert_slice=self.layout.expert_slice(cfg.adapter.num_experts))
+        new = getattr(model, "newly_initialized", [])
+        if new and info.is_main:
+            trained = [n for n in new if any(matches(n.rpartition(".")[0], t) for t in trainable)]
+            print(f"newly initialized (not in {self.model_path}): {', '.join(new)}"
+                  + (" -- trained in full" if len(trained) == len(new) else " -- check --trainable_modules"))
         if cfg.adapter.aux_loss_scope == "global":
             self.adapters.context.dp_all_reduce = collectives.all_reduce_sum
             self.adapters.context.dp_world_size = info.world_size
@@ -136,11 +152,11 @@ class Trainer:
             lr_lambda=schedule, world_size=info.world_size, edp_group=self.layout.edp_group,
             ep_group=self.layout.ep_group,
         )
+        if self.resume_from is not None:
+            self.resume(self.resume_from)
         self.logger = MetricsLogger(self.out, cfg.report_to, enabled=info.is_main, run_config=config_record,
                                     project=cfg.wandb_project)
         self.report_memory()
-        if cfg.resume:
-            self.resume()
 
     def choose_ep_size(self, model) -> int:
         """--ep_size auto: calibrate the cost model here (collective) and take the cheapest placement."""
@@ -183,7 +199,7 @@ class Trainer:
             for r, b in enumerate(everyone):
                 print(f"  rank {r}: frozen base {b['frozen_local'] * mb:8.2f} MB of {b['frozen_full'] * mb:8.2f} MB"
                       f" | trainable (engine) {b['trainable_local'] * mb:6.2f} MB | experts {b['experts_local'] * mb:6.2f} MB")
-            self.logger.log(0, "memory", {"zero_stage": zero_stage(self.ds_config),
+            self.logger.log(self.step, "memory", {"zero_stage": zero_stage(self.ds_config),
                                           "per_rank": {str(r): b for r, b in enumerate(everyone)}})
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -198,21 +214,43 @@ class Trainer:
             keep=self.cfg.keep_checkpoints,
         )
         if self.info.is_main:
-            print(f"[step {self.step}] checkpoint saved: {self.last_checkpoint}")
+            self.say(f"[step {self.step}] checkpoint saved: {self.last_checkpoint}")
 
-    def resume(self) -> None:
-        path = ckpt_io.resolve_checkpoint(self.ckpt_root, self.cfg.resume)
+    def plan_resume(self) -> Path | None:
+        """Rank 0, before anything is written: the checkpoint to resume from (None: start afresh),
+        checked to be complete, readable, and from a run of this world size."""
+        try:
+            if self.cfg.resume == ckpt_io.LATEST:
+                path, note = ckpt_io.resolve_latest(self.ckpt_root)
+            else:
+                path, note = Path(self.cfg.resume), None
+        except FileNotFoundError as e:
+            raise ConfigError(f"--resume latest: {e}") from None
         if path is None:
-            if self.info.is_main:
-                print(f"--resume latest: no checkpoint in {self.ckpt_root} yet, starting from scratch")
-            return
-        state = ckpt_io.load_checkpoint(path, self.engine, self.adapters, self.expert_opt, rank=self.info.rank)
+            print(f"--resume latest: no checkpoint in {self.ckpt_root} yet, starting from scratch")
+            return None
+        if note:
+            print(f"--resume latest: {note}")
+        others = [p for p in ckpt_io.complete_checkpoints(path.parent) if p != path]
+        older = f"; the newest other complete checkpoint is {others[-1]} (--resume {others[-1]})" if others else ""
+        broken = ckpt_io.check_readable(path)
+        if broken:
+            raise ConfigError(f"--resume: checkpoint {path} is damaged: {broken}{older}")
+        state = json.loads((path / ckpt_io.STATE_FILE).read_text())
         if state["world_size"] != self.info.world_size:
             raise ConfigError(f"--resume: checkpoint {path} was written with world size {state['world_size']}, "
-                              f"this run has {self.info.world_size}; the data order would differ")
+                              f"this run has {self.info.world_size}; resume with {state['world_size']} ranks "
+                              "(the data order and ZeRO partitions depend on it)")
+        return path
+
+    def resume(self, path: Path) -> None:
+        state = ckpt_io.load_checkpoint(path, self.engine, self.adapters, self.expert_opt, rank=self.info.rank)
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.last_checkpoint = path
         if self.info.is_main:
+            # The run continues from this step: records of steps after it were of the discarded future.
+            truncate_metrics(self.out / "metrics.jsonl", self.step)
+            (self.out / PREEMPTED_MARKER).unlink(missing_ok=True)
             print(f"resumed from {path} at step {self.step}")
 
     # -- the loop ------------------------------------------------------------------------------
@@ -266,10 +304,12 @@ class Trainer:
         gas = cfg.gradient_accumulation_steps
         stream = self.batches.iterate(self.epoch, self.batch_in_epoch)
         self.adapters.train(True)
-        window = new_window()
-        progress = self.progress_bar()
+        self.progress = None
         if self.step == 0 and cfg.eval_at_start:
             self.initial_eval = self.evaluate(print_layers=False)
+        self.progress = progress = self.progress_bar()
+        window = new_window()  # after the initial evaluation: its time is not training time
+        self.loop_t0, self.loop_start_step = time.perf_counter(), self.step
         while self.step < self.total_steps:
             micro = []
             for _ in range(gas):
@@ -297,8 +337,10 @@ class Trainer:
                 self.stop_for_requeue()
         if progress is not None:
             progress.close()
+            self.progress = None
         final = self.evaluate()
-        self.save()
+        if self.last_checkpoint != self.ckpt_root / ckpt_io.tag_for(self.step):  # a finished run relaunched
+            self.save()
         self.export_adapter()
         self.print_summary(final)
         return final
@@ -320,6 +362,22 @@ class Trainer:
 
         return tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
 
+    def say(self, message: str) -> None:
+        """Rank 0 prints a line (above the progress bar when there is one, not through it)."""
+        if not self.info.is_main:
+            return
+        if self.progress is not None:
+            self.progress.write(message)
+        else:
+            print(message, flush=True)
+
+    def timing(self) -> str:
+        """'elapsed 1m05s eta 3m20s' since the loop started (the log line an operator reads in a file)."""
+        done = self.step - self.loop_start_step
+        elapsed = time.perf_counter() - self.loop_t0
+        eta = elapsed / done * (self.total_steps - self.step) if done else float("nan")
+        return f"elapsed {fmt_duration(elapsed)} eta {fmt_duration(eta)}"
+
     def log_window(self, w: dict) -> None:
         """Window means over steps; losses averaged over ranks, grad norms are global already."""
         task, aux, tokens = collectives.sum_over_ranks([w["task_loss"], w["aux_loss"], w["tokens"]])
@@ -337,13 +395,12 @@ class Trainer:
             **routing["overall"],
             **self.dispatch_metrics(n),
         }
-        if self.info.is_main:
-            print(f"[step {self.step}/{self.total_steps}] task_loss {metrics['task_loss']:.4f} "
-                  f"aux_loss {metrics['aux_loss']:.4f} lr {metrics['lr']:.2e} tok/s {metrics['tokens_per_s']:.0f}"
-                  f" grad_norm {metrics['grad_norm']:.3g}"
-                  + (f" expert_grad_norm {metrics['expert_grad_norm']:.3g}" if "expert_grad_norm" in metrics else "")
-                  + (f" active {metrics['mean_active_experts']:.2f}" if "mean_active_experts" in metrics else ""),
-                  flush=True)
+        self.say(f"[step {self.step}/{self.total_steps}] task_loss {metrics['task_loss']:.4f} "
+                 f"aux_loss {metrics['aux_loss']:.4f} lr {metrics['lr']:.2e} tok/s {metrics['tokens_per_s']:.0f}"
+                 f" grad_norm {metrics['grad_norm']:.3g}"
+                 + (f" expert_grad_norm {metrics['expert_grad_norm']:.3g}" if "expert_grad_norm" in metrics else "")
+                 + (f" active {metrics['mean_active_experts']:.2f}" if "mean_active_experts" in metrics else "")
+                 + f" | {self.timing()}")
         self.logger.log(self.step, "train", {**metrics, "layers": routing["layers"]})
 
     def dispatch_metrics(self, steps: int) -> dict:
@@ -379,17 +436,30 @@ class Trainer:
         self.adapters.context.pop_stats()  # drop partial training statistics
         result = evaluate_accuracy(self.engine, self.task, self.eval_examples, self.cfg.eval_batch_size,
                                    rank=self.info.rank, world_size=self.info.world_size,
-                                   all_reduce=collectives.all_reduce_sum)
+                                   all_reduce=collectives.all_reduce_sum, progress=self.eval_progress())
         routing = self.routing_summary(self.adapters.context.pop_stats())
         self.adapters.train(True)
         metrics = {**result, **routing["overall"]}
-        if self.info.is_main:
-            print(f"[step {self.step}] eval accuracy {result['accuracy']:.4f} ({result['correct']}/{result['total']})"
-                  + (f" mean active experts {routing['overall']['mean_active_experts']:.2f}" if routing["layers"] else ""))
-            if print_layers:
-                print_routing_table(routing["layers"])
+        self.say(f"[step {self.step}] eval accuracy {result['accuracy']:.4f} ({result['correct']}/{result['total']})"
+                 + (f" mean active experts {routing['overall']['mean_active_experts']:.2f}" if routing["layers"] else ""))
+        if print_layers and self.info.is_main:
+            print_routing_table(routing["layers"], self.say)
         self.logger.log(self.step, "eval", {**metrics, "layers": routing["layers"]})
         return {**metrics, "layers": routing["layers"]}
+
+    def eval_progress(self, every_s: float = 30.0):
+        """Rank 0: a line every ``every_s`` seconds through a long evaluation (batches are equal on all ranks)."""
+        if not self.info.is_main:
+            return None
+        t0 = last = time.perf_counter()
+
+        def report(done: int, total: int) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            if now - last >= every_s and done < total:
+                last = now
+                self.say(f"[step {self.step}] evaluating: batch {done}/{total} ({fmt_duration(now - t0)})")
+        return report
 
     def export_adapter(self) -> None:
         # Collective: ZeRO-3 gathers routers/head, the EP group gathers the experts.
@@ -398,7 +468,7 @@ class Trainer:
             meta = {"base_model": self.cfg.model, "base_model_path": self.model_path, "task_type": self.task_type,
                     "pooling": self.cfg.pooling, "trainable_modules": self.adapters.trainable_modules, "step": self.step}
             save_adapter(self.out / "adapter", tensors, self.cfg.adapter, meta)
-            print(f"adapter saved: {self.out / 'adapter'}")
+            self.say(f"adapter saved: {self.out / 'adapter'}")
         ckpt_io.barrier()
 
 
@@ -410,15 +480,24 @@ def new_window() -> dict:
     return {**{k: 0.0 for k in WINDOW_SUMS}, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
 
 
-def print_routing_table(layers: dict) -> None:
+def fmt_duration(seconds: float) -> str:
+    if seconds != seconds or seconds == float("inf"):
+        return "?"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def print_routing_table(layers: dict, say=print) -> None:
     if not layers:
         return
-    print(f"  {'layer':<52}{'active':>8}{'tau':>8}{'none%':>7}{'drop%':>7}  load min/max")
+    say(f"  {'layer':<52}{'active':>8}{'tau':>8}{'none%':>7}{'drop%':>7}  load min/max")
     for name, s in layers.items():
         tau = f"{s['mean_tau']:.4f}" if s["mean_tau"] is not None else "-"
         load = s["expert_load"]
-        print(f"  {name[-52:]:<52}{s['mean_active_experts']:>8.2f}{tau:>8}{100 * s['no_active_fraction']:>7.1f}"
-              f"{100 * s['dropped_fraction']:>7.1f}  {min(load):.3f}/{max(load):.3f}")
+        say(f"  {name[-52:]:<52}{s['mean_active_experts']:>8.2f}{tau:>8}{100 * s['no_active_fraction']:>7.1f}"
+            f"{100 * s['dropped_fraction']:>7.1f}  {min(load):.3f}/{max(load):.3f}")
 
 
 def run_training(cfg: TrainConfig) -> dict:

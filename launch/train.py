@@ -6,11 +6,14 @@
     python launch/train.py [options]                      # one process
 
 Options come from flags and/or a YAML recipe (--config); flags win. --help lists them all.
-Exit codes: 0 done, 2 bad input (nothing written), 3 non-finite loss, 75 stopped by SIGTERM/SIGUSR1
-after writing a checkpoint (requeue and --resume latest), 76 another rank died.
+Exit codes of each rank: 0 done, 2 bad input (one line naming the option or file; nothing
+written; --debug adds the traceback), 3 non-finite loss or gradient, 75 stopped by SIGTERM,
+SIGINT or SIGUSR1 (or the launcher going away) after writing a checkpoint (requeue and
+--resume latest), 76 another rank died. README "Exit codes" says what each launcher returns.
 """
 
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
@@ -27,12 +30,16 @@ from adamole_dist.stopping import (EXIT_BAD_INPUT, EXIT_NON_FINITE, EXIT_PREEMPT
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv  # known before the options parse, so a parse error can show its traceback too
     try:
         cfg = parse_train_config(argv)
         from adamole_dist.trainer import run_training
 
         run_training(cfg)
     except (ConfigError, DataError) as e:
+        if debug:
+            traceback.print_exc()
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     except NonFiniteLoss as e:

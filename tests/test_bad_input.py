@@ -2,6 +2,7 @@
 and nothing written to the output directory."""
 
 import json
+from pathlib import Path
 
 import pytest
 from launch_utils import python_cmd, run
@@ -91,3 +92,146 @@ def test_fp16_is_refused_naming_bf16_and_an_existing_run_survives(tmp_path, sect
     _, message = fails_cleanly(tmp_path, "--ds_config", str(ds), "--overwrite", expect=["fp16", "bf16"])
     assert str(ds) in message
     assert json.loads((out / "run_config.json").read_text()) == {"model": "previous"}
+
+
+# -- a table of bad inputs: exit 2, one line naming the field or file, no traceback, and the output
+# -- directory byte-identical before and after (an existing run survives --overwrite) ---------------
+def snapshot(root: Path) -> dict:
+    """Every file's bytes and every directory under ``root`` (empty when it does not exist)."""
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else "dir") for p in sorted(root.rglob("*"))}
+
+
+def existing_run(out: Path, config: dict | None = None) -> None:
+    """A previous run of this trainer: record, metrics, a checkpoint."""
+    (out / "checkpoints" / "step_0000005").mkdir(parents=True)
+    (out / "run_config.json").write_text(json.dumps(config or {"model": "previous"}))
+    (out / "metrics.jsonl").write_text('{"step": 5, "kind": "train", "task_loss": 1.0}\n')
+    (out / "checkpoints" / "step_0000005" / "trainer_state.json").write_text(
+        json.dumps({"step": 5, "epoch": 0, "batch_in_epoch": 5, "world_size": 2}))
+    (out / "checkpoints" / "latest").write_text("step_0000005")
+
+
+def write(path: Path, text: str) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return str(path)
+
+
+def dataset_with(tmp: Path, train_name: str, train_text: str) -> str:
+    good = {"question": "Which is a fruit?", "choices": ["apple", "hammer"], "answerKey": "A"}
+    write(tmp / "data" / train_name, train_text)
+    write(tmp / "data" / "test.json", json.dumps([good] * 4))
+    return str(tmp / "data")
+
+
+def resume_other_world(tmp: Path, out: Path) -> list[str]:
+    from adamole_dist.cli import parse_train_config
+
+    args = ["--output_dir", str(out), *BASE, "--resume", "latest"]
+    existing_run(out, parse_train_config(args).to_dict())  # the same options, written at world size 2
+    return ["--resume", "latest"]
+
+
+# name: (set-up returning extra args, parts of the message)
+CASES = {
+    "ds_batch_conflict_with_overwrite": (
+        lambda tmp, out: (existing_run(out), ["--overwrite", "--ds_config", write(
+            tmp / "ds.json", '{"train_batch_size": 32, "zero_optimization": {"stage": 3}}')])[1],
+        ["ds.json", "train_batch_size (32)", "disagrees"]),
+    "ds_invalid_json_with_overwrite": (
+        lambda tmp, out: (existing_run(out), ["--overwrite", "--ds_config", write(tmp / "ds.json", '{"a": 1,\n}')])[1],
+        ["ds.json", "not valid JSON", "line 2"]),
+    "ds_nested_typo": (
+        lambda tmp, out: ["--ds_config", write(
+            tmp / "ds.json", '{"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_sze": 100}}')],
+        ["zero_optimization.stage3_prefetch_bucket_sze", "stage3_prefetch_bucket_size"]),
+    "ds_top_level_typo": (
+        lambda tmp, out: ["--ds_config", write(tmp / "ds.json", '{"train_micro_batch_size_per_gpuu": 4}')],
+        ["unknown key 'train_micro_batch_size_per_gpuu'", "'train_micro_batch_size_per_gpu'"]),
+    "overwrite_of_a_folder_of_runs": (
+        lambda tmp, out: (existing_run(out / "a"), existing_run(out / "b"), ["--overwrite"])[2],
+        ["not one of our runs"]),
+    "too_few_examples_for_the_micro_batch": (
+        lambda tmp, out: ["--max_train_examples", "4", "--micro_batch_size", "8"],
+        ["micro_batch_size", "max_train_examples"]),
+    "yaml_syntax_error": (
+        lambda tmp, out: ["--config", write(tmp / "recipe.yaml", "lr: 1e-3\nmethod: [adamole\n")],
+        ["recipe.yaml", "line", "not valid YAML"]),
+    "adapter_given_as_a_list": (
+        lambda tmp, out: ["--config", write(tmp / "recipe.yaml", "adapter:\n  - method\n")],
+        ["recipe.yaml", "adapter must be a mapping"]),
+    "target_modules_not_a_list": (
+        lambda tmp, out: ["--config", write(tmp / "recipe.yaml", "target_modules: 7\n")],
+        ["adapter.target_modules (7)", "a list"]),
+    "resume_from_a_folder_that_is_no_checkpoint": (
+        lambda tmp, out: ["--resume", str(Path(write(tmp / "notes" / "a.txt", "x")).parent)],
+        ["resume", "trainer_state.json"]),
+    "resume_at_another_world_size": (resume_other_world, ["world size 2", "this run has 1"]),
+    "malformed_jsonl": (
+        lambda tmp, out: ["--dataset", dataset_with(tmp, "train.jsonl", '{"question": "q"}\n{"question": \n')],
+        ["train.jsonl", "line 2"]),
+    "split_without_records": (
+        lambda tmp, out: ["--dataset", dataset_with(tmp, "train.json", "[]")], ["train.json", "no records"]),
+    "empty_file": (
+        lambda tmp, out: ["--dataset", dataset_with(tmp, "train.json", "")], ["train.json", "empty"]),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_changes_nothing(tmp_path, name):
+    setup, expect = CASES[name]
+    out = tmp_path / "run"
+    extra = setup(tmp_path, out)
+    before = snapshot(out)
+    proc = run(python_cmd("--output_dir", str(out), *BASE, *extra), timeout=300)
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    message = proc.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for part in expect:
+        assert part in message, f"{part!r} not in {message!r}"
+    assert snapshot(out) == before, "the output directory changed"
+
+
+def test_unwritable_output_dir_is_named_before_the_model_loads(tmp_path):
+    out = Path("/proc/adamole-no-such-place/run")  # not creatable, even by root
+    proc = run(python_cmd("--output_dir", str(out), *BASE), timeout=300)
+    assert proc.returncode == 2 and "not writable" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    proc = run(python_cmd("--output_dir", str(tmp_path / "run"), *BASE, "--tau_max", "3", "--debug"), timeout=300)
+    assert proc.returncode == 2 and "Traceback" in proc.stderr and "adapter.tau_max" in proc.stderr
+
+
+def test_help_shows_defaults():
+    proc = run(python_cmd("--help"), timeout=300)
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    assert "(default: 0.001)" in text and "(default: adamole)" in text and "(default: 1)" in text
+
+
+def test_eval_with_an_adapter_of_another_model_names_it(tmp_path):
+    """launch/eval.py on a base model of another width: exit 2, naming the model the adapter was trained on."""
+    from tiny_models import write_tiny_bert
+
+    from adamole_dist import AdapterConfig
+    from adamole_dist.adapter_io import adapter_state, save_adapter
+    from adamole_dist.inject import inject_adapters
+    from adamole_dist.modeling import load_model_and_tokenizer
+
+    narrow, wide = write_tiny_bert(tmp_path / "narrow", hidden=32), write_tiny_bert(tmp_path / "wide", hidden=48)
+    model, *_ = load_model_and_tokenizer(str(narrow), "seq_cls")
+    adapters = inject_adapters(model, AdapterConfig(num_experts=2, rank=2), trainable_modules=["classifier"])
+    save_adapter(tmp_path / "adapter", adapter_state(adapters), adapters.cfg,
+                 {"base_model": str(narrow), "base_model_path": str(narrow), "task_type": "seq_cls",
+                  "trainable_modules": ["classifier"]})
+    from launch_utils import REPO
+
+    proc = run([python_cmd()[0], str(REPO / "launch" / "eval.py"), "--adapter", str(tmp_path / "adapter"),
+                "--model", str(wide), "--dataset", "builtin:word_categories", "--max_examples", "4"], timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    message = proc.stderr.strip().splitlines()[-1]
+    assert "does not fit this model" in message and str(narrow) in message and "shape" in message
+    assert "Traceback" not in proc.stderr

@@ -108,11 +108,14 @@ def test_output_dir_guard(tmp_path):
     out.mkdir()
     check_output_dir(out, config, overwrite=False, resume="")  # empty: fine
     (out / "x.txt").write_text("x")
-    with pytest.raises(ConfigError, match="not one of our runs"):
-        check_output_dir(out, config, overwrite=False, resume="")
+    for overwrite in (False, True):  # --overwrite never deletes what is not one of our runs
+        with pytest.raises(ConfigError, match="not one of our runs"):
+            check_output_dir(out, config, overwrite=overwrite, resume="")
+    (out / "run_config.json").write_text("{}")  # now it is a run of ours: --overwrite replaces it
     check_output_dir(out, config, overwrite=True, resume="")
     prepare_output_dir(out, config, overwrite=True)
     assert not (out / "x.txt").exists() and (out / "run_config.json").is_file()
+    assert not list(tmp_path.glob(".run.replaced-*"))  # the old run, moved aside, is gone once replaced
     with pytest.raises(ConfigError, match="already holds a run"):
         check_output_dir(out, config, overwrite=False, resume="")
     check_output_dir(out, config, overwrite=False, resume="latest")  # same options: may continue

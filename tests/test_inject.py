@@ -142,7 +142,7 @@ def test_missing_tensor_is_named_and_resave_replaces(tmp_path):
     victim = next(k for k in tensors if ".experts.5.lora_B" in k)
     del tensors[victim]
     save_file(tensors, str(tmp_path / "a" / "adapter_model.safetensors"))
-    with pytest.raises(KeyError, match=victim.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=victim.replace(".", r"\.")):
         load_adapter(make_tiny_llama(), tmp_path / "a")
 
 

@@ -43,6 +43,17 @@ def test_base_is_partitioned_across_ranks(zero3_run):
     assert "rank 1: frozen base" in proc.stdout
 
 
+def test_logs_read_well_in_a_file(zero3_run):
+    """No progress bar in a file, so every log line says how far along the run is; no terminal colour
+    codes; the new task head is announced once (rank 0), not once per rank."""
+    _, _, proc = zero3_run
+    text = proc.stdout + proc.stderr
+    assert "\x1b[" not in text
+    steps = [ln for ln in proc.stdout.splitlines() if ln.startswith("[step ") and "task_loss" in ln]
+    assert steps and all(" elapsed " in ln and " eta " in ln for ln in steps)
+    assert text.count("newly initialized") == 1 and "classifier.weight" in text
+
+
 def test_outputs_written(zero3_run):
     out, _, _ = zero3_run
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())

@@ -117,6 +117,7 @@ def test_checkpoint_pointer_helpers(tmp_path):
     assert resolve_checkpoint(tmp_path, "latest") is None
     for step in (5, 10):
         (tmp_path / tag_for(step)).mkdir()
+        (tmp_path / tag_for(step) / "trainer_state.json").write_text("{}")
     (tmp_path / ".tmp_step_0000015").mkdir()  # an interrupted save is never listed
     write_latest(tmp_path, tag_for(10))
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000005", "step_0000010"]
@@ -160,3 +161,55 @@ def test_crash_mid_save_leaves_the_previous_checkpoint(tmp_path):
     third = save_checkpoint(tmp_path, 15, CrashingEngine(False), adapters, opt, {"step": 15}, **kw)
     assert resolve_checkpoint(tmp_path, "latest") == third
     assert not (tmp_path / ".tmp_step_0000010").exists()  # the crashed save's leftovers are cleared
+
+
+def test_a_crash_while_re_saving_a_tag_leaves_latest_loadable(tmp_path, monkeypatch):
+    """Re-saving step 5 (a finished run relaunched): the crash is injected between moving the old
+    copy aside and renaming the new one in, where 'latest' names a directory that is briefly absent.
+    The previous complete copy is found (and said so), and the next save puts it back in place."""
+    import os
+
+    from adamole_dist import AdapterConfig, inject_adapters
+    from adamole_dist.checkpoint import resolve_latest, save_checkpoint
+    from conftest import make_tiny_llama
+
+    adapters = inject_adapters(make_tiny_llama(), AdapterConfig(num_experts=4, rank=2))
+    opt = ExpertOptimizer(adapters.expert_parameters(), lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                          max_grad_norm=0.0, lr_lambda=lambda s: 1.0, world_size=1)
+    kw = dict(rank=0, expert_writer=True, expert_shard=0, keep=2)
+    first = save_checkpoint(tmp_path, 5, CrashingEngine(False), adapters, opt, {"step": 5}, **kw)
+    real_replace, calls = os.replace, []
+
+    def crash_on_the_rename_in(src, dst):
+        calls.append((str(src), str(dst)))
+        if str(src).endswith(".tmp_step_0000005"):
+            raise OSError("killed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_the_rename_in)
+    with pytest.raises(OSError, match="killed"):
+        save_checkpoint(tmp_path, 5, CrashingEngine(False), adapters, opt, {"step": 5}, **kw)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert calls[0][1].endswith(".replaced_step_0000005")  # the old copy was moved aside, not deleted
+    assert not first.exists()
+    chosen, note = resolve_latest(tmp_path)
+    assert chosen == tmp_path / ".replaced_step_0000005" and (chosen / "experts_ep0.safetensors").is_file()
+    assert "missing or incomplete" in note
+    again = save_checkpoint(tmp_path, 10, CrashingEngine(False), adapters, opt, {"step": 10}, **kw)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000005", "step_0000010"]  # restored
+    assert resolve_latest(tmp_path) == (again, None)
+    assert not list(tmp_path.glob(".replaced_*")) and not list(tmp_path.glob(".tmp_*"))
+
+
+def test_latest_naming_a_missing_checkpoint_falls_back_to_the_newest_complete(tmp_path):
+    from adamole_dist.checkpoint import resolve_latest
+
+    for step in (5, 10):
+        (tmp_path / tag_for(step)).mkdir()
+        (tmp_path / tag_for(step) / "trainer_state.json").write_text("{}")
+    (tmp_path / tag_for(15)).mkdir()  # incomplete: no trainer state
+    write_latest(tmp_path, tag_for(15))
+    chosen, note = resolve_latest(tmp_path)
+    assert chosen == tmp_path / tag_for(10) and "step_0000015" in note
+    write_latest(tmp_path, tag_for(10))
+    assert resolve_latest(tmp_path) == (tmp_path / tag_for(10), None)

