@@ -178,7 +178,7 @@ def resolve_latest(root: Path) -> tuple[Path | None, str | None]:
 def check_readable(ckpt: Path) -> str | None:
     """None if every file of the checkpoint reads, else 'file: error' for the first that does not."""
     for f in sorted(Path(ckpt).rglob("*")):
-        if not f.is_file() or f.name == LATEST:
+        if not f.is_file():
             continue
         try:
             if f.suffix == ".pt":
@@ -222,7 +222,7 @@ def save_checkpoint(
         save_file(expert_state(adapters, expert_opt), str(tmp_dir / f"experts_ep{expert_shard}.safetensors"))
     torch.save(rng_state(), tmp_dir / f"rng_rank{rank}.pt")
     if rank == 0:
-        (tmp_dir / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+        (tmp_dir / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
         biases = balance_biases(adapters)
         if biases:
             save_file(biases, str(tmp_dir / BIAS_FILE))

@@ -69,8 +69,13 @@ def read_ds_config(path: str) -> dict:
     return ds
 
 
+def ds_config_source(cfg: TrainConfig) -> str:
+    """How error messages name the DeepSpeed config."""
+    return cfg.ds_config or "the default ZeRO-3 config"
+
+
 def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
-    source = cfg.ds_config or "the default ZeRO-3 config"
+    source = ds_config_source(cfg)
     ds = read_ds_config(cfg.ds_config) if cfg.ds_config else copy.deepcopy(DEFAULT_ZERO3)
     top = f"ds_config ({source}) "
     reject_fp16(ds, source)
@@ -168,10 +173,9 @@ def validate_with_deepspeed(ds: dict, source: str) -> None:
         raise ConfigError(f"{where} {path}: {err['msg'].lower()}{hint}") from None
     except (AssertionError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{where}: rejected by DeepSpeed: {str(e).strip() or type(e).__name__}") from None
-    known = recorded.read | {"steps_per_print", "wall_clock_breakdown"}
-    unknown = sorted(k for k in ds if k not in known)
+    unknown = sorted(k for k in ds if k not in recorded.read)
     if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r}{_did_you_mean(unknown[0], known)}; DeepSpeed "
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}{_did_you_mean(unknown[0], recorded.read)}; DeepSpeed "
                           "would ignore it")
 
 

@@ -55,21 +55,24 @@ class ExpertOptimizer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda) if params else None
         self.last_grad_norm: float | None = None
 
-    def reduce_gradients(self) -> None:
-        """Sum expert grads over the expert-data-parallel group (one flat buffer), / world size."""
+    def reduce_gradients(self) -> torch.Tensor | None:
+        """Sum expert grads over the expert-data-parallel group (one flat buffer), / world size.
+        Returns that buffer; every ``p.grad`` is a view into it."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         if not grads:
-            return
+            return None
         flat = _flatten_dense_tensors(grads)
         if self.world_size > 1 and not is_single(self.edp_group):
             collectives.all_reduce_sum(flat, group=self.edp_group)
         flat.div_(self.world_size)
         for p, g in zip(self.params, _unflatten_dense_tensors(flat, grads)):
             p.grad = g
+        return flat
 
-    def global_grad_norm(self) -> float:
-        """L2 norm of every expert's gradient, each expert counted once (collective over the EP group)."""
-        sq = torch.stack([p.grad.detach().float().pow(2).sum() for p in self.params]).sum().reshape(1)
+    def global_grad_norm(self, flat: torch.Tensor) -> float:
+        """L2 norm of every expert's gradient (``flat``: this rank's), each expert counted once
+        (collective over the EP group)."""
+        sq = flat.float().pow(2).sum().reshape(1)
         if self.ep_group is not None:
             collectives.all_reduce_sum(sq, group=self.ep_group)
         return math.sqrt(sq.item())  # NOTE: device sync
@@ -79,16 +82,15 @@ class ExpertOptimizer:
         non-finite norm skips the update (the trainer then stops the run)."""
         if self.optimizer is None:
             return None
-        self.reduce_gradients()
-        norm = self.last_grad_norm = self.global_grad_norm()
+        flat = self.reduce_gradients()
+        norm = self.last_grad_norm = self.global_grad_norm(flat)
         if not math.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
             return norm
         if self.max_grad_norm > 0:
             coef = self.max_grad_norm / (norm + 1e-6)  # torch.nn.utils.clip_grad_norm_'s rule
             if coef < 1.0:
-                for p in self.params:
-                    p.grad.mul_(coef)
+                flat.mul_(coef)  # the grads are views of it
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -7,6 +7,8 @@ import math
 import time
 from pathlib import Path
 
+from .atomic_files import write_text_atomically
+
 
 def _flatten(prefix: str, value, out: dict) -> None:
     if isinstance(value, dict):
@@ -64,8 +66,6 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 def truncate_metrics(path: str | Path, last_step: int) -> None:
     """Keep the records up to ``last_step`` (a resume discards the steps after its checkpoint), atomically."""
-    from .atomic_files import write_text_atomically
-
     path = Path(path)
     if not path.is_file():
         return

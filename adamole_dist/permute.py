@@ -11,8 +11,8 @@ Precision: rows travel in the activations' dtype, but the routing weights are fp
 path. When the activations are narrower (bf16/fp16), each fp32 weight travels bit for bit as
 two 16-bit columns (``encode_weights``), and its gradient comes back the same way, so a bf16
 run rounds the weights exactly where the local path does. ``combine`` sums the returned
-partial deltas in fp32 (and the receivers return them in the experts' dtype), and the gradient of
-a token's rows is summed in fp32 too, as the local path's single matmul over all experts accumulates.
+partial deltas in fp32 (and the receivers return them in the experts' dtype), as the local path's
+single matmul over all experts accumulates.
 """
 
 from __future__ import annotations
@@ -52,34 +52,15 @@ class _BitCast(torch.autograd.Function):
         return grad.contiguous().view(ctx.dtype), None
 
 
-class _GatherRows(torch.autograd.Function):
-    """``x.index_select(0, index)`` whose backward sums a token's row gradients (one per destination)
-    in fp32 and rounds once, as the local path's single matmul does."""
-
-    @staticmethod
-    def forward(ctx, x, index):
-        ctx.save_for_backward(index)
-        ctx.shape, ctx.dtype = x.shape, x.dtype
-        return x.index_select(0, index)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (index,) = ctx.saved_tensors
-        acc = torch.promote_types(ctx.dtype, torch.float32)
-        out = torch.zeros(ctx.shape, device=grad.device, dtype=acc).index_add_(0, index, grad.to(acc))
-        return out.to(ctx.dtype), None
-
-
 def weight_columns(experts_per_rank: int, wire_dtype: torch.dtype) -> int:
     """Columns of the wire dtype that carry L fp32 weights exactly."""
-    size = torch.empty((), dtype=wire_dtype).element_size()
-    return experts_per_rank * 4 // size if size < 4 else experts_per_rank
+    return experts_per_rank * 4 // wire_dtype.itemsize if wire_dtype.itemsize < 4 else experts_per_rank
 
 
 def encode_weights(w_SL: torch.Tensor, wire_dtype: torch.dtype) -> torch.Tensor:
     """fp32 weights as columns of the wire dtype, exactly (bit cast when narrower, cast otherwise)."""
     w_SL = w_SL.float()
-    if torch.empty((), dtype=wire_dtype).element_size() < 4:
+    if wire_dtype.itemsize < 4:
         return _BitCast.apply(w_SL, wire_dtype)
     return w_SL.to(wire_dtype)
 
@@ -99,7 +80,7 @@ def pack(x_TD: torch.Tensor, weights_TN: torch.Tensor, kept_TN: torch.Tensor, pl
     rows_S1 = plan.token_S.unsqueeze(1)
     w_SC = encode_weights(weights_TN[rows_S1, cols_SL], x_TD.dtype)
     m_SL = kept_TN[rows_S1, cols_SL].to(x_TD.dtype)
-    return torch.cat([_GatherRows.apply(x_TD, plan.token_S), w_SC, m_SL], dim=1)
+    return torch.cat([x_TD.index_select(0, plan.token_S), w_SC, m_SL], dim=1)
 
 
 def unpack(rows: torch.Tensor, in_features: int, experts_per_rank: int):

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import AdapterConfig, ConfigError, check_choices, opt
+from .checkpoint import STATE_FILE
 from .distributed import BACKENDS
 from .pooling import POOLINGS
 
@@ -108,7 +109,7 @@ class TrainConfig:
             raise ConfigError(f"warmup_ratio ({self.warmup_ratio}) must be in [0, 1)")
         if self.ds_config and not Path(self.ds_config).is_file():
             raise ConfigError(f"ds_config ({self.ds_config}) is not a file")
-        if self.resume not in ("", "latest") and not (Path(self.resume) / "trainer_state.json").is_file():
+        if self.resume not in ("", "latest") and not (Path(self.resume) / STATE_FILE).is_file():
             what = "has no trainer_state.json" if Path(self.resume).is_dir() else "does not exist"
             raise ConfigError(f"resume ({self.resume}) must be 'latest' or a checkpoint directory "
                               f"(output_dir/checkpoints/step_N); it {what}")

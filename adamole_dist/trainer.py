@@ -28,7 +28,7 @@ from .data import load_examples
 from .dispatch import LocalDispatcher
 from .distributed import DistInfo, device_for, init_distributed, shutdown_distributed
 from .ep_dispatch import ExpertParallelDispatcher
-from .ds_config import build_ds_config, validate_with_deepspeed, zero_stage
+from .ds_config import build_ds_config, ds_config_source, validate_with_deepspeed, zero_stage
 from .evaluate import evaluate_accuracy
 from .expert_optim import ExpertOptimizer
 from .cost_model import CommModel, Workload, choose_ep_size, measure_comm, measure_compute
@@ -84,7 +84,7 @@ class Trainer:
         # Everything is validated before anything in the output directory is touched: the DeepSpeed
         # config (against DeepSpeed's own model), data, output dir, resume target, model and targets.
         self.ds_config = build_ds_config(cfg, info.world_size)
-        validate_with_deepspeed(self.ds_config, cfg.ds_config or "the default ZeRO-3 config")
+        validate_with_deepspeed(self.ds_config, ds_config_source(cfg))
         seed_everything(cfg.seed)
         self.train_examples = load_examples(cfg.dataset, cfg.train_split, cfg.data_format,
                                             limit=cfg.max_train_examples or None, seed=cfg.seed)
@@ -123,9 +123,9 @@ class Trainer:
                                                   expert_slice=self.layout.expert_slice(cfg.adapter.num_experts))
         new = getattr(model, "newly_initialized", [])
         if new and info.is_main:
-            trained = [n for n in new if any(matches(n.rpartition(".")[0], t) for t in trainable)]
+            trained = all(any(matches(n.rpartition(".")[0], t) for t in trainable) for n in new)
             print(f"newly initialized (not in {self.model_path}): {', '.join(new)}"
-                  + (" -- trained in full" if len(trained) == len(new) else " -- check --trainable_modules"))
+                  + (" -- trained in full" if trained else " -- check --trainable_modules"))
         if cfg.adapter.aux_loss_scope == "global":
             self.adapters.context.dp_all_reduce = collectives.all_reduce_sum
             self.adapters.context.dp_world_size = info.world_size
@@ -216,6 +216,9 @@ class Trainer:
         if self.info.is_main:
             self.say(f"[step {self.step}] checkpoint saved: {self.last_checkpoint}")
 
+    def checkpointed_this_step(self) -> bool:
+        return self.last_checkpoint == self.ckpt_root / ckpt_io.tag_for(self.step)
+
     def plan_resume(self) -> Path | None:
         """Rank 0, before anything is written: the checkpoint to resume from (None: start afresh),
         checked to be complete, readable, and from a run of this world size."""
@@ -291,7 +294,7 @@ class Trainer:
 
     def stop_for_requeue(self) -> None:
         """Checkpoint (unless this step's exists), leave the marker, exit with Preempted."""
-        if self.last_checkpoint is None or self.last_checkpoint.name != ckpt_io.tag_for(self.step):
+        if not self.checkpointed_this_step():
             self.save()
         if self.info.is_main:
             write_preempted_marker(Path(self.cfg.output_dir), self.step, self.last_checkpoint, self.stop_signal.received)
@@ -339,7 +342,7 @@ class Trainer:
             progress.close()
             self.progress = None
         final = self.evaluate()
-        if self.last_checkpoint != self.ckpt_root / ckpt_io.tag_for(self.step):  # a finished run relaunched
+        if not self.checkpointed_this_step():  # e.g. a finished run relaunched with --resume latest
             self.save()
         self.export_adapter()
         self.print_summary(final)

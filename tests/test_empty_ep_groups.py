@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from mp_harness import run_ranks
+from test_expert_parallel import tiny_llama
 
 from adamole_dist import AdapterConfig
 from adamole_dist.balance import STAT_ACTIVE, STAT_ROUTED
@@ -29,14 +30,6 @@ CASES = {  # name: (world, ep_size, adapter options, ranks whose batch is all pa
     "sira_w4_ep2_two_padding_ranks": (4, 2, dict(method="sira", top_k=2, capacity_factor=1.0, gate_dropout=0.0),
                                       [2, 3]),
 }
-
-
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2))
 
 
 def build(options: dict, dispatcher=None, expert_slice=None):
