@@ -33,16 +33,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.head_warmup import HeadInputs, extract_head_inputs, fit_head, validation_curve  # noqa: E402
-from benchmarks.records import read_records, write_records  # noqa: E402
-from adamole_dist.balance import summarize_stats  # noqa: E402
-from adamole_dist.config import AdapterConfig  # noqa: E402
+from adamole_dist.adapters.inject import inject_adapters  # noqa: E402
+from adamole_dist.adapters.model_loading import load_model_and_tokenizer  # noqa: E402
+from adamole_dist.config.adapter import AdapterConfig  # noqa: E402
 from adamole_dist.data import load_examples  # noqa: E402
-from adamole_dist.evaluate import evaluate_accuracy, majority_class_accuracy  # noqa: E402
-from adamole_dist.inject import inject_adapters  # noqa: E402
-from adamole_dist.modeling import load_model_and_tokenizer  # noqa: E402
-from adamole_dist.schedule import lr_lambda, warmup_steps_for  # noqa: E402
-from adamole_dist.tasks import build_task  # noqa: E402
+from adamole_dist.data.evaluate import evaluate_accuracy, majority_class_accuracy  # noqa: E402
+from adamole_dist.data.tasks import build_task  # noqa: E402
+from adamole_dist.moe.routing_stats import summarize_routing  # noqa: E402
+from adamole_dist.train.schedule import lr_lambda, warmup_steps_for  # noqa: E402
+from adamole_dist.train.step import train_step  # noqa: E402
+from benchmarks.head_warmup import HeadInputs, extract_head_inputs, fit_head, validation_curve  # noqa: E402
+from benchmarks.local_engine import LocalEngine  # noqa: E402
+from benchmarks.records import read_records, write_records  # noqa: E402
 
 N, R = 8, 4
 # Per-dataset budget, the same for every method and seed, sized so the whole grid (57 runs) fits
@@ -103,31 +105,24 @@ def train_and_eval(args, dataset: str, train, test, method: str, seed: int, tau_
     if budget["head_warmup_epochs"]:
         warmup_loss = fit_head(model, head_inputs, budget["head_warmup_epochs"], HEAD_WARMUP_LR)
     task = build_task(task_type, tokenizer, max_length, device="cpu")
-    params = adapters.engine_parameters() + adapters.expert_parameters()
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("linear", steps, warmup_steps_for(steps, -1, 0.06)))
+    # All trainable parameters (experts included) in one AdamW, clipped together at 1.0.
+    engine = LocalEngine(model, adapters.engine_parameters() + adapters.expert_parameters(), lr=args.lr,
+                         weight_decay=0.0, max_grad_norm=1.0,
+                         lr_lambda=lr_lambda("linear", steps, warmup_steps_for(steps, -1, 0.06)))
     order = random.Random(seed)
     adapters.train(True)
     started = time.perf_counter()
     losses = []
     for step in range(steps):
-        batch = order.sample(train, micro)
-        loss = task.loss(model, task.collate(batch))
-        aux = adapters.aux_loss()
-        total = loss + cfg.aux_loss_coeff * aux if aux is not None else loss
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        batch = task.collate(order.sample(train, micro))
+        metrics = train_step(engine, task, adapters, None, [batch], cfg.aux_loss_coeff)  # the trainer's step
+        losses.append(metrics["task_loss"])
     train_s = time.perf_counter() - started
     adapters.context.pop_stats()
     result = evaluate_accuracy(model, task, test, args.eval_batch_size)
-    stats = adapters.context.pop_stats()
-    layers = {n: summarize_stats(s, method == "adamole") for n, s in sorted(stats.items())}
-    tokens = sum(v["tokens"] for v in layers.values()) or 1
-    active = (sum(v["mean_active_experts"] * v["tokens"] for v in layers.values()) / tokens) if layers else 1.0
+    routing = summarize_routing(adapters.context.pop_stats(), cfg.has_tau)
+    layers = routing["layers"]
+    active = routing["overall"].get("mean_active_experts", 1.0)
     return {
         "dataset": dataset, "method": method, "seed": seed,
         "tau_max": (tau_max if tau_max is not None else 1 / N) if method == "adamole" else None,
@@ -219,7 +214,7 @@ def plot_layers(records: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from adamole_dist.plots import _block_index, short_name
+    from adamole_dist.ops.plots import _block_index, short_name
 
     fig, ax = plt.subplots(figsize=(9, 4))
     for d in sorted({r["dataset"] for r in records}):

@@ -27,14 +27,24 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from adamole_dist.adapters.inject import adapt_linear  # noqa: E402
+from adamole_dist.config.adapter import AdapterConfig  # noqa: E402
+from adamole_dist.parallel import collectives  # noqa: E402
+from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher  # noqa: E402
+from adamole_dist.parallel.layout import build_layout  # noqa: E402
+from adamole_dist.parallel.local_dispatcher import LocalDispatcher  # noqa: E402
+from adamole_dist.train.reporting import routing_over_ranks  # noqa: E402
 from benchmarks.records import write_records  # noqa: E402
-from adamole_dist import collectives  # noqa: E402
-from adamole_dist.balance import STAT_DROPPED, STAT_ROUTED, summarize_stats  # noqa: E402
-from adamole_dist.config import AdapterConfig  # noqa: E402
-from adamole_dist.dispatch import LocalDispatcher  # noqa: E402
-from adamole_dist.ep_dispatch import ExpertParallelDispatcher, expected_min_bytes  # noqa: E402
-from adamole_dist.inject import adapt_linear  # noqa: E402
-from adamole_dist.parallel import build_layout  # noqa: E402
+
+
+def expected_min_bytes(mask_TN: torch.Tensor, ep_size: int, me: int, in_features: int, out_features: int,
+                       element_size: int) -> int:
+    """Forward-pass minimum for this rank's tokens: each token once per distinct remote rank owning
+    one of its kept experts, D values there and O values back."""
+    T, N = mask_TN.shape
+    dests_TJ = mask_TN.view(T, ep_size, N // ep_size).any(-1)
+    remote = int(dests_TJ.sum().item()) - int(dests_TJ[:, me].sum().item())
+    return remote * (in_features + out_features) * element_size
 
 
 def all_sum(value: float) -> float:
@@ -55,7 +65,7 @@ def bench(args, ep_size: int) -> dict:
     torch.manual_seed(100 + rank)  # every rank its own tokens
     x = torch.randn(args.tokens_per_rank, args.hidden)
     grad = torch.randn(args.tokens_per_rank, args.hidden)
-    counters = getattr(dispatcher, "counters", None)
+    counters = dispatcher.counters
     steps, a2a, phases, sent, minimum = [], [], {}, [], []
     for it in range(args.warmup + args.steps):
         xx = x.clone().requires_grad_(True)
@@ -84,10 +94,8 @@ def bench(args, ep_size: int) -> dict:
         fwd_min = expected_min_bytes(kept, ep_size, layout.ep_rank, args.hidden, args.hidden, x.element_size()) \
             if ep_size > 1 else 0
         minimum.append(all_sum(2 * fwd_min))
-    stats = layer.context.pop_stats()[layer.adapter_name]
-    tokens = all_sum(stats[0].item())
-    dropped = all_sum(stats[STAT_DROPPED].item()) / max(all_sum(stats[STAT_ROUTED].item()), 1.0)
-    active = all_sum(summarize_stats(stats, False)["mean_active_experts"] * stats[0].item()) / max(tokens, 1.0)
+    overall = routing_over_ranks(layer.context.pop_stats(), has_tau=False)["layers"][layer.adapter_name]
+    dropped, active = overall["dropped_fraction"], overall["mean_active_experts"]
     med = lambda v: 1000 * statistics.median(v)  # noqa: E731
     return {
         "ep_size": ep_size, "world": world, "tokens_per_rank": args.tokens_per_rank, "hidden": args.hidden,

@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.records import write_records  # noqa: E402
+
 SYSTEMS = [("adamole_dist", "adamole"), ("adamole_dist", "lora"), ("peft", "lora")]
 
 

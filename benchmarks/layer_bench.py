@@ -23,12 +23,12 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.records import write_records  # noqa: E402
-from adamole_dist.balance import summarize_stats  # noqa: E402
-from adamole_dist.config import AdapterConfig  # noqa: E402
-from adamole_dist.experts import GROUPED_PAIR_COST, choose_compute_path  # noqa: E402
-from adamole_dist.inject import adapt_linear  # noqa: E402
+from adamole_dist.adapters.inject import adapt_linear  # noqa: E402
+from adamole_dist.config.adapter import AdapterConfig  # noqa: E402
+from adamole_dist.moe.experts import GROUPED_PAIR_COST, choose_compute_path  # noqa: E402
+from adamole_dist.moe.routing_stats import summarize_stats  # noqa: E402
 from benchmarks.loop_reference import LoopAdaMoLE  # noqa: E402
+from benchmarks.records import write_records  # noqa: E402
 
 MOE_METHODS = ["mole_topk", "mole_threshold", "sira", "adamole"]
 

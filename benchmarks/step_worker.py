@@ -33,20 +33,21 @@ from benchmarks.records import read_records, write_records  # noqa: E402
 # DeepSpeed calls torch.distributed functions that torch 2.13 deprecates, once per step.
 warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+.* is deprecated", category=FutureWarning)
 
-from adamole_dist import collectives  # noqa: E402
-from adamole_dist.config import AdapterConfig  # noqa: E402
-from adamole_dist.cost_model import (CommModel, Workload, measure_comm, measure_compute,  # noqa: E402
-                                     predict_expert_parallel, predict_replicated)
+from adamole_dist.adapters.inject import inject_adapters, weight_shape  # noqa: E402
+from adamole_dist.adapters.model_loading import load_model_and_tokenizer  # noqa: E402
+from adamole_dist.config.adapter import AdapterConfig  # noqa: E402
 from adamole_dist.data import load_examples  # noqa: E402
-from adamole_dist.dispatch import LocalDispatcher  # noqa: E402
-from adamole_dist.distributed import init_distributed  # noqa: E402
-from adamole_dist.ep_dispatch import ExpertParallelDispatcher  # noqa: E402
-from adamole_dist.expert_optim import ExpertOptimizer  # noqa: E402
-from adamole_dist.inject import inject_adapters, weight_shape  # noqa: E402
-from adamole_dist.modeling import load_model_and_tokenizer  # noqa: E402
-from adamole_dist.parallel import build_layout  # noqa: E402
-from adamole_dist.tasks import build_task  # noqa: E402
-from adamole_dist.trainer import param_bytes  # noqa: E402
+from adamole_dist.data.tasks import build_task  # noqa: E402
+from adamole_dist.moe.routing_stats import summarize_routing  # noqa: E402
+from adamole_dist.parallel import collectives  # noqa: E402
+from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher  # noqa: E402
+from adamole_dist.parallel.layout import build_layout  # noqa: E402
+from adamole_dist.parallel.local_dispatcher import LocalDispatcher  # noqa: E402
+from adamole_dist.parallel.placement import adapter_workload, calibrate, predict_expert_parallel, predict_replicated  # noqa: E402
+from adamole_dist.parallel.process_group import init_distributed  # noqa: E402
+from adamole_dist.train.expert_optimizer import ExpertOptimizer  # noqa: E402
+from adamole_dist.train.reporting import param_bytes  # noqa: E402
+from adamole_dist.train.step import PhaseClock, train_step  # noqa: E402
 
 TARGETS = ["query", "key", "value", "attention.output.dense"]
 N, R = 8, 4
@@ -129,7 +130,9 @@ def main() -> None:
                                  ep_group=layout.ep_group)
     task = build_task(task_type, tokenizer, args.max_length, device=engine.device)
     examples = load_examples("builtin:word_categories", "train")
-    counters = getattr(next(iter(adapters.layers.values())).dispatcher, "counters", None) if adapters else None
+    counters = next(iter(adapters.layers.values())).dispatcher.counters if adapters else None
+    aux_loss_coeff = adapters.cfg.aux_loss_coeff if adapters is not None else 0.0
+    clock = PhaseClock()
     phases: dict[str, list[float]] = {k: [] for k in ("step", "forward", "backward", "optimizer", "a2a", "zero_comm")}
     tokens = []
     engine.train()
@@ -140,22 +143,15 @@ def main() -> None:
         if counters is not None:
             counters.reset()
         collectives.barrier()
+        clock.reset()
         t0 = time.perf_counter()
-        loss = task.loss(engine, batch)
-        if adapters is not None and adapters.aux_loss() is not None:
-            loss = loss + 1e-3 * adapters.aux_loss()
-        t1 = time.perf_counter()
-        engine.backward(loss)
-        t2 = time.perf_counter()
-        engine.step()
-        expert_opt.step()
-        t3 = time.perf_counter()
+        train_step(engine, task, adapters, expert_opt, [batch], aux_loss_coeff, clock)  # the trainer's step
+        step_s = time.perf_counter() - t0
         if it < args.warmup:
             continue
-        phases["forward"].append(t1 - t0)
-        phases["backward"].append(t2 - t1)
-        phases["optimizer"].append(t3 - t2)
-        phases["step"].append(t3 - t0)
+        for phase in ("forward", "backward", "optimizer"):
+            phases[phase].append(clock.seconds[phase])
+        phases["step"].append(step_s)
         phases["a2a"].append(counters.a2a_seconds if counters else 0.0)
         phases["zero_comm"].append((comm_ms_total(comms_logger.comms_dict, ZERO_OPS) - zero_before) / 1000)
         tokens.append(float(batch["attention_mask"].sum()))
@@ -192,14 +188,11 @@ def main() -> None:
 
 def predict_this_run(adapters, tokens_per_rank: float, layout, world: int) -> dict:
     """Calibrate (compute on this rank, alpha/beta with gloo/NCCL here) and predict the expert part."""
-    stats = adapters.context.pop_stats()
-    active = sum(s[1].item() for s in stats.values()) / max(sum(s[0].item() for s in stats.values()), 1.0)
+    active = summarize_routing(adapters.context.pop_stats(), False)["overall"]["mean_active_experts"]
     layers = [weight_shape(layer.base_layer)[::-1] for layer in adapters.layers.values()]
-    comp = measure_compute(d=layers[0][0], tokens=int(tokens_per_rank), num_experts=N, rank=R)
+    w = adapter_workload(layers, adapters.cfg, int(tokens_per_rank), world, avg_active=active, act_bytes=4)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    comm = measure_comm(device=device) if world > 1 else CommModel()  # one rank: no communication to price
-    w = Workload(layers=layers, num_experts=N, rank=R, tokens_per_rank=int(tokens_per_rank), avg_active=active,
-                 world_size=world, act_bytes=4, grad_bytes=4)
+    comm, comp = calibrate(w, device, max_tokens=w.tokens_per_rank)
     out = {"avg_active": active, "calibration": {"dense_s_per_unit": comp.dense_s_per_unit,
                                                  "permute_s_per_byte": comp.permute_s_per_byte,
                                                  "alpha_s": comm.alpha_intra, "beta_Bps": comm.beta_intra,

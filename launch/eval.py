@@ -15,14 +15,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from adamole_dist.adapter_io import load_adapter, read_adapter_config  # noqa: E402
-from adamole_dist.balance import summarize_stats  # noqa: E402
-from adamole_dist.config import ConfigError  # noqa: E402
+from adamole_dist.adapters.files import load_adapter, read_adapter_config  # noqa: E402
+from adamole_dist.adapters.model_loading import load_model_and_tokenizer  # noqa: E402
+from adamole_dist.config.fields import ConfigError  # noqa: E402
 from adamole_dist.data import DataError, load_examples  # noqa: E402
-from adamole_dist.evaluate import evaluate_accuracy  # noqa: E402
-from adamole_dist.modeling import load_model_and_tokenizer  # noqa: E402
-from adamole_dist.tasks import build_task  # noqa: E402
-from adamole_dist.trainer import print_routing_table  # noqa: E402
+from adamole_dist.data.evaluate import evaluate_accuracy  # noqa: E402
+from adamole_dist.data.tasks import build_task  # noqa: E402
+from adamole_dist.moe.routing_stats import summarize_routing  # noqa: E402
+from adamole_dist.train.reporting import print_routing_table  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -58,12 +58,13 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     result = evaluate_accuracy(model, task, examples, args.batch_size)
-    has_tau = doc["adapter"]["method"] == "adamole"
-    layers = {n: summarize_stats(s, has_tau) for n, s in sorted(adapters.context.pop_stats().items())}
-    print(f"{dataset} [{split}]: accuracy {result['accuracy']:.4f} ({result['correct']}/{result['total']})")
-    print_routing_table(layers)
+    routing = summarize_routing(adapters.context.pop_stats(), adapters.cfg.has_tau)
+    print(f"{dataset} [{split}]: accuracy {result['accuracy']:.4f} ({result['correct']}/{result['total']})"
+          + (f" mean active experts {routing['overall']['mean_active_experts']:.2f}" if routing["layers"] else ""))
+    print_routing_table(routing["layers"])
     if args.json:
-        args.json.write_text(json.dumps({**result, "dataset": dataset, "split": split, "layers": layers}, indent=1))
+        args.json.write_text(json.dumps({**result, **routing["overall"], "dataset": dataset, "split": split,
+                                         "layers": routing["layers"]}, indent=1))
     return 0
 
 

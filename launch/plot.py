@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from adamole_dist.plots import plot_run  # noqa: E402
+from adamole_dist.ops.plots import plot_run  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -22,11 +22,10 @@ warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+.* is depre
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from adamole_dist.cli import parse_train_config  # noqa: E402
-from adamole_dist.config import ConfigError  # noqa: E402
+from adamole_dist.config.cli import parse_train_config  # noqa: E402
+from adamole_dist.config.fields import ConfigError  # noqa: E402
 from adamole_dist.data import DataError  # noqa: E402
-from adamole_dist.stopping import (EXIT_BAD_INPUT, EXIT_NON_FINITE, EXIT_PREEMPTED, NonFiniteLoss,  # noqa: E402
-                                   Preempted)
+from adamole_dist.ops.stopping import EXIT_BAD_INPUT, EXIT_NON_FINITE, EXIT_PREEMPTED, NonFiniteLoss, Preempted
 
 
 def main(argv=None) -> int:
@@ -34,7 +33,7 @@ def main(argv=None) -> int:
     debug = "--debug" in argv  # known before the options parse, so a parse error can show its traceback too
     try:
         cfg = parse_train_config(argv)
-        from adamole_dist.trainer import run_training
+        from adamole_dist.train.loop import run_training
 
         run_training(cfg)
     except (ConfigError, DataError) as e:

@@ -127,7 +127,7 @@ def dataset_with(tmp: Path, train_name: str, train_text: str) -> str:
 
 
 def resume_other_world(tmp: Path, out: Path) -> list[str]:
-    from adamole_dist.cli import parse_train_config
+    from adamole_dist.config.cli import parse_train_config
 
     args = ["--output_dir", str(out), *BASE, "--resume", "latest"]
     existing_run(out, parse_train_config(args).to_dict())  # the same options, written at world size 2
@@ -217,9 +217,9 @@ def test_eval_with_an_adapter_of_another_model_names_it(tmp_path):
     from tiny_models import write_tiny_bert
 
     from adamole_dist import AdapterConfig
-    from adamole_dist.adapter_io import adapter_state, save_adapter
-    from adamole_dist.inject import inject_adapters
-    from adamole_dist.modeling import load_model_and_tokenizer
+    from adamole_dist.adapters.files import adapter_state, save_adapter
+    from adamole_dist.adapters.inject import inject_adapters
+    from adamole_dist.adapters.model_loading import load_model_and_tokenizer
 
     narrow, wide = write_tiny_bert(tmp_path / "narrow", hidden=32), write_tiny_bert(tmp_path / "wide", hidden=48)
     model, *_ = load_model_and_tokenizer(str(narrow), "seq_cls")

@@ -1,4 +1,4 @@
-"""One home for collectives (adamole_dist/collectives.py): no other module of the project calls a
+"""One home for collectives (adamole_dist/parallel/collectives.py): no other module of the project calls a
 torch.distributed collective, and tensors go to the device the process group's backend serves
 (CUDA under NCCL alone, where a CPU tensor raises 'No backend type associated with device type cpu').
 
@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from adamole_dist import collectives
-from adamole_dist.collectives import COLLECTIVE_OPS, parse_backend_config, placement
+from adamole_dist.parallel import collectives
+from adamole_dist.parallel.collectives import COLLECTIVE_OPS, parse_backend_config, placement
 
 REPO = Path(__file__).resolve().parents[1]
 SCANNED = ["adamole_dist", "launch", "benchmarks"]
-HOME = REPO / "adamole_dist" / "collectives.py"
+HOME = REPO / "adamole_dist" / "parallel" / "collectives.py"
 DIST_MODULES = ("torch.distributed", "deepspeed.comm")
 
 
@@ -82,7 +82,7 @@ def test_no_module_but_collectives_py_calls_a_collective():
             found = direct_collectives(path.read_text())
             if found:
                 offenders[str(path.relative_to(REPO))] = found
-    assert not offenders, f"collectives outside adamole_dist/collectives.py: {offenders}"
+    assert not offenders, f"collectives outside adamole_dist/parallel/collectives.py: {offenders}"
     assert direct_collectives(HOME.read_text()), "collectives.py itself must be scanned and found"
 
 
@@ -130,7 +130,7 @@ CUDA_ONLY_GROUP = """
 import os, torch, torch.distributed as dist
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
 dist.init_process_group("cuda:gloo", rank=0, world_size=1)   # a group whose only backend serves CUDA
-from adamole_dist import collectives
+from adamole_dist.parallel import collectives
 try:
     dist.all_reduce(torch.ones(1))
     print("direct: ok")

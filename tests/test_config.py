@@ -6,10 +6,10 @@ import json
 import pytest
 
 from adamole_dist import AdapterConfig, ConfigError
-from adamole_dist.cli import parse_train_config
-from adamole_dist.ds_config import build_ds_config
-from adamole_dist.output_dir import check_output_dir, prepare_output_dir
-from adamole_dist.train_config import TrainConfig
+from adamole_dist.config.cli import parse_train_config
+from adamole_dist.config.deepspeed import build_ds_config
+from adamole_dist.config.training import TrainConfig
+from adamole_dist.ops.output_dir import check_output_dir, prepare_output_dir
 
 
 @pytest.mark.parametrize(
@@ -124,3 +124,27 @@ def test_output_dir_guard(tmp_path):
         check_output_dir(out, other, overwrite=False, resume="latest")
     continued = TrainConfig(output_dir=str(out), max_steps=999, ep_size=1).to_dict()
     check_output_dir(out, continued, overwrite=False, resume="latest")  # bookkeeping options may change
+
+
+@pytest.mark.parametrize("field, text, message", [
+    ("lr", "abc", "lr ('abc') must be a number"),
+    ("max_steps", "2.5", "max_steps ('2.5') must be an integer"),
+    ("tau_max", "big", "tau_max ('big') must be a number or null"),
+])
+def test_flags_and_recipes_take_one_coercion_path(tmp_path, field, text, message):
+    """argparse passes text; the dataclasses convert it: a flag and a recipe value fail alike."""
+    with pytest.raises(ConfigError) as from_flag:
+        parse_train_config([f"--{field}", text])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"{field}: '{text}'\n")
+    with pytest.raises(ConfigError) as from_recipe:
+        parse_train_config(["--config", str(recipe)])
+    assert message in str(from_flag.value) and message in str(from_recipe.value)
+
+
+def test_flag_text_converts_to_the_declared_types():
+    cfg = parse_train_config(["--tau_max", "none", "--capacity_factor", "0.5", "--ep_size", "auto",
+                              "--target_modules", "q_proj, v_proj", "--lr", "1e-3", "--max_steps", "7"])
+    assert cfg.adapter.tau_max is None and cfg.adapter.capacity_factor == 0.5 and cfg.ep_size == 0
+    assert cfg.adapter.target_modules == ["q_proj", "v_proj"] and cfg.lr == 1e-3 and cfg.max_steps == 7
+    assert isinstance(cfg.max_steps, int) and isinstance(cfg.lr, float)

@@ -2,8 +2,32 @@
 
 import pytest
 
-from adamole_dist.cost_model import (CommModel, ComputeModel, Workload, choose_ep_size, destination_fraction,
-                                     llama7b_workload, predict_all, predict_expert_parallel, predict_replicated)
+from adamole_dist.config.adapter import AdapterConfig
+from adamole_dist.parallel.placement import (
+    CommModel,
+    ComputeModel,
+    Workload,
+    adapter_workload,
+    choose_ep_size,
+    destination_fraction,
+    predict_all,
+    predict_expert_parallel,
+    predict_replicated,
+)
+
+
+def llama7b_workload(tokens_per_rank: int = 4096, world_size: int = 8, avg_active: float = 4.0) -> Workload:
+    """32 layers x q,k,v,o (4096 x 4096), 8 experts x r=4, bf16 activations: the worked example."""
+    return Workload(layers=[(4096, 4096)] * (32 * 4), num_experts=8, rank=4, tokens_per_rank=tokens_per_rank,
+                    avg_active=avg_active, world_size=world_size, act_bytes=2)
+
+
+def test_adapter_workload_takes_shapes_and_active_experts_from_the_config():
+    layers = [(384, 384)] * 4
+    w = adapter_workload(layers, AdapterConfig(method="mole_topk", num_experts=8, rank=4, top_k=2), 512, 4)
+    assert (w.num_experts, w.rank, w.avg_active, w.tokens_per_rank, w.world_size) == (8, 4, 2.0, 512, 4)
+    assert adapter_workload(layers, AdapterConfig(method="adamole", num_experts=8), 512, 4).avg_active == 4.0
+    assert adapter_workload(layers, AdapterConfig(method="adamole"), 512, 4, avg_active=3.2).avg_active == 3.2
 
 
 def test_llama7b_example_expert_gradients_and_token_traffic():

@@ -6,8 +6,7 @@ import re
 
 import pytest
 
-from adamole_dist.data import DataError, load_examples, load_records, to_examples
-from adamole_dist.data import synthetic
+from adamole_dist.data import DataError, load_examples, load_records, synthetic, to_examples
 from adamole_dist.data.formats import ALPACA, subsample
 
 BOOL_LEAD = "Please answer the following question with true or false, question: "

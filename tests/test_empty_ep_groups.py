@@ -13,9 +13,9 @@ from mp_harness import run_ranks
 from test_expert_parallel import tiny_llama
 
 from adamole_dist import AdapterConfig
-from adamole_dist.balance import STAT_ACTIVE, STAT_ROUTED
-from adamole_dist.dispatch import LocalDispatcher
-from adamole_dist.inject import inject_adapters
+from adamole_dist.adapters.inject import inject_adapters
+from adamole_dist.moe.routing_stats import STAT_ACTIVE, STAT_ROUTED
+from adamole_dist.parallel.local_dispatcher import LocalDispatcher
 
 pytestmark = pytest.mark.slow
 
@@ -58,8 +58,8 @@ def batch(world: int, padding_ranks: list[int]):
 
 
 def worker(rank, world, out):
-    from adamole_dist.ep_dispatch import ExpertParallelDispatcher
-    from adamole_dist.parallel import build_layout
+    from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher
+    from adamole_dist.parallel.layout import build_layout
 
     for name, (case_world, ep, options, padding) in CASES.items():
         if case_world != world:

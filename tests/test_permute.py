@@ -3,9 +3,16 @@ and the group-capacity helpers against the single-process capacity rule."""
 
 import torch
 
-from adamole_dist.capacity import (apply_capacity, expert_capacity, keep_by_cutoff, keep_within_quota,
-                                   position_quota, probs_candidates, probs_cutoff)
-from adamole_dist.permute import combine, pack, plan_dispatch, unpack
+from adamole_dist.moe.capacity import (
+    apply_capacity,
+    expert_capacity,
+    keep_by_cutoff,
+    keep_within_quota,
+    position_quota,
+    probs_candidates,
+    probs_cutoff,
+)
+from adamole_dist.moe.permute import combine, pack, plan_dispatch, unpack
 
 
 def simulate_exchange(plans_and_rows, me):

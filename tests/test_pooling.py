@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from adamole_dist.config import AdapterConfig, ConfigError
-from adamole_dist.inject import inject_adapters
-from adamole_dist.pooling import MaskedMeanPooler, apply_pooling
+from adamole_dist.adapters.inject import inject_adapters
+from adamole_dist.adapters.pooling import MaskedMeanPooler, apply_pooling
+from adamole_dist.config.adapter import AdapterConfig
+from adamole_dist.config.fields import ConfigError
 from tests.conftest import make_tiny_bert, make_tiny_llama
 
 

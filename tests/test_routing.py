@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from adamole_dist import AdapterConfig
-from adamole_dist.balance import load_balancing_loss, routing_stats, summarize_stats
-from adamole_dist.capacity import apply_capacity, expert_capacity, keep_by_position, keep_by_probs
-from adamole_dist.inject import adapt_linear
-from adamole_dist.routing import adamole_select, build_router, renormalize
+from adamole_dist.adapters.inject import adapt_linear
+from adamole_dist.moe.balance import load_balancing_loss
+from adamole_dist.moe.capacity import apply_capacity, expert_capacity, keep_by_position, keep_by_probs
+from adamole_dist.moe.routing import adamole_select, build_router, renormalize
+from adamole_dist.moe.routing_stats import routing_stats, summarize_stats
 
 N, D = 8, 16
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from adamole_dist.data import Example, to_examples
-from adamole_dist.tasks import IGNORE, CausalLMTask, ChoiceScoringTask, build_task
+from adamole_dist.data.tasks import IGNORE, CausalLMTask, ChoiceScoringTask, build_task
 
 MC_LEAD = "Please choose the correct answer to the question: "
 

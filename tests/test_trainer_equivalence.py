@@ -52,16 +52,13 @@ def config(model_dir: Path, out: Path, world: int, ep: int, method: str, capacit
 
 
 def train_cases(rank, world, cases):
-    from adamole_dist.distributed import init_distributed
-    from adamole_dist.train_config import TrainConfig
-    from adamole_dist.trainer import Trainer
+    from adamole_dist.config.training import TrainConfig
+    from adamole_dist.parallel.process_group import init_distributed
+    from adamole_dist.train.loop import train
 
     info = init_distributed()
     for kwargs in cases:
-        trainer = Trainer(TrainConfig(**kwargs), info)
-        trainer.setup()
-        trainer.train()
-        trainer.logger.close()
+        train(TrainConfig(**kwargs), info)  # build_run, then the Trainer's loop
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
-from adamole_dist.checkpoint import list_checkpoints, resolve_checkpoint, tag_for, write_latest
-from adamole_dist.expert_optim import ExpertOptimizer
-from adamole_dist.metrics import MetricsLogger, read_metrics
-from adamole_dist.sampler import ShardedBatches
-from adamole_dist.schedule import lr_lambda, warmup_steps_for
+from adamole_dist.data.sampler import ShardedBatches
+from adamole_dist.ops.metrics_log import MetricsLogger, read_metrics
+from adamole_dist.train.checkpoint import list_checkpoints, resolve_checkpoint, tag_for, write_latest
+from adamole_dist.train.expert_optimizer import ExpertOptimizer
+from adamole_dist.train.schedule import lr_lambda, warmup_steps_for
 
 
 def test_ranks_get_disjoint_equal_shards_of_one_permutation():
@@ -143,9 +143,10 @@ class CrashingEngine:
 
 
 def test_crash_mid_save_leaves_the_previous_checkpoint(tmp_path):
-    from adamole_dist import AdapterConfig, inject_adapters
-    from adamole_dist.checkpoint import save_checkpoint
     from conftest import make_tiny_llama
+
+    from adamole_dist import AdapterConfig, inject_adapters
+    from adamole_dist.train.checkpoint import save_checkpoint
 
     adapters = inject_adapters(make_tiny_llama(), AdapterConfig(num_experts=4, rank=2))
     opt = ExpertOptimizer(adapters.expert_parameters(), lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
@@ -169,9 +170,10 @@ def test_a_crash_while_re_saving_a_tag_leaves_latest_loadable(tmp_path, monkeypa
     The previous complete copy is found (and said so), and the next save puts it back in place."""
     import os
 
-    from adamole_dist import AdapterConfig, inject_adapters
-    from adamole_dist.checkpoint import resolve_latest, save_checkpoint
     from conftest import make_tiny_llama
+
+    from adamole_dist import AdapterConfig, inject_adapters
+    from adamole_dist.train.checkpoint import resolve_latest, save_checkpoint
 
     adapters = inject_adapters(make_tiny_llama(), AdapterConfig(num_experts=4, rank=2))
     opt = ExpertOptimizer(adapters.expert_parameters(), lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
@@ -202,7 +204,7 @@ def test_a_crash_while_re_saving_a_tag_leaves_latest_loadable(tmp_path, monkeypa
 
 
 def test_latest_naming_a_missing_checkpoint_falls_back_to_the_newest_complete(tmp_path):
-    from adamole_dist.checkpoint import resolve_latest
+    from adamole_dist.train.checkpoint import resolve_latest
 
     for step in (5, 10):
         (tmp_path / tag_for(step)).mkdir()
@@ -213,3 +215,32 @@ def test_latest_naming_a_missing_checkpoint_falls_back_to_the_newest_complete(tm
     assert chosen == tmp_path / tag_for(10) and "step_0000015" in note
     write_latest(tmp_path, tag_for(10))
     assert resolve_latest(tmp_path) == (tmp_path / tag_for(10), None)
+
+
+def test_checkpoints_and_adapter_files_store_experts_under_one_key_and_orientation():
+    """moe/experts.py's expert_key builds both; lora_B is (O x R) in both (the bank keeps R x O rows)."""
+    from conftest import make_tiny_llama
+
+    from adamole_dist import AdapterConfig, inject_adapters
+    from adamole_dist.adapters.files import adapter_state
+    from adamole_dist.train.checkpoint import expert_state, load_expert_state
+
+    adapters = inject_adapters(make_tiny_llama(), AdapterConfig(num_experts=4, rank=2))
+    for bank in adapters.expert_banks.values():
+        torch.nn.init.normal_(bank.lora_B)
+    opt = ExpertOptimizer(adapters.expert_parameters(), lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                          max_grad_norm=0.0, lr_lambda=lambda s: 1.0, world_size=1)
+    saved, exported = expert_state(adapters, opt), adapter_state(adapters)
+    expert_keys = [k for k in exported if ".experts." in k]
+    assert expert_keys and set(expert_keys) <= set(saved)
+    for k in expert_keys:
+        assert torch.equal(saved[k], exported[k]), k
+    name, bank = next(iter(adapters.expert_banks.items()))
+    O = bank.lora_B.shape[-1]
+    assert saved[f"{name}.experts.3.lora_B"].shape == (O, 2)
+    assert torch.equal(saved[f"{name}.experts.3.lora_B"], bank.lora_B[3].t())
+    before = bank.lora_B.detach().clone()
+    with torch.no_grad():
+        bank.lora_B.zero_()
+    load_expert_state(adapters, opt, saved)
+    assert torch.equal(bank.lora_B, before)

@@ -59,13 +59,12 @@ def worker(rank, port, out, ep_size):
     torch.set_num_threads(1)
     import deepspeed
 
-    from adamole_dist.distributed import init_distributed
-    from adamole_dist.expert_optim import ExpertOptimizer
-    from adamole_dist.inject import inject_adapters
-
-    from adamole_dist.dispatch import LocalDispatcher
-    from adamole_dist.ep_dispatch import ExpertParallelDispatcher
-    from adamole_dist.parallel import build_layout
+    from adamole_dist.adapters.inject import inject_adapters
+    from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher
+    from adamole_dist.parallel.layout import build_layout
+    from adamole_dist.parallel.local_dispatcher import LocalDispatcher
+    from adamole_dist.parallel.process_group import init_distributed
+    from adamole_dist.train.expert_optimizer import ExpertOptimizer
 
     init_distributed()
     layout = build_layout(ep_size, adapter_cfg().num_experts)
@@ -121,7 +120,7 @@ def test_base_partitioned_experts_not(zero3_result):
 
 
 def test_expert_grads_equal_single_process(zero3_result):
-    from adamole_dist.inject import inject_adapters
+    from adamole_dist.adapters.inject import inject_adapters
 
     model = tiny_llama()
     adapters = inject_adapters(model, adapter_cfg())

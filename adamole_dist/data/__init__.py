@@ -1,5 +1,7 @@
-"""Datasets: record formats and loading (formats.py), and the built-in generated task
-``builtin:word_categories`` (synthetic.py; imported lazily so ``python -m`` can run it cleanly)."""
+"""Data: record formats and loading (formats.py), the built-in generated task
+``builtin:word_categories`` (synthetic.py; imported lazily so ``python -m`` can run it cleanly),
+task types -- how a model is trained and scored on examples -- (tasks.py), evaluation
+(evaluate.py) and the rank-sharded sampler (sampler.py)."""
 
 from .formats import DataError, Example, load_examples, load_records, to_examples
 

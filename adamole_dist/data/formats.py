@@ -136,7 +136,7 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
 
 
 def _load_builtin(source: str, split: str) -> list[dict]:
-    from .synthetic import BUILTIN
+    from adamole_dist.data.synthetic import BUILTIN
 
     name = source[len(BUILTIN_PREFIX):]
     if name not in BUILTIN:

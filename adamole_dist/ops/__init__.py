@@ -1,0 +1,2 @@
+"""Operating a run: the peer watchdog, stop signals and exit codes, the output directory, atomic
+file writes, metrics sinks (JSONL/TensorBoard/wandb) and plots."""

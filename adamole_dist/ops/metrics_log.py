@@ -1,0 +1,73 @@
+"""Metrics sinks (rank 0 only): metrics.jsonl always, plus wandb or tensorboard on request."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from adamole_dist.ops.atomic_files import write_text_atomically
+
+
+def _flatten(prefix: str, value, out: dict) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}/{k}" if prefix else str(k), v, out)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        out[prefix] = value
+
+
+class MetricsLogger:
+    def __init__(self, output_dir: Path, report_to: str, *, enabled: bool, run_config: dict, project: str) -> None:
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self._wandb = None
+        self._tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if report_to == "wandb":
+            import wandb
+
+            self._wandb = wandb.init(project=project, dir=str(output_dir), config=run_config,
+                                     name=Path(output_dir).name, reinit="finish_previous")
+        elif report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+
+    def log(self, step: int, kind: str, metrics: dict) -> None:
+        """Append one record {step, kind, time, **metrics} (nested dicts kept in the JSONL)."""
+        if not self.enabled:
+            return
+        record = {"step": step, "kind": kind, "time": time.time(), **metrics}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record, allow_nan=True) + "\n")
+        flat: dict = {}
+        _flatten(kind, metrics, flat)
+        flat = {k: v for k, v in flat.items() if math.isfinite(v)}
+        if self._wandb is not None:
+            self._wandb.log(flat, step=step)
+        if self._tb is not None:
+            for k, v in flat.items():
+                self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(path: str | Path, last_step: int) -> None:
+    """Keep the records up to ``last_step`` (a resume discards the steps after its checkpoint), atomically."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    write_text_atomically(path, "".join(line + "\n" for line in kept))

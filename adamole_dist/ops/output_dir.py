@@ -1,0 +1,93 @@
+"""Guarding the output directory: never mix two runs' files, never lose a run to a bad retry,
+never half-write the run record.
+
+``check_output_dir`` runs before anything is written (and before the model loads): it refuses a
+directory that holds another run (unless --resume or --overwrite), a non-empty directory that is
+not one of our runs (even with --overwrite: it could be a parent folder of several runs), and a
+place this process cannot write. ``prepare_output_dir`` runs once the new run has validated; on
+--overwrite it moves the old run aside, writes the new run record, and only then deletes the old.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from adamole_dist.config.fields import ConfigError
+from adamole_dist.ops.atomic_files import write_text_atomically
+
+RUN_CONFIG = "run_config.json"
+
+
+def comparable(config: dict) -> dict:
+    """The parts of a run's config that must match to continue it (not bookkeeping options)."""
+    skip = {"resume", "overwrite", "output_dir", "max_steps", "epochs", "save_interval", "eval_interval",
+            "log_interval", "report_to", "keep_checkpoints", "eval_at_start", "peer_timeout", "comm_timeout",
+            "dist_backend", "debug", "ep_size"}  # experts reshard by global id, so a run may continue at another ep_size
+    return {k: v for k, v in config.items() if k not in skip}
+
+
+def check_writable(output_dir: Path) -> None:
+    """The output dir, or the nearest existing folder above it, must be a directory we can write."""
+    target = output_dir
+    while not target.exists():
+        if target.parent == target:
+            break
+        target = target.parent
+    if not target.is_dir():
+        raise ConfigError(f"output_dir ({output_dir}): {target} exists and is not a directory")
+    try:  # a real probe: permission bits say nothing for root or on read-only mounts
+        fd, probe = tempfile.mkstemp(prefix=".adamole-write-probe-", dir=target)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        what = "is not writable" if target == output_dir else f"cannot be created: {target} is not writable"
+        raise ConfigError(f"output_dir ({output_dir}) {what} ({e.strerror or e})") from None
+
+
+def check_output_dir(output_dir: Path, config: dict, *, overwrite: bool, resume: str) -> None:
+    """Refuse an output_dir that holds another run unless --overwrite or --resume says otherwise."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"output_dir ({output_dir}) exists and is not a directory")
+    check_writable(output_dir)
+    if not output_dir.exists() or not any(output_dir.iterdir()):
+        return
+    record = output_dir / RUN_CONFIG
+    if not record.is_file():
+        raise ConfigError(f"output_dir ({output_dir}) is not empty and holds no {RUN_CONFIG}: it is not one of "
+                          "our runs (--overwrite replaces only a run made by this trainer); choose another directory")
+    if overwrite:
+        return
+    try:
+        previous = json.loads(record.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"output_dir ({output_dir}): {record} cannot be read ({e}); pass --overwrite to "
+                          "replace that run") from None
+    if resume:
+        if comparable(previous) != comparable(config):
+            diff = sorted(k for k in set(comparable(previous)) | set(comparable(config))
+                          if comparable(previous).get(k) != comparable(config).get(k))
+            raise ConfigError(f"--resume: output_dir ({output_dir}) holds a run with different options "
+                              f"({', '.join(diff)}); resume with the same options or use another directory")
+        return
+    raise ConfigError(f"output_dir ({output_dir}) already holds a run; pass --resume latest to continue it or "
+                      "--overwrite to replace it")
+
+
+def prepare_output_dir(output_dir: Path, config: dict, *, overwrite: bool) -> None:
+    """Rank 0, once the new run has validated: replace the old run on --overwrite (moved aside first,
+    deleted after the new record is in place), then record the run's config atomically."""
+    output_dir = Path(output_dir)
+    old = None
+    if overwrite and output_dir.exists() and any(output_dir.iterdir()):
+        old = output_dir.with_name(f".{output_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        os.replace(output_dir, old)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(output_dir / RUN_CONFIG, json.dumps(config, indent=1, default=str))
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

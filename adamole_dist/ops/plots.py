@@ -1,0 +1,104 @@
+"""Figures from a run's metrics.jsonl: loss curves, the layer x expert load heatmap and the mean
+number of active experts per layer (as the AdaMoLE paper's Figures 2-3).
+
+    python launch/plot.py runs/default            # writes runs/default/plots/*.png
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from adamole_dist.ops.metrics_log import read_metrics
+
+
+def _block_index(name: str) -> tuple[int, str]:
+    numbers = re.findall(r"\.(\d+)\.", f".{name}.")
+    return (int(numbers[-1]) if numbers else -1, name)
+
+
+def short_name(name: str) -> str:
+    """'model.layers.3.self_attn.q_proj' -> 'L3 q_proj'; BERT 'attention.output.dense' -> 'L3 o'."""
+    block, _ = _block_index(name)
+    leaf = name.rsplit(".", 1)[-1]
+    if name.endswith("attention.output.dense"):
+        leaf = "attn.out"
+    return f"L{block} {leaf}" if block >= 0 else leaf
+
+
+def routing_layers(records: list[dict]) -> tuple[dict, str]:
+    """Per-layer routing statistics of the last eval (else the last training window)."""
+    for kind in ("eval", "train"):
+        with_layers = [r for r in records if r["kind"] == kind and r.get("layers")]
+        if with_layers:
+            return with_layers[-1]["layers"], f"{kind} at step {with_layers[-1]['step']}"
+    return {}, ""
+
+
+def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    run_dir = Path(run_dir)
+    out = Path(out_dir) if out_dir else run_dir / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    written = []
+
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    if not train:
+        raise ValueError(f"{run_dir / 'metrics.jsonl'} has no training records")
+    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 4), squeeze=False)
+    ax = axes[0, 0]
+    steps = [r["step"] for r in train]
+    ax.plot(steps, [r["task_loss"] for r in train], label="task loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("task loss")
+    ax2 = ax.twinx()
+    ax2.plot(steps, [r["aux_loss"] for r in train], color="tab:orange", alpha=0.7, label="aux loss")
+    ax2.set_ylabel("aux loss (unscaled)")
+    ax.set_title("training loss")
+    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], loc="upper right")
+    if evals:
+        axes[0, 1].plot([r["step"] for r in evals], [r["accuracy"] for r in evals], marker="o")
+        axes[0, 1].set_xlabel("optimizer step")
+        axes[0, 1].set_ylabel("held-out accuracy")
+        axes[0, 1].set_ylim(0, 1)
+        axes[0, 1].set_title("evaluation")
+    fig.tight_layout()
+    written.append(out / "loss.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    layers, source = routing_layers(records)
+    if layers:
+        names = sorted(layers, key=_block_index)
+        load = np.array([layers[n]["expert_load"] for n in names])
+        fig, ax = plt.subplots(figsize=(1.2 + 0.45 * load.shape[1], 1.5 + 0.28 * len(names)))
+        im = ax.imshow(load, aspect="auto", cmap="viridis")
+        ax.set_yticks(range(len(names)), [short_name(n) for n in names], fontsize=7)
+        ax.set_xticks(range(load.shape[1]))
+        ax.set_xlabel("expert")
+        ax.set_title(f"expert load share per layer ({source})", fontsize=9)
+        fig.colorbar(im, ax=ax, label="share of routed pairs")
+        fig.tight_layout()
+        written.append(out / "expert_load.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+
+        active = [layers[n]["mean_active_experts"] for n in names]
+        fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(names)), 4))
+        ax.bar(range(len(names)), active, color="tab:blue")
+        ax.set_xticks(range(len(names)), [short_name(n) for n in names], rotation=90, fontsize=7)
+        ax.set_ylabel("mean active experts per token")
+        ax.set_title(f"active experts by layer ({source})", fontsize=9)
+        fig.tight_layout()
+        written.append(out / "active_experts.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written

@@ -1,0 +1,118 @@
+"""Why a run stops early, and the exit codes launch/train.py maps them to.
+
+Stop requests (SIGTERM from SLURM's --signal or a preemption, SIGUSR1, a first Ctrl-C/SIGINT --
+a second one interrupts at once --, and the deepspeed launcher going away): the handler only
+sets a flag; the training loop agrees on it across ranks after each optimizer step, writes a
+checkpoint and leaves with EXIT_PREEMPTED so the job script can requeue.
+
+The deepspeed runner (``deepspeed ...``) dies at once on SIGTERM without telling its child
+``deepspeed.launcher.launch``, which goes on running the ranks; so under that launcher each rank
+watches its parent (launch.py) and grandparent (the runner) and treats either one's exit as a
+stop request (``LauncherWatch``).
+Before any rank leaves, rank 0 also writes PREEMPTED_MARKER into the output dir: under
+``srun --kill-on-bad-exit`` the first rank to exit 75 gets the others killed, so srun's own exit
+code may be 143 instead of 75, and the job script needs a sign that does not race.
+A non-finite loss stops every rank at the same step (the check is all-reduced)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+from adamole_dist.ops.atomic_files import write_text_atomically
+
+EXIT_BAD_INPUT = 2
+EXIT_NON_FINITE = 3
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again (resume from the checkpoint just written)
+PREEMPTED_MARKER = "preempted.json"  # launch/slurm/train.sbatch removes it before srun, reads it after
+
+
+def write_preempted_marker(output_dir: Path, step: int, checkpoint, signum: int | None) -> None:
+    """Atomically record that this run stopped for a requeue after writing ``checkpoint``."""
+    record = {"step": step, "checkpoint": str(checkpoint),
+              "signal": signal.Signals(signum).name if signum else None}
+    write_text_atomically(Path(output_dir) / PREEMPTED_MARKER, json.dumps(record))
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class Preempted(Exception):
+    def __init__(self, step: int, checkpoint) -> None:
+        super().__init__(f"stop requested by signal: checkpoint at step {step} written to {checkpoint}; "
+                         "continue with --resume latest")
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+class StopSignal:
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+
+    def install(self) -> "StopSignal":
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
+        LauncherWatch(self).start()
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def request(self, signum: int) -> None:
+        """A stop request that did not come as a signal to this process (see LauncherWatch)."""
+        if self.received is None:
+            self.received = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+
+def _parent_of(pid: int) -> int | None:
+    """The parent pid of ``pid`` from /proc (None where there is no /proc or no such process)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class LauncherWatch:
+    """Under the deepspeed launcher: a stop request (as SIGTERM) when launch.py or the runner exits."""
+
+    def __init__(self, stop: StopSignal, interval_s: float = 1.0) -> None:
+        self.stop = stop
+        self.interval_s = interval_s
+        self.launch = os.getppid()
+        self.runner = _parent_of(self.launch)
+
+    def applies(self) -> bool:
+        return self.runner is not None and "deepspeed.launcher.launch" in _cmdline(self.launch)
+
+    def start(self) -> "LauncherWatch":
+        if self.applies():
+            threading.Thread(target=self._run, name="launcher-watch", daemon=True).start()
+        return self
+
+    def _run(self) -> None:
+        while not self.stop.requested:
+            time.sleep(self.interval_s)
+            if os.getppid() != self.launch or _parent_of(self.launch) != self.runner:
+                self.stop.request(signal.SIGTERM)

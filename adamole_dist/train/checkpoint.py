@@ -1,0 +1,278 @@
+"""Training checkpoints: DeepSpeed engine state + expert banks + trainer state + RNG, atomically.
+
+Layout of ``<output_dir>/checkpoints/step_0000100/``:
+    DeepSpeed's files (engine module/optimizer/scheduler, frozen base excluded)
+    experts_ep<k>.safetensors   expert params and AdamW moments keyed by global expert id
+    trainer_state.json          step, data position, config
+    balance_bias.safetensors    aux-loss-free balancing biases (when enabled)
+    rng_rank<r>.pt              each rank's RNG states (dropout, data order)
+Everything is written under a hidden temporary tag and renamed into place by rank 0 after a
+barrier; ``latest`` is replaced atomically last. A crash mid-save leaves the previous
+checkpoint and ``latest`` untouched. Re-saving an existing tag moves the old copy aside
+(``.replaced_step_N``) before the new one is renamed in, and deletes it only after: a crash in
+between leaves a complete copy, which ``resolve_checkpoint`` finds (and the next save restores).
+Before loading, every rank checks that every file of the checkpoint reads (``check_readable``),
+so a corrupt file is named, with the newest other complete checkpoint, instead of failing inside
+a collective load on one rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from adamole_dist.adapters.handle import Adapters
+from adamole_dist.config.training import STATE_FILE
+from adamole_dist.moe.experts import EXPERT_TENSORS, expert_key, from_file_orientation, to_file_orientation
+from adamole_dist.ops.atomic_files import write_text_atomically
+from adamole_dist.parallel import collectives
+from adamole_dist.train.expert_optimizer import ExpertOptimizer
+
+LATEST = "latest"
+BIAS_FILE = "balance_bias.safetensors"
+TAG_RE = re.compile(r"^step_(\d+)$")
+REPLACED = ".replaced_"  # prefix of a tag moved aside while its re-save is renamed in
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def expert_state(adapters: Adapters, opt: ExpertOptimizer) -> dict[str, torch.Tensor]:
+    """Expert params and their AdamW state, one entry per global expert id (moe/experts.py: expert_key,
+    file orientation)."""
+    out: dict[str, torch.Tensor] = {}
+    state = opt.optimizer.state if opt.optimizer is not None else {}
+    for name, bank in adapters.expert_banks.items():
+        for tensor in EXPERT_TENSORS:
+            p = getattr(bank, tensor)
+            moments = state.get(p, {})
+            for i, gid in enumerate(bank.expert_ids):
+                key = expert_key(name, gid, tensor)
+                out[key] = to_file_orientation(tensor, p[i].detach()).cpu().contiguous()
+                for m in ("exp_avg", "exp_avg_sq"):
+                    if m in moments:
+                        out[f"{key}.{m}"] = to_file_orientation(tensor, moments[m][i].detach()).cpu().contiguous()
+                if "step" in moments:
+                    out[f"{key}.step"] = torch.as_tensor(moments["step"], dtype=torch.float64).reshape(1).cpu()
+    return out
+
+
+def load_expert_state(adapters: Adapters, opt: ExpertOptimizer, tensors: dict[str, torch.Tensor]) -> bool:
+    """Load this rank's experts by global id; returns whether optimizer moments were restored."""
+    restored = True
+
+    def rows(keys: list[str], tensor: str, suffix: str = "") -> torch.Tensor:
+        return torch.stack([from_file_orientation(tensor, tensors[k + suffix]) for k in keys])
+
+    with torch.no_grad():
+        for name, bank in adapters.expert_banks.items():
+            for tensor in EXPERT_TENSORS:
+                p = getattr(bank, tensor)
+                keys = [expert_key(name, gid, tensor) for gid in bank.expert_ids]
+                missing = [k for k in keys if k not in tensors]
+                if missing:
+                    raise KeyError(f"checkpoint lacks expert tensors, e.g. {missing[0]!r}")
+                p.copy_(rows(keys, tensor))
+                if opt.optimizer is None:
+                    continue
+                if all(f"{k}.exp_avg" in tensors for k in keys):
+                    opt.optimizer.state[p] = {
+                        "step": torch.tensor(float(tensors[f"{keys[0]}.step"].item())),
+                        "exp_avg": rows(keys, tensor, ".exp_avg").to(p.device, p.dtype),
+                        "exp_avg_sq": rows(keys, tensor, ".exp_avg_sq").to(p.device, p.dtype),
+                    }
+                else:
+                    restored = False
+    return restored
+
+
+def balance_biases(adapters: Adapters) -> dict[str, torch.Tensor]:
+    """Aux-loss-free balancing biases (identical on every rank)."""
+    return {f"{name}.router.selection_bias": r.selection_bias.detach().cpu().clone()
+            for name, r in adapters.routers().items() if r.selection_bias is not None}
+
+
+def load_balance_biases(adapters: Adapters, tensors: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, r in adapters.routers().items():
+            if r.selection_bias is not None:
+                r.selection_bias.copy_(tensors[f"{name}.router.selection_bias"])
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def write_latest(root: Path, tag: str) -> None:
+    write_text_atomically(root / LATEST, tag)
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name))
+
+
+def is_complete(ckpt: Path) -> bool:
+    """Renamed into place only when every rank had written its part; the trainer state is rank 0's."""
+    return (Path(ckpt) / STATE_FILE).is_file()
+
+
+def step_of(ckpt: Path) -> int:
+    return int(Path(ckpt).name.removeprefix(REPLACED).split("_")[1])
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first, including a copy moved aside by an interrupted re-save."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name.removeprefix(REPLACED))
+             and is_complete(p)]
+    return sorted(found, key=lambda p: (step_of(p), not p.name.startswith(REPLACED)))
+
+
+def resolve_checkpoint(root: Path, resume: str) -> Path | None:
+    """'latest' -> the checkpoint named by root/latest (None if there is none yet); else the path.
+    When ``latest`` names a missing or incomplete checkpoint, see ``resolve_latest``."""
+    if resume != LATEST:
+        return Path(resume)
+    return resolve_latest(root)[0]
+
+
+def resolve_latest(root: Path) -> tuple[Path | None, str | None]:
+    """(the checkpoint to resume from, a note when it is not the one ``latest`` names)."""
+    pointer = root / LATEST
+    named = root / pointer.read_text().strip() if pointer.is_file() else None
+    if named is not None and is_complete(named):
+        return named, None
+    complete = complete_checkpoints(root)
+    if not complete:
+        if named is not None:
+            raise FileNotFoundError(f"{pointer} names {named.name}, which is missing or incomplete, and {root} "
+                                    "holds no complete checkpoint")
+        return None, None
+    chosen = complete[-1]
+    why = f"'latest' names {named.name}, which is missing or incomplete" if named is not None else \
+        "there is no 'latest' pointer"
+    return chosen, f"{why}; using the newest complete checkpoint, {chosen}"
+
+
+def check_readable(ckpt: Path) -> str | None:
+    """None if every file of the checkpoint reads, else 'file: error' for the first that does not."""
+    for f in sorted(Path(ckpt).rglob("*")):
+        if not f.is_file():
+            continue
+        try:
+            if f.suffix == ".pt":
+                torch.load(f, map_location="cpu", weights_only=False, mmap=True)
+            elif f.suffix == ".safetensors":
+                load_file(str(f))
+            elif f.suffix == ".json":
+                json.loads(f.read_text())
+        except Exception as e:  # torch/safetensors/json raise many types for a damaged file
+            return f"{f}: {type(e).__name__}: {str(e).strip()[:200]}"
+    return None
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    engine,
+    adapters: Adapters,
+    expert_opt: ExpertOptimizer,
+    trainer_state: dict,
+    *,
+    rank: int,
+    expert_writer: bool,
+    expert_shard: int,
+    keep: int,
+) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    root = Path(root)
+    tag = tag_for(step)
+    tmp_tag = f".tmp_{tag}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp_step_*"):  # left by a save that crashed
+            shutil.rmtree(stale, ignore_errors=True)
+        restore_replaced(root)
+    collectives.barrier()
+    engine.save_checkpoint(str(root), tag=tmp_tag, client_state={}, save_latest=False,
+                           exclude_frozen_parameters=True)
+    tmp_dir = root / tmp_tag
+    if expert_writer and adapters.expert_banks:
+        save_file(expert_state(adapters, expert_opt), str(tmp_dir / f"experts_ep{expert_shard}.safetensors"))
+    torch.save(rng_state(), tmp_dir / f"rng_rank{rank}.pt")
+    if rank == 0:
+        (tmp_dir / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
+        biases = balance_biases(adapters)
+        if biases:
+            save_file(biases, str(tmp_dir / BIAS_FILE))
+    collectives.barrier()
+    final = root / tag
+    if rank == 0:
+        aside = root / f"{REPLACED}{tag}"
+        if final.exists():  # a re-save: the old copy stays complete until the new one is in place
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(final, aside)
+        os.replace(tmp_dir, final)
+        write_latest(root, tag)
+        shutil.rmtree(aside, ignore_errors=True)
+        for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    collectives.barrier()
+    return final
+
+
+def restore_replaced(root: Path) -> None:
+    """After a re-save that crashed between its renames: put the complete old copy back in place."""
+    for aside in root.glob(f"{REPLACED}step_*"):
+        final = root / aside.name.removeprefix(REPLACED)
+        if not final.exists() and is_complete(aside):
+            os.replace(aside, final)
+        else:
+            shutil.rmtree(aside, ignore_errors=True)
+
+
+def load_checkpoint(ckpt: Path, engine, adapters: Adapters, expert_opt: ExpertOptimizer, *, rank: int) -> dict:
+    """Restore engine, experts, RNG; returns the trainer state saved with the checkpoint."""
+    ckpt = Path(ckpt)
+    state_file = ckpt / STATE_FILE
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{ckpt} is not a complete checkpoint (no {STATE_FILE})")
+    load_path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_module_strict=False)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {ckpt}")
+    if adapters.expert_banks:
+        tensors: dict[str, torch.Tensor] = {}
+        for f in sorted(ckpt.glob("experts_ep*.safetensors")):
+            tensors.update(load_file(str(f)))
+        load_expert_state(adapters, expert_opt, tensors)
+    if (ckpt / BIAS_FILE).is_file():
+        load_balance_biases(adapters, load_file(str(ckpt / BIAS_FILE)))
+    trainer_state = json.loads(state_file.read_text())
+    expert_opt.set_step(trainer_state["step"])
+    rng_file = ckpt / f"rng_rank{rank}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return trainer_state

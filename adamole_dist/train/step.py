@@ -1,0 +1,77 @@
+"""The training step. Every loop calls it: the Trainer, benchmarks/step_worker.py (timing each
+phase through a PhaseClock) and benchmarks/accuracy.py (through a one-process engine).
+
+``engine`` is anything shaped like DeepSpeed's engine: ``engine(**batch)`` through ``task.loss``,
+``backward(loss)`` and ``step()`` per micro batch (the update applies at the accumulation
+boundary), ``get_global_grad_norm()`` after it. The expert banks that live outside the engine
+(docs/zero3_experts.md) step after the engine, then the aux-loss-free balance bias moves.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from adamole_dist.adapters.handle import Adapters
+from adamole_dist.parallel import collectives
+
+
+def micro_batch_loss(model, task, adapters: Adapters | None, batch: dict,
+                     aux_loss_coeff: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(task loss + coeff x aux loss, task loss, aux loss or None) of one micro batch."""
+    task_loss = task.loss(model, batch)
+    aux = adapters.aux_loss() if adapters is not None else None
+    total = task_loss + aux_loss_coeff * aux if aux is not None else task_loss
+    return total, task_loss, aux
+
+
+@dataclass
+class PhaseClock:
+    """Wall seconds per phase of the last step (forward, backward, optimizer), for benchmarks."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def phase(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def reset(self) -> None:
+        self.seconds = {}
+
+
+@contextmanager
+def _untimed(name: str):
+    yield
+
+
+def train_step(engine, task, adapters: Adapters | None, expert_opt, micro_batches: list[dict],
+               aux_loss_coeff: float, clock: PhaseClock | None = None) -> dict:
+    """One optimizer step over the accumulation's micro batches; returns the mean task and aux
+    losses over them, the engine's gradient norm and the experts' (0.0 where there is none)."""
+    phase = clock.phase if clock is not None else _untimed
+    task_sum, aux_sum = 0.0, 0.0
+    for batch in micro_batches:
+        with phase("forward"):
+            loss, task_loss, aux = micro_batch_loss(engine, task, adapters, batch, aux_loss_coeff)
+        with phase("backward"):
+            engine.backward(loss)
+        with phase("optimizer"):
+            engine.step()
+        task_sum += task_loss.item()
+        aux_sum += aux.item() if aux is not None else 0.0
+    with phase("optimizer"):
+        expert_norm = expert_opt.step() if expert_opt is not None else None
+        if adapters is not None:
+            adapters.update_balance_bias(collectives.all_reduce_sum)
+    n = len(micro_batches)
+    engine_norm = engine.get_global_grad_norm()
+    return {"task_loss": task_sum / n, "aux_loss": aux_sum / n,
+            "grad_norm": float(engine_norm) if engine_norm is not None else 0.0,
+            "expert_grad_norm": expert_norm if expert_norm is not None else 0.0}
