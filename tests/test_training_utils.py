@@ -244,3 +244,23 @@ def test_checkpoints_and_adapter_files_store_experts_under_one_key_and_orientati
         bank.lora_B.zero_()
     load_expert_state(adapters, opt, saved)
     assert torch.equal(bank.lora_B, before)
+
+
+def test_expert_shards_of_either_orientation_read_in_file_orientation(tmp_path):
+    """Shards from before lora_B was stored O x R (no metadata, bank rows R x O) still resume."""
+    from safetensors.torch import save_file
+
+    from adamole_dist.train.checkpoint import EXPERT_SHARD_METADATA, read_expert_shards
+
+    B_RO = torch.arange(6.0).reshape(2, 3)  # rank 2, 3 output features
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir(), new.mkdir()
+    save_file({"m.experts.0.lora_B": B_RO, "m.experts.0.lora_B.exp_avg": B_RO + 1,
+               "m.experts.0.lora_B.step": torch.ones(1, dtype=torch.float64), "m.experts.0.lora_A": B_RO.clone()},
+              str(old / "experts_ep0.safetensors"))
+    save_file({"m.experts.0.lora_B": B_RO.t().contiguous(), "m.experts.0.lora_A": B_RO.clone()},
+              str(new / "experts_ep0.safetensors"), metadata=EXPERT_SHARD_METADATA)
+    got_old, got_new = read_expert_shards(old), read_expert_shards(new)
+    assert torch.equal(got_old["m.experts.0.lora_B"], B_RO.t()) and torch.equal(got_new["m.experts.0.lora_B"], B_RO.t())
+    assert torch.equal(got_old["m.experts.0.lora_B.exp_avg"], (B_RO + 1).t())
+    assert torch.equal(got_old["m.experts.0.lora_A"], B_RO) and got_old["m.experts.0.lora_B.step"].shape == (1,)

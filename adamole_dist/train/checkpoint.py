@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from adamole_dist.adapters.handle import Adapters
@@ -93,6 +94,25 @@ def load_expert_state(adapters: Adapters, opt: ExpertOptimizer, tensors: dict[st
                 else:
                     restored = False
     return restored
+
+
+# Shards written since lora_B is stored in file orientation (O x R) say so; older shards (no
+# metadata) kept the bank's rows (R x O) and are turned on reading, so their runs still resume.
+EXPERT_SHARD_METADATA = {"lora_B": "out_x_rank"}
+
+
+def read_expert_shards(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Every EP shard's expert tensors of a checkpoint, in file orientation."""
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(ckpt).glob("experts_ep*.safetensors")):
+        with safe_open(str(f), framework="pt") as shard:
+            legacy = (shard.metadata() or {}).get("lora_B") != EXPERT_SHARD_METADATA["lora_B"]
+            for key in shard.keys():
+                t = shard.get_tensor(key)
+                if legacy and ".lora_B" in key and not key.endswith(".step"):
+                    t = t.t().contiguous()
+                tensors[key] = t
+    return tensors
 
 
 def balance_biases(adapters: Adapters) -> dict[str, torch.Tensor]:
@@ -221,7 +241,8 @@ def save_checkpoint(
                            exclude_frozen_parameters=True)
     tmp_dir = root / tmp_tag
     if expert_writer and adapters.expert_banks:
-        save_file(expert_state(adapters, expert_opt), str(tmp_dir / f"experts_ep{expert_shard}.safetensors"))
+        save_file(expert_state(adapters, expert_opt), str(tmp_dir / f"experts_ep{expert_shard}.safetensors"),
+                  metadata=EXPERT_SHARD_METADATA)
     torch.save(rng_state(), tmp_dir / f"rng_rank{rank}.pt")
     if rank == 0:
         (tmp_dir / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
@@ -264,10 +285,7 @@ def load_checkpoint(ckpt: Path, engine, adapters: Adapters, expert_opt: ExpertOp
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {ckpt}")
     if adapters.expert_banks:
-        tensors: dict[str, torch.Tensor] = {}
-        for f in sorted(ckpt.glob("experts_ep*.safetensors")):
-            tensors.update(load_file(str(f)))
-        load_expert_state(adapters, expert_opt, tensors)
+        load_expert_state(adapters, expert_opt, read_expert_shards(ckpt))
     if (ckpt / BIAS_FILE).is_file():
         load_balance_biases(adapters, load_file(str(ckpt / BIAS_FILE)))
     trainer_state = json.loads(state_file.read_text())
