@@ -214,14 +214,14 @@ def plot_layers(records: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from adamole_dist.ops.plots import _block_index, short_name
+    from adamole_dist.ops.plots import block_index, short_name
 
     fig, ax = plt.subplots(figsize=(9, 4))
     for d in sorted({r["dataset"] for r in records}):
         rs = [r for r in records if r["dataset"] == d and r["method"] == "adamole" and abs(r["tau_max"] - 1 / N) < 1e-9]
         if not rs:
             continue
-        names = sorted(rs[0]["active_by_layer"], key=_block_index)
+        names = sorted(rs[0]["active_by_layer"], key=block_index)
         means = [statistics.mean(r["active_by_layer"][n] for r in rs) for n in names]
         ax.plot(range(len(names)), means, marker="o", label=d)
         ax.set_xticks(range(len(names)), [short_name(n) for n in names], rotation=90, fontsize=7)

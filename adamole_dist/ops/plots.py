@@ -12,14 +12,15 @@ from pathlib import Path
 from adamole_dist.ops.metrics_log import read_metrics
 
 
-def _block_index(name: str) -> tuple[int, str]:
+def block_index(name: str) -> tuple[int, str]:
+    """Sort key of a module name by its transformer block number (the last numeric component)."""
     numbers = re.findall(r"\.(\d+)\.", f".{name}.")
     return (int(numbers[-1]) if numbers else -1, name)
 
 
 def short_name(name: str) -> str:
     """'model.layers.3.self_attn.q_proj' -> 'L3 q_proj'; BERT 'attention.output.dense' -> 'L3 o'."""
-    block, _ = _block_index(name)
+    block, _ = block_index(name)
     leaf = name.rsplit(".", 1)[-1]
     if name.endswith("attention.output.dense"):
         leaf = "attn.out"
@@ -77,7 +78,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
 
     layers, source = routing_layers(records)
     if layers:
-        names = sorted(layers, key=_block_index)
+        names = sorted(layers, key=block_index)
         load = np.array([layers[n]["expert_load"] for n in names])
         fig, ax = plt.subplots(figsize=(1.2 + 0.45 * load.shape[1], 1.5 + 0.28 * len(names)))
         im = ax.imshow(load, aspect="auto", cmap="viridis")
