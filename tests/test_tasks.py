@@ -74,6 +74,21 @@ def ids(tokenizer, text: str) -> list[int]:
 
 
 # -- causal LM: collation ---------------------------------------------------------------------------
+@pytest.mark.parametrize("extra", [1, 5, 40])
+def test_a_prompt_that_fits_is_kept_whole(tokenizer, extra):
+    """max_length between the row's length and twice it (where a negative slice start cut the
+    prompt to its last ``extra`` tokens): the whole prompt survives, in training and scoring."""
+    ex = instruction_examples()[0]
+    prompt, target = ids(tokenizer, ex.prompt), ids(tokenizer, ex.target)
+    eos = CausalLMTask(tokenizer, max_length=64).eos
+    whole = 1 + len(prompt) + len(target) + len(eos)  # [CLS] + prompt + target + eos
+    task = CausalLMTask(tokenizer, max_length=whole + extra)
+    row = task.collate([ex])["input_ids"][0].tolist()
+    assert row[1 : 1 + len(prompt)] == prompt and len(row) == whole
+    assert task.encode_prompt(ex.prompt, 1 + len(prompt) + extra) == [tokenizer.cls_token_id] + prompt
+    assert len(prompt) > extra  # the old slice would have kept only the last `extra` tokens
+
+
 def test_answer_only_labels(tokenizer):
     task = CausalLMTask(tokenizer, max_length=256, loss_on="answer")
     exs = instruction_examples()

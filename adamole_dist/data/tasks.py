@@ -74,8 +74,9 @@ def mask_of(seqs: list[list[int]]) -> torch.Tensor:
 
 
 def tail(ids: list[int], n: int) -> list[int]:
-    """The last ``n`` ids (none for n <= 0; ``ids[-0:]`` would be all of them)."""
-    return ids[len(ids) - n:] if n > 0 else []
+    """The last ``n`` ids: all of them when there are fewer, none for n <= 0 (``ids[-0:]`` would be
+    all of them, and a negative start would keep only the last n - len(ids))."""
+    return ids[max(len(ids) - n, 0):] if n > 0 else []
 
 
 # -- causal LM --------------------------------------------------------------------------------------
