@@ -148,3 +148,16 @@ def test_flag_text_converts_to_the_declared_types():
     assert cfg.adapter.tau_max is None and cfg.adapter.capacity_factor == 0.5 and cfg.ep_size == 0
     assert cfg.adapter.target_modules == ["q_proj", "v_proj"] and cfg.lr == 1e-3 and cfg.max_steps == 7
     assert isinstance(cfg.max_steps, int) and isinstance(cfg.lr, float)
+
+
+def test_a_run_recorded_before_an_option_existed_still_resumes(tmp_path):
+    """An option added later (lm_framing) is absent from an older run's record: it counts as its default."""
+    out = tmp_path / "run"
+    config = TrainConfig(output_dir=str(out)).to_dict()
+    older = {k: v for k, v in config.items() if k != "lm_framing"}
+    older["adapter"] = {k: v for k, v in config["adapter"].items() if k != "compute_path"}
+    prepare_output_dir(out, older, overwrite=False)
+    check_output_dir(out, config, overwrite=False, resume="latest")
+    changed = TrainConfig(output_dir=str(out), lm_framing="question_answer").to_dict()
+    with pytest.raises(ConfigError, match="different options.*lm_framing"):
+        check_output_dir(out, changed, overwrite=False, resume="latest")

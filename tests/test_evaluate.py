@@ -164,3 +164,28 @@ def test_batches_group_similar_lengths_without_changing_counts():
     task = RecordingTask(preds)
     assert evaluate_accuracy(StubModel(), task, examples, batch_size=4) == {"accuracy": 3 / 8, "correct": 3, "total": 8}
     assert task.batches == [[2, 3, 4, 5], [7, 8, 9, 10]]  # the four shortest together, then the rest
+
+
+def test_eval_script_scores_a_base_model_zero_shot(tmp_path):
+    """launch/eval.py without --adapter: the base model as it is, with the harness framing's acc_norm."""
+    import json
+    import subprocess
+    import sys
+
+    from launch_utils import REPO, launch_env
+    from tiny_models import write_tiny_llama
+
+    model = write_tiny_llama(tmp_path / "llama")
+    out = tmp_path / "zs.json"
+    cmd = [sys.executable, str(REPO / "launch" / "eval.py"), "--model", str(model), "--dataset",
+           "builtin:word_categories", "--max_examples", "6", "--lm_framing", "question_answer", "--json", str(out)]
+    proc = subprocess.run(cmd, env=launch_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "zero-shot" in proc.stdout and "acc_norm" in proc.stdout
+    doc = json.loads(out.read_text())
+    assert doc["zero_shot"] is True and doc["lm_framing"] == "question_answer" and doc["total"] == 6
+    assert 0.0 <= doc["acc_norm"] <= 1.0 and doc["layers"] == {}
+    no_model = subprocess.run(cmd[:2] + ["--dataset", "builtin:word_categories"], env=launch_env(), cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+    assert no_model.returncode == 2 and "--model is required without --adapter" in no_model.stderr
+    assert "Traceback" not in no_model.stderr

@@ -186,6 +186,40 @@ def test_prediction_equals_brute_force(tokenizer, llama, make, path):
     assert preds.dtype == torch.long and preds.tolist() == [int(w.argmax()) for w in expected]
 
 
+def test_question_answer_framing_scores_choice_texts_as_the_harness_does(tokenizer, llama):
+    """lm-evaluation-harness's ARC/OpenBookQA: 'Question: q\nAnswer:' + ' <choice text>', acc = argmax of
+    the summed log-likelihood, acc_norm = argmax of it per character; training on the correct text."""
+    from adamole_dist.data.tasks import question_answer
+
+    exs = distinct_first_examples() + instruction_examples()
+    task = CausalLMTask(tokenizer, max_length=256, framing="question_answer")
+    framed = [question_answer(ex) for ex in exs]
+    assert framed[3].prompt == "Question: The sun is responsible for\nAnswer:"
+    assert framed[3].candidates == [" puppies", " growth", " vases", " plants"] and framed[3].target == " puppies"
+    batch = task.eval_batch(exs)
+    assert {p[0] for p in batch["plans"]} == {"sum"}  # whole texts, even where first tokens differ
+    expected = [brute_force_scores(tokenizer, llama, ex, first_only=False) for ex in framed]
+    chars = [torch.tensor([float(len(c)) for c in ex.candidates]) for ex in framed]
+    got = task.predictions(llama, batch)
+    assert got["acc"].tolist() == [int(w.argmax()) for w in expected]
+    assert got["acc_norm"].tolist() == [int((w / n).argmax()) for w, n in zip(expected, chars)]
+    assert task.metrics == ("acc", "acc_norm")
+    row = task.collate(exs[3:4])
+    target = ids(tokenizer, " puppies")
+    assert [x for x in row["labels"][0].tolist() if x != IGNORE] == target + task.eos
+    assert row["input_ids"][0].tolist()[1 : 1 + len(ids(tokenizer, framed[3].prompt))] == ids(tokenizer, framed[3].prompt)
+
+
+def test_evaluation_reports_acc_norm_for_the_question_answer_framing(tokenizer, llama):
+    from adamole_dist.data.evaluate import evaluate_accuracy
+
+    exs = instruction_examples()
+    plain = evaluate_accuracy(llama, CausalLMTask(tokenizer, max_length=256), exs, 2)
+    harness = evaluate_accuracy(llama, CausalLMTask(tokenizer, max_length=256, framing="question_answer"), exs, 2)
+    assert "acc_norm" not in plain and set(harness) >= {"accuracy", "acc_norm", "correct_norm", "total"}
+    assert harness["total"] == 3 and 0 <= harness["correct_norm"] <= 3
+
+
 def test_mixed_batch_and_truncated_prediction(tokenizer, llama):
     exs = distinct_first_examples() + instruction_examples()
     task = CausalLMTask(tokenizer, max_length=256)

@@ -13,6 +13,7 @@ from adamole_dist.config.fields import ConfigError, check_choices, opt
 
 DEFAULT_MODEL = "minilm-l6"
 POOLINGS = ("cls", "mean")  # adapters/pooling.py
+LM_FRAMINGS = ("instruction", "question_answer")  # data/tasks.py
 STATE_FILE = "trainer_state.json"  # what makes a directory a complete checkpoint (train/checkpoint.py)
 BACKENDS = ("auto", "gloo", "nccl", "cpu:gloo,cuda:nccl")  # parallel/process_group.py
 
@@ -40,6 +41,11 @@ class TrainConfig:
     max_length: int = opt(64, "maximum tokens per sequence (the prompt is truncated from the left)")
     loss_on: str = opt("answer", "causal_lm: loss on the answer tokens only, or on the full sequence "
                        "(the public reference's behaviour)", choices=("answer", "full"))
+    lm_framing: str = opt("instruction", "causal_lm: instruction = the record's own prompt, trained and scored "
+                          "on its answer tokens (the paper's set-up); question_answer = 'Question: ...\\nAnswer:' "
+                          "continued by each choice's text, trained on the correct one and scored by "
+                          "log-likelihood as acc and length-normalised acc_norm (lm-evaluation-harness's "
+                          "ARC/OpenBookQA scoring)", choices=LM_FRAMINGS)
     ep_size: int = opt(1, "expert parallelism: each group of ep_size consecutive ranks shards every layer's "
                        "experts N/ep_size per rank and exchanges tokens by all-to-all; must divide the world "
                        "size and num_experts; auto (= 0): the placement cost model picks and logs why",

@@ -34,18 +34,22 @@ def _length_proxy(ex: Example) -> int:
     return len(ex.context) + len(ex.prompt) + max(map(len, ex.choice_texts or ex.candidates or [""]))
 
 
-def count_correct(model, task, shard: list[Example], counted: int, batch_size: int, progress=None) -> int:
-    """Correct predictions among the first ``counted`` examples; padding repeats run but don't count.
+def count_correct(model, task, shard: list[Example], counted: int, batch_size: int,
+                  progress=None) -> dict[str, int]:
+    """Correct predictions by metric ("acc", and "acc_norm" where the task scores it) among the first
+    ``counted`` examples; padding repeats run but don't count.
 
     Examples run in order of length so a batch pads to similar lengths (on real data this cuts the
     padded tokens by about half); the batches and their number are the same on every rank."""
     order = sorted(range(len(shard)), key=lambda i: _length_proxy(shard[i]))
-    correct = 0
+    correct = {metric: 0 for metric in getattr(task, "metrics", ("acc",))}
     batches = math.ceil(len(order) / batch_size)
     for b, start in enumerate(range(0, len(order), batch_size)):
         chunk = order[start : start + batch_size]
-        preds = task.predict(model, task.eval_batch([shard[i] for i in chunk])).tolist()
-        correct += sum(int(p == shard[i].label) for i, p in zip(chunk, preds) if i < counted)
+        batch = task.eval_batch([shard[i] for i in chunk])
+        by_metric = task.predictions(model, batch) if hasattr(task, "predictions") else {"acc": task.predict(model, batch)}
+        for metric, preds in by_metric.items():
+            correct[metric] += sum(int(p == shard[i].label) for i, p in zip(chunk, preds.tolist()) if i < counted)
         if progress is not None:
             progress(b + 1, batches)
     return correct
@@ -71,7 +75,8 @@ def evaluate_accuracy(
     all_reduce: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """{"accuracy", "correct", "total"} over all ranks; ``all_reduce`` sums a tensor across ranks
+    """{"accuracy", "correct", "total"} over all ranks, plus {"acc_norm", "correct_norm"} where the
+    task scores length-normalised likelihoods; ``all_reduce`` sums a tensor across ranks
     (its return value is used when it returns a tensor, else the tensor is taken as reduced in place);
     ``progress(batches done, batches)`` is called after every batch."""
     if batch_size < 1:
@@ -83,12 +88,18 @@ def evaluate_accuracy(
         correct = count_correct(model, task, shard, counted, batch_size, progress)
     finally:
         model.train(was_training)
-    totals = torch.tensor([correct, counted], dtype=torch.long, device=_counts_device(model, task))
+    metrics = sorted(correct)  # the task's metrics: the same on every rank
+    totals = torch.tensor([correct[m] for m in metrics] + [counted], dtype=torch.long,
+                          device=_counts_device(model, task))
     if all_reduce is not None:
         reduced = all_reduce(totals)
         totals = reduced if isinstance(reduced, torch.Tensor) else totals
-    correct, total = (int(x) for x in totals.cpu().tolist())
-    return {"accuracy": correct / total if total else 0.0, "correct": correct, "total": total}
+    *hits, total = (int(x) for x in totals.cpu().tolist())
+    by_metric = dict(zip(metrics, hits))
+    out = {"accuracy": by_metric["acc"] / total if total else 0.0, "correct": by_metric["acc"], "total": total}
+    if "acc_norm" in by_metric:
+        out.update(acc_norm=by_metric["acc_norm"] / total if total else 0.0, correct_norm=by_metric["acc_norm"])
+    return out
 
 
 def majority_class_accuracy(train_examples: list[Example], test_examples: list[Example]) -> float:

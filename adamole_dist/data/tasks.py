@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from adamole_dist.config.training import LM_FRAMINGS
 from adamole_dist.data import Example
 
 IGNORE = -100  # label of positions that do not count in the loss (cross_entropy's ignore_index)
@@ -63,6 +64,12 @@ class Task:
         """Predicted choice index per example: CPU LongTensor [B]."""
         raise NotImplementedError
 
+    metrics = ("acc",)
+
+    def predictions(self, model, batch: dict) -> dict[str, torch.Tensor]:
+        """Predicted choice indices by metric (``metrics``), from one forward: {"acc": [B], ...}."""
+        return {"acc": self.predict(model, batch)}
+
 
 def pad_right(seqs: list[list[int]], value: int) -> torch.Tensor:
     width = max(len(s) for s in seqs)
@@ -80,11 +87,29 @@ def tail(ids: list[int], n: int) -> list[int]:
 
 
 # -- causal LM --------------------------------------------------------------------------------------
+def question_answer(ex: Example) -> Example:
+    """lm-evaluation-harness's multiple-choice framing (ARC, OpenBookQA): 'Question: ...\nAnswer:'
+    continued by each choice's text; the target is the correct choice's text."""
+    candidates = [" " + t for t in ex.choice_texts]
+    return Example(ex.context, ex.choice_texts, f"Question: {ex.context}\nAnswer:", candidates, ex.label,
+                   candidates[ex.label])
+
+
 class CausalLMTask(Task):
-    def __init__(self, tokenizer, max_length: int, loss_on: str = "answer", device=None) -> None:
+    """``framing``: "instruction" keeps the record's own prompt and answer tokens (the paper's set-up:
+    candidates "answer1".. read at the answer position); "question_answer" trains and scores the
+    harness's way (``question_answer``): every candidate by its summed log-likelihood ("acc") and
+    by that sum over its length in characters ("acc_norm")."""
+
+    def __init__(self, tokenizer, max_length: int, loss_on: str = "answer", device=None,
+                 framing: str = "instruction") -> None:
         super().__init__(tokenizer, max_length, device)
         if loss_on not in ("answer", "full"):
             raise ValueError(f"loss_on ({loss_on!r}) must be 'answer' or 'full'")
+        if framing not in LM_FRAMINGS:
+            raise ValueError(f"lm_framing ({framing!r}) must be one of {', '.join(LM_FRAMINGS)}")
+        self.framing = framing
+        self.metrics = ("acc", "acc_norm") if framing == "question_answer" else ("acc",)
         if tokenizer.pad_token_id is None:
             if tokenizer.eos_token_id is None:
                 raise ValueError("tokenizer has neither a pad nor an eos token to pad causal-LM batches with")
@@ -115,9 +140,13 @@ class CausalLMTask(Task):
     def encode_continuation(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def framed(self, ex: Example) -> Example:
+        return question_answer(ex) if self.framing == "question_answer" else ex
+
     def encode_example(self, ex: Example) -> tuple[list[int], list[int]]:
         """(input ids, labels) of prompt + target + eos; the target is shortened only when it
         alone would not fit next to one prompt token."""
+        ex = self.framed(ex)
         target = (self.encode_continuation(ex.target) + self.eos)[: self.max_length - len(self.prefix) - 1]
         prompt = self.encode_prompt(ex.prompt, self.max_length - len(target))
         prompt_labels = list(prompt) if self.loss_on == "full" else [IGNORE] * len(prompt)
@@ -142,6 +171,7 @@ class CausalLMTask(Task):
         with one prompt + candidate row per candidate."""
         seqs: list[list[int]] = []
         plans: list[tuple] = []
+        examples = [self.framed(ex) for ex in examples]
         for i, ex in enumerate(examples):
             cands = [self.encode_continuation(c) for c in ex.candidates]
             if not all(cands):
@@ -150,7 +180,7 @@ class CausalLMTask(Task):
             room = max(self.max_length - max(map(len, cands)) - len(self.eos), len(self.prefix) + 1)
             prompt = self.encode_prompt(ex.prompt, room)
             firsts = [c[0] for c in cands]
-            if len(set(firsts)) == len(firsts):
+            if len(set(firsts)) == len(firsts) and self.framing == "instruction":
                 plans.append(("first", len(seqs), len(prompt) - 1, firsts))
                 seqs.append(prompt)
             else:
@@ -159,7 +189,8 @@ class CausalLMTask(Task):
                     rows.append((len(seqs), len(prompt), c))
                     seqs.append(prompt + c)
                 plans.append(("sum", rows))
-        return {"input_ids": pad_right(seqs, self.pad_id), "attention_mask": mask_of(seqs), "plans": plans}
+        return {"input_ids": pad_right(seqs, self.pad_id), "attention_mask": mask_of(seqs), "plans": plans,
+                "candidate_chars": [[len(c) for c in ex.candidates] for ex in examples]}
 
     @torch.no_grad()
     def candidate_scores(self, model, batch: dict) -> list[torch.Tensor]:
@@ -181,7 +212,15 @@ class CausalLMTask(Task):
         return out
 
     def predict(self, model, batch: dict) -> torch.Tensor:
-        return torch.tensor([int(s.argmax()) for s in self.candidate_scores(model, batch)], dtype=torch.long)
+        return self.predictions(model, batch)["acc"]
+
+    def predictions(self, model, batch: dict) -> dict[str, torch.Tensor]:
+        scores = self.candidate_scores(model, batch)
+        out = {"acc": torch.tensor([int(s.argmax()) for s in scores], dtype=torch.long)}
+        if self.framing == "question_answer":  # the harness's acc_norm: log-likelihood per character
+            out["acc_norm"] = torch.tensor([int((s / torch.tensor(n, dtype=s.dtype)).argmax())
+                                            for s, n in zip(scores, batch["candidate_chars"])], dtype=torch.long)
+        return out
 
 
 # -- encoder choice scoring -----------------------------------------------------------------------------
@@ -226,9 +265,10 @@ class ChoiceScoringTask(Task):
 TASK_TYPES = ("causal_lm", "seq_cls")
 
 
-def build_task(task_type: str, tokenizer, max_length: int, loss_on: str = "answer", device=None) -> Task:
+def build_task(task_type: str, tokenizer, max_length: int, loss_on: str = "answer", device=None,
+               lm_framing: str = "instruction") -> Task:
     if task_type == "causal_lm":
-        return CausalLMTask(tokenizer, max_length, loss_on, device)
+        return CausalLMTask(tokenizer, max_length, loss_on, device, framing=lm_framing)
     if task_type == "seq_cls":
         return ChoiceScoringTask(tokenizer, max_length, device)
     raise ValueError(f"task_type ({task_type!r}) must be one of {', '.join(TASK_TYPES)}")

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from adamole_dist.config.fields import ConfigError
+from adamole_dist.config.training import TrainConfig
 from adamole_dist.ops.atomic_files import write_text_atomically
 
 RUN_CONFIG = "run_config.json"
@@ -29,6 +30,14 @@ def comparable(config: dict) -> dict:
             "log_interval", "report_to", "keep_checkpoints", "eval_at_start", "peer_timeout", "comm_timeout",
             "dist_backend", "debug", "ep_size"}  # experts reshard by global id, so a run may continue at another ep_size
     return {k: v for k, v in config.items() if k not in skip}
+
+
+def with_defaults(record: dict) -> dict:
+    """A run record with the options it predates filled in with their defaults (what the older version
+    did), so adding an option does not make earlier runs look different."""
+    defaults = TrainConfig().to_dict()
+    adapter = {**defaults["adapter"], **record.get("adapter", {})} if isinstance(record.get("adapter"), dict) else None
+    return {**defaults, **record, **({"adapter": adapter} if adapter is not None else {})}
 
 
 def check_writable(output_dir: Path) -> None:
@@ -69,6 +78,7 @@ def check_output_dir(output_dir: Path, config: dict, *, overwrite: bool, resume:
         raise ConfigError(f"output_dir ({output_dir}): {record} cannot be read ({e}); pass --overwrite to "
                           "replace that run") from None
     if resume:
+        previous = with_defaults(previous)
         if comparable(previous) != comparable(config):
             diff = sorted(k for k in set(comparable(previous)) | set(comparable(config))
                           if comparable(previous).get(k) != comparable(config).get(k))

@@ -125,6 +125,8 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
     # is written, so a bad option leaves the output directory untouched.
     model, tokenizer, task_type, model_path = load_model_and_tokenizer(cfg.model, cfg.task_type, pooling=cfg.pooling)
     device = device_for(info)
+    if cfg.lm_framing != "instruction" and task_type != "causal_lm":
+        raise ConfigError(f"lm_framing ({cfg.lm_framing!r}) applies to causal_lm models; {model_path} is {task_type}")
     ep_size = cfg.ep_size or auto_ep_size(cfg, model, info, device)
     layout = build_layout(ep_size, cfg.adapter.num_experts)
     dispatcher = ExpertParallelDispatcher(layout) if ep_size > 1 else LocalDispatcher()
@@ -143,7 +145,7 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
         prepare_output_dir(out, config_record, overwrite=cfg.overwrite)
     collectives.barrier()
     adapters.expert_module.to(device)
-    task = build_task(task_type, tokenizer, cfg.max_length, cfg.loss_on, device)
+    task = build_task(task_type, tokenizer, cfg.max_length, cfg.loss_on, device, lm_framing=cfg.lm_framing)
 
     schedule = lr_lambda(cfg.lr_scheduler, total_steps, warmup_steps_for(total_steps, cfg.warmup_steps,
                                                                           cfg.warmup_ratio))

@@ -170,6 +170,7 @@ class Trainer:
         run.adapters.train(True)
         metrics = {**result, **routing["overall"]}
         self.say(f"[step {self.step}] eval accuracy {result['accuracy']:.4f} ({result['correct']}/{result['total']})"
+                 + (f" acc_norm {result['acc_norm']:.4f}" if "acc_norm" in result else "")
                  + (f" mean active experts {routing['overall']['mean_active_experts']:.2f}" if routing["layers"] else ""))
         if print_layers and self.info.is_main:
             print_routing_table(routing["layers"], self.say)
