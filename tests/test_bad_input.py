@@ -180,7 +180,8 @@ CASES = {
         lambda tmp, out: ["--model", write(tmp / "models" / "broken.gguf", "not a gguf file")],
         ["broken.gguf", "cannot be read as GGUF"]),
     "model_folder_with_two_gguf_files": (
-        lambda tmp, out: (write(tmp / "m" / "a.gguf", "x"), ["--model", str(Path(write(tmp / "m" / "b.gguf", "x")).parent)])[1],
+        lambda tmp, out: (write(tmp / "m" / "a.gguf", "x"),
+                          ["--model", str(Path(write(tmp / "m" / "b.gguf", "x")).parent)])[1],
         ["several GGUF files", "a.gguf, b.gguf"]),
 }
 

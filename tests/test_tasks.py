@@ -207,7 +207,8 @@ def test_question_answer_framing_scores_choice_texts_as_the_harness_does(tokeniz
     row = task.collate(exs[3:4])
     target = ids(tokenizer, " puppies")
     assert [x for x in row["labels"][0].tolist() if x != IGNORE] == target + task.eos
-    assert row["input_ids"][0].tolist()[1 : 1 + len(ids(tokenizer, framed[3].prompt))] == ids(tokenizer, framed[3].prompt)
+    prompt = ids(tokenizer, framed[3].prompt)
+    assert row["input_ids"][0].tolist()[1 : 1 + len(prompt)] == prompt
 
 
 def test_evaluation_reports_acc_norm_for_the_question_answer_framing(tokenizer, llama):

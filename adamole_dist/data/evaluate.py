@@ -47,7 +47,10 @@ def count_correct(model, task, shard: list[Example], counted: int, batch_size: i
     for b, start in enumerate(range(0, len(order), batch_size)):
         chunk = order[start : start + batch_size]
         batch = task.eval_batch([shard[i] for i in chunk])
-        by_metric = task.predictions(model, batch) if hasattr(task, "predictions") else {"acc": task.predict(model, batch)}
+        if hasattr(task, "predictions"):
+            by_metric = task.predictions(model, batch)
+        else:  # a task with predict only
+            by_metric = {"acc": task.predict(model, batch)}
         for metric, preds in by_metric.items():
             correct[metric] += sum(int(p == shard[i].label) for i, p in zip(chunk, preds.tolist()) if i < counted)
         if progress is not None:
