@@ -7,6 +7,7 @@ import torch
 
 from adamole_dist.data import Example
 from adamole_dist.data.evaluate import evaluate_accuracy, majority_class_accuracy, shard_examples
+from adamole_dist.data.tasks import Task
 
 
 def ex(i: int, label: int = 0) -> Example:
@@ -19,10 +20,11 @@ class StubModel(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.zeros(1))
 
 
-class StubTask:
+class StubTask(Task):
     """Predicts from a table keyed by the example's context; counts predict calls (= forwards)."""
 
     def __init__(self, preds: dict[str, int]):
+        super().__init__(tokenizer=None, max_length=1)
         self.preds = preds
         self.calls = 0
         self.modes: list[bool] = []

@@ -209,7 +209,7 @@ def test_checkpoint_at_ep2_loads_at_ep1(tmp_path):
     from safetensors.torch import load_file
 
     from adamole_dist.adapters.files import load_adapter
-    from adamole_dist.moe.experts import expert_key, from_file_orientation
+    from adamole_dist.moe.experts import expert_key, file_orientation
     from adamole_dist.train.checkpoint import load_expert_state
 
     run_ranks(reshard_worker, 2, str(tmp_path))
@@ -235,7 +235,7 @@ def test_checkpoint_at_ep2_loads_at_ep1(tmp_path):
             for gid in range(N):
                 for m in ("exp_avg", "exp_avg_sq"):
                     stored = tensors[expert_key(name, gid, pname) + f".{m}"]
-                    assert torch.equal(state[m][gid], from_file_orientation(pname, stored))
+                    assert torch.equal(state[m][gid], file_orientation(pname, stored))
             assert len({state["exp_avg"][gid].abs().sum().item() for gid in range(N)}) == N  # distinct per expert
 
 

@@ -20,17 +20,10 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from adamole_dist.adapters.handle import Adapters
-from adamole_dist.adapters.inject import inject_adapters
+from adamole_dist.adapters.inject import inject_adapters, matches
 from adamole_dist.config.adapter import AdapterConfig
 from adamole_dist.config.fields import ConfigError
-from adamole_dist.moe.experts import (
-    EXPERT_TENSORS,
-    ExpertBank,
-    expert_key,
-    file_shape,
-    from_file_orientation,
-    to_file_orientation,
-)
+from adamole_dist.moe.experts import EXPERT_TENSORS, ExpertBank, expert_key, file_orientation
 from adamole_dist.ops.atomic_files import write_dir_atomically
 from adamole_dist.parallel import collectives
 
@@ -53,7 +46,7 @@ def bank_tensors(prefix: str, bank: ExpertBank) -> dict[str, torch.Tensor]:
     for tensor in EXPERT_TENSORS:
         rows = getattr(bank, tensor)
         for i, gid in enumerate(bank.expert_ids):
-            out[expert_key(prefix, gid, tensor)] = to_file_orientation(tensor, rows[i].detach()).cpu().contiguous()
+            out[expert_key(prefix, gid, tensor)] = file_orientation(tensor, rows[i].detach()).cpu().contiguous()
     return out
 
 
@@ -62,13 +55,11 @@ def load_bank_tensors(prefix: str, bank: ExpertBank, tensors: dict[str, torch.Te
         for tensor in EXPERT_TENSORS:
             rows = getattr(bank, tensor)
             for i, gid in enumerate(bank.expert_ids):
-                stored = _fitting(tensors, expert_key(prefix, gid, tensor), file_shape(tensor, rows[i].shape))
-                rows[i].copy_(from_file_orientation(tensor, stored))
+                stored = _fitting(tensors, expert_key(prefix, gid, tensor), file_orientation(tensor, rows[i]).shape)
+                rows[i].copy_(file_orientation(tensor, stored))
 
 
 def head_parameters(adapters: Adapters) -> dict[str, nn.Parameter]:
-    from adamole_dist.adapters.inject import matches
-
     out = {}
     for name, module in adapters.model.named_modules():
         if any(matches(name, t) for t in adapters.trainable_modules):

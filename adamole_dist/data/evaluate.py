@@ -42,28 +42,16 @@ def count_correct(model, task, shard: list[Example], counted: int, batch_size: i
     Examples run in order of length so a batch pads to similar lengths (on real data this cuts the
     padded tokens by about half); the batches and their number are the same on every rank."""
     order = sorted(range(len(shard)), key=lambda i: _length_proxy(shard[i]))
-    correct = {metric: 0 for metric in getattr(task, "metrics", ("acc",))}
+    correct = {metric: 0 for metric in task.metrics}
     batches = math.ceil(len(order) / batch_size)
     for b, start in enumerate(range(0, len(order), batch_size)):
         chunk = order[start : start + batch_size]
         batch = task.eval_batch([shard[i] for i in chunk])
-        if hasattr(task, "predictions"):
-            by_metric = task.predictions(model, batch)
-        else:  # a task with predict only
-            by_metric = {"acc": task.predict(model, batch)}
-        for metric, preds in by_metric.items():
+        for metric, preds in task.predictions(model, batch).items():
             correct[metric] += sum(int(p == shard[i].label) for i, p in zip(chunk, preds.tolist()) if i < counted)
         if progress is not None:
             progress(b + 1, batches)
     return correct
-
-
-def _counts_device(model, task) -> torch.device:
-    """Where the count tensor lives: the task's device (an NCCL all-reduce needs a GPU tensor)."""
-    if hasattr(task, "device_for"):
-        return task.device_for(model)
-    device = getattr(task, "device", None)
-    return torch.device(device) if device is not None else torch.device("cpu")
 
 
 @torch.no_grad()
@@ -93,7 +81,7 @@ def evaluate_accuracy(
         model.train(was_training)
     metrics = sorted(correct)  # the task's metrics: the same on every rank
     totals = torch.tensor([correct[m] for m in metrics] + [counted], dtype=torch.long,
-                          device=_counts_device(model, task))
+                          device=task.device_for(model))  # NCCL all-reduces GPU tensors only
     if all_reduce is not None:
         reduced = all_reduce(totals)
         totals = reduced if isinstance(reduced, torch.Tensor) else totals

@@ -166,6 +166,7 @@ class ExpertBank(nn.Module):
 #   <module>.experts.<global id>.lora_A   (R x D)   = bank.lora_A[i]
 #   <module>.experts.<global id>.lora_B   (O x R)   = bank.lora_B[i].T  (the bank keeps R x O rows for x A^T B)
 # A checkpoint's AdamW moments sit under the parameter's key + ".exp_avg" / ".exp_avg_sq", same orientation.
+# file_orientation converts either way.
 EXPERT_TENSORS = ("lora_A", "lora_B")
 
 
@@ -173,16 +174,7 @@ def expert_key(module: str, expert_id: int, tensor: str) -> str:
     return f"{module}.experts.{expert_id}.{tensor}"
 
 
-def to_file_orientation(tensor: str, bank_row: torch.Tensor) -> torch.Tensor:
-    """One expert's row of a bank tensor (or of its AdamW moment) as stored in files."""
-    return bank_row.t() if tensor == "lora_B" else bank_row
-
-
-def from_file_orientation(tensor: str, stored: torch.Tensor) -> torch.Tensor:
-    """A stored expert tensor as a row of the bank tensor ``tensor``."""
-    return stored.t() if tensor == "lora_B" else stored
-
-
-def file_shape(tensor: str, bank_row_shape: torch.Size) -> tuple[int, ...]:
-    return tuple(bank_row_shape)[::-1] if tensor == "lora_B" else tuple(bank_row_shape)
-
+def file_orientation(tensor: str, t: torch.Tensor) -> torch.Tensor:
+    """One expert's bank row (or its AdamW moment) as stored in files, and back: lora_B is
+    transposed, which is its own inverse; lora_A is stored as it is."""
+    return t.t() if tensor == "lora_B" else t

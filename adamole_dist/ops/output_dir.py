@@ -36,8 +36,10 @@ def with_defaults(record: dict) -> dict:
     """A run record with the options it predates filled in with their defaults (what the older version
     did), so adding an option does not make earlier runs look different."""
     defaults = TrainConfig().to_dict()
-    adapter = {**defaults["adapter"], **record.get("adapter", {})} if isinstance(record.get("adapter"), dict) else None
-    return {**defaults, **record, **({"adapter": adapter} if adapter is not None else {})}
+    merged = {**defaults, **record}
+    if isinstance(record.get("adapter"), dict):
+        merged["adapter"] = {**defaults["adapter"], **record["adapter"]}
+    return merged
 
 
 def check_writable(output_dir: Path) -> None:

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from adamole_dist.adapters.handle import Adapters
 from adamole_dist.config.training import STATE_FILE
-from adamole_dist.moe.experts import EXPERT_TENSORS, expert_key, from_file_orientation, to_file_orientation
+from adamole_dist.moe.experts import EXPERT_TENSORS, expert_key, file_orientation
 from adamole_dist.ops.atomic_files import write_text_atomically
 from adamole_dist.parallel import collectives
 from adamole_dist.train.expert_optimizer import ExpertOptimizer
@@ -58,10 +58,10 @@ def expert_state(adapters: Adapters, opt: ExpertOptimizer) -> dict[str, torch.Te
             moments = state.get(p, {})
             for i, gid in enumerate(bank.expert_ids):
                 key = expert_key(name, gid, tensor)
-                out[key] = to_file_orientation(tensor, p[i].detach()).cpu().contiguous()
+                out[key] = file_orientation(tensor, p[i].detach()).cpu().contiguous()
                 for m in ("exp_avg", "exp_avg_sq"):
                     if m in moments:
-                        out[f"{key}.{m}"] = to_file_orientation(tensor, moments[m][i].detach()).cpu().contiguous()
+                        out[f"{key}.{m}"] = file_orientation(tensor, moments[m][i].detach()).cpu().contiguous()
                 if "step" in moments:
                     out[f"{key}.step"] = torch.as_tensor(moments["step"], dtype=torch.float64).reshape(1).cpu()
     return out
@@ -72,7 +72,7 @@ def load_expert_state(adapters: Adapters, opt: ExpertOptimizer, tensors: dict[st
     restored = True
 
     def rows(keys: list[str], tensor: str, suffix: str = "") -> torch.Tensor:
-        return torch.stack([from_file_orientation(tensor, tensors[k + suffix]) for k in keys])
+        return torch.stack([file_orientation(tensor, tensors[k + suffix]) for k in keys])
 
     with torch.no_grad():
         for name, bank in adapters.expert_banks.items():
@@ -109,8 +109,8 @@ def read_expert_shards(ckpt: Path) -> dict[str, torch.Tensor]:
             legacy = (shard.metadata() or {}).get("lora_B") != EXPERT_SHARD_METADATA["lora_B"]
             for key in shard.keys():
                 t = shard.get_tensor(key)
-                if legacy and ".lora_B" in key and not key.endswith(".step"):
-                    t = t.t().contiguous()
+                if legacy and ".lora_B" in key and not key.endswith(".step"):  # bank rows -> file orientation
+                    t = file_orientation("lora_B", t).contiguous()
                 tensors[key] = t
     return tensors
 
