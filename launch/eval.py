@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from adamole_dist.adapters.files import load_adapter, read_adapter_config  # noqa: E402
 from adamole_dist.adapters.model_loading import load_model_and_tokenizer  # noqa: E402
 from adamole_dist.config.fields import ConfigError  # noqa: E402
-from adamole_dist.config.training import LM_FRAMINGS  # noqa: E402
+from adamole_dist.config.training import AUTOCASTS, LM_FRAMINGS  # noqa: E402
 from adamole_dist.data import DataError, load_examples  # noqa: E402
 from adamole_dist.data.evaluate import evaluate_accuracy  # noqa: E402
 from adamole_dist.data.tasks import build_task  # noqa: E402
@@ -35,6 +35,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", help="base model (default: the one recorded in the adapter config)")
     ap.add_argument("--lm_framing", choices=LM_FRAMINGS, default=None,
                     help="causal_lm framing (default: the training run's, else instruction)")
+    ap.add_argument("--autocast", choices=AUTOCASTS, default=None,
+                    help="forward passes under torch.autocast (default: the training run's, else none)")
     ap.add_argument("--dataset", default=None, help="dataset (default: the training run's dataset)")
     ap.add_argument("--split", default=None, help="split to evaluate (default: the run's eval split)")
     ap.add_argument("--data_format", default=None, choices=("auto", "instruction", "mc"))
@@ -66,7 +68,8 @@ def main(argv=None) -> int:
         if framing != "instruction" and task_type != "causal_lm":
             raise ConfigError(f"lm_framing ({framing!r}) applies to causal_lm models; this one is {task_type}")
         task = build_task(task_type, tokenizer, args.max_length or run.get("max_length", 128),
-                          run.get("loss_on", "answer"), torch.device("cpu"), lm_framing=framing)
+                          run.get("loss_on", "answer"), torch.device("cpu"), lm_framing=framing,
+                          autocast=args.autocast or run.get("autocast", "none"))
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -80,7 +83,7 @@ def main(argv=None) -> int:
     print_routing_table(routing["layers"])
     if args.json:
         args.json.write_text(json.dumps({**result, **routing["overall"], "dataset": dataset, "split": split,
-                                         "lm_framing": framing, "zero_shot": adapters is None,
+                                         "lm_framing": framing, "autocast": task.autocast, "zero_shot": adapters is None,
                                          "layers": routing["layers"]}, indent=1))
     return 0
 

@@ -2,6 +2,7 @@
 DeepSpeed config filling; the output-directory guard."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -66,6 +67,21 @@ def test_cli_flags_map_to_both_configs():
     assert cfg.lr == 1e-4 and cfg.overwrite is True and cfg.ep_size == 0
     with pytest.raises(ConfigError, match="adapter.tau_max"):
         parse_train_config(["--tau_max", "2"])
+
+
+@pytest.mark.parametrize("recipe", sorted(Path(__file__).resolve().parents[1].joinpath("recipes").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_recipe_parses_and_validates(recipe):
+    cfg = parse_train_config(["--config", str(recipe)])
+    cfg.validate()
+
+
+def test_autocast_and_gradient_checkpointing_flags():
+    cfg = parse_train_config(["--autocast", "bf16", "--gradient_checkpointing"])
+    assert cfg.autocast == "bf16" and cfg.gradient_checkpointing is True
+    assert parse_train_config([]).autocast == "none"
+    with pytest.raises(SystemExit):
+        parse_train_config(["--autocast", "fp16"])
 
 
 def test_yaml_recipe_with_flag_overrides(tmp_path):

@@ -304,3 +304,33 @@ def test_build_task(tokenizer):
         build_task("seq2seq", tokenizer, 32)
     with pytest.raises(ValueError, match="loss_on"):
         build_task("causal_lm", tokenizer, 32, "prompt")
+
+
+# -- autocast ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("task_type", ["causal_lm", "seq_cls"])
+def test_autocast_bf16_runs_matmuls_in_bf16_and_keeps_loss_and_grads_fp32(tokenizer, llama, bert, task_type):
+    model = llama if task_type == "causal_lm" else bert
+    examples = instruction_examples() if task_type == "causal_lm" else pair_examples()
+    seen = []
+    linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    handle = linear.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    try:
+        losses = {}
+        for autocast in ("none", "bf16"):
+            task = build_task(task_type, tokenizer, 64, autocast=autocast)
+            model.zero_grad(set_to_none=True)
+            loss = task.loss(model, task.collate(examples))
+            loss.backward()
+            losses[autocast] = loss
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            assert grads and all(g.dtype == torch.float32 for g in grads)
+            task.predict(model, task.eval_batch(examples))  # evaluation goes through the same forward
+    finally:
+        handle.remove()
+        model.zero_grad(set_to_none=True)
+    assert seen == [torch.float32, torch.float32, torch.bfloat16, torch.bfloat16]
+    assert losses["bf16"].dtype == torch.float32
+    assert torch.allclose(losses["bf16"], losses["none"], rtol=2e-2)  # bf16 keeps 8 bits of mantissa
+    assert not torch.equal(losses["bf16"], losses["none"])  # it did run in bf16
+    with pytest.raises(ValueError, match="autocast"):
+        build_task(task_type, tokenizer, 32, autocast="fp16")

@@ -6,7 +6,8 @@ engine's and the experts' norms exceed max_grad_norm at every step), aux-loss-fr
 dropout 0, and capacity drops where the EP group is the whole world (capacity is per EP group).
 
 Layouts: world 4 with ep_size 1, 2, 4 (world > ep_size: the expert-data-parallel reduction runs),
-world 2 with ep_size 2; methods adamole and mole_topk. One process runs each configuration with
+world 2 with ep_size 2; methods adamole and mole_topk; and world 2, ep_size 2 with gradient checkpointing
+(every block replayed in the backward, all-to-alls included) against the plain one-process run. One process runs each configuration with
 the global micro batch (W x m examples); W ranks run m each (the sampler gives them, rank-major,
 exactly those examples). ``pytest -s`` prints the measured agreement per case."""
 
@@ -34,13 +35,15 @@ CAPACITY = {  # both drop pairs on this data (asserted below)
     "mole_topk": dict(capacity_factor=0.75, drop_policy="position", renormalize_after_drop=True),
 }
 LAYOUTS = [(4, 1, False), (4, 2, False), (4, 4, True), (2, 2, True)]  # (world, ep_size, capacity on)
+CHECKPOINTED = [("adamole", 2, 2, True)]  # (method, world, ep_size, capacity on) with gradient_checkpointing
 
 
-def case_name(method: str, world: int, ep: int, capacity: bool) -> str:
-    return f"{method}_w{world}_ep{ep}{'_cap' if capacity else ''}"
+def case_name(method: str, world: int, ep: int, capacity: bool, checkpointing: bool = False) -> str:
+    return f"{method}_w{world}_ep{ep}{'_cap' if capacity else ''}{'_ckpt' if checkpointing else ''}"
 
 
-def config(model_dir: Path, out: Path, world: int, ep: int, method: str, capacity: bool) -> dict:
+def config(model_dir: Path, out: Path, world: int, ep: int, method: str, capacity: bool,
+           checkpointing: bool = False) -> dict:
     adapter = dict(num_experts=8, rank=2, dropout=0.0, aux_loss_coeff=1e-2, aux_loss_scope="global",
                    balance_bias_rate=1e-2, **METHODS[method], **(CAPACITY[method] if capacity else {}))
     return dict(model=str(model_dir), dataset="builtin:word_categories", max_train_examples=64, max_eval_examples=8,
@@ -48,7 +51,7 @@ def config(model_dir: Path, out: Path, world: int, ep: int, method: str, capacit
                 max_steps=STEPS, lr=1e-2, lr_scheduler="constant", warmup_steps=0, max_grad_norm=MAX_NORM,
                 log_interval=1, eval_interval=0, eval_at_start=False, save_interval=0, eval_batch_size=4,
                 peer_timeout=0.0, report_to="none", ds_config="ds_configs/zero3.json", ep_size=ep,
-                output_dir=str(out), adapter=adapter)
+                gradient_checkpointing=checkpointing, output_dir=str(out), adapter=adapter)
 
 
 def train_cases(rank, world, cases):
@@ -76,6 +79,10 @@ def runs(tmp_path_factory):
             name = case_name(method, world, ep, capacity)
             out[name] = root / name
             by_world[world].append(config(model, out[name], world, ep, method, capacity))
+    for method, world, ep, capacity in CHECKPOINTED:
+        name = case_name(method, world, ep, capacity, checkpointing=True)
+        out[name] = root / name
+        by_world[world].append(config(model, out[name], world, ep, method, capacity, checkpointing=True))
     for world, cases in by_world.items():
         run_ranks(train_cases, world, cases, timeout=900)
     return out
@@ -95,8 +102,17 @@ def summary(run: Path) -> dict:
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("world, ep, capacity", LAYOUTS, ids=[f"w{w}_ep{e}{'_cap' if c else ''}" for w, e, c in LAYOUTS])
 def test_world_equals_one_process(runs, method, world, ep, capacity):
+    assert_equivalent(runs, method, world, ep, capacity, checkpointing=False)
+
+
+@pytest.mark.parametrize("method, world, ep, capacity", CHECKPOINTED)
+def test_checkpointed_world_equals_plain_one_process(runs, method, world, ep, capacity):
+    assert_equivalent(runs, method, world, ep, capacity, checkpointing=True)
+
+
+def assert_equivalent(runs, method, world, ep, capacity, checkpointing):
     ref = summary(runs[case_name(method, 1, 1, capacity)])
-    got = summary(runs[case_name(method, world, ep, capacity)])
+    got = summary(runs[case_name(method, world, ep, capacity, checkpointing)])
     assert got["shards"] == [f"experts_ep{k}.safetensors" for k in range(ep)]  # the layout really was used
     diffs = {}
     for key in ("task_loss", "aux_loss", "grad_norm", "expert_grad_norm"):
@@ -121,5 +137,5 @@ def test_world_equals_one_process(runs, method, world, ep, capacity):
         rel = (got["experts"][k] - ref["experts"][k]).abs().max().item() / max(scale, 1e-30)
         diffs["moments(rel)"] = max(diffs["moments(rel)"], rel)
         assert rel <= TOL_MOMENT, (k, rel)
-    print(f"{case_name(method, world, ep, capacity)} vs one process after {STEPS} steps (gas {GAS}): "
+    print(f"{case_name(method, world, ep, capacity, checkpointing)} vs one process after {STEPS} steps (gas {GAS}): "
           + ", ".join(f"max|d {k}| {v:.1e}" for k, v in diffs.items()))

@@ -3,9 +3,15 @@
 The model's forward pre-hook stores the attention mask here, so every adapted linear can
 tell padding tokens apart without changing the model's code; the layers leave their aux
 losses and routing statistics here for the trainer to read after the forward.
+
+Under gradient checkpointing (adapters/checkpointing.py) a block's forward runs again inside the
+backward; ``recomputing`` is then true and the layers leave nothing here, so statistics, aux
+losses and the balance-bias load count each token once.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 
@@ -18,6 +24,16 @@ class RoutingContext:
         # Set by the trainer for aux_loss_scope "global": sum over data-parallel ranks, and their count.
         self.dp_all_reduce = None
         self.dp_world_size = 1
+        self.recomputing = False
+
+    @contextmanager
+    def recomputation(self):
+        """Marks a checkpointed block's second forward (in backward): it must not record anything."""
+        previous, self.recomputing = self.recomputing, True
+        try:
+            yield
+        finally:
+            self.recomputing = previous
 
     def begin_forward(self, attention_mask: torch.Tensor | None) -> None:
         self.attention_mask = attention_mask

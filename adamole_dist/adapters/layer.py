@@ -89,11 +89,17 @@ class AdaptedLinear(nn.Module):
             weights_TN = renormalize(r.scores_TN, kept_TN)
         else:
             weights_TN = r.weights_TN * kept_TN
+        # A checkpointed block's replay in backward (adapters/checkpointing.py) computes the same
+        # tensors (the checkpoint matches them one by one) but records nothing a second time.
+        record = not self.context.recomputing
         if self.training and cfg.aux_loss_coeff > 0:
-            self.context.add_aux_loss(self.aux_loss(r, routed_TN, valid_T))
-        if self.training and cfg.balance_bias_rate > 0:
+            aux = self.aux_loss(r, routed_TN, valid_T)
+            if record:
+                self.context.add_aux_loss(aux)
+        if record and self.training and cfg.balance_bias_rate > 0:
             self.router.routed_load += routed_TN.sum(0).to(self.router.routed_load.dtype)
-        self.context.add_stats(self.adapter_name, routing_stats(kept_TN, routed_TN, weights_TN, valid_T, r.tau_T))
+        if record:
+            self.context.add_stats(self.adapter_name, routing_stats(kept_TN, routed_TN, weights_TN, valid_T, r.tau_T))
         return weights_TN, kept_TN
 
     def aux_loss(self, r, routed_TN: torch.Tensor, valid_T: torch.Tensor) -> torch.Tensor:

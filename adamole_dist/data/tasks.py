@@ -16,6 +16,10 @@ number of batches run the same number of ZeRO-3 parameter gathers.
 
 ``collate`` / ``eval_batch`` return CPU tensors; ``loss`` / ``predict`` move them to the task's
 device (the constructor's ``device``, else the device of the model's first parameter).
+
+Every model call goes through :meth:`Task.forward`, which runs it under ``torch.autocast`` when the
+task has an ``autocast`` dtype (``"bf16"``): matmuls in bf16, parameters, gradients, optimizer
+states and the loss's softmax in fp32. The backward follows the forward's dtypes.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from adamole_dist.config.training import LM_FRAMINGS
+from adamole_dist.config.training import AUTOCASTS, LM_FRAMINGS
 from adamole_dist.data import Example
 
+AUTOCAST_DTYPES = {"none": None, "bf16": torch.bfloat16}  # config.training.AUTOCASTS
+assert set(AUTOCAST_DTYPES) == set(AUTOCASTS)
 IGNORE = -100  # label of positions that do not count in the loss (cross_entropy's ignore_index)
 ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -33,10 +39,22 @@ ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 class Task:
     """Common interface; see the module docstring."""
 
-    def __init__(self, tokenizer, max_length: int, device: torch.device | str | None = None) -> None:
+    def __init__(self, tokenizer, max_length: int, device: torch.device | str | None = None,
+                 autocast: str = "none") -> None:
+        if autocast not in AUTOCAST_DTYPES:
+            raise ValueError(f"autocast ({autocast!r}) must be one of {', '.join(AUTOCAST_DTYPES)}")
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.device = torch.device(device) if device is not None else None
+        self.autocast = autocast
+        self.autocast_dtype = AUTOCAST_DTYPES[autocast]
+
+    def forward(self, model, **inputs):
+        """``model(**inputs)``, under autocast when the task has an autocast dtype."""
+        device = next(iter(inputs.values())).device
+        with torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            return model(**inputs)
 
     def device_for(self, model) -> torch.device:
         if self.device is not None:
@@ -102,8 +120,8 @@ class CausalLMTask(Task):
     by that sum over its length in characters ("acc_norm")."""
 
     def __init__(self, tokenizer, max_length: int, loss_on: str = "answer", device=None,
-                 framing: str = "instruction") -> None:
-        super().__init__(tokenizer, max_length, device)
+                 framing: str = "instruction", autocast: str = "none") -> None:
+        super().__init__(tokenizer, max_length, device, autocast)
         if loss_on not in ("answer", "full"):
             raise ValueError(f"loss_on ({loss_on!r}) must be 'answer' or 'full'")
         if framing not in LM_FRAMINGS:
@@ -159,7 +177,7 @@ class CausalLMTask(Task):
 
     def loss(self, model, batch: dict) -> torch.Tensor:
         b = self.to_device(batch, self.device_for(model))
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        logits = self.forward(model, input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         # position t predicts token t+1
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(),
                                ignore_index=IGNORE)
@@ -196,7 +214,7 @@ class CausalLMTask(Task):
     def candidate_scores(self, model, batch: dict) -> list[torch.Tensor]:
         """Per example, one score per candidate (log-prob of its first token, or of all its tokens)."""
         b = self.to_device(batch, self.device_for(model))
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        logits = self.forward(model, input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         out = []
         for plan in b["plans"]:  # log-softmax only at the positions read, not over [R, S, V]
             if plan[0] == "first":
@@ -246,7 +264,7 @@ class ChoiceScoringTask(Task):
     def scores(self, model, batch: dict) -> torch.Tensor:
         """[B, C] pair scores, -inf at padded choices."""
         b = self.to_device(batch, self.device_for(model))
-        logits = model(**{k: b[k] for k in ENCODER_INPUTS if k in b}).logits
+        logits = self.forward(model, **{k: b[k] for k in ENCODER_INPUTS if k in b}).logits
         scores = logits.float().view(b["choice_mask"].shape)
         return scores.masked_fill(~b["choice_mask"], float("-inf"))
 
@@ -266,9 +284,9 @@ TASK_TYPES = ("causal_lm", "seq_cls")
 
 
 def build_task(task_type: str, tokenizer, max_length: int, loss_on: str = "answer", device=None,
-               lm_framing: str = "instruction") -> Task:
+               lm_framing: str = "instruction", autocast: str = "none") -> Task:
     if task_type == "causal_lm":
-        return CausalLMTask(tokenizer, max_length, loss_on, device, framing=lm_framing)
+        return CausalLMTask(tokenizer, max_length, loss_on, device, framing=lm_framing, autocast=autocast)
     if task_type == "seq_cls":
-        return ChoiceScoringTask(tokenizer, max_length, device)
+        return ChoiceScoringTask(tokenizer, max_length, device, autocast=autocast)
     raise ValueError(f"task_type ({task_type!r}) must be one of {', '.join(TASK_TYPES)}")

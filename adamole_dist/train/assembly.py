@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from adamole_dist.adapters.checkpointing import enable_gradient_checkpointing
 from adamole_dist.adapters.handle import Adapters
 from adamole_dist.adapters.inject import default_targets, find_target_modules, inject_adapters, matches, weight_shape
 from adamole_dist.adapters.model_loading import default_trainable_modules, load_model_and_tokenizer
@@ -133,6 +134,8 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
     trainable = cfg.trainable_modules or default_trainable_modules(task_type, model)
     adapters = inject_adapters(model, cfg.adapter, trainable_modules=trainable, dispatcher=dispatcher,
                                expert_slice=layout.expert_slice(cfg.adapter.num_experts))
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model, adapters.context)
     new = getattr(model, "newly_initialized", [])
     if new and info.is_main:
         trained = all(any(matches(n.rpartition(".")[0], t) for t in trainable) for n in new)
@@ -145,7 +148,8 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
         prepare_output_dir(out, config_record, overwrite=cfg.overwrite)
     collectives.barrier()
     adapters.expert_module.to(device)
-    task = build_task(task_type, tokenizer, cfg.max_length, cfg.loss_on, device, lm_framing=cfg.lm_framing)
+    task = build_task(task_type, tokenizer, cfg.max_length, cfg.loss_on, device, lm_framing=cfg.lm_framing,
+                      autocast=cfg.autocast)
 
     schedule = lr_lambda(cfg.lr_scheduler, total_steps, warmup_steps_for(total_steps, cfg.warmup_steps,
                                                                           cfg.warmup_ratio))
