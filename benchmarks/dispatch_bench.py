@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adamole_dist.adapters.inject import adapt_linear  # noqa: E402
 from adamole_dist.config.adapter import AdapterConfig  # noqa: E402
 from adamole_dist.parallel import collectives  # noqa: E402
-from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher  # noqa: E402
+from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher, wire_dtype  # noqa: E402
 from adamole_dist.parallel.layout import build_layout  # noqa: E402
 from adamole_dist.parallel.local_dispatcher import LocalDispatcher  # noqa: E402
 from adamole_dist.train.reporting import routing_over_ranks  # noqa: E402
@@ -54,7 +54,8 @@ def all_sum(value: float) -> float:
 def bench(args, ep_size: int) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     layout = build_layout(ep_size, args.num_experts)
-    dispatcher = ExpertParallelDispatcher(layout) if ep_size > 1 else LocalDispatcher()
+    dispatcher = (ExpertParallelDispatcher(layout, wire_dtype(args.dispatch_dtype)) if ep_size > 1
+                  else LocalDispatcher())
     cfg = AdapterConfig(method=args.method, num_experts=args.num_experts, rank=args.rank, dropout=0.0,
                         capacity_factor=args.capacity_factor, top_k=args.top_k)
     torch.manual_seed(0)
@@ -100,6 +101,7 @@ def bench(args, ep_size: int) -> dict:
     return {
         "ep_size": ep_size, "world": world, "tokens_per_rank": args.tokens_per_rank, "hidden": args.hidden,
         "num_experts": args.num_experts, "rank": args.rank, "method": args.method,
+        "dispatch_dtype": args.dispatch_dtype if ep_size > 1 else None,
         "avg_active_experts": round(active, 3),
         "bytes_sent": int(statistics.median(sent)), "bytes_min": int(statistics.median(minimum)),
         "ms_step_median": round(med(steps), 3), "ms_a2a_median": round(med(a2a), 3),
@@ -117,6 +119,8 @@ def main() -> None:
     ap.add_argument("--method", default="adamole")
     ap.add_argument("--top_k", type=int, default=2)
     ap.add_argument("--capacity_factor", type=float, default=0.0)
+    ap.add_argument("--dispatch_dtype", default="fp32", choices=("fp32", "bf16"),
+                    help="the all-to-all wire (bytes are still compared with the fp32 minimum)")
     ap.add_argument("--ep_sizes", default="1,world", help="comma list; 'world' = all ranks")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)

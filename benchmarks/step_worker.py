@@ -40,7 +40,7 @@ from adamole_dist.data import load_examples  # noqa: E402
 from adamole_dist.data.tasks import build_task  # noqa: E402
 from adamole_dist.moe.routing_stats import summarize_routing  # noqa: E402
 from adamole_dist.parallel import collectives  # noqa: E402
-from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher  # noqa: E402
+from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher, wire_dtype  # noqa: E402
 from adamole_dist.parallel.layout import build_layout  # noqa: E402
 from adamole_dist.parallel.local_dispatcher import LocalDispatcher  # noqa: E402
 from adamole_dist.parallel.placement import adapter_workload, calibrate, predict_expert_parallel, predict_replicated  # noqa: E402
@@ -67,7 +67,8 @@ def build(args, layout):
         kw = {"method": "lora", "rank": N * R} if args.method == "lora" else {"method": args.method, "num_experts": N,
                                                                              "rank": R}
         cfg = AdapterConfig(target_modules=TARGETS, **kw)
-        dispatcher = ExpertParallelDispatcher(layout) if layout.ep_size > 1 else LocalDispatcher()
+        dispatcher = (ExpertParallelDispatcher(layout, wire_dtype(args.dispatch_dtype)) if layout.ep_size > 1
+                      else LocalDispatcher())
         adapters = inject_adapters(model, cfg, trainable_modules=["classifier"], dispatcher=dispatcher,
                                    expert_slice=layout.expert_slice(cfg.num_experts))
         params = adapters.engine_parameters()
@@ -97,6 +98,7 @@ def main() -> None:
     ap.add_argument("--system", choices=("adamole_dist", "peft"), default="adamole_dist")
     ap.add_argument("--method", default="adamole", help="adamole_dist: any method; peft: lora")
     ap.add_argument("--ep_size", type=int, default=1)
+    ap.add_argument("--dispatch_dtype", default="fp32", choices=("fp32", "bf16"), help="the all-to-all wire")
     ap.add_argument("--mode", choices=("weak", "strong"), default="weak",
                     help="weak: --batch examples per rank; strong: --batch examples in total")
     ap.add_argument("--batch", type=int, default=16)

@@ -1,5 +1,5 @@
 """launch/train.py --ep_size 2 with every routing method, under the deepspeed launcher and torchrun
-(2 gloo ranks, ZeRO-3): trains, logs traffic close to the minimum, exports all experts (one run under bf16 autocast)."""
+(2 gloo ranks, ZeRO-3): trains, logs traffic close to the minimum, exports all experts (one run under bf16 autocast, one with a bf16 wire)."""
 
 import json
 
@@ -12,7 +12,7 @@ RUNS = [
     ("adamole", deepspeed_cmd, []),
     ("mole_topk", torchrun_cmd, ["--capacity_factor", "1.0", "--drop_policy", "position"]),
     ("mole_threshold", deepspeed_cmd, ["--aux_loss_scope", "global", "--autocast", "bf16"]),
-    ("sira", torchrun_cmd, ["--balance_bias_rate", "0.001"]),
+    ("sira", torchrun_cmd, ["--balance_bias_rate", "0.001", "--dispatch_dtype", "bf16"]),
 ]
 
 
@@ -26,7 +26,9 @@ def test_train_with_expert_parallelism(tmp_path, method, launcher, extra):
     assert [r["step"] for r in train] == list(range(1, 7))
     last = train[-1]
     assert last["a2a_bytes_per_step"] > 0
-    assert last["a2a_bytes_per_step"] <= 1.05 * last["a2a_bytes_min_per_step"]
+    # a bf16 wire halves the fp32 minimum, plus each row's routing columns (3 of 384 per expert pair here)
+    limit = 0.53 if "--dispatch_dtype" in extra else 1.05
+    assert last["a2a_bytes_per_step"] <= limit * last["a2a_bytes_min_per_step"]
     adapter = out / "adapter"
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     assert cfg["adapter"]["method"] == method

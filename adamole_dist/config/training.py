@@ -14,7 +14,8 @@ from adamole_dist.config.fields import ConfigError, check_choices, opt
 DEFAULT_MODEL = "minilm-l6"
 POOLINGS = ("cls", "mean")  # adapters/pooling.py
 LM_FRAMINGS = ("instruction", "question_answer")  # data/tasks.py
-AUTOCASTS = ("none", "bf16")  # data/tasks.py: the forward passes' torch.autocast dtype
+AUTOCASTS = ("none", "bf16")
+DISPATCH_DTYPES = ("fp32", "bf16")  # parallel/ep_dispatcher.py: the all-to-all wire  # data/tasks.py: the forward passes' torch.autocast dtype
 STATE_FILE = "trainer_state.json"  # what makes a directory a complete checkpoint (train/checkpoint.py)
 BACKENDS = ("auto", "gloo", "nccl", "cpu:gloo,cuda:nccl")  # parallel/process_group.py
 
@@ -59,6 +60,10 @@ class TrainConfig:
                        "experts N/ep_size per rank and exchanges tokens by all-to-all; must divide the world "
                        "size and num_experts; auto (= 0): the placement cost model picks and logs why",
                        aliases={"auto": 0})
+    dispatch_dtype: str = opt("fp32", "expert parallelism: the dtype token rows and returned deltas travel in "
+                              "(forward and backward); bf16 halves the bytes, rows are restored to the "
+                              "activations' dtype on arrival and the routing weights cross exactly; never "
+                              "wider than the activations (fp32 = uncompressed)", choices=DISPATCH_DTYPES)
     expert_memory_budget_mb: float = opt(0.0, "--ep_size auto: most memory per rank for expert parameters, "
                                          "gradients and AdamW moments (0 = no limit)")
     # -- optimisation ----------------------------------------------------------------------

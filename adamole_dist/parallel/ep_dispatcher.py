@@ -28,14 +28,35 @@ from adamole_dist.parallel.collectives import TrafficCounters, all_gather_stack,
 from adamole_dist.parallel.layout import ParallelLayout
 from adamole_dist.parallel.local_dispatcher import Dispatcher, resolve_path
 
+WIRE_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # config.training.DISPATCH_DTYPES
+
+
+def wire_dtype(dispatch_dtype: str) -> torch.dtype | None:
+    """The wire dtype of ``--dispatch_dtype`` (None: the activations' own)."""
+    if dispatch_dtype not in WIRE_DTYPES:
+        raise ValueError(f"dispatch_dtype ({dispatch_dtype!r}) must be one of {', '.join(WIRE_DTYPES)}")
+    return WIRE_DTYPES[dispatch_dtype]
+
 
 class ExpertParallelDispatcher(Dispatcher):
-    def __init__(self, layout: ParallelLayout) -> None:
+    """``wire_dtype``: rows travel (both ways, forward and backward) in this dtype when it is narrower
+    than the activations' (a compressed wire, ``--dispatch_dtype bf16``); they are restored to the
+    activations' dtype on arrival, so the experts compute as they would locally, and the partial
+    deltas still sum in fp32. The routing weights cross bit for bit whatever the wire."""
+
+    def __init__(self, layout: ParallelLayout, wire_dtype: torch.dtype | None = None) -> None:
         self.layout = layout
         self.group = layout.ep_group
         self.size = layout.ep_size
         self.me = layout.ep_rank
+        self.wire_dtype = wire_dtype
         self.counters = TrafficCounters()
+
+    def wire_for(self, activations: torch.dtype) -> torch.dtype:
+        """The narrower of the wire dtype and the activations' dtype."""
+        if self.wire_dtype is None or self.wire_dtype.itemsize >= activations.itemsize:
+            return activations
+        return self.wire_dtype
 
     # -- capacity over the group --------------------------------------------------------------
     def capacity_keep(self, mask_TN, probs_TN, capacity_factor, policy):
@@ -66,21 +87,23 @@ class ExpertParallelDispatcher(Dispatcher):
         T, D = x_TD.shape
         L = bank.num_experts
         O = bank.lora_B.shape[-1]
-        es = x_TD.element_size()
+        es = x_TD.element_size()  # the uncompressed minimum counts rows in the activations' dtype
+        wire = self.wire_for(x_TD.dtype)
         plan = plan_dispatch(mask_TN, self.size)
         recv_counts = exchange_counts(plan.send_counts_J, self.group)
         send, recv = plan.send_counts_J.tolist(), recv_counts.tolist()  # NOTE: device sync for split sizes
-        rows_SX = pack(x_TD, weights_TN, mask_TN, plan, self.size)
+        rows_SX = pack(x_TD.to(wire), weights_TN, mask_TN, plan, self.size)
         t1 = time.perf_counter()
         rows_VX = all_to_all(rows_SX, recv, send, self.group, c, self.me, D * es, D * es)
         t2 = time.perf_counter()
         x_VD, w_VL, m_VL = unpack(rows_VX, D, L)
         # The partial deltas return in the experts' dtype, as the local path keeps them until the layer
         # adds them to the base output: fp32 experts under bf16 activations sum in fp32 on both paths.
-        y_VO = bank(x_VD, w_VL, m_VL, resolve_path(path, m_VL, bank))
+        # A narrower wire rounds them once for the trip.
+        y_VO = bank(x_VD.to(x_TD.dtype), w_VL, m_VL, resolve_path(path, m_VL, bank))
         t3 = time.perf_counter()
         ys = y_VO.element_size()
-        y_SO = all_to_all(y_VO, send, recv, self.group, c, self.me, O * ys, O * ys)
+        y_SO = all_to_all(y_VO.to(self.wire_for(y_VO.dtype)), send, recv, self.group, c, self.me, O * ys, O * ys)
         t4 = time.perf_counter()
         out = combine(y_SO, plan, T)
         c.add_time("permute", t1 - t0)

@@ -32,7 +32,7 @@ from adamole_dist.ops.metrics_log import MetricsLogger, truncate_metrics
 from adamole_dist.ops.output_dir import check_output_dir, prepare_output_dir
 from adamole_dist.ops.stopping import PREEMPTED_MARKER
 from adamole_dist.parallel import collectives
-from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher
+from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher, wire_dtype
 from adamole_dist.parallel.layout import ParallelLayout, build_layout
 from adamole_dist.parallel.local_dispatcher import LocalDispatcher
 from adamole_dist.parallel.placement import adapter_workload, calibrate, choose_ep_size
@@ -130,7 +130,8 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
         raise ConfigError(f"lm_framing ({cfg.lm_framing!r}) applies to causal_lm models; {model_path} is {task_type}")
     ep_size = cfg.ep_size or auto_ep_size(cfg, model, info, device)
     layout = build_layout(ep_size, cfg.adapter.num_experts)
-    dispatcher = ExpertParallelDispatcher(layout) if ep_size > 1 else LocalDispatcher()
+    dispatcher = (ExpertParallelDispatcher(layout, wire_dtype(cfg.dispatch_dtype)) if ep_size > 1
+                  else LocalDispatcher())
     trainable = cfg.trainable_modules or default_trainable_modules(task_type, model)
     adapters = inject_adapters(model, cfg.adapter, trainable_modules=trainable, dispatcher=dispatcher,
                                expert_slice=layout.expert_slice(cfg.adapter.num_experts))
