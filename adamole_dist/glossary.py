@@ -21,8 +21,6 @@ LETTERS = {
     "L": "N / J: experts per rank of the expert-parallel group",
     "S": "rows this rank sends: one per (token, destination rank)",
     "V": "rows this rank receives",
-    "C": "columns the routing weights take in a sent row (L fp32 values, or 2L 16-bit halves)",
-    "X": "width of a sent row: D + C + L",
     "Q": "candidates per expert one rank offers when capacity is decided by probability",
     "G": "J * Q: the candidates of the whole expert-parallel group",
     "1": "a size-1 axis, for broadcasting (last position only)",

@@ -12,15 +12,19 @@ from adamole_dist.moe.capacity import (
     probs_candidates,
     probs_cutoff,
 )
-from adamole_dist.moe.permute import combine, pack, plan_dispatch, unpack
+from adamole_dist.moe.permute import (
+    combine,
+    gather_rows,
+    local_columns,
+    plan_dispatch,
+    routing_columns,
+    split_routing_columns,
+)
 
 
 def simulate_exchange(plans_and_rows, me):
     """What rank ``me`` receives: rows destined to it from every rank, in rank order."""
-    out = []
-    for plan, rows in plans_and_rows:
-        out.append(rows[plan.dest_S == me])
-    return torch.cat(out)
+    return torch.cat([rows[plan.dest_S == me] for plan, rows in plans_and_rows])
 
 
 def test_each_token_sent_once_per_destination():
@@ -32,68 +36,89 @@ def test_each_token_sent_once_per_destination():
     assert plan.token_S.tolist() == [0, 1, 1, 3]  # token 0 once although two experts on rank 0
 
 
+def test_the_senders_own_experts_get_no_rows():
+    kept = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 1], [0, 0, 0, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    plan = plan_dispatch(kept, num_ranks=2, me=0)
+    assert plan.send_counts_J.tolist() == [0, 2]
+    assert plan.token_S.tolist() == [1, 3] and plan.dest_S.tolist() == [1, 1]
+    assert not plan.sends_every_token_once(plan.send_counts_J.tolist())
+
+
+def test_every_token_once_in_order_sends_x_itself_and_sums_without_scatter():
+    torch.manual_seed(0)
+    T, D, N = 5, 3, 4
+    kept = torch.ones(T, N, dtype=torch.bool)
+    plan = plan_dispatch(kept, num_ranks=2, me=1)
+    assert plan.sends_every_token_once(plan.send_counts_J.tolist())
+    x = torch.randn(T, D)
+    assert gather_rows(x, plan, True) is x  # no copy
+    local, back = torch.randn(T, 2), torch.randn(T, 2)
+    torch.testing.assert_close(combine(local, back, plan, True), local + back)
+    torch.testing.assert_close(combine(local, back, plan, False), local + back)  # the general path agrees
+
+
 def test_zero_tokens():
     kept = torch.zeros(0, 4, dtype=torch.bool)
-    plan = plan_dispatch(kept, num_ranks=2)
+    plan = plan_dispatch(kept, num_ranks=2, me=0)
     assert plan.send_counts_J.tolist() == [0, 0]
-    rows = pack(torch.zeros(0, 3), torch.zeros(0, 4), kept, plan, 2)
-    assert rows.shape == (0, 3 + 2 + 2)
-    assert combine(torch.zeros(0, 5), plan, 0).shape == (0, 5)
+    assert not plan.sends_every_token_once([0, 0])
+    assert gather_rows(torch.zeros(0, 3), plan, False).shape == (0, 3)
+    assert routing_columns(torch.zeros(0, 4), kept, plan, 2).shape == (0, 2)
+    assert combine(torch.zeros(0, 5), torch.zeros(0, 5), plan, False).shape == (0, 5)
 
 
-def test_every_token_to_one_expert_and_round_trip():
-    torch.manual_seed(0)
-    T, D, N, J = 6, 3, 4, 2
-    x = torch.randn(T, D)
-    kept = torch.zeros(T, N, dtype=torch.bool)
-    kept[:, 3] = True
-    w = torch.rand(T, N) * kept
-    plan = plan_dispatch(kept, J)
-    assert plan.send_counts_J.tolist() == [0, T]
-    rows = pack(x, w, kept, plan, J)
-    x_R, w_R, m_R = unpack(rows, D, N // J)
-    torch.testing.assert_close(x_R, x)
-    torch.testing.assert_close(w_R, w[:, 2:4])
-    assert m_R[:, 1].all() and not m_R[:, 0].any()
-    # a stand-in expert computation on the receiver, returned and combined
-    y = combine(x_R.sum(1, keepdim=True) * w_R[:, 1:2], plan, T)
-    torch.testing.assert_close(y[:, 0], x.sum(1) * w[:, 3])
-
-
-def test_one_rank_is_identity_permutation():
+def test_routing_columns_carry_exact_fp32_weights_and_kept_bits_and_their_gradients():
     torch.manual_seed(1)
-    kept = torch.rand(5, 4) > 0.4
-    kept[2] = False
-    plan = plan_dispatch(kept, 1)
-    assert plan.token_S.tolist() == [t for t in range(5) if kept[t].any()]
-    x = torch.randn(5, 2)
-    rows = pack(x, kept.float(), kept, plan, 1)
-    torch.testing.assert_close(rows[:, :2], x[plan.token_S])
+    T, N, J = 6, 4, 2
+    kept = torch.rand(T, N) > 0.4
+    kept[0, 0] = True
+    w = (torch.rand(T, N) * kept).detach()
+    w[0, 0] = 0.0  # a kept pair may weigh exactly 0 (adamole: p == tau); it must stay kept
+    w.requires_grad_()
+    plan = plan_dispatch(kept, J)
+    cols = routing_columns(w, kept, plan, J)
+    assert cols.dtype == torch.float32 and cols.shape == (int(plan.send_counts_J.sum()), N // J)
+    w_S, kept_S = split_routing_columns(cols)
+    for s, (t, j) in enumerate(zip(plan.token_S.tolist(), plan.dest_S.tolist())):
+        assert torch.equal(w_S[s], w.detach()[t, 2 * j:2 * j + 2])
+        assert torch.equal(kept_S[s], kept[t, 2 * j:2 * j + 2])
+    w_S.sum().backward()
+    sent = torch.zeros(T, N)
+    for t, j in zip(plan.token_S.tolist(), plan.dest_S.tolist()):
+        sent[t, 2 * j:2 * j + 2] = 1.0
+    assert torch.equal(w.grad, sent * kept)  # only kept pairs weigh anything
 
 
 def test_two_rank_exchange_matches_local_sum():
-    """Pack on two simulated ranks, exchange, compute per-rank experts, return, combine: equals
-    computing every expert locally."""
+    """Each of two simulated ranks computes its own experts in place, sends the other's rows with their
+    routing columns, the receiver computes, returns, and the sender combines: equals computing every
+    expert locally."""
     torch.manual_seed(2)
     T, D, N, J = 7, 4, 4, 2
+    L = N // J
     W = torch.randn(N, D)  # expert n maps x -> W[n] . x
     xs = [torch.randn(T, D), torch.randn(T, D)]
     kepts = [torch.rand(T, N) > 0.5, torch.rand(T, N) > 0.5]
     ws = [torch.rand(T, N) * k for k in kepts]
-    plans = [plan_dispatch(k, J) for k in kepts]
-    rows = [pack(x, w, k, p, J) for x, w, k, p in zip(xs, ws, kepts, plans)]
+    plans = [plan_dispatch(k, J, me) for me, k in enumerate(kepts)]
+    rows = [gather_rows(x, p, False) for x, p in zip(xs, plans)]
+    cols = [routing_columns(w, k, p, J) for w, k, p in zip(ws, kepts, plans)]
+
+    def experts(me, x, w, m):
+        return ((x @ W[me * L:(me + 1) * L].t()) * w * m).sum(1, keepdim=True)
+
     results = {}
     for me in range(J):
-        recv = simulate_exchange(list(zip(plans, rows)), me)
-        x_R, w_R, m_R = unpack(recv, D, N // J)
-        y_R = ((x_R @ W[me * 2:(me + 1) * 2].t()) * w_R * m_R).sum(1, keepdim=True)
-        # split the results back to their senders, in sender order
-        sizes = [int(p.send_counts_J[me]) for p in plans]
+        x_R = simulate_exchange(list(zip(plans, rows)), me)
+        w_R, m_R = split_routing_columns(simulate_exchange(list(zip(plans, cols)), me))
+        y_R = experts(me, x_R, w_R, m_R)
+        sizes = [int(p.send_counts_J[me]) for p in plans]  # split back to their senders, in sender order
         for src, part in enumerate(torch.split(y_R, sizes)):
             results.setdefault(src, {})[me] = part
     for src in range(J):
         back = torch.cat([results[src][d] for d in range(J)])
-        y = combine(back, plans[src], T)
+        local = experts(src, xs[src], local_columns(ws[src], src, L), local_columns(kepts[src], src, L))
+        y = combine(local, back, plans[src], False)
         expected = ((xs[src] @ W.t()) * ws[src]).sum(1, keepdim=True)
         torch.testing.assert_close(y, expected)
 
@@ -140,26 +165,3 @@ def test_capacity_zero_keeps_nothing():
     assert not keep_by_cutoff(torch.ones(5, 4, dtype=torch.bool), probs, p_N, g_N, 0, 6).any()
     for policy in ("probs", "position"):
         assert not apply_capacity(mask, probs, 0, policy).any()
-
-
-def test_weights_cross_a_16_bit_wire_bit_for_bit_and_so_do_their_gradients():
-    torch.manual_seed(3)
-    T, D, N, J = 7, 5, 4, 2
-    kept = torch.rand(T, N) > 0.4
-    w = (torch.rand(T, N) * kept).requires_grad_()
-    for dtype in (torch.bfloat16, torch.float16):
-        x = torch.randn(T, D).to(dtype)
-        plan = plan_dispatch(kept, J)
-        rows = pack(x, w, kept, plan, J)
-        assert rows.dtype == dtype and rows.shape[1] == D + 2 * (N // J) + N // J  # two columns per fp32 weight
-        halves = []
-        for me in range(J):  # what each destination receives
-            x_R, w_R, m_R = unpack(rows[plan.dest_S == me], D, N // J)
-            sel = plan.token_S[plan.dest_S == me]
-            assert w_R.dtype == torch.float32
-            assert torch.equal(w_R, w.detach()[sel][:, me * 2:(me + 1) * 2])  # exact, not rounded to 16 bits
-            halves.append((w_R * torch.arange(1.0, 3.0)).sum())
-        w.grad = None
-        sum(halves).backward()
-        torch.testing.assert_close(w.grad, torch.arange(1.0, 3.0).repeat(2) * kept.any(1, keepdim=True).float()
-                                   * (kept.view(T, J, 2).any(-1).repeat_interleave(2, dim=1)).float(), rtol=0, atol=0)

@@ -2,16 +2,20 @@
 
 Tensor-name suffixes (T tokens, N experts, ...): adamole_dist/glossary.py.
 
-A token goes to rank j once if any of its kept experts lives on j (deduplicated per
-destination), carrying its weights and mask bits for j's L experts, so the receiver
-computes all of them in one pass and returns one O-row.
+A token goes to another rank j once if any of its kept experts lives on j (deduplicated per
+destination), and the receiver computes all of j's L experts for it in one pass and returns one
+O-row. The sender's own experts never travel: its share is computed in place on all of its tokens
+(their columns of the weights select the pairs), so nothing is copied for it.
 
-Precision: rows travel in the activations' dtype, but the routing weights are fp32 on every
-path. When the activations are narrower (bf16/fp16), each fp32 weight travels bit for bit as
-two 16-bit columns (``encode_weights``), and its gradient comes back the same way, so a bf16
-run rounds the weights exactly where the local path does. ``combine`` sums the returned
-partial deltas in fp32 (and the receivers return them in the experts' dtype), as the local path's
-single matmul over all experts accumulates.
+What is copied, and when:
+* rows out: ``gather_rows`` returns ``x`` itself when the plan sends every token once, in order
+  (one remote rank owning an expert of every token, as with 2 ranks and dense routing), else one
+  ``index_select`` in plan order;
+* routing columns: the weights of the destination's L experts (fp32, exact; -1 marks a pair that
+  is not kept) travel beside the rows as their own small tensor, so the rows are never
+  concatenated with them;
+* combine: the returned rows are added to the local share, ``index_add`` out of place (one copy
+  of the local share, no zero fill), or a plain sum when the plan sends every token once.
 """
 
 from __future__ import annotations
@@ -20,77 +24,86 @@ from dataclasses import dataclass
 
 import torch
 
+NOT_KEPT = -1.0  # the routing column of a pair that is not kept (weights of kept pairs are >= 0)
+
+
+# When one other rank needs at least this fraction of the tokens, all of them go to it: x itself is
+# sent (no gather, and no zero-filled scatter of its gradient in the backward) for at most 1/0.95 - 1
+# = 5 % more rows, which carry no kept expert (their routing columns say so; they return zeros).
+# Dense routing over 2 ranks (adamole at tau_max = 1/N) needs >99 % of the tokens on the other rank.
+SEND_ALL_FRACTION = 0.95
+
 
 @dataclass
 class DispatchPlan:
     token_S: torch.Tensor  # source token of each sent row, rows grouped by destination
     dest_S: torch.Tensor  # destination rank of each row (non-decreasing)
-    send_counts_J: torch.Tensor  # rows per destination
+    send_counts_J: torch.Tensor  # rows per destination (0 for the sender itself when it is excluded)
+    needed_counts_J: torch.Tensor  # of those, rows with a kept expert there (the rest pad a send-all)
+    num_tokens: int
+
+    def sends_every_token_once(self, send_counts: list[int]) -> bool:
+        """True when exactly one destination receives every token, in token order (so the rows are
+        ``x`` itself); ``send_counts`` is ``send_counts_J`` on the host (the caller has it for the
+        all-to-all split sizes anyway)."""
+        busy = [n for n in send_counts if n]
+        return len(busy) == 1 and busy[0] == self.num_tokens
 
 
-def plan_dispatch(kept_TN: torch.Tensor, num_ranks: int) -> DispatchPlan:
+def plan_dispatch(kept_TN: torch.Tensor, num_ranks: int, me: int | None = None,
+                  send_all_fraction: float | None = None) -> DispatchPlan:
+    """Rows to send: token t to rank j once if one of t's kept experts lives on j. ``me``: this
+    rank, whose experts are computed in place and get no rows (None: every rank gets rows).
+    ``send_all_fraction``: when only one other rank gets rows and it needs at least this fraction
+    of the tokens, send it every token (``SEND_ALL_FRACTION``; None: never)."""
     T, N = kept_TN.shape
     if N % num_ranks:
         raise ValueError(f"num_experts ({N}) is not divisible by the EP group size ({num_ranks})")
     send_TJ = kept_TN.view(T, num_ranks, N // num_ranks).any(-1)
+    if me is not None:
+        send_TJ[:, me] = False
+    needed_J = send_TJ.sum(0)
+    if send_all_fraction is not None and T:
+        busy_J = needed_J > 0
+        # NOTE: device sync (one small tensor; the caller syncs on the counts next anyway)
+        if int(busy_J.sum()) == 1 and int(needed_J.max()) >= send_all_fraction * T:
+            send_TJ[:, busy_J] = True
     dest_S, token_S = send_TJ.t().nonzero(as_tuple=True)  # sorted by destination, then token
-    return DispatchPlan(token_S, dest_S, torch.bincount(dest_S, minlength=num_ranks))
+    return DispatchPlan(token_S, dest_S, torch.bincount(dest_S, minlength=num_ranks), needed_J, T)
 
 
-class _BitCast(torch.autograd.Function):
-    """Reinterpret the bytes of the last dimension as another dtype; the gradient is carried back
-    by the inverse reinterpretation, so an fp32 gradient crosses a 16-bit wire bit for bit."""
-
-    @staticmethod
-    def forward(ctx, t, dtype):
-        ctx.dtype = t.dtype
-        return t.contiguous().view(dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.contiguous().view(ctx.dtype), None
+def local_columns(t_TN: torch.Tensor, me: int, experts_per_rank: int) -> torch.Tensor:
+    """The columns of rank ``me``'s experts (a view)."""
+    return t_TN[:, me * experts_per_rank : (me + 1) * experts_per_rank]
 
 
-def weight_columns(experts_per_rank: int, wire_dtype: torch.dtype) -> int:
-    """Columns of the wire dtype that carry L fp32 weights exactly."""
-    return experts_per_rank * 4 // wire_dtype.itemsize if wire_dtype.itemsize < 4 else experts_per_rank
+def gather_rows(x_TD: torch.Tensor, plan: DispatchPlan, every_token_once: bool) -> torch.Tensor:
+    """The rows to send, in plan order: ``x`` itself (no copy) when every token goes once, in order."""
+    return x_TD if every_token_once else x_TD.index_select(0, plan.token_S)
 
 
-def encode_weights(w_SL: torch.Tensor, wire_dtype: torch.dtype) -> torch.Tensor:
-    """fp32 weights as columns of the wire dtype, exactly (bit cast when narrower, cast otherwise)."""
-    w_SL = w_SL.float()
-    if wire_dtype.itemsize < 4:
-        return _BitCast.apply(w_SL, wire_dtype)
-    return w_SL.to(wire_dtype)
-
-
-def decode_weights(cols: torch.Tensor) -> torch.Tensor:
-    """The fp32 weights that ``encode_weights`` packed into ``cols``."""
-    if cols.element_size() < 4:
-        return _BitCast.apply(cols, torch.float32)
-    return cols.float()
-
-
-def pack(x_TD: torch.Tensor, weights_TN: torch.Tensor, kept_TN: torch.Tensor, plan: DispatchPlan,
-         num_ranks: int) -> torch.Tensor:
-    """Rows [x | fp32 weights of the destination's L experts (encoded) | their kept bits], in plan order."""
+def routing_columns(weights_TN: torch.Tensor, kept_TN: torch.Tensor, plan: DispatchPlan,
+                    num_ranks: int) -> torch.Tensor:
+    """[S, L] fp32: each sent row's weights for its destination's L experts, exact, with -1 where
+    the pair is not kept (a kept pair's weight is never negative: routing.py). Gradients flow back
+    to the kept pairs of ``weights_TN``."""
     L = kept_TN.shape[1] // num_ranks
-    cols_SL = plan.dest_S.unsqueeze(1) * L + torch.arange(L, device=x_TD.device)
+    cols_SL = plan.dest_S.unsqueeze(1) * L + torch.arange(L, device=kept_TN.device)
     rows_S1 = plan.token_S.unsqueeze(1)
-    w_SC = encode_weights(weights_TN[rows_S1, cols_SL], x_TD.dtype)
-    m_SL = kept_TN[rows_S1, cols_SL].to(x_TD.dtype)
-    return torch.cat([x_TD.index_select(0, plan.token_S), w_SC, m_SL], dim=1)
+    w_SL = weights_TN.float()[rows_S1, cols_SL]
+    return torch.where(kept_TN[rows_S1, cols_SL], w_SL, torch.full_like(w_SL, NOT_KEPT))
 
 
-def unpack(rows: torch.Tensor, in_features: int, experts_per_rank: int):
-    """(x_VD, fp32 weights_VL, kept_VL) of received rows."""
-    D, L = in_features, experts_per_rank
-    C = weight_columns(L, rows.dtype)
-    return rows[:, :D], decode_weights(rows[:, D : D + C]), rows[:, D + C : D + C + L] > 0.5
+def split_routing_columns(cols_VL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 weights_VL, kept_VL) of received routing columns."""
+    kept_VL = cols_VL >= 0
+    return torch.where(kept_VL, cols_VL, torch.zeros_like(cols_VL)), kept_VL
 
 
-def combine(y_SO: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Tensor:
-    """Sum each token's returned rows (one per destination) into its delta, in fp32 (at least)."""
-    dtype = torch.promote_types(y_SO.dtype, torch.float32)
-    out = torch.zeros(num_tokens, y_SO.shape[1], device=y_SO.device, dtype=dtype)
-    return out.index_add_(0, plan.token_S, y_SO.to(dtype))
+def combine(local_TO: torch.Tensor, y_SO: torch.Tensor, plan: DispatchPlan, every_token_once: bool) -> torch.Tensor:
+    """The local share plus every returned row added to its token, in fp32 (at least)."""
+    dtype = torch.promote_types(torch.promote_types(local_TO.dtype, y_SO.dtype), torch.float32)
+    local_TO, y_SO = local_TO.to(dtype), y_SO.to(dtype)
+    if every_token_once:
+        return local_TO + y_SO
+    return local_TO.index_add(0, plan.token_S, y_SO)

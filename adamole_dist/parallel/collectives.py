@@ -174,7 +174,7 @@ def all_to_all_single(out: torch.Tensor, inp: torch.Tensor, out_splits=None, in_
 
 
 def exchange_counts(send_counts: torch.Tensor, group) -> torch.Tensor:
-    """recv[j] = how many rows rank j of the group will send to me."""
+    """recv[j] = row j of rank j's ``send_counts`` (its counts for me: rows it will send me, ...)."""
     recv = torch.empty_like(send_counts)
     all_to_all_single(recv, send_counts.contiguous(), group=group)
     return recv
@@ -204,28 +204,30 @@ def remote_rows(splits: list[int], me: int) -> int:
 
 
 def timed_all_to_all(out, inp, out_splits, in_splits, group, counters: TrafficCounters | None, me: int,
-                     min_row_bytes: int | None = None) -> None:
+                     min_bytes: int | None = None) -> None:
+    """``all_to_all_single``, counted: bytes sent to other ranks, and of those the minimum the
+    caller states (``min_bytes``; None: all of them count)."""
     t0 = time.perf_counter()
     all_to_all_single(out, inp, out_splits, in_splits, group=group)
     if counters is not None:
         # NOTE: on GPU this measures launch time only unless the caller synchronises.
         counters.a2a_seconds += time.perf_counter() - t0
         counters.calls += 1
-        rows = remote_rows(in_splits, me)
-        row_bytes = math.prod(inp.shape[1:]) * inp.element_size()
-        counters.bytes_sent += rows * row_bytes
-        counters.bytes_min += rows * (row_bytes if min_row_bytes is None else min_row_bytes)
+        sent = remote_rows(in_splits, me) * math.prod(inp.shape[1:]) * inp.element_size()
+        counters.bytes_sent += sent
+        counters.bytes_min += sent if min_bytes is None else min_bytes
 
 
 class AllToAll(torch.autograd.Function):
-    """Rows of ``x`` go to ranks by ``in_splits``; rows arrive by ``out_splits``. Backward reverses."""
+    """Rows of ``x`` go to ranks by ``in_splits``; rows arrive by ``out_splits``. Backward reverses.
+    ``min_bytes`` / ``min_bytes_back``: what of this rank's sends (forward / backward) is the minimum."""
 
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group, counters, me, min_row_bytes, min_row_bytes_back):
+    def forward(ctx, x, out_splits, in_splits, group, counters, me, min_bytes, min_bytes_back):
         ctx.splits = (out_splits, in_splits)
-        ctx.group, ctx.counters, ctx.me, ctx.min_back = group, counters, me, min_row_bytes_back
+        ctx.group, ctx.counters, ctx.me, ctx.min_back = group, counters, me, min_bytes_back
         out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-        timed_all_to_all(out, x.contiguous(), out_splits, in_splits, group, counters, me, min_row_bytes)
+        timed_all_to_all(out, x.contiguous(), out_splits, in_splits, group, counters, me, min_bytes)
         return out
 
     @staticmethod
@@ -237,5 +239,5 @@ class AllToAll(torch.autograd.Function):
         return back, None, None, None, None, None, None, None
 
 
-def all_to_all(x, out_splits, in_splits, group, counters=None, me=0, min_row_bytes=None, min_row_bytes_back=None):
-    return AllToAll.apply(x, out_splits, in_splits, group, counters, me, min_row_bytes, min_row_bytes_back)
+def all_to_all(x, out_splits, in_splits, group, counters=None, me=0, min_bytes=None, min_bytes_back=None):
+    return AllToAll.apply(x, out_splits, in_splits, group, counters, me, min_bytes, min_bytes_back)

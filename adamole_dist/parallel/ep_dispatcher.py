@@ -3,9 +3,12 @@
 Tensor-name suffixes (T tokens, N experts, ...): adamole_dist/glossary.py.
 
 Per adapted layer: route locally (layer.py) -> capacity over the group (counts exchanged) ->
-plan + exchange per-destination counts -> permute -> all-to-all -> local experts (the same
-dense/grouped fast path as one process) -> all-to-all back -> unpermute and sum. Every rank
-joins every collective even with nothing to send, so no rank waits on another forever.
+plan the rows for the OTHER ranks + exchange per-destination counts -> gather those rows (no copy
+when every token goes once, in order) -> all-to-all of the rows and, beside them, their routing
+columns -> this rank's own experts on all its tokens, in place, and the received rows through the
+same experts (the same dense/grouped fast path as one process) -> all-to-all back -> added to the
+local share. Every rank joins every collective even with nothing to send, so no rank waits on
+another forever.
 """
 
 from __future__ import annotations
@@ -23,8 +26,22 @@ from adamole_dist.moe.capacity import (
     probs_cutoff,
 )
 from adamole_dist.moe.experts import ExpertBank
-from adamole_dist.moe.permute import combine, pack, plan_dispatch, unpack
-from adamole_dist.parallel.collectives import TrafficCounters, all_gather_stack, all_to_all, exchange_counts
+from adamole_dist.moe.permute import (
+    SEND_ALL_FRACTION,
+    combine,
+    gather_rows,
+    local_columns,
+    plan_dispatch,
+    routing_columns,
+    split_routing_columns,
+)
+from adamole_dist.parallel.collectives import (
+    TrafficCounters,
+    all_gather_stack,
+    all_to_all,
+    exchange_counts,
+    remote_rows,
+)
 from adamole_dist.parallel.layout import ParallelLayout
 from adamole_dist.parallel.local_dispatcher import Dispatcher, resolve_path
 
@@ -42,7 +59,7 @@ class ExpertParallelDispatcher(Dispatcher):
     """``wire_dtype``: rows travel (both ways, forward and backward) in this dtype when it is narrower
     than the activations' (a compressed wire, ``--dispatch_dtype bf16``); they are restored to the
     activations' dtype on arrival, so the experts compute as they would locally, and the partial
-    deltas still sum in fp32. The routing weights cross bit for bit whatever the wire."""
+    deltas still sum in fp32. The routing weights travel as fp32 columns beside the rows: exact."""
 
     def __init__(self, layout: ParallelLayout, wire_dtype: torch.dtype | None = None) -> None:
         self.layout = layout
@@ -87,25 +104,36 @@ class ExpertParallelDispatcher(Dispatcher):
         T, D = x_TD.shape
         L = bank.num_experts
         O = bank.lora_B.shape[-1]
-        es = x_TD.element_size()  # the uncompressed minimum counts rows in the activations' dtype
+        es = x_TD.element_size()  # the uncompressed minimum counts values in the activations' dtype
         wire = self.wire_for(x_TD.dtype)
-        plan = plan_dispatch(mask_TN, self.size)
-        recv_counts = exchange_counts(plan.send_counts_J, self.group)
-        send, recv = plan.send_counts_J.tolist(), recv_counts.tolist()  # NOTE: device sync for split sizes
-        rows_SX = pack(x_TD.to(wire), weights_TN, mask_TN, plan, self.size)
+        plan = plan_dispatch(mask_TN, self.size, self.me, SEND_ALL_FRACTION)  # rows for the other ranks only
+        # One exchange carries both counts: rows sent, and of those the ones with a kept expert there.
+        recv_J2 = exchange_counts(torch.stack([plan.send_counts_J, plan.needed_counts_J], 1), self.group)
+        send, recv = plan.send_counts_J.tolist(), recv_J2[:, 0].tolist()  # NOTE: device sync for split sizes
+        needed_out = remote_rows(plan.needed_counts_J.tolist(), self.me)
+        needed_in = remote_rows(recv_J2[:, 1].tolist(), self.me)
+        once = plan.sends_every_token_once(send)
+        rows_SD = gather_rows(x_TD, plan, once).to(wire)
+        cols_SL = routing_columns(weights_TN, mask_TN, plan, self.size)
         t1 = time.perf_counter()
-        rows_VX = all_to_all(rows_SX, recv, send, self.group, c, self.me, D * es, D * es)
+        # Traffic minimum (summed over ranks): each needed row once, D values out and O back, both passes.
+        rows_VD = all_to_all(rows_SD, recv, send, self.group, c, self.me, needed_out * D * es, needed_in * D * es)
+        cols_VL = all_to_all(cols_SL, recv, send, self.group, c, self.me, 0, 0)  # routing: beyond the minimum
         t2 = time.perf_counter()
-        x_VD, w_VL, m_VL = unpack(rows_VX, D, L)
-        # The partial deltas return in the experts' dtype, as the local path keeps them until the layer
-        # adds them to the base output: fp32 experts under bf16 activations sum in fp32 on both paths.
-        # A narrower wire rounds them once for the trip.
-        y_VO = bank(x_VD.to(x_TD.dtype), w_VL, m_VL, resolve_path(path, m_VL, bank))
+        # This rank's own experts on all of its tokens, in place: their columns select the pairs.
+        local_TO = bank(x_TD, local_columns(weights_TN, self.me, L), local_columns(mask_TN, self.me, L),
+                        resolve_path(path, local_columns(mask_TN, self.me, L), bank))
+        w_VL, m_VL = split_routing_columns(cols_VL)
+        # Received rows are restored to the activations' dtype: the experts compute as they would locally.
+        y_VO = bank(rows_VD.to(x_TD.dtype), w_VL, m_VL, resolve_path(path, m_VL, bank))
         t3 = time.perf_counter()
+        # The partial deltas return in the experts' dtype (a narrower wire rounds them once for the trip)
+        # and sum in fp32 with the local share, as the local path's single matmul over all experts does.
         ys = y_VO.element_size()
-        y_SO = all_to_all(y_VO.to(self.wire_for(y_VO.dtype)), send, recv, self.group, c, self.me, O * ys, O * ys)
+        y_SO = all_to_all(y_VO.to(self.wire_for(y_VO.dtype)), send, recv, self.group, c, self.me,
+                          needed_in * O * ys, needed_out * O * ys)
         t4 = time.perf_counter()
-        out = combine(y_SO, plan, T)
+        out = combine(local_TO, y_SO, plan, once)
         c.add_time("permute", t1 - t0)
         c.add_time("a2a", (t2 - t1) + (t4 - t3))
         c.add_time("expert_compute", t3 - t2)

@@ -214,7 +214,7 @@ def measure_compute(d: int = 1024, tokens: int = 2048, num_experts: int = 8, ran
     import torch
 
     from adamole_dist.moe.experts import dense_expert_delta
-    from adamole_dist.moe.permute import combine, pack, plan_dispatch
+    from adamole_dist.moe.permute import combine, gather_rows, plan_dispatch
 
     x = torch.randn(tokens, d, requires_grad=True)
     A = torch.randn(num_experts, rank, d, requires_grad=True)
@@ -225,9 +225,9 @@ def measure_compute(d: int = 1024, tokens: int = 2048, num_experts: int = 8, ran
     plan = plan_dispatch(kept, 2)
     rows = int(plan.send_counts_J.sum())
 
-    def permute_round_trip():
-        packed = pack(x, w, kept, plan, 2)
-        combine(packed[:, :d], plan, tokens).sum().backward()
+    def permute_round_trip():  # the general path: gather the rows, add the returned ones (fwd + bwd)
+        sent_SD = gather_rows(x, plan, every_token_once=False)
+        combine(x, sent_SD, plan, every_token_once=False).sum().backward()
 
     permute = _median_time(permute_round_trip, repeats)
     return ComputeModel(dense_s_per_unit=dense / (tokens * num_experts * rank * 2 * d),
