@@ -54,8 +54,8 @@ def all_sum(value: float) -> float:
 def bench(args, ep_size: int) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     layout = build_layout(ep_size, args.num_experts)
-    dispatcher = (ExpertParallelDispatcher(layout, wire_dtype(args.dispatch_dtype)) if ep_size > 1
-                  else LocalDispatcher())
+    dispatcher = (ExpertParallelDispatcher(layout, wire_dtype(args.dispatch_dtype), overlap=args.overlap == "on")
+                  if ep_size > 1 else LocalDispatcher())
     cfg = AdapterConfig(method=args.method, num_experts=args.num_experts, rank=args.rank, dropout=0.0,
                         capacity_factor=args.capacity_factor, top_k=args.top_k)
     torch.manual_seed(0)
@@ -102,6 +102,7 @@ def bench(args, ep_size: int) -> dict:
         "ep_size": ep_size, "world": world, "tokens_per_rank": args.tokens_per_rank, "hidden": args.hidden,
         "num_experts": args.num_experts, "rank": args.rank, "method": args.method,
         "dispatch_dtype": args.dispatch_dtype if ep_size > 1 else None,
+        "overlap": args.overlap == "on" if ep_size > 1 else None,
         "avg_active_experts": round(active, 3),
         "bytes_sent": int(statistics.median(sent)), "bytes_min": int(statistics.median(minimum)),
         "ms_step_median": round(med(steps), 3), "ms_a2a_median": round(med(a2a), 3),
@@ -119,6 +120,8 @@ def main() -> None:
     ap.add_argument("--method", default="adamole")
     ap.add_argument("--top_k", type=int, default=2)
     ap.add_argument("--capacity_factor", type=float, default=0.0)
+    ap.add_argument("--overlap", default="on", choices=("on", "off"),
+                    help="expert parallelism: overlap the all-to-alls with this rank's own experts")
     ap.add_argument("--dispatch_dtype", default="fp32", choices=("fp32", "bf16"),
                     help="the all-to-all wire (bytes are still compared with the fp32 minimum)")
     ap.add_argument("--ep_sizes", default="1,world", help="comma list; 'world' = all ranks")

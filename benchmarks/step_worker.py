@@ -67,8 +67,8 @@ def build(args, layout):
         kw = {"method": "lora", "rank": N * R} if args.method == "lora" else {"method": args.method, "num_experts": N,
                                                                              "rank": R}
         cfg = AdapterConfig(target_modules=TARGETS, **kw)
-        dispatcher = (ExpertParallelDispatcher(layout, wire_dtype(args.dispatch_dtype)) if layout.ep_size > 1
-                      else LocalDispatcher())
+        dispatcher = (ExpertParallelDispatcher(layout, wire_dtype(args.dispatch_dtype), overlap=args.overlap == "on")
+                      if layout.ep_size > 1 else LocalDispatcher())
         adapters = inject_adapters(model, cfg, trainable_modules=["classifier"], dispatcher=dispatcher,
                                    expert_slice=layout.expert_slice(cfg.num_experts))
         params = adapters.engine_parameters()
@@ -98,6 +98,8 @@ def main() -> None:
     ap.add_argument("--system", choices=("adamole_dist", "peft"), default="adamole_dist")
     ap.add_argument("--method", default="adamole", help="adamole_dist: any method; peft: lora")
     ap.add_argument("--ep_size", type=int, default=1)
+    ap.add_argument("--overlap", default="on", choices=("on", "off"),
+                    help="expert parallelism: overlap the all-to-alls with this rank's own experts")
     ap.add_argument("--dispatch_dtype", default="fp32", choices=("fp32", "bf16"), help="the all-to-all wire")
     ap.add_argument("--mode", choices=("weak", "strong"), default="weak",
                     help="weak: --batch examples per rank; strong: --batch examples in total")

@@ -411,8 +411,9 @@ def dense_worker(rank, world, out):
 
     layout = build_layout(2, N)
     results = {}
-    for only_local in (0, 1):  # 40/40 tokens need the other rank (x itself), 39/40 (x itself + 1 pad row)
-        dispatcher = ExpertParallelDispatcher(layout)
+    for only_local, overlap in ((0, True), (1, True), (1, False)):
+        # 40/40 tokens need the other rank (x itself), 39/40 (x itself + 1 pad row); overlapped or not
+        dispatcher = ExpertParallelDispatcher(layout, overlap=overlap)
         bank = dense_bank(layout.expert_slice(N))
         x, weights, kept = dense_inputs(rank, only_local)
         x.requires_grad_(True)
@@ -420,7 +421,7 @@ def dense_worker(rank, world, out):
         y = dispatcher(x, weights, kept, bank, "dense")
         y.pow(2).sum().backward()
         c = dispatcher.counters
-        results[only_local] = {"y": y.detach(), "dx": x.grad, "dw": weights.grad, "dA": bank.lora_A.grad,
+        results[only_local, overlap] = {"y": y.detach(), "dx": x.grad, "dw": weights.grad, "dA": bank.lora_A.grad,
                                "dB": bank.lora_B.grad, "sent": c.bytes_sent, "min": c.bytes_min}
     torch.save(results, Path(out) / f"dense_rank{rank}.pt")
 
@@ -428,10 +429,11 @@ def dense_worker(rank, world, out):
 def test_dense_routing_sends_x_itself_and_equals_the_local_path(tmp_path):
     """When the other rank needs (almost) every token, x itself goes on the wire (padded with rows
     that carry no kept expert) and its share comes back as a plain sum: outputs and every gradient
-    equal the all-local computation, and the padding is sent but not counted in the minimum."""
+    equal the all-local computation, with the exchanges overlapped with the local experts or waited
+    for, and the padding is sent but not counted in the minimum."""
     run_ranks(dense_worker, 2, str(tmp_path))
     ranks = [torch.load(tmp_path / f"dense_rank{r}.pt") for r in range(2)]
-    for only_local in (0, 1):
+    for only_local, overlap in ((0, True), (1, True), (1, False)):
         full = dense_bank((0, N))
         dA, dB = torch.zeros_like(full.lora_A), torch.zeros_like(full.lora_B)
         for rank in range(2):
@@ -443,7 +445,7 @@ def test_dense_routing_sends_x_itself_and_equals_the_local_path(tmp_path):
             y.pow(2).sum().backward()
             dA += full.lora_A.grad
             dB += full.lora_B.grad
-            r = ranks[rank][only_local]
+            r = ranks[rank][only_local, overlap]
             torch.testing.assert_close(r["y"], y.detach(), atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(r["dx"], x.grad, atol=1e-5, rtol=1e-5)
             # a pair that is not kept weighs 0 whatever its gradient: the routers' backward multiplies
@@ -456,6 +458,6 @@ def test_dense_routing_sends_x_itself_and_equals_the_local_path(tmp_path):
             assert r["sent"] == DENSE_T * (row_bytes + 2 * (N // 2) * 4)  # every token on the wire
         for rank in range(2):  # each owner's expert gradients sum both ranks' tokens
             first = rank * N // 2
-            for got, ref in ((ranks[rank][only_local]["dA"], dA), (ranks[rank][only_local]["dB"], dB)):
+            for got, ref in ((ranks[rank][only_local, overlap]["dA"], dA), (ranks[rank][only_local, overlap]["dB"], dB)):
                 ref = ref[first:first + N // 2]  # summed in another order: fp32 rounding of the largest terms
                 torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())

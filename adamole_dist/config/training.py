@@ -64,6 +64,9 @@ class TrainConfig:
                               "(forward and backward); bf16 halves the bytes, rows are restored to the "
                               "activations' dtype on arrival and the routing weights cross exactly; never "
                               "wider than the activations (fp32 = uncompressed)", choices=DISPATCH_DTYPES)
+    ep_overlap: bool = opt(True, "expert parallelism: run this rank's own experts while the all-to-alls travel "
+                           "(launched without waiting, forward and backward); --no-ep_overlap waits for each "
+                           "exchange (the simplest schedule, for debugging and comparison)")
     expert_memory_budget_mb: float = opt(0.0, "--ep_size auto: most memory per rank for expert parameters, "
                                          "gradients and AdamW moments (0 = no limit)")
     # -- optimisation ----------------------------------------------------------------------

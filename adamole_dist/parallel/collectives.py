@@ -241,3 +241,89 @@ class AllToAll(torch.autograd.Function):
 
 def all_to_all(x, out_splits, in_splits, group, counters=None, me=0, min_bytes=None, min_bytes_back=None):
     return AllToAll.apply(x, out_splits, in_splits, group, counters, me, min_bytes, min_bytes_back)
+
+
+# -- all-to-all in flight: overlap with computation ----------------------------------------------
+class _PendingAllToAll:
+    """One all-to-all launched without waiting (async_op): ``wait()`` returns the received tensor on
+    the caller's device. Staging to a device the group serves happens at launch and at wait."""
+
+    def __init__(self, inp: torch.Tensor, out_splits: list[int], in_splits: list[int], group,
+                 counters: TrafficCounters | None, me: int, min_bytes: int | None) -> None:
+        self.out = inp.new_empty((sum(out_splits),) + tuple(inp.shape[1:]))
+        self.counters = counters
+        t0 = time.perf_counter()
+        staged_in = _staged(inp.contiguous(), group)
+        self.staged_out = _staged(self.out, group)
+        self.work = dist.all_to_all_single(self.staged_out, staged_in, out_splits, in_splits, group=group,
+                                           async_op=True) if is_distributed(group) else None
+        if self.work is None:  # one rank: the rows are its own
+            self.staged_out.copy_(staged_in)
+        if counters is not None:
+            counters.a2a_seconds += time.perf_counter() - t0
+            counters.calls += 1
+            sent = remote_rows(in_splits, me) * math.prod(inp.shape[1:]) * inp.element_size()
+            counters.bytes_sent += sent
+            counters.bytes_min += sent if min_bytes is None else min_bytes
+
+    def wait(self) -> torch.Tensor:
+        t0 = time.perf_counter()
+        if self.work is not None:
+            self.work.wait()
+        if self.staged_out is not self.out:
+            self.out.copy_(self.staged_out)
+        if self.counters is not None:  # the exposed part of the exchange: what computation did not hide
+            self.counters.a2a_seconds += time.perf_counter() - t0
+        return self.out
+
+
+class Flight:
+    """An all-to-all split into launch and wait, in both passes (``launch_all_to_all`` /
+    ``land_all_to_all``): the forward's rows travel between the two calls, and in the backward the
+    gradient's rows travel from the ``land`` node's backward to the ``launch`` node's backward,
+    while autograd runs whatever it reaches in between."""
+
+    def __init__(self, out_splits, in_splits, group, counters, me, min_bytes, min_bytes_back) -> None:
+        self.out_splits, self.in_splits, self.group = out_splits, in_splits, group
+        self.counters, self.me, self.min_bytes, self.min_bytes_back = counters, me, min_bytes, min_bytes_back
+        self.forward: _PendingAllToAll | None = None
+        self.backward: _PendingAllToAll | None = None
+
+
+class _Launch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, flight: Flight):
+        ctx.flight = flight
+        flight.forward = _PendingAllToAll(x, flight.out_splits, flight.in_splits, flight.group, flight.counters,
+                                          flight.me, flight.min_bytes)
+        return x.new_empty(0)  # a token: orders the landing after the launch in the graph
+
+    @staticmethod
+    def backward(ctx, _token_grad):
+        return ctx.flight.backward.wait(), None
+
+
+class _Land(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, token, flight: Flight):
+        ctx.flight = flight
+        return flight.forward.wait()
+
+    @staticmethod
+    def backward(ctx, grad):
+        f = ctx.flight
+        f.backward = _PendingAllToAll(grad, f.in_splits, f.out_splits, f.group, f.counters, f.me, f.min_bytes_back)
+        return grad.new_empty(0), None
+
+
+def launch_all_to_all(x, out_splits, in_splits, group, counters=None, me=0, min_bytes=None,
+                      min_bytes_back=None) -> tuple[torch.Tensor, Flight]:
+    """Start ``all_to_all`` of ``x`` without waiting; pass the result to :func:`land_all_to_all`.
+    Every rank must launch and land its flights in the same order (they do: the same code runs)."""
+    flight = Flight(out_splits, in_splits, group, counters, me, min_bytes, min_bytes_back)
+    return _Launch.apply(x, flight), flight
+
+
+def land_all_to_all(token: torch.Tensor, flight: Flight) -> torch.Tensor:
+    """Wait for a launched all-to-all; returns the received rows (autograd flows through)."""
+    return _Land.apply(token, flight)

@@ -40,6 +40,8 @@ from adamole_dist.parallel.collectives import (
     all_gather_stack,
     all_to_all,
     exchange_counts,
+    land_all_to_all,
+    launch_all_to_all,
     remote_rows,
 )
 from adamole_dist.parallel.layout import ParallelLayout
@@ -61,8 +63,9 @@ class ExpertParallelDispatcher(Dispatcher):
     activations' dtype on arrival, so the experts compute as they would locally, and the partial
     deltas still sum in fp32. The routing weights travel as fp32 columns beside the rows: exact."""
 
-    def __init__(self, layout: ParallelLayout, wire_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, layout: ParallelLayout, wire_dtype: torch.dtype | None = None, overlap: bool = True) -> None:
         self.layout = layout
+        self.overlap = overlap
         self.group = layout.ep_group
         self.size = layout.ep_size
         self.me = layout.ep_rank
@@ -98,6 +101,13 @@ class ExpertParallelDispatcher(Dispatcher):
         return keep_by_cutoff(mask_TN, probs_TN, p_N, g_N, self.me, stride)
 
     # -- dispatch and combine -------------------------------------------------------------------
+    @staticmethod
+    def remote(rows_VD, cols_VL, bank: ExpertBank, path):
+        """The received rows through this rank's experts. They were restored to the activations'
+        dtype, so the experts compute as they would locally; the deltas come out in the experts' dtype."""
+        w_VL, m_VL = split_routing_columns(cols_VL)
+        return bank(rows_VD, w_VL, m_VL, resolve_path(path, m_VL, bank))
+
     def __call__(self, x_TD, weights_TN, mask_TN, bank: ExpertBank, path):
         c = self.counters
         t0 = time.perf_counter()
@@ -108,34 +118,53 @@ class ExpertParallelDispatcher(Dispatcher):
         wire = self.wire_for(x_TD.dtype)
         plan = plan_dispatch(mask_TN, self.size, self.me, SEND_ALL_FRACTION)  # rows for the other ranks only
         # One exchange carries both counts: rows sent, and of those the ones with a kept expert there.
-        recv_J2 = exchange_counts(torch.stack([plan.send_counts_J, plan.needed_counts_J], 1), self.group)
-        send, recv = plan.send_counts_J.tolist(), recv_J2[:, 0].tolist()  # NOTE: device sync for split sizes
+        counts_in = exchange_counts(torch.stack([plan.send_counts_J, plan.needed_counts_J], 1), self.group)
+        send, recv = plan.send_counts_J.tolist(), counts_in[:, 0].tolist()  # NOTE: device sync for split sizes
         needed_out = remote_rows(plan.needed_counts_J.tolist(), self.me)
-        needed_in = remote_rows(recv_J2[:, 1].tolist(), self.me)
+        needed_in = remote_rows(counts_in[:, 1].tolist(), self.me)
         once = plan.sends_every_token_once(send)
+        es_y = bank.lora_A.element_size()  # the deltas return in the experts' dtype
         rows_SD = gather_rows(x_TD, plan, once).to(wire)
         cols_SL = routing_columns(weights_TN, mask_TN, plan, self.size)
         t1 = time.perf_counter()
+        a2a_before, compute = c.a2a_seconds, [0.0]
+
+        def timed(fn, *args):
+            t = time.perf_counter()
+            out = fn(*args)
+            compute[0] += time.perf_counter() - t
+            return out
+
+        def local(part: slice):
+            m_TL = local_columns(mask_TN[part], self.me, L)
+            return bank(x_TD[part], local_columns(weights_TN[part], self.me, L), m_TL, resolve_path(path, m_TL, bank))
+
         # Traffic minimum (summed over ranks): each needed row once, D values out and O back, both passes.
-        rows_VD = all_to_all(rows_SD, recv, send, self.group, c, self.me, needed_out * D * es, needed_in * D * es)
-        cols_VL = all_to_all(cols_SL, recv, send, self.group, c, self.me, 0, 0)  # routing: beyond the minimum
-        t2 = time.perf_counter()
-        # This rank's own experts on all of its tokens, in place: their columns select the pairs.
-        local_TO = bank(x_TD, local_columns(weights_TN, self.me, L), local_columns(mask_TN, self.me, L),
-                        resolve_path(path, local_columns(mask_TN, self.me, L), bank))
-        w_VL, m_VL = split_routing_columns(cols_VL)
-        # Received rows are restored to the activations' dtype: the experts compute as they would locally.
-        y_VO = bank(rows_VD.to(x_TD.dtype), w_VL, m_VL, resolve_path(path, m_VL, bank))
-        t3 = time.perf_counter()
-        # The partial deltas return in the experts' dtype (a narrower wire rounds them once for the trip)
-        # and sum in fp32 with the local share, as the local path's single matmul over all experts does.
-        ys = y_VO.element_size()
-        y_SO = all_to_all(y_VO.to(self.wire_for(y_VO.dtype)), send, recv, self.group, c, self.me,
-                          needed_in * O * ys, needed_out * O * ys)
+        rows_min, y_min = (needed_out * D * es, needed_in * D * es), (needed_in * O * es_y, needed_out * O * es_y)
+        y_wire = self.wire_for(bank.lora_A.dtype)
+        if self.overlap:
+            # This rank's own experts run in place on all its tokens, in two halves: the first while
+            # the rows travel out, the second while the deltas travel back. In the backward autograd
+            # reaches them in the same places (later-created nodes first), between each gradient
+            # exchange's launch and its landing.
+            rows_flight = launch_all_to_all(rows_SD, recv, send, self.group, c, self.me, *rows_min)
+            cols_flight = launch_all_to_all(cols_SL, recv, send, self.group, c, self.me, 0, 0)
+            local_first = timed(local, slice(0, T // 2))
+            rows_VD, cols_VL = land_all_to_all(*rows_flight), land_all_to_all(*cols_flight)
+            y_VO = timed(self.remote, rows_VD.to(x_TD.dtype), cols_VL, bank, path)
+            y_flight = launch_all_to_all(y_VO.to(y_wire), send, recv, self.group, c, self.me, *y_min)
+            local_TO = torch.cat([local_first, timed(local, slice(T // 2, T))])
+            y_SO = land_all_to_all(*y_flight)
+        else:  # each exchange waited for: the simplest schedule, for debugging and comparison
+            rows_VD = all_to_all(rows_SD, recv, send, self.group, c, self.me, *rows_min)
+            cols_VL = all_to_all(cols_SL, recv, send, self.group, c, self.me, 0, 0)  # routing: beyond the minimum
+            local_TO = timed(local, slice(0, T))
+            y_VO = timed(self.remote, rows_VD.to(x_TD.dtype), cols_VL, bank, path)
+            y_SO = all_to_all(y_VO.to(y_wire), send, recv, self.group, c, self.me, *y_min)
         t4 = time.perf_counter()
         out = combine(local_TO, y_SO, plan, once)
         c.add_time("permute", t1 - t0)
-        c.add_time("a2a", (t2 - t1) + (t4 - t3))
-        c.add_time("expert_compute", t3 - t2)
+        c.add_time("a2a", c.a2a_seconds - a2a_before)  # the exposed exchange: launches and waits
+        c.add_time("expert_compute", compute[0])
         c.add_time("combine", time.perf_counter() - t4)
         return out

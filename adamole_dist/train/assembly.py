@@ -130,8 +130,8 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
         raise ConfigError(f"lm_framing ({cfg.lm_framing!r}) applies to causal_lm models; {model_path} is {task_type}")
     ep_size = cfg.ep_size or auto_ep_size(cfg, model, info, device)
     layout = build_layout(ep_size, cfg.adapter.num_experts)
-    dispatcher = (ExpertParallelDispatcher(layout, wire_dtype(cfg.dispatch_dtype)) if ep_size > 1
-                  else LocalDispatcher())
+    dispatcher = (ExpertParallelDispatcher(layout, wire_dtype(cfg.dispatch_dtype), overlap=cfg.ep_overlap)
+                  if ep_size > 1 else LocalDispatcher())
     trainable = cfg.trainable_modules or default_trainable_modules(task_type, model)
     adapters = inject_adapters(model, cfg.adapter, trainable_modules=trainable, dispatcher=dispatcher,
                                expert_slice=layout.expert_slice(cfg.adapter.num_experts))
