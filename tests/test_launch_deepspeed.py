@@ -20,6 +20,18 @@ def zero3_run(tmp_path_factory):
     return out, args, proc
 
 
+def test_no_shared_memory_is_left_behind(zero3_run):
+    """DeepSpeed's CPU all-reduce maps one ~64 MB /dev/shm file per rank and never unlinks it; the
+    trainer does at exit (before, every launch leaked them until RAM ran out)."""
+    import os
+    from pathlib import Path
+
+    _, _, proc = zero3_run
+    port = proc.args[proc.args.index("--master_port") + 1]
+    left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+    assert not left, left
+
+
 def test_loss_falls(zero3_run):
     out, _, _ = zero3_run
     losses = train_losses(out)

@@ -16,6 +16,8 @@ import threading
 import time
 from datetime import timedelta
 
+from adamole_dist.parallel.process_group import release_shm_buffer
+
 EXIT_PEER_LOST = 76
 PREFIX = "adamole_watchdog"
 
@@ -103,4 +105,5 @@ class PeerWatchdog:
         if self._stop.is_set():
             return
         print(f"[rank {self.rank}] {reason}; exiting (exit code {EXIT_PEER_LOST})", file=sys.stderr, flush=True)
+        release_shm_buffer()  # os._exit skips atexit
         os._exit(EXIT_PEER_LOST)

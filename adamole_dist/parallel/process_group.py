@@ -12,10 +12,13 @@ project's collectives place their tensors where it serves them (collectives.py).
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 
@@ -117,11 +120,28 @@ def init_distributed(timeout_s: float = 600.0, backend: str = "auto") -> DistInf
     # comm layer then wraps the existing group, and its config checks read the world size from it.
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                timeout=timedelta(seconds=timeout_s))
+    atexit.register(release_shm_buffer)
     return DistInfo(
         rank=torch.distributed.get_rank(),
         world_size=torch.distributed.get_world_size(),
         local_rank=int(os.environ["LOCAL_RANK"]),
     )
+
+
+def shm_buffer_path(env: dict | None = None) -> Path:
+    """The shared-memory file DeepSpeed's CPU all-reduce creates for this rank when every rank is
+    local (the deepspeed launcher exports LOCAL_SIZE); DeepSpeed 0.19 never unlinks it."""
+    env = os.environ if env is None else env
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}"
+    return Path("/dev/shm") / f"{name}_{env.get('RANK', '0')}"
+
+
+def release_shm_buffer() -> None:
+    """Unlink this rank's DeepSpeed shared-memory buffer (about 64 MB each) at exit. The peers mapped
+    it when they started, and a mapping outlives the name; left behind, every launch leaks one per
+    rank into /dev/shm, i.e. into RAM, until the machine runs out."""
+    with contextlib.suppress(OSError):
+        shm_buffer_path().unlink(missing_ok=True)
 
 
 def shutdown_distributed() -> None:
