@@ -201,7 +201,7 @@ def report(records: list[dict]) -> str:
                 if vals and method != ZERO_SHOT and zero[d] is not None:
                     cell += f" [{100 * (statistics.mean(vals) - zero[d][metric]):+.1f}]"
                 cells.append(cell)
-        active = [r["avg_active_experts"] for r in rows if "avg_active_experts" in r]
+        active = [r["avg_active_experts"] for r in rows if "avg_active_experts" in r and method != "lora"]
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {statistics.mean(active):.2f} |" if active
                      else f"| {method} | " + " | ".join(cells) + " | – |")
     sweep = [r for r in records if r["method"] == "adamole"]
