@@ -51,6 +51,7 @@ from adamole_dist.data.tasks import build_task  # noqa: E402
 from adamole_dist.moe.routing_stats import summarize_routing  # noqa: E402
 from adamole_dist.train.schedule import lr_lambda, warmup_steps_for  # noqa: E402
 from adamole_dist.train.step import train_step  # noqa: E402
+from benchmarks.accuracy import key, merge_records  # noqa: E402  (the same record key and order)
 from benchmarks.local_engine import LocalEngine  # noqa: E402
 from benchmarks.records import read_records, write_records  # noqa: E402
 
@@ -149,16 +150,6 @@ def run_one(args, dataset: str, train: list, test: list, method: str, seed: int,
             "loss_first": round(statistics.mean(losses[:window]), 4),
             "loss_last": round(statistics.mean(losses[-window:]), 4),
             "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s, 1)}
-
-
-def key(r: dict) -> tuple:
-    return r["dataset"], r["method"], r["seed"], r["tau_max"]
-
-
-def merge_records(old: list[dict], new: list[dict]) -> list[dict]:
-    merged = {key(r): r for r in old}
-    merged.update({key(r): r for r in new})
-    return sorted(merged.values(), key=lambda r: (r["dataset"], r["method"], r["tau_max"] or 0, r["seed"]))
 
 
 def planned_runs(args, datasets: list[str]) -> list[tuple[str, str, int, float | None]]:

@@ -190,6 +190,15 @@ class TrafficCounters:
     calls: int = 0
     timings: dict = field(default_factory=dict)  # phase -> seconds (route/permute/a2a/compute/combine)
 
+    def record(self, seconds: float, inp: torch.Tensor, in_splits: list[int], me: int, min_bytes: int | None) -> None:
+        """One all-to-all of ``inp``: its time, and the bytes it sent to other ranks, of which
+        ``min_bytes`` are the minimum (None: all of them)."""
+        self.a2a_seconds += seconds
+        self.calls += 1
+        sent = remote_rows(in_splits, me) * math.prod(inp.shape[1:]) * inp.element_size()
+        self.bytes_sent += sent
+        self.bytes_min += sent if min_bytes is None else min_bytes
+
     def add_time(self, phase: str, seconds: float) -> None:
         self.timings[phase] = self.timings.get(phase, 0.0) + seconds
 
@@ -209,13 +218,8 @@ def timed_all_to_all(out, inp, out_splits, in_splits, group, counters: TrafficCo
     caller states (``min_bytes``; None: all of them count)."""
     t0 = time.perf_counter()
     all_to_all_single(out, inp, out_splits, in_splits, group=group)
-    if counters is not None:
-        # NOTE: on GPU this measures launch time only unless the caller synchronises.
-        counters.a2a_seconds += time.perf_counter() - t0
-        counters.calls += 1
-        sent = remote_rows(in_splits, me) * math.prod(inp.shape[1:]) * inp.element_size()
-        counters.bytes_sent += sent
-        counters.bytes_min += sent if min_bytes is None else min_bytes
+    if counters is not None:  # NOTE: on GPU this measures launch time only unless the caller synchronises
+        counters.record(time.perf_counter() - t0, inp, in_splits, me, min_bytes)
 
 
 class AllToAll(torch.autograd.Function):
@@ -260,11 +264,7 @@ class _PendingAllToAll:
         if self.work is None:  # one rank: the rows are its own
             self.staged_out.copy_(staged_in)
         if counters is not None:
-            counters.a2a_seconds += time.perf_counter() - t0
-            counters.calls += 1
-            sent = remote_rows(in_splits, me) * math.prod(inp.shape[1:]) * inp.element_size()
-            counters.bytes_sent += sent
-            counters.bytes_min += sent if min_bytes is None else min_bytes
+            counters.record(time.perf_counter() - t0, inp, in_splits, me, min_bytes)
 
     def wait(self) -> torch.Tensor:
         t0 = time.perf_counter()
