@@ -116,7 +116,8 @@ def run_one(args, dataset: str, train: list, test: list, method: str, seed: int,
     base = {"model": args.model, "dataset": dataset, "method": method, "seed": seed,
             "tau_max": record_tau(method, tau_max), "zero_shot": method == ZERO_SHOT,
             "lm_framing": "question_answer", "autocast": args.autocast, "max_length": args.max_length,
-            "train_examples": len(train), "test_examples": len(test)}
+            "train_examples": len(train), "test_examples": len(test),
+            "split": "validation" if args.validation else "test"}
     if method == ZERO_SHOT:
         started = time.perf_counter()
         result = evaluate_accuracy(model, task, test, args.eval_batch_size)
@@ -257,6 +258,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=0, help="optimizer steps (0 = the dataset's BUDGET)")
     ap.add_argument("--micro_batch_size", type=int, default=0, help="(0 = the dataset's BUDGET)")
     ap.add_argument("--lr", type=float, default=0.0, help="(0 = the dataset's BUDGET)")
+    ap.add_argument("--validation", type=int, default=0,
+                    help="choose a budget: hold out this many training questions (shuffled, seed 0), train on "
+                         "the rest and score the held-out ones instead of the test split (use a separate --json)")
     ap.add_argument("--max_length", type=int, default=128)
     ap.add_argument("--eval_batch_size", type=int, default=16)
     ap.add_argument("--autocast", choices=AUTOCASTS, default="bf16")
@@ -284,9 +288,18 @@ def main() -> None:
     for d in datasets:
         source = str(args.data_dir / d)
         test_n = budget_of(d, args)["test_examples"]
-        splits[d] = (load_examples(source, "train"), load_examples(source, "test", limit=test_n or None, seed=0))
+        train = load_examples(source, "train")
+        if args.validation:
+            held = random.Random(0).sample(range(len(train)), args.validation)
+            kept = set(held)
+            splits[d] = ([e for i, e in enumerate(train) if i not in kept], [train[i] for i in held])
+        else:
+            splits[d] = (train, load_examples(source, "test", limit=test_n or None, seed=0))
         print(f"{d}: {len(splits[d][0])} train / {len(splits[d][1])} test examples", flush=True)
     done = {key(r) for r in read_records(args.json)} if args.json else set()
+    splits_there = {r.get("split", "test") for r in read_records(args.json)} if args.json else set()
+    if splits_there - {"validation" if args.validation else "test"}:
+        sys.exit(f"error: --json: {args.json} holds records of another split; --validation runs need their own file")
     new = 0
     for d, method, seed, tau in planned_runs(args, datasets):
         if not args.redo and (d, method, seed, record_tau(method, tau)) in done:

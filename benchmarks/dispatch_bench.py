@@ -4,12 +4,18 @@ Launch on 2 CPU ranks (gloo):
 
     torchrun --nproc_per_node 2 benchmarks/dispatch_bench.py --json dispatch.json
 
-Per training step (forward + backward of one adapted linear with tokens_per_rank tokens on
-every rank) it reports the bytes the all-to-alls actually sent to other ranks (summed over ranks,
-forward and backward), the minimum (each token once per distinct remote rank owning one of its
-active experts, D values there and O back, in both passes), and the time split route / permute
-/ all-to-all / expert compute / combine (forward; all-to-all also backward). ep_size 1 (experts
-replicated, no exchange) runs in the same process for comparison. Medians over --steps.
+Per training step of one adapted linear with tokens_per_rank tokens on every rank (route,
+experts, dispatch, backward, and the trainer's expert optimizer step: gradients all-reduced over
+the ranks holding the same experts, clipped, AdamW) it reports the bytes the all-to-alls actually
+sent to other ranks (summed over ranks, forward and backward), the minimum (each token once per
+distinct remote rank owning one of its active experts, D values there and O back, in both
+passes), and the time split route / permute / all-to-all / expert compute / combine (forward;
+all-to-all also backward). ep_size 1 (experts replicated, no exchange) runs in the same process
+for comparison. Medians over --steps.
+
+Each record also carries the placement cost model's prediction of the step (``predicted_ms_step``
+beside ``ms_step_median``, and its parts), calibrated in the same job right after the measurement
+(parallel/calibration.py) with the measured active experts per token.
 """
 
 from __future__ import annotations
@@ -29,12 +35,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adamole_dist.adapters.inject import adapt_linear  # noqa: E402
 from adamole_dist.config.adapter import AdapterConfig  # noqa: E402
+from adamole_dist.ops.host_memory import keep_freed_host_memory  # noqa: E402
 from adamole_dist.parallel import collectives  # noqa: E402
-from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher, wire_dtype  # noqa: E402
+from adamole_dist.parallel.calibration import calibrate  # noqa: E402
+from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher, overlap_enabled, wire_dtype  # noqa: E402
 from adamole_dist.parallel.layout import build_layout  # noqa: E402
 from adamole_dist.parallel.local_dispatcher import LocalDispatcher  # noqa: E402
+from adamole_dist.parallel.placement import Workload, predict_placement  # noqa: E402
+from adamole_dist.train.expert_optimizer import ExpertOptimizer  # noqa: E402
 from adamole_dist.train.reporting import routing_over_ranks  # noqa: E402
 from benchmarks.records import write_records  # noqa: E402
+
+DEVICE = torch.device("cpu")  # gloo, CPU tensors
 
 
 def expected_min_bytes(mask_TN: torch.Tensor, ep_size: int, me: int, in_features: int, out_features: int,
@@ -54,7 +66,7 @@ def all_sum(value: float) -> float:
 def bench(args, ep_size: int) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     layout = build_layout(ep_size, args.num_experts)
-    dispatcher = (ExpertParallelDispatcher(layout, wire_dtype(args.dispatch_dtype), overlap=args.overlap == "on")
+    dispatcher = (ExpertParallelDispatcher(layout, wire_dtype(args.dispatch_dtype), overlap=overlap_enabled(args.overlap, DEVICE))
                   if ep_size > 1 else LocalDispatcher())
     cfg = AdapterConfig(method=args.method, num_experts=args.num_experts, rank=args.rank, dropout=0.0,
                         capacity_factor=args.capacity_factor, top_k=args.top_k)
@@ -67,6 +79,9 @@ def bench(args, ep_size: int) -> dict:
     x = torch.randn(args.tokens_per_rank, args.hidden)
     grad = torch.randn(args.tokens_per_rank, args.hidden)
     counters = dispatcher.counters
+    expert_opt = ExpertOptimizer(list(layer.experts.parameters()), lr=1e-4, betas=(0.9, 0.999), eps=1e-8,
+                                 weight_decay=0.0, max_grad_norm=1.0, lr_lambda=lambda s: 1.0, world_size=world,
+                                 edp_group=layout.edp_group, ep_group=layout.ep_group)
     steps, a2a, phases, sent, minimum = [], [], {}, [], []
     for it in range(args.warmup + args.steps):
         xx = x.clone().requires_grad_(True)
@@ -79,7 +94,8 @@ def bench(args, ep_size: int) -> dict:
         weights, kept = layer.route(xx, None)
         t_route = time.perf_counter() - t0
         delta = dispatcher(xx, weights, kept, layer.experts, cfg.compute_path)
-        (delta * grad).sum().backward()
+        delta.backward(grad)
+        expert_opt.step()
         t_step = time.perf_counter() - t0
         layer.context.aux_losses = []
         if it < args.warmup:
@@ -98,17 +114,37 @@ def bench(args, ep_size: int) -> dict:
     overall = routing_over_ranks(layer.context.pop_stats(), has_tau=False)["layers"][layer.adapter_name]
     dropped, active = overall["dropped_fraction"], overall["mean_active_experts"]
     med = lambda v: 1000 * statistics.median(v)  # noqa: E731
+    prediction = predict(args, cfg, ep_size, world, active, dispatcher)
     return {
         "ep_size": ep_size, "world": world, "tokens_per_rank": args.tokens_per_rank, "hidden": args.hidden,
         "num_experts": args.num_experts, "rank": args.rank, "method": args.method,
         "dispatch_dtype": args.dispatch_dtype if ep_size > 1 else None,
-        "overlap": args.overlap == "on" if ep_size > 1 else None,
+        "overlap": dispatcher.overlap if ep_size > 1 else None, "host_memory": args.host_memory,
         "avg_active_experts": round(active, 3),
         "bytes_sent": int(statistics.median(sent)), "bytes_min": int(statistics.median(minimum)),
         "ms_step_median": round(med(steps), 3), "ms_a2a_median": round(med(a2a), 3),
         "ms_phase_median": {k: round(med(v), 3) for k, v in phases.items()},
         "dropped_fraction": round(dropped, 5),
+        **prediction,
+        "prediction_error": round(prediction["predicted_ms_step"] / med(steps) - 1, 4),
     }
+
+
+def predict(args, cfg, ep_size: int, world: int, active: float, dispatcher) -> dict:
+    """The cost model's step time for this configuration, calibrated here and now (collective)."""
+    wire = dispatcher.wire_for(torch.float32).itemsize if ep_size > 1 else 4
+    w = Workload(layers=[(args.hidden, args.hidden)], num_experts=args.num_experts, rank=args.rank,
+                 tokens_per_rank=args.tokens_per_rank, avg_active=active, world_size=world, act_bytes=4,
+                 wire_bytes=wire, overlap=ep_size > 1 and dispatcher.overlap)
+    comm, comp = calibrate(w, "cpu", adapter=cfg, ep_size=ep_size)
+    p = predict_placement(w, ep_size, comm, comp)
+    parts = {k: round(1000 * v, 3) for k, v in p.detail.items() if k.endswith("_s")}
+    return {"predicted_ms_step": round(1000 * p.step_s, 3), "predicted_ms_parts": parts,
+            "calibration": {"dense_s_per_unit": comp.dense_s_per_unit, "route_s_per_unit": comp.route_s_per_unit,
+                            "copy_s_per_byte": comp.copy_s_per_byte, "overlap": comp.overlap,
+                            "alpha_s": comm.alpha_intra, "beta_Bps": comm.beta_intra,
+                            "a2a_alpha_s": comm.alpha_intra * comm.a2a_alpha_scale,
+                            "a2a_beta_Bps": comm.beta_intra * comm.a2a_beta_scale}}
 
 
 def main() -> None:
@@ -120,16 +156,21 @@ def main() -> None:
     ap.add_argument("--method", default="adamole")
     ap.add_argument("--top_k", type=int, default=2)
     ap.add_argument("--capacity_factor", type=float, default=0.0)
-    ap.add_argument("--overlap", default="on", choices=("on", "off"),
-                    help="expert parallelism: overlap the all-to-alls with this rank's own experts")
+    ap.add_argument("--overlap", default="auto", choices=("auto", "on", "off"),
+                    help="expert parallelism: overlap the all-to-alls with this rank's own experts "
+                         "(--ep_overlap: auto = on for CUDA, off on CPU)")
     ap.add_argument("--dispatch_dtype", default="fp32", choices=("fp32", "bf16"),
                     help="the all-to-all wire (bytes are still compared with the fp32 minimum)")
     ap.add_argument("--ep_sizes", default="1,world", help="comma list; 'world' = all ranks")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    ap.add_argument("--host_memory", default="keep", choices=("keep", "system"),
+                    help="keep: reuse freed host memory (ops/host_memory.py, as the trainer does); system: glibc's default")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if args.host_memory == "keep":
+        keep_freed_host_memory()
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo")
     world = dist.get_world_size()
@@ -137,13 +178,14 @@ def main() -> None:
     records = [bench(args, ep) for ep in sizes]
     if dist.get_rank() == 0:
         print(f"{'ep':>3}{'world':>6}{'tokens':>8}{'active':>8}{'MB sent':>10}{'MB min':>9}{'sent/min':>9}"
-              f"{'step ms':>9}{'a2a ms':>8}{'drop%':>7}   forward phases (ms)")
+              f"{'step ms':>9}{'pred ms':>9}{'err%':>6}{'a2a ms':>8}{'drop%':>7}   forward phases (ms)")
         for r in records:
             ratio = r["bytes_sent"] / r["bytes_min"] if r["bytes_min"] else float("nan")
             phases = " ".join(f"{k} {v:.1f}" for k, v in r["ms_phase_median"].items())
             print(f"{r['ep_size']:>3}{r['world']:>6}{r['tokens_per_rank']:>8}{r['avg_active_experts']:>8.2f}"
                   f"{r['bytes_sent'] / 1e6:>10.2f}{r['bytes_min'] / 1e6:>9.2f}{ratio:>9.4f}"
-                  f"{r['ms_step_median']:>9.1f}{r['ms_a2a_median']:>8.1f}{100 * r['dropped_fraction']:>7.2f}   {phases}")
+                  f"{r['ms_step_median']:>9.1f}{r['predicted_ms_step']:>9.1f}{100 * r['prediction_error']:>6.1f}"
+                  f"{r['ms_a2a_median']:>8.1f}{100 * r['dropped_fraction']:>7.2f}   {phases}")
         if args.json:
             write_records(args.json, records, announce=True)
     collectives.barrier()

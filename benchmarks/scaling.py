@@ -11,9 +11,10 @@ On a cluster (one allocation per node count, appending to one JSON/CSV; see benc
 
 Each configuration runs weak scaling (fixed examples per rank) and strong scaling (fixed global
 batch). Efficiency compares tokens/s with world w against w times the world-1 (or fewest-nodes)
-tokens/s of the same mode and method. The cost model's prediction of the expert part
-(replicated vs expert parallel, calibrated on this machine) is printed beside the measured
-step times. Also checks ZeRO-3: per-rank frozen-base bytes at world 2 vs world 1.
+tokens/s of the same mode and method. Every record carries the cost model's step time
+(``predicted_ms_step``: the same steps timed with the experts switched off, plus the modelled
+expert part, calibrated in the job) beside the measured one (``step_ms``). Also checks ZeRO-3:
+per-rank frozen-base bytes at world 2 vs world 1.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def run_config(world: int, ep: int, mode: str, args, out: Path) -> None:
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(world), "--master_port",
            str(29400 + world * 10 + ep), WORKER, "--method", args.method, "--ep_size", str(ep), "--mode", mode,
            "--batch", str(args.batch if mode == "weak" else args.batch * max(map(int, args.worlds.split(",")))),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--json", str(out), "--predict"]
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--json", str(out), "--predict",
+           "--dispatch_dtype", args.dispatch_dtype]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"worker failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
@@ -68,21 +70,27 @@ def table(records: list[dict]) -> str:
             f"{r['mode']:<7}{r['nodes']:>6}{r['world']:>6}{r['ep_size']:>4}{r['tokens_per_step']:>9.0f}"
             f"{r['tokens_per_s']:>8.0f}{r.get('efficiency', float('nan')):>6.2f}{r['step_ms']:>9.0f}"
             f"{r['forward_ms']:>7.0f}{r['backward_ms']:>7.0f}{r['optimizer_ms']:>6.0f}{r['a2a_ms']:>7.0f}"
-            f"{r['zero_comm_ms']:>6.0f}{r['peak_mem_mb_max']:>9.0f}{r.get('pred_replicated_ms', float('nan')):>9.1f}"
-            f"{r.get('pred_ep_ms', float('nan')):>8.1f}")
+            f"{r['zero_comm_ms']:>6.0f}{r['peak_mem_mb_max']:>9.0f}{r.get('predicted_ms_step', float('nan')):>9.0f}"
+            f"{100 * r.get('prediction_error', float('nan')):>6.1f}")
     return "\n".join(lines)
 
 
 def validation(records: list[dict]) -> str:
-    """Predicted vs measured: the extra step time of expert parallelism over replication, and a2a."""
+    """Predicted vs measured: every record's step time, and the extra step time of expert
+    parallelism over replication (what decides the placement)."""
     out = []
+    with_pred = [r for r in records if "predicted_ms_step" in r]
+    if with_pred:
+        errors = [abs(r["prediction_error"]) for r in with_pred]
+        out.append(f"cost model, step time: largest error {100 * max(errors):.1f} % over {len(with_pred)} records "
+                   "(target <= 15 %)")
     for mode in sorted({r["mode"] for r in records}):
         for world in sorted({r["world"] for r in records if r["world"] > 1}):
             rep = [r for r in records if r["mode"] == mode and r["world"] == world and r["ep_size"] == 1]
             ep = [r for r in records if r["mode"] == mode and r["world"] == world and r["ep_size"] > 1]
             if rep and ep and "pred_ep_ms" in ep[-1]:
                 measured = ep[-1]["step_ms"] - rep[-1]["step_ms"]
-                predicted = ep[-1]["pred_ep_ms"] - ep[-1]["pred_replicated_ms"]
+                predicted = ep[-1]["predicted_ms_step"] - rep[-1]["predicted_ms_step"]
                 out.append(f"{mode} world {world}: EP minus replicated step time: predicted {predicted:.0f} ms, "
                            f"measured {measured:.0f} ms; all-to-all predicted {ep[-1]['pred_a2a_ms']:.0f} ms, "
                            f"measured {ep[-1]['a2a_ms']:.0f} ms; cost model picks "
@@ -145,6 +153,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="threads per rank")
+    ap.add_argument("--dispatch_dtype", default="fp32", choices=("fp32", "bf16"), help="expert parallelism's wire")
     ap.add_argument("--json", type=Path, default=REPO / "runs" / "scaling.json")
     ap.add_argument("--report", type=Path, help="only print the tables (and --plot) of an existing JSON")
     ap.add_argument("--plot", type=Path)

@@ -39,11 +39,13 @@ from adamole_dist.config.adapter import AdapterConfig  # noqa: E402
 from adamole_dist.data import load_examples  # noqa: E402
 from adamole_dist.data.tasks import build_task  # noqa: E402
 from adamole_dist.moe.routing_stats import summarize_routing  # noqa: E402
+from adamole_dist.ops.host_memory import keep_freed_host_memory  # noqa: E402
 from adamole_dist.parallel import collectives  # noqa: E402
-from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher, wire_dtype  # noqa: E402
+from adamole_dist.parallel.calibration import calibrate  # noqa: E402
+from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher, overlap_enabled, wire_dtype  # noqa: E402
 from adamole_dist.parallel.layout import build_layout  # noqa: E402
-from adamole_dist.parallel.local_dispatcher import LocalDispatcher  # noqa: E402
-from adamole_dist.parallel.placement import adapter_workload, calibrate, predict_expert_parallel, predict_replicated  # noqa: E402
+from adamole_dist.parallel.local_dispatcher import Dispatcher, LocalDispatcher  # noqa: E402
+from adamole_dist.parallel.placement import adapter_workload, predict_placement, predict_replicated  # noqa: E402
 from adamole_dist.parallel.process_group import init_distributed  # noqa: E402
 from adamole_dist.train.expert_optimizer import ExpertOptimizer  # noqa: E402
 from adamole_dist.train.reporting import param_bytes  # noqa: E402
@@ -51,6 +53,7 @@ from adamole_dist.train.step import PhaseClock, train_step  # noqa: E402
 
 TARGETS = ["query", "key", "value", "attention.output.dense"]
 N, R = 8, 4
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ZERO_OPS = ("all_gather", "allgather", "reduce_scatter")  # ZeRO-3 parameter gathers and gradient reduction
 
 
@@ -67,7 +70,7 @@ def build(args, layout):
         kw = {"method": "lora", "rank": N * R} if args.method == "lora" else {"method": args.method, "num_experts": N,
                                                                              "rank": R}
         cfg = AdapterConfig(target_modules=TARGETS, **kw)
-        dispatcher = (ExpertParallelDispatcher(layout, wire_dtype(args.dispatch_dtype), overlap=args.overlap == "on")
+        dispatcher = (ExpertParallelDispatcher(layout, wire_dtype(args.dispatch_dtype), overlap=overlap_enabled(args.overlap, DEVICE))
                       if layout.ep_size > 1 else LocalDispatcher())
         adapters = inject_adapters(model, cfg, trainable_modules=["classifier"], dispatcher=dispatcher,
                                    expert_slice=layout.expert_slice(cfg.num_experts))
@@ -98,8 +101,9 @@ def main() -> None:
     ap.add_argument("--system", choices=("adamole_dist", "peft"), default="adamole_dist")
     ap.add_argument("--method", default="adamole", help="adamole_dist: any method; peft: lora")
     ap.add_argument("--ep_size", type=int, default=1)
-    ap.add_argument("--overlap", default="on", choices=("on", "off"),
-                    help="expert parallelism: overlap the all-to-alls with this rank's own experts")
+    ap.add_argument("--overlap", default="auto", choices=("auto", "on", "off"),
+                    help="expert parallelism: overlap the all-to-alls with this rank's own experts "
+                         "(--ep_overlap: auto = on for CUDA, off on CPU)")
     ap.add_argument("--dispatch_dtype", default="fp32", choices=("fp32", "bf16"), help="the all-to-all wire")
     ap.add_argument("--mode", choices=("weak", "strong"), default="weak",
                     help="weak: --batch examples per rank; strong: --batch examples in total")
@@ -109,9 +113,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--nodes", type=int, default=int(os.environ.get("SLURM_NNODES", "1")))
     ap.add_argument("--predict", action="store_true", help="calibrate the cost model here and predict this run")
+    ap.add_argument("--host_memory", default="keep", choices=("keep", "system"),
+                    help="keep: reuse freed host memory, as the trainer does (--host_memory)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--csv", type=Path)
     args = ap.parse_args()
+    if args.host_memory == "keep":
+        keep_freed_host_memory()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     info = init_distributed()
     import deepspeed
@@ -136,13 +144,19 @@ def main() -> None:
     examples = load_examples("builtin:word_categories", "train")
     counters = next(iter(adapters.layers.values())).dispatcher.counters if adapters else None
     aux_loss_coeff = adapters.cfg.aux_loss_coeff if adapters is not None else 0.0
+
+    def batch_at(it: int) -> dict:
+        start = (it * world + info.rank) * per_rank
+        return task.collate([examples[(start + i) % len(examples)] for i in range(per_rank)])
+
+    predicting = args.predict and adapters is not None and adapters.cfg.is_moe
+    base_ms = None
     clock = PhaseClock()
     phases: dict[str, list[float]] = {k: [] for k in ("step", "forward", "backward", "optimizer", "a2a", "zero_comm")}
     tokens = []
     engine.train()
     for it in range(args.warmup + args.steps):
-        start = (it * world + info.rank) * per_rank
-        batch = task.collate([examples[(start + i) % len(examples)] for i in range(per_rank)])
+        batch = batch_at(it)
         zero_before = comm_ms_total(comms_logger.comms_dict, ZERO_OPS)
         if counters is not None:
             counters.reset()
@@ -153,12 +167,16 @@ def main() -> None:
         step_s = time.perf_counter() - t0
         if it < args.warmup:
             continue
+        if predicting and base_ms is None:  # warm now: the same steps with the experts off, first
+            base_ms = time_without_experts(engine, task, adapters, lambda i: batch_at(args.warmup + i), aux_loss_coeff,
+                                           args.steps)
         for phase in ("forward", "backward", "optimizer"):
             phases[phase].append(clock.seconds[phase])
         phases["step"].append(step_s)
         phases["a2a"].append(counters.a2a_seconds if counters else 0.0)
         phases["zero_comm"].append((comm_ms_total(comms_logger.comms_dict, ZERO_OPS) - zero_before) / 1000)
         tokens.append(float(batch["attention_mask"].sum()))
+        positions = batch["attention_mask"].numel()  # the experts run on every position, padding too
     # Totals over ranks: tokens per step; per rank: the breakdown of rank 0, memory of every rank.
     tokens_per_step = collectives.sum_over_ranks([statistics.mean(tokens)])[0]
     mine = {"peak_mem_mb": peak_memory_mb(), **param_bytes(engine.module)}
@@ -172,10 +190,13 @@ def main() -> None:
         "peak_mem_mb_max": max(e["peak_mem_mb"] for e in everyone),
         "frozen_bytes_local_max": max(e["frozen_local"] for e in everyone),
         "frozen_bytes_full": everyone[0]["frozen_full"],
-        "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
+        "device": DEVICE.type, "threads": torch.get_num_threads(), "host_memory": args.host_memory,
+        "overlap": getattr(counters and next(iter(adapters.layers.values())).dispatcher, "overlap", None),
     }
-    if args.predict and adapters is not None and adapters.cfg.is_moe:
-        record.update(predict_this_run(adapters, tokens_per_step / world, layout, world))
+    if predicting:
+        record.update(predict_this_run(adapters, positions, tokens_per_step / world / positions, layout, world,
+                                       args, base_ms))
+        record["prediction_error"] = round(record["predicted_ms_step"] / record["step_ms"] - 1, 4)
     if info.is_main:
         print(json.dumps(record))
         if args.json:
@@ -190,22 +211,69 @@ def main() -> None:
     collectives.barrier()
 
 
-def predict_this_run(adapters, tokens_per_rank: float, layout, world: int) -> dict:
-    """Calibrate (compute on this rank, alpha/beta with gloo/NCCL here) and predict the expert part."""
+class ExpertsOff(Dispatcher):
+    """A zero delta that still depends on the routing weights, so the router's forward and backward
+    stay in the step: what is left is the part of the step no placement changes. The bank is still
+    called (on no rows), so ZeRO-3 sees the modules run in the order it traced and keeps prefetching."""
+
+    counters = None
+
+    def capacity_keep(self, mask_TN, probs_TN, capacity_factor, policy):
+        return mask_TN
+
+    def __call__(self, x_TD, weights_TN, mask_TN, bank, path):
+        L = bank.num_experts
+        none = bank(x_TD[:0], weights_TN[:0, :L], mask_TN[:0, :L], "dense")
+        return (weights_TN.sum(-1, keepdim=True) * 0).to(x_TD.dtype).expand(-1, none.shape[-1])
+
+
+def time_without_experts(engine, task, adapters, batch_at, aux_loss_coeff: float, steps: int) -> float:
+    """Median ms of ``steps`` training steps with every expert switched off:
+    the cost model's measured base, beside which it predicts the experts' part."""
+    dispatchers = {name: layer.dispatcher for name, layer in adapters.layers.items()}
+    for layer in adapters.layers.values():
+        layer.dispatcher = ExpertsOff()
+    samples = []
+    for it in range(steps):
+        batch = batch_at(it)
+        collectives.barrier()
+        t0 = time.perf_counter()
+        train_step(engine, task, adapters, None, [batch], aux_loss_coeff)
+        samples.append(time.perf_counter() - t0)
+    adapters.context.pop_stats()
+    for name, layer in adapters.layers.items():
+        layer.dispatcher = dispatchers[name]
+    return 1000 * statistics.median(samples)
+
+
+def predict_this_run(adapters, positions: int, valid_fraction: float, layout, world: int, args,
+                     base_ms: float) -> dict:
+    """The step the cost model predicts: the measured base (experts off) plus the modelled expert
+    part (experts, dispatch, expert gradients' all-reduce), calibrated here (collective)."""
     active = summarize_routing(adapters.context.pop_stats(), False)["overall"]["mean_active_experts"]
     layers = [weight_shape(layer.base_layer)[::-1] for layer in adapters.layers.values()]
-    w = adapter_workload(layers, adapters.cfg, int(tokens_per_rank), world, avg_active=active, act_bytes=4)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    comm, comp = calibrate(w, device, max_tokens=w.tokens_per_rank)
-    out = {"avg_active": active, "calibration": {"dense_s_per_unit": comp.dense_s_per_unit,
-                                                 "permute_s_per_byte": comp.permute_s_per_byte,
-                                                 "alpha_s": comm.alpha_intra, "beta_Bps": comm.beta_intra,
-                                                 "a2a_beta_Bps": comm.beta_intra * comm.a2a_beta_scale}}
-    out["pred_replicated_ms"] = 1000 * predict_replicated(w, comm, comp).total_s
+    device = DEVICE
+    dispatcher = next(iter(adapters.layers.values())).dispatcher
+    overlap = getattr(dispatcher, "overlap", False)
+    wire = dispatcher.wire_for(torch.float32).itemsize if layout.ep_size > 1 else 4
+    # Padding rows run through the experts too, with nothing kept: active experts per row.
+    w = adapter_workload(layers, adapters.cfg, positions, world, avg_active=active * valid_fraction, act_bytes=4,
+                         wire_bytes=wire, overlap=overlap)
+    comm, comp = calibrate(w, device, adapter=adapters.cfg, ep_size=layout.ep_size)
+    rep = predict_replicated(w, comm, comp)
+    this = predict_placement(w, layout.ep_size, comm, comp)
+    out = {"avg_active": active, "base_ms": round(base_ms, 3),
+           "calibration": {"dense_s_per_unit": comp.dense_s_per_unit, "route_s_per_unit": comp.route_s_per_unit,
+                           "copy_s_per_byte": comp.copy_s_per_byte, "overlap": comp.overlap,
+                           "alpha_s": comm.alpha_intra, "beta_Bps": comm.beta_intra,
+                           "a2a_alpha_s": comm.alpha_intra * comm.a2a_alpha_scale,
+                           "a2a_beta_Bps": comm.beta_intra * comm.a2a_beta_scale},
+           "predicted_ms_step": round(base_ms + 1000 * this.total_s, 3),
+           "predicted_ms_parts": {k: round(1000 * v, 3) for k, v in this.detail.items() if k.endswith("_s")},
+           "pred_replicated_ms": round(1000 * rep.total_s, 3)}
     if layout.ep_size > 1:
-        ep = predict_expert_parallel(w, layout.ep_size, comm, comp)
-        out["pred_ep_ms"] = 1000 * ep.total_s
-        out["pred_a2a_ms"] = 1000 * ep.detail["a2a_s"]
+        out["pred_ep_ms"] = round(1000 * this.total_s, 3)
+        out["pred_a2a_ms"] = round(1000 * this.detail["a2a_s"], 3)
     return out
 
 

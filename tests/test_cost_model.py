@@ -81,8 +81,59 @@ def test_predictions_scale_sensibly():
     w = llama7b_workload(world_size=8)
     comm, comp = CommModel(), ComputeModel()
     more_tokens = llama7b_workload(tokens_per_rank=8192, world_size=8)
-    assert predict_replicated(more_tokens, comm, comp).compute_s == pytest.approx(
-        2 * predict_replicated(w, comm, comp).compute_s)
+    assert predict_replicated(more_tokens, comm, comp).detail["experts_s"] == pytest.approx(
+        2 * predict_replicated(w, comm, comp).detail["experts_s"])
     assert predict_expert_parallel(more_tokens, 8, comm, comp).comm_s > predict_expert_parallel(w, 8, comm, comp).comm_s
     names = [p.placement for p in predict_all(w, comm, comp)]
     assert names.count("expert_parallel") == 3  # ep 2, 4, 8 divide both 8 ranks and 8 experts
+
+
+def test_top_k_destinations_are_exact_and_threshold_ones_independent():
+    assert destination_fraction(1, 8, 2) == pytest.approx(0.5)  # one expert: on either rank
+    assert destination_fraction(2, 8, 2) == pytest.approx(1 - 6 / 28)  # both off this rank: C(4,2)/C(8,2)
+    assert destination_fraction(2.5, 8, 2) == pytest.approx(1 - (1 - 2.5 / 8) ** 4)
+
+
+def test_two_ranks_with_dense_routing_send_every_token_and_skip_the_gather():
+    w = Workload(layers=[(2048, 2048)], num_experts=8, rank=4, tokens_per_rank=4096, avg_active=7.5, world_size=2,
+                 act_bytes=4)
+    ep = predict_expert_parallel(w, 2, CommModel(), ComputeModel())
+    assert ep.detail["send_all"] and ep.detail["rows_sent"] == 4096
+    sparse = predict_expert_parallel(Workload(**{**w.__dict__, "avg_active": 1.0}), 2, CommModel(), ComputeModel())
+    assert not sparse.detail["send_all"] and sparse.detail["rows_sent"] == pytest.approx(2048)
+
+
+def test_a_bf16_wire_halves_the_rows_bytes_and_their_time():
+    w = Workload(layers=[(2048, 2048)], num_experts=8, rank=4, tokens_per_rank=4096, avg_active=4.0, world_size=2,
+                 act_bytes=4)
+    comm = CommModel(alpha_intra=0.0, beta_intra=1e9)
+    fp32 = predict_expert_parallel(w, 2, comm, ComputeModel())
+    bf16 = predict_expert_parallel(Workload(**{**w.__dict__, "wire_bytes": 2}), 2, comm, ComputeModel())
+    routing = 2 * fp32.detail["rows_sent"] * 4 * 4  # the fp32 routing columns do not shrink
+    assert bf16.detail["a2a_bytes_sent"] - routing == pytest.approx((fp32.detail["a2a_bytes_sent"] - routing) / 2)
+    assert bf16.detail["a2a_s"] < 0.55 * fp32.detail["a2a_s"]
+    assert bf16.detail["copy_s"] > fp32.detail["copy_s"]  # the casts to and from the wire are copies
+
+
+def test_overlap_hides_at_most_the_exchanges_and_at_most_the_own_compute():
+    w = Workload(layers=[(2048, 2048)] * 4, num_experts=8, rank=4, tokens_per_rank=4096, avg_active=4.0,
+                 world_size=2, act_bytes=4)
+    comm = CommModel(alpha_intra=1e-5, beta_intra=1e9)
+    waited = predict_expert_parallel(w, 2, comm, ComputeModel(dense_s_per_unit=1e-10))
+    overlapped = predict_expert_parallel(Workload(**{**w.__dict__, "overlap": True}), 2, comm,
+                                         ComputeModel(dense_s_per_unit=1e-10))
+    hidden = overlapped.detail["hidden_s"]
+    assert 0 < hidden <= waited.detail["a2a_s"]
+    assert overlapped.total_s == pytest.approx(waited.total_s - hidden)
+    own = 4 * 4096 * 4 * 4 * 4096 * 1e-10  # the own share's compute (fwd + bwd) over the four layers
+    # each half of it (forward and backward alike) runs beside one exchange: at most all of it hides
+    assert hidden <= own + 1e-12
+    none = predict_expert_parallel(Workload(**{**w.__dict__, "overlap": True}), 2, comm,
+                                   ComputeModel(dense_s_per_unit=1e-10, overlap=0.0))
+    assert none.total_s == pytest.approx(waited.total_s)  # measured: gloo on CPU hides nothing
+
+
+def test_sparse_banks_take_the_grouped_path_like_the_dispatch():
+    comp = ComputeModel(dense_s_per_unit=1.0, grouped_s_per_unit=1000.0)
+    assert comp.experts_s(10, 8, 4, 2.0, 1, 1) == 10 * 8 * 4 * 2  # N*r <= 128: always dense
+    assert comp.experts_s(10, 8, 256, 1.0, 1, 1) == 10 * 1 * 2 * 1000  # one of 8 r=256 experts: grouped

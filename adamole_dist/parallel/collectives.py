@@ -277,6 +277,11 @@ class _PendingAllToAll:
         return self.out
 
 
+def start_all_to_all(inp: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None) -> _PendingAllToAll:
+    """An all-to-all of rows launched without waiting (no autograd): ``.wait()`` returns what arrived."""
+    return _PendingAllToAll(inp, out_splits, in_splits, group, None, 0, None)
+
+
 class Flight:
     """An all-to-all split into launch and wait, in both passes (``launch_all_to_all`` /
     ``land_all_to_all``): the forward's rows travel between the two calls, and in the backward the

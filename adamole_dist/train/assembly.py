@@ -32,10 +32,11 @@ from adamole_dist.ops.metrics_log import MetricsLogger, truncate_metrics
 from adamole_dist.ops.output_dir import check_output_dir, prepare_output_dir
 from adamole_dist.ops.stopping import PREEMPTED_MARKER
 from adamole_dist.parallel import collectives
-from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher, wire_dtype
+from adamole_dist.parallel.calibration import calibrate
+from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher, overlap_enabled, wire_dtype
 from adamole_dist.parallel.layout import ParallelLayout, build_layout
 from adamole_dist.parallel.local_dispatcher import LocalDispatcher
-from adamole_dist.parallel.placement import adapter_workload, calibrate, choose_ep_size
+from adamole_dist.parallel.placement import adapter_workload, choose_ep_size
 from adamole_dist.parallel.process_group import DistInfo, device_for
 from adamole_dist.train import checkpoint as ckpt_io
 from adamole_dist.train.expert_optimizer import ExpertOptimizer
@@ -130,7 +131,8 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
         raise ConfigError(f"lm_framing ({cfg.lm_framing!r}) applies to causal_lm models; {model_path} is {task_type}")
     ep_size = cfg.ep_size or auto_ep_size(cfg, model, info, device)
     layout = build_layout(ep_size, cfg.adapter.num_experts)
-    dispatcher = (ExpertParallelDispatcher(layout, wire_dtype(cfg.dispatch_dtype), overlap=cfg.ep_overlap)
+    dispatcher = (ExpertParallelDispatcher(layout, wire_dtype(cfg.dispatch_dtype),
+                                           overlap=overlap_enabled(cfg.ep_overlap, device))
                   if ep_size > 1 else LocalDispatcher())
     trainable = cfg.trainable_modules or default_trainable_modules(task_type, model)
     adapters = inject_adapters(model, cfg.adapter, trainable_modules=trainable, dispatcher=dispatcher,
@@ -226,9 +228,11 @@ def auto_ep_size(cfg: TrainConfig, model: torch.nn.Module, info: DistInfo, devic
     """--ep_size auto: calibrate the cost model here (collective) and take the cheapest placement."""
     targets = cfg.adapter.target_modules or default_targets(model)
     layers = [weight_shape(m)[::-1] for _, m in find_target_modules(model, targets)]
+    act_bytes = 2 if device.type == "cuda" or cfg.autocast == "bf16" else 4
     work = adapter_workload(layers, cfg.adapter, cfg.micro_batch_size * cfg.max_length, info.world_size,
-                            act_bytes=2 if torch.cuda.is_available() else 4)
-    comm, comp = calibrate(work, device)
+                            act_bytes=act_bytes, wire_bytes=2 if cfg.dispatch_dtype == "bf16" else None,
+                            overlap=overlap_enabled(cfg.ep_overlap, device))
+    comm, comp = calibrate(work, device, adapter=cfg.adapter)
     ep_size, _, why = choose_ep_size(work, comm, comp, cfg.expert_memory_budget_mb * 2**20 or None)
     # Every rank measured its own compute: take rank 0's choice so the layout agrees.
     ep_size, why = collectives.broadcast_object((ep_size, why), src=0)

@@ -18,6 +18,7 @@ from adamole_dist.adapters.files import adapter_state, save_adapter
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.config.training import TrainConfig
 from adamole_dist.data.evaluate import evaluate_accuracy
+from adamole_dist.ops.host_memory import keep_freed_host_memory
 from adamole_dist.ops.metrics_log import read_metrics
 from adamole_dist.ops.stopping import NonFiniteLoss, Preempted, StopSignal, write_preempted_marker
 from adamole_dist.ops.watchdog import PeerWatchdog
@@ -275,6 +276,8 @@ def train(cfg: TrainConfig, info: DistInfo, stop_signal: StopSignal | None = Non
 def run_training(cfg: TrainConfig) -> dict:
     """launch/train.py's entry: start the process group and the peer watchdog, train, write
     final_metrics.json, and turn a peer's death into a named failure."""
+    if cfg.host_memory == "keep":
+        keep_freed_host_memory()  # before the model and the process group allocate anything large
     info = init_distributed(timeout_s=cfg.comm_timeout, backend=cfg.dist_backend)
     watchdog = PeerWatchdog(info.rank, info.world_size, timeout_s=cfg.peer_timeout)
     if cfg.peer_timeout > 0:

@@ -1,0 +1,234 @@
+"""Calibrate the placement cost model (placement.py) on this machine and this job's group.
+
+Everything is measured at the workload's own sizes (its hidden size, its tokens per rank up to
+``max_tokens``, its rows per exchange), because per-byte and per-flop rates on a CPU change with
+size (caches, and whether a fresh buffer is page-faulted: ops/host_memory.py). Timings are
+medians; collective ones subtract a barrier's own time. Every rank of the group must call
+``measure_comm`` (and ``calibrate`` with more than one rank) together.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from adamole_dist.parallel import collectives
+from adamole_dist.parallel.placement import CommModel, ComputeModel, Workload, rows_sent
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn, repeats: int, device: torch.device = torch.device("cpu"), before=None) -> float:
+    """Median seconds of ``fn`` over ``repeats`` calls after one warm-up call (``before()`` runs
+    untimed ahead of each)."""
+    samples = []
+    for _ in range(repeats + 1):
+        if before is not None:
+            before()
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        samples.append(time.perf_counter() - t0)
+    return sorted(samples[1:])[len(samples[1:]) // 2]
+
+
+def measure_compute(d_in: int, d_out: int, tokens: int, adapter, bank_experts: int | None = None, repeats: int = 7,
+                    device=None, dtype: torch.dtype = torch.float32, group=None) -> ComputeModel:
+    """The job's own modules at its shapes, forward and backward: the router of ``adapter`` (an
+    AdapterConfig: method, experts, aux loss) on ``tokens`` tokens, an expert bank of
+    ``bank_experts`` experts (default: all; expert parallelism runs N/J per rank) on the dense
+    path, and an elementwise op into a fresh buffer. With a ``group``, every sample starts after a
+    barrier, so the ranks compute side by side as in a step: ranks that share cores or a memory
+    bus (measured here: 2 ranks on 2 vCPUs run these matmuls ~1.5x slower than one alone) are
+    calibrated as they will run. Collective then: every rank of the group calls it."""
+    aligned = (lambda: collectives.barrier(group)) if collectives.is_distributed(group) else None
+    from adamole_dist.adapters.inject import adapt_linear
+    from adamole_dist.moe.experts import ExpertBank
+
+    device = torch.device(device or "cpu")
+    kw = {"device": device, "dtype": dtype}
+    base = torch.nn.Linear(d_in, d_out, bias=False, **kw).requires_grad_(False)
+    layer = adapt_linear(base, adapter)
+    layer.train()
+    x = torch.randn(tokens, d_in, **kw, requires_grad=True)
+
+    def route():
+        weights_TN, _ = layer.route(x, None)
+        loss = weights_TN.sum() + sum(layer.context.aux_losses)
+        layer.context.aux_losses = []
+        loss.backward()
+
+    t_route = median_time(route, repeats, device, aligned)
+    layer.context.pop_stats()
+    L = bank_experts or adapter.num_experts
+    bank = ExpertBank(L, adapter.rank, d_in, d_out, adapter.scaling, **kw)
+    torch.nn.init.normal_(bank.lora_B, std=0.01)
+    w_TL = torch.rand(tokens, L, **kw, requires_grad=True)
+    dense_TL = torch.ones(tokens, L, dtype=torch.bool, device=device)
+    g_TO = torch.ones(tokens, d_out, **kw)
+    t_dense = median_time(lambda: bank(x, w_TL, dense_TL, "dense").backward(g_TO), repeats, device, aligned)
+    one_TL = torch.zeros(tokens, L, dtype=torch.bool, device=device)  # one active expert per token
+    one_TL[torch.arange(tokens), torch.randint(0, L, (tokens,))] = True
+    t_grouped = median_time(lambda: bank(x, w_TL, one_TL, "grouped").backward(g_TO), repeats, device, aligned)
+    a, b = torch.randn(tokens, d_in, **kw), torch.randn(tokens, d_in, **kw)
+    t_copy = median_time(lambda: a + b, repeats, device, aligned)
+    return ComputeModel(dense_s_per_unit=t_dense / (tokens * L * adapter.rank * (d_in + d_out)),
+                        grouped_s_per_unit=t_grouped / (tokens * (d_in + d_out)),
+                        route_s_per_unit=t_route / (tokens * (adapter.num_experts + 1) * d_in),
+                        copy_s_per_byte=t_copy / a.nbytes,
+                        optimizer_s_per_param=measure_optimizer(bank, device, repeats))
+
+
+def measure_optimizer(bank, device: torch.device, repeats: int) -> float:
+    """Seconds per expert parameter of the expert optimizer's step after the all-reduce: the global
+    norm, the clip and AdamW (train/expert_optimizer.py), on ``bank``'s parameters."""
+    params = list(bank.parameters())
+    for q in params:
+        q.grad = torch.randn_like(q)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        norm = torch.sqrt(sum(q.grad.float().pow(2).sum() for q in params))
+        for q in params:
+            q.grad.mul_(min(1.0, 1.0 / (float(norm) + 1e-6)))
+        opt.step()
+
+    return median_time(step, repeats, device) / sum(q.numel() for q in params)
+
+
+EXCHANGES_PER_LAYER = 7  # placement.py: counts, rows, columns, deltas; and three in the backward
+
+
+def measure_dispatch_fixed(adapter, d_in: int, d_out: int, comm: CommModel, group=None, tokens: int = 8,
+                           repeats: int = 7, device=None) -> float:
+    """The expert-parallel dispatch's fixed host work per layer and step (planning, count syncs,
+    small ops, autograd), over the whole ``group`` as one EP group: a layer on a handful of tokens,
+    forward and backward, less its exchanges' latencies (which placement.py prices per peer).
+    Collective: every rank of the group calls it."""
+    from adamole_dist.adapters.inject import adapt_linear
+    from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher
+    from adamole_dist.parallel.layout import ParallelLayout
+
+    device = torch.device(device or "cpu")
+    p = collectives.world_size(group)
+    layout = ParallelLayout(rank=collectives.rank(group), world_size=p, ep_size=p, ep_group=group)
+    base = torch.nn.Linear(d_in, d_out, bias=False, device=device).requires_grad_(False)
+    layer = adapt_linear(base, adapter, dispatcher=ExpertParallelDispatcher(layout, overlap=False),
+                         expert_slice=layout.expert_slice(adapter.num_experts))
+    layer.train()
+    x = torch.randn(tokens, d_in, device=device, requires_grad=True)
+
+    def step():
+        layer.delta(x).sum().backward()
+        layer.context.aux_losses = []
+
+    t = timed_collective(step, group, repeats, device)
+    layer.context.pop_stats()
+    return max(0.0, t - EXCHANGES_PER_LAYER * (p - 1) * comm.alpha_intra * comm.a2a_alpha_scale)
+
+
+def timed_collective(op, group, repeats: int, device: torch.device) -> float:
+    """Median seconds of ``op`` started together on every rank, less a barrier's own time."""
+    def run():
+        collectives.barrier(group)
+        op()
+    return median_time(run, repeats, device) - median_time(lambda: collectives.barrier(group), repeats, device)
+
+
+def a2a_input(a2a_bytes: int, p: int, device: torch.device) -> torch.Tensor:
+    """An all_to_all_single input of about ``a2a_bytes`` (fp32, split evenly over p ranks)."""
+    total = max(a2a_bytes, p * 4096) // (4 * p) * (4 * p)
+    return torch.zeros(total // 4, device=device)
+
+
+def measure_comm(group=None, ranks_per_node: int | None = None, large: int = 4 << 20, a2a_bytes: int | None = None,
+                 repeats: int = 5, device=None) -> CommModel:
+    """alpha from a 1-element all-reduce, beta from a ``large`` one (ring formula inverted); the
+    all-to-all's own alpha (one value per peer) and beta (``a2a_bytes`` in all, into a fresh buffer
+    each time, as the dispatch receives). Tensors live on ``device`` (the training device: CUDA
+    under NCCL)."""
+    device = torch.device(device or "cpu")
+    p = collectives.world_size(group)
+
+    def timed(op) -> float:
+        return timed_collective(op, group, repeats, device)
+
+    small_t = torch.zeros(1, device=device)
+    big_t = torch.zeros(large // 4, device=device)
+    t_small = max(timed(lambda: collectives.all_reduce_sum(small_t, group)), 1e-7)
+    t_large = timed(lambda: collectives.all_reduce_sum(big_t, group))
+    alpha = t_small / max(2 * (p - 1), 1)
+    beta = (2 * (p - 1) / p * large) / max(t_large - 2 * (p - 1) * alpha, 1e-9)
+
+    tiny = torch.zeros(p, device=device)
+    a2a_alpha = max(timed(lambda: collectives.all_to_all_single(torch.empty_like(tiny), tiny, group=group)), 1e-7) \
+        / max(p - 1, 1)
+    rows = a2a_input(a2a_bytes or large, p, device)
+    t_a2a = timed(lambda: collectives.all_to_all_single(torch.empty_like(rows), rows, group=group))
+    sent = rows.nbytes * (p - 1) / p
+    a2a_beta = sent / max(t_a2a - (p - 1) * a2a_alpha, 1e-9)
+    return CommModel(alpha_intra=alpha, beta_intra=beta, alpha_inter=alpha, beta_inter=beta,
+                     ranks_per_node=ranks_per_node or p, a2a_beta_scale=a2a_beta / beta,
+                     a2a_alpha_scale=a2a_alpha / alpha)
+
+
+def measure_overlap(compute, a2a_bytes: int, group=None, repeats: int = 5, device=None) -> float:
+    """The fraction of the shorter of (an exchange of ``a2a_bytes``, ``compute``) that launching the
+    exchange without waiting and computing meanwhile saves: 1 = fully hidden, 0 = no gain, below 0
+    = running them together is slower than one after the other (threads competing for cores)."""
+    device = torch.device(device or "cpu")
+    p = collectives.world_size(group)
+    rows = a2a_input(a2a_bytes, p, device)
+    splits = [rows.numel() // p] * p
+
+    def exchange(wait: bool = True):
+        pending = collectives.start_all_to_all(rows, splits, splits, group)
+        if not wait:
+            return pending
+        pending.wait()
+
+    def both():
+        work = exchange(wait=False)
+        compute()
+        work.wait()
+
+    t_a2a, t_compute, t_both = (timed_collective(op, group, repeats, device) for op in (exchange, compute, both))
+    saved = t_compute + t_a2a - t_both
+    return max(-1.0, min(1.0, saved / max(min(t_compute, t_a2a), 1e-9)))
+
+
+def calibrate(w: Workload, device, adapter=None, max_tokens: int = 4096, ep_size: int | None = None,
+              group=None) -> tuple[CommModel, ComputeModel]:
+    """Measure this machine for ``w``: compute on this rank with ``adapter``'s modules (an
+    AdapterConfig; default adamole with w's experts) at the first layer's shape (at most
+    ``max_tokens`` tokens, the bank of N/``ep_size`` experts), and alpha/beta over the group when
+    it has more than one rank, with all-to-alls the size of one layer's row exchange at
+    ``ep_size`` (default: the whole world) and, when ``w.overlap``, the overlap fraction
+    (collective: every rank calls it)."""
+    from adamole_dist.config.adapter import AdapterConfig
+
+    device = torch.device(device)
+    d_in, d_out = w.layers[0]
+    tokens = max(1, min(w.tokens_per_rank, max_tokens))
+    adapter = adapter or AdapterConfig(method="adamole", num_experts=w.num_experts, rank=w.rank)
+    J = ep_size or w.world_size
+    bank = w.num_experts // J if J > 1 and w.num_experts % J == 0 else w.num_experts
+    comp = measure_compute(d_in, d_out, tokens, adapter, bank, device=device, group=group if w.world_size > 1 else None)
+    if w.world_size <= 1:
+        return CommModel(), comp  # one rank: nothing to price
+    S, _ = rows_sent(w, J) if w.num_experts % J == 0 else (w.tokens_per_rank, False)
+    a2a_bytes = int(S * d_in * w.wire * J / max(J - 1, 1))  # all_to_all_single's input: S rows out per rank
+    # the same exchange on every rank: the group's mean
+    a2a_bytes = int(collectives.sum_over_ranks([a2a_bytes], group)[0] / collectives.world_size(group))
+    comm = measure_comm(group, a2a_bytes=a2a_bytes, device=device)
+    if J > 1 and J == collectives.world_size(group) and w.num_experts % J == 0:
+        comp.dispatch_fixed_s = measure_dispatch_fixed(adapter, d_in, d_out, comm, group, device=device)
+    if w.overlap:  # what really hides here: the own share's half (its first matmul) beside an exchange
+        x = torch.randn(tokens // 2, d_in, device=device)
+        A = torch.randn(d_in, w.num_experts * w.rank // J, device=device)
+        comp.overlap = measure_overlap(lambda: x @ A, a2a_bytes, group, device=device)
+    return comm, comp
