@@ -64,7 +64,7 @@ def efficiency(records: list[dict]) -> list[dict]:
 
 def table(records: list[dict]) -> str:
     lines = [f"{'mode':<7}{'nodes':>6}{'world':>6}{'ep':>4}{'tok/step':>9}{'tok/s':>8}{'eff':>6}{'step ms':>9}"
-             f"{'fwd':>7}{'bwd':>7}{'opt':>6}{'a2a':>7}{'zero':>6}{'peak MB':>9}{'pred rep':>9}{'pred ep':>8}"]
+             f"{'fwd':>7}{'bwd':>7}{'opt':>6}{'a2a':>7}{'zero':>6}{'peak MB':>9}{'pred ms':>9}{'err%':>6}"]
     for r in sorted(records, key=lambda r: (r["mode"], r["nodes"], r["world"], r["ep_size"])):
         lines.append(
             f"{r['mode']:<7}{r['nodes']:>6}{r['world']:>6}{r['ep_size']:>4}{r['tokens_per_step']:>9.0f}"

@@ -28,7 +28,7 @@ def test_calibration_over_two_gloo_ranks_gives_usable_rates(tmp_path):
         got = json.loads((tmp_path / f"{rank}.json").read_text())
         comm, comp = got["comm"], got["comp"]
         for name in ("dense_s_per_unit", "grouped_s_per_unit", "route_s_per_unit", "copy_s_per_byte",
-                     "optimizer_s_per_param"):
+                     "optimizer_s_per_param", "layer_s_per_param"):
             assert 0 < comp[name] < 1e-3 and math.isfinite(comp[name]), name
         assert comp["dispatch_fixed_s"] >= 0  # measured: the group is the EP group of 2
         assert -1 <= comp["overlap"] <= 1  # measured because the workload overlaps
@@ -36,3 +36,15 @@ def test_calibration_over_two_gloo_ranks_gives_usable_rates(tmp_path):
             assert 0 < comm[name] and math.isfinite(comm[name]), name
         assert comm["ranks_per_node"] == 2
         assert 0 < got["rep"] < 10 and 0 < got["ep"] < 10
+
+
+def test_one_process_calibrates_compute_and_prices_no_communication():
+    from adamole_dist.config.adapter import AdapterConfig
+    from adamole_dist.parallel.calibration import calibrate
+    from adamole_dist.parallel.placement import Workload, predict_replicated
+
+    w = Workload(layers=[(64, 64)], num_experts=4, rank=2, tokens_per_rank=64, avg_active=2.0, world_size=1,
+                 act_bytes=4)
+    comm, comp = calibrate(w, "cpu", adapter=AdapterConfig(method="mole_topk", num_experts=4, rank=2, top_k=2))
+    assert comp.dense_s_per_unit > 0 and comp.layer_s_per_param > 0 and comp.dispatch_fixed_s == 0
+    assert predict_replicated(w, comm, comp).comm_s == 0

@@ -36,7 +36,7 @@ def median_time(fn, repeats: int, device: torch.device = torch.device("cpu"), be
     return sorted(samples[1:])[len(samples[1:]) // 2]
 
 
-def measure_compute(d_in: int, d_out: int, tokens: int, adapter, bank_experts: int | None = None, repeats: int = 7,
+def measure_compute(d_in: int, d_out: int, tokens: int, adapter, bank_experts: int | None = None, repeats: int = 9,
                     device=None, dtype: torch.dtype = torch.float32, group=None) -> ComputeModel:
     """The job's own modules at its shapes, forward and backward: the router of ``adapter`` (an
     AdapterConfig: method, experts, aux loss) on ``tokens`` tokens, an expert bank of
@@ -67,17 +67,28 @@ def measure_compute(d_in: int, d_out: int, tokens: int, adapter, bank_experts: i
     L = bank_experts or adapter.num_experts
     bank = ExpertBank(L, adapter.rank, d_in, d_out, adapter.scaling, **kw)
     torch.nn.init.normal_(bank.lora_B, std=0.01)
-    w_TL = torch.rand(tokens, L, **kw, requires_grad=True)
-    dense_TL = torch.ones(tokens, L, dtype=torch.bool, device=device)
-    g_TO = torch.ones(tokens, d_out, **kw)
-    t_dense = median_time(lambda: bank(x, w_TL, dense_TL, "dense").backward(g_TO), repeats, device, aligned)
-    one_TL = torch.zeros(tokens, L, dtype=torch.bool, device=device)  # one active expert per token
-    one_TL[torch.arange(tokens), torch.randint(0, L, (tokens,))] = True
-    t_grouped = median_time(lambda: bank(x, w_TL, one_TL, "grouped").backward(g_TO), repeats, device, aligned)
+
+    def bank_time(n: int, path: str) -> float:
+        """The bank on ``n`` tokens, forward and backward (one active expert each on the grouped path)."""
+        w_nL = torch.rand(n, L, **kw, requires_grad=True)
+        if path == "dense":
+            m_nL = torch.ones(n, L, dtype=torch.bool, device=device)
+        else:
+            m_nL = torch.zeros(n, L, dtype=torch.bool, device=device)
+            m_nL[torch.arange(n), torch.randint(0, L, (n,))] = True
+        g_nO = torch.ones(n, d_out, **kw)
+        return median_time(lambda: bank(x[:n], w_nL, m_nL, path).backward(g_nO), repeats, device, aligned)
+
+    # Per token: the difference to a handful of tokens, whose cost (the weights' gradients written
+    # whatever the tokens) the model prices per parameter (ComputeModel.layer_s_per_param).
+    few = min(8, tokens - 1) if tokens > 1 else 0
+    per_token = max(tokens - few, 1)
+    t_dense = max(bank_time(tokens, "dense") - (bank_time(few, "dense") if few else 0.0), 1e-9)
+    t_grouped = max(bank_time(tokens, "grouped") - (bank_time(few, "grouped") if few else 0.0), 1e-9)
     a, b = torch.randn(tokens, d_in, **kw), torch.randn(tokens, d_in, **kw)
     t_copy = median_time(lambda: a + b, repeats, device, aligned)
-    return ComputeModel(dense_s_per_unit=t_dense / (tokens * L * adapter.rank * (d_in + d_out)),
-                        grouped_s_per_unit=t_grouped / (tokens * (d_in + d_out)),
+    return ComputeModel(dense_s_per_unit=t_dense / (per_token * L * adapter.rank * (d_in + d_out)),
+                        grouped_s_per_unit=t_grouped / (per_token * (d_in + d_out)),
                         route_s_per_unit=t_route / (tokens * (adapter.num_experts + 1) * d_in),
                         copy_s_per_byte=t_copy / a.nbytes,
                         optimizer_s_per_param=measure_optimizer(bank, device, repeats))
@@ -103,53 +114,76 @@ def measure_optimizer(bank, device: torch.device, repeats: int) -> float:
 EXCHANGES_PER_LAYER = 7  # placement.py: counts, rows, columns, deltas; and three in the backward
 
 
-def measure_dispatch_fixed(adapter, d_in: int, d_out: int, comm: CommModel, group=None, tokens: int = 8,
-                           repeats: int = 7, device=None) -> float:
-    """The expert-parallel dispatch's fixed host work per layer and step (planning, count syncs,
-    small ops, autograd), over the whole ``group`` as one EP group: a layer on a handful of tokens,
-    forward and backward, less its exchanges' latencies (which placement.py prices per peer).
-    Collective: every rank of the group calls it."""
+def measure_fixed(adapter, d_in: int, d_out: int, comm: CommModel, group=None, tokens: int = 8, repeats: int = 9,
+                  device=None) -> tuple[float, float]:
+    """What a layer costs per step whatever its tokens, from a layer on a handful of them, forward
+    and backward: (seconds per expert parameter — the weight gradients written, whatever the
+    placement — from all experts on this rank; the expert-parallel dispatch's fixed host work per
+    layer — planning, count syncs, small ops — from the whole ``group`` as one EP group, less its
+    bank's two runs and its exchanges' latencies, which placement.py prices per peer). Collective:
+    every rank of the group calls it."""
     from adamole_dist.adapters.inject import adapt_linear
     from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher
     from adamole_dist.parallel.layout import ParallelLayout
+    from adamole_dist.parallel.local_dispatcher import LocalDispatcher
 
     device = torch.device(device or "cpu")
     p = collectives.world_size(group)
     layout = ParallelLayout(rank=collectives.rank(group), world_size=p, ep_size=p, ep_group=group)
-    base = torch.nn.Linear(d_in, d_out, bias=False, device=device).requires_grad_(False)
-    layer = adapt_linear(base, adapter, dispatcher=ExpertParallelDispatcher(layout, overlap=False),
-                         expert_slice=layout.expert_slice(adapter.num_experts))
-    layer.train()
     x = torch.randn(tokens, d_in, device=device, requires_grad=True)
 
-    def step():
-        layer.delta(x).sum().backward()
-        layer.context.aux_losses = []
+    def layer_time(dispatcher, expert_slice) -> float:
+        base = torch.nn.Linear(d_in, d_out, bias=False, device=device).requires_grad_(False)
+        layer = adapt_linear(base, adapter, dispatcher=dispatcher, expert_slice=expert_slice)
+        layer.train()
 
-    t = timed_collective(step, group, repeats, device)
-    layer.context.pop_stats()
-    return max(0.0, t - EXCHANGES_PER_LAYER * (p - 1) * comm.alpha_intra * comm.a2a_alpha_scale)
+        def step():
+            layer.delta(x).sum().backward()
+            layer.context.aux_losses = []
+
+        t = timed_collective(step, group, repeats, device)
+        layer.context.pop_stats()
+        return t
+
+    per_expert = adapter.rank * (d_in + d_out)
+    per_param = layer_time(LocalDispatcher(), None) / (adapter.num_experts * per_expert)
+    if p == 1 or adapter.num_experts % p:
+        return per_param, 0.0
+    t_ep = layer_time(ExpertParallelDispatcher(layout, overlap=False), layout.expert_slice(adapter.num_experts))
+    latencies = EXCHANGES_PER_LAYER * (p - 1) * comm.alpha_intra * comm.a2a_alpha_scale
+    bank_runs = 2  # own share and received rows (placement.py)
+    return per_param, max(0.0, t_ep - bank_runs * per_param * adapter.num_experts // p * per_expert - latencies)
 
 
 def timed_collective(op, group, repeats: int, device: torch.device) -> float:
-    """Median seconds of ``op`` started together on every rank, less a barrier's own time."""
+    """Median seconds of ``op`` started together on every rank, less a barrier's own time (at
+    least 1 ns)."""
     def run():
         collectives.barrier(group)
         op()
-    return median_time(run, repeats, device) - median_time(lambda: collectives.barrier(group), repeats, device)
+    elapsed = median_time(run, repeats, device) - median_time(lambda: collectives.barrier(group), repeats, device)
+    return max(elapsed, 1e-9)  # a difference of medians: never below zero, whatever the noise
 
 
-def a2a_input(a2a_bytes: int, p: int, device: torch.device) -> torch.Tensor:
-    """An all_to_all_single input of about ``a2a_bytes`` (fp32, split evenly over p ranks)."""
-    total = max(a2a_bytes, p * 4096) // (4 * p) * (4 * p)
-    return torch.zeros(total // 4, device=device)
+def peer_exchange(sent_bytes: int, group, device: torch.device):
+    """An all-to-all like the dispatch's: about ``sent_bytes`` (fp32) from this rank split evenly
+    over the OTHER ranks, nothing to itself, received into a fresh buffer. Returns (run, bytes sent)."""
+    p, me = collectives.world_size(group), collectives.rank(group)
+    per_peer = max(sent_bytes // (4 * max(p - 1, 1)), 1024)
+    splits = [0 if j == me else per_peer for j in range(p)]
+    rows = torch.zeros(sum(splits), device=device)
+
+    def run():
+        collectives.all_to_all_single(torch.empty_like(rows), rows, splits, splits, group=group)
+
+    return run, rows.nbytes
 
 
 def measure_comm(group=None, ranks_per_node: int | None = None, large: int = 4 << 20, a2a_bytes: int | None = None,
-                 repeats: int = 5, device=None) -> CommModel:
+                 repeats: int = 9, device=None) -> CommModel:
     """alpha from a 1-element all-reduce, beta from a ``large`` one (ring formula inverted); the
-    all-to-all's own alpha (one value per peer) and beta (``a2a_bytes`` in all, into a fresh buffer
-    each time, as the dispatch receives). Tensors live on ``device`` (the training device: CUDA
+    all-to-all's own alpha (one value per peer) and beta (``a2a_bytes`` sent to the other ranks,
+    into a fresh buffer each time, as the dispatch sends and receives). Tensors live on ``device`` (the training device: CUDA
     under NCCL)."""
     device = torch.device(device or "cpu")
     p = collectives.world_size(group)
@@ -167,9 +201,8 @@ def measure_comm(group=None, ranks_per_node: int | None = None, large: int = 4 <
     tiny = torch.zeros(p, device=device)
     a2a_alpha = max(timed(lambda: collectives.all_to_all_single(torch.empty_like(tiny), tiny, group=group)), 1e-7) \
         / max(p - 1, 1)
-    rows = a2a_input(a2a_bytes or large, p, device)
-    t_a2a = timed(lambda: collectives.all_to_all_single(torch.empty_like(rows), rows, group=group))
-    sent = rows.nbytes * (p - 1) / p
+    exchange, sent = peer_exchange(a2a_bytes or large, group, device)
+    t_a2a = timed(exchange)
     a2a_beta = sent / max(t_a2a - (p - 1) * a2a_alpha, 1e-9)
     return CommModel(alpha_intra=alpha, beta_intra=beta, alpha_inter=alpha, beta_inter=beta,
                      ranks_per_node=ranks_per_node or p, a2a_beta_scale=a2a_beta / beta,
@@ -181,9 +214,10 @@ def measure_overlap(compute, a2a_bytes: int, group=None, repeats: int = 5, devic
     exchange without waiting and computing meanwhile saves: 1 = fully hidden, 0 = no gain, below 0
     = running them together is slower than one after the other (threads competing for cores)."""
     device = torch.device(device or "cpu")
-    p = collectives.world_size(group)
-    rows = a2a_input(a2a_bytes, p, device)
-    splits = [rows.numel() // p] * p
+    p, me = collectives.world_size(group), collectives.rank(group)
+    per_peer = max(a2a_bytes // (4 * max(p - 1, 1)), 1024)
+    splits = [0 if j == me else per_peer for j in range(p)]
+    rows = torch.zeros(sum(splits), device=device)
 
     def exchange(wait: bool = True):
         pending = collectives.start_all_to_all(rows, splits, splits, group)
@@ -217,17 +251,22 @@ def calibrate(w: Workload, device, adapter=None, max_tokens: int = 4096, ep_size
     adapter = adapter or AdapterConfig(method="adamole", num_experts=w.num_experts, rank=w.rank)
     J = ep_size or w.world_size
     bank = w.num_experts // J if J > 1 and w.num_experts % J == 0 else w.num_experts
-    comp = measure_compute(d_in, d_out, tokens, adapter, bank, device=device, group=group if w.world_size > 1 else None)
-    if w.world_size <= 1:
-        return CommModel(), comp  # one rank: nothing to price
-    S, _ = rows_sent(w, J) if w.num_experts % J == 0 else (w.tokens_per_rank, False)
-    a2a_bytes = int(S * d_in * w.wire * J / max(J - 1, 1))  # all_to_all_single's input: S rows out per rank
-    # the same exchange on every rank: the group's mean
-    a2a_bytes = int(collectives.sum_over_ranks([a2a_bytes], group)[0] / collectives.world_size(group))
-    comm = measure_comm(group, a2a_bytes=a2a_bytes, device=device)
-    if J > 1 and J == collectives.world_size(group) and w.num_experts % J == 0:
-        comp.dispatch_fixed_s = measure_dispatch_fixed(adapter, d_in, d_out, comm, group, device=device)
-    if w.overlap:  # what really hides here: the own share's half (its first matmul) beside an exchange
+    many = w.world_size > 1
+    comp = measure_compute(d_in, d_out, tokens, adapter, bank, device=device, group=group if many else None)
+    comm = CommModel()  # one rank: no communication to price
+    if many:
+        S, _ = rows_sent(w, J) if w.num_experts % J == 0 else (w.tokens_per_rank, False)
+        a2a_bytes = int(S * d_in * w.wire)  # one layer's rows: S out per rank
+        # the same exchange on every rank: the group's mean
+        a2a_bytes = int(collectives.sum_over_ranks([a2a_bytes], group)[0] / collectives.world_size(group))
+        # the expert gradients' all-reduce at its own size (replicated: all of them), within 1-64 MB
+        grad_bytes = min(max(w.expert_param_count * w.grad_bytes, 1 << 20), 64 << 20)
+        comm = measure_comm(group, large=grad_bytes, a2a_bytes=a2a_bytes, device=device)
+    comp.layer_s_per_param, dispatch_fixed = measure_fixed(adapter, d_in, d_out, comm, group if many else None,
+                                                           device=device)
+    if many and J == collectives.world_size(group):  # measured over the whole group as one EP group
+        comp.dispatch_fixed_s = dispatch_fixed
+    if many and w.overlap:  # what really hides here: the own share's half (its first matmul) beside an exchange
         x = torch.randn(tokens // 2, d_in, device=device)
         A = torch.randn(d_in, w.num_experts * w.rank // J, device=device)
         comp.overlap = measure_overlap(lambda: x @ A, a2a_bytes, group, device=device)

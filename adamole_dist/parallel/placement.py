@@ -93,13 +93,16 @@ class ComputeModel:
     """Measured rates (calibration.py). Units, all forward + backward: token x rank column x (D + O)
     for the experts' dense path (x A^T and h B), active (token, expert) pair x (D + O) for the
     grouped path (the pair's row gathered, its delta scattered), token x column x D for the router
-    (one linear); per expert parameter for the expert optimizer (norm, clip, AdamW)."""
+    (one linear); per expert parameter for the expert optimizer (norm, clip, AdamW) and for what a
+    layer costs whatever its tokens (its weight gradients written); per layer for the expert-parallel
+    dispatch's host work (planning, count syncs, small ops) besides its exchanges."""
 
     dense_s_per_unit: float = 2e-13
     grouped_s_per_unit: float = 1e-11
     route_s_per_unit: float = 2e-13
     copy_s_per_byte: float = 1e-10  # an elementwise op, per byte it writes (a fresh buffer included)
     optimizer_s_per_param: float = 1e-9
+    layer_s_per_param: float = 0.0  # per step and expert parameter whatever the tokens (its gradient written)
     dispatch_fixed_s: float = 0.0  # per layer and step: the EP dispatch's host work besides latencies and bytes
     overlap: float = 1.0  # the fraction of an exchange hidden behind compute running meanwhile
 
@@ -175,7 +178,7 @@ def predict_replicated(w: Workload, comm: CommModel, comp: ComputeModel) -> Pred
     # x's gradient from the router and from the experts summed; the expert gradients into one flat
     # buffer and back (expert_optimizer.py)
     copies = (sum(T * i * w.act_bytes for i, _ in w.layers) + 2 * grad) * comp.copy_s_per_byte
-    optimizer = w.expert_param_count * comp.optimizer_s_per_param
+    optimizer = w.expert_param_count * (comp.optimizer_s_per_param + comp.layer_s_per_param)
     reduce = comm.all_reduce(grad, w.world_size)
     return Prediction("replicated", 1, experts + copies + optimizer, reduce,
                       {"route_s": route_s(w, comp), "experts_s": experts, "copy_s": copies, "optimizer_s": optimizer,
@@ -220,7 +223,10 @@ def predict_expert_parallel(w: Workload, J: int, comm: CommModel, comp: ComputeM
             hidden += comp.overlap * sum(min(t, own * part / 2) for t in (fwd_out, fwd_back) for part in (1 / 3, 2 / 3))
     grad = w.expert_param_count * w.grad_bytes / J
     flatten = 2 * grad * comp.copy_s_per_byte
-    optimizer = w.expert_param_count / J * comp.optimizer_s_per_param
+    # the bank runs twice per layer (own share, received rows; three times with overlap's halves),
+    # and each run writes its weights' full gradients
+    calls = 3 if w.overlap else 2
+    optimizer = w.expert_param_count / J * (comp.optimizer_s_per_param + calls * comp.layer_s_per_param)
     reduce = comm.all_reduce(grad, w.world_size // J, stride=J)
     sent = sum(2 * S * (D * wb + L * cb + O * wb) for D, O in w.layers)
     fixed = len(w.layers) * comp.dispatch_fixed_s
