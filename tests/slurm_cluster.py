@@ -1,7 +1,14 @@
-"""A real single-node SLURM cluster for tests: munged, slurmctld and slurmd on this machine.
+"""A real SLURM cluster for tests on this one machine: munged, slurmctld, and one slurmd per
+emulated node.
 
-Everything lives in a temporary directory (config, state, logs, the munge socket); the
-daemons are stopped by the pids they wrote. Needs Debian's slurm-wlm and munge (installed by
+Each emulated node (``adamole-n1`` ... ``adamole-nK``) is its own ``slurmd -N <name>`` with its own
+port, pid file, spool directory and log; all of them live on this host (``NodeHostname`` and
+``NodeAddr`` are this host, so slurmctld and srun reach them; the node NAMES do not resolve, as on
+clusters whose node names are not in DNS, which is why the sbatch scripts rendezvous at the first
+node's NodeAddr). Emulation means the nodes share this machine's cores and memory bus: jobs
+across them exercise the scripts, the rendezvous, groups spanning nodes, checkpoints and requeue,
+not a network. Everything lives in a temporary directory (config, state, logs, the munge socket);
+the daemons are stopped by the pids they wrote. Needs Debian's slurm-wlm and munge (installed by
 .ci/run) and root, as the daemons run as root here (no systemd, no cgroups).
 """
 
@@ -28,21 +35,25 @@ def _bin(name: str) -> str:
     return shutil.which(name) or f"/usr/sbin/{name}"
 
 
+NODE_PREFIX = "adamole-n"
+
+
 class SlurmCluster:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, nodes: int = 1, cpus_per_node: int | None = None) -> None:
         self.root = root
         self.host = socket.gethostname()
+        self.nodes = [f"{NODE_PREFIX}{i}" for i in range(1, nodes + 1)]
+        self.cpus_per_node = cpus_per_node or os.cpu_count() or 2
         self.conf = root / "slurm.conf"
         self.munge_socket = root / "munge" / "munge.socket"
         self.pid_files = {"munged": root / "munge" / "munged.pid", "slurmctld": root / "slurmctld.pid",
-                          "slurmd": root / "slurmd.pid"}
+                          **{node: root / f"slurmd-{node}.pid" for node in self.nodes}}
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
 
     def write_config(self) -> None:
-        for d in ("state", "spool", "log", "munge"):
+        for d in ("state", "log", "munge", *(f"spool/{node}" for node in self.nodes)):
             (self.root / d).mkdir(parents=True, exist_ok=True)
         os.chmod(self.root / "munge", 0o700)
-        cpus = os.cpu_count() or 2
         self.conf.write_text(f"""ClusterName=adamole-test
 SlurmctldHost={self.host}
 SlurmUser=root
@@ -59,18 +70,17 @@ SchedulerType=sched/backfill
 MpiDefault=none
 ReturnToService=2
 StateSaveLocation={self.root}/state
-SlurmdSpoolDir={self.root}/spool
+SlurmdSpoolDir={self.root}/spool/%n
 SlurmctldPidFile={self.pid_files['slurmctld']}
-SlurmdPidFile={self.pid_files['slurmd']}
+SlurmdPidFile={self.root}/slurmd-%n.pid
 SlurmctldLogFile={self.root}/log/slurmctld.log
-SlurmdLogFile={self.root}/log/slurmd.log
+SlurmdLogFile={self.root}/log/slurmd-%n.log
 SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
 SlurmctldTimeout=30
 SlurmdTimeout=30
 MinJobAge=600
-NodeName={self.host} CPUs={cpus} State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+""" + "".join(f"NodeName={node} NodeHostname={self.host} NodeAddr={self.host} Port={free_port()} "
+              f"CPUs={self.cpus_per_node} State=UNKNOWN\n" for node in self.nodes) + """PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 """)
 
     def start(self) -> "SlurmCluster":
@@ -82,18 +92,33 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
                         f"--pid-file={self.pid_files['munged']}", f"--log-file={self.root}/log/munged.log",
                         f"--seed-file={self.root}/munge/seed"], check=True, env=self.env)
         subprocess.run([_bin("slurmctld"), "-f", str(self.conf)], check=True, env=self.env)
-        subprocess.run([_bin("slurmd"), "-f", str(self.conf)], check=True, env=self.env)
-        self.wait_until(lambda: "idle" in self.run("sinfo", "-h", "-o", "%T").stdout, 60, "the node to be idle")
+        for node in self.nodes:
+            self.start_node(node)
+        self.wait_until(lambda: self.idle_nodes() == len(self.nodes), 60, f"{len(self.nodes)} idle node(s)")
         return self
 
+    def start_node(self, node: str) -> None:
+        subprocess.run([_bin("slurmd"), "-f", str(self.conf), "-N", node], check=True, env=self.env)
+
+    def kill_node(self, node: str) -> None:
+        """The node goes away: its slurmd is killed (the tasks it started are the caller's to kill)."""
+        self._signal(node, signal.SIGKILL)
+
+    def idle_nodes(self) -> int:
+        out = self.run("sinfo", "-h", "-N", "-o", "%N %T").stdout.split("\n")
+        return sum(1 for line in out if line.split() and line.split()[1] == "idle")
+
+    def _signal(self, name: str, sig) -> None:
+        pid_file = self.pid_files[name]
+        if pid_file.exists():
+            try:
+                os.kill(int(pid_file.read_text().strip()), sig)
+            except (ProcessLookupError, ValueError):
+                pass
+
     def stop(self) -> None:
-        for name in ("slurmd", "slurmctld", "munged"):
-            pid_file = self.pid_files[name]
-            if pid_file.exists():
-                try:
-                    os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
-                except (ProcessLookupError, ValueError):
-                    pass
+        for name in (*self.nodes, "slurmctld", "munged"):
+            self._signal(name, signal.SIGTERM)
         time.sleep(1)
 
     def run(self, *cmd: str, check: bool = False) -> subprocess.CompletedProcess:

@@ -1,6 +1,8 @@
-"""The project's sbatch script on a real single-node SLURM cluster (munged, slurmctld, slurmd
-started here): a 2-task CPU run completes with its checkpoint and metrics, and a run stopped
-by SIGTERM checkpoints, requeues itself and resumes to the end."""
+"""The project's sbatch scripts on a real SLURM cluster started here (munged, slurmctld and one
+slurmd per emulated node, 4 nodes on this machine: tests/slurm_cluster.py): a 2-task CPU run
+completes with its checkpoint and metrics; a run stopped by SIGTERM checkpoints, requeues itself
+and resumes to the end; a run across 2 nodes splits the experts between them (ep_size 2); the
+scaling script appends its records."""
 
 import json
 import sys
@@ -8,10 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
-from launch_utils import REPO, records
+from launch_utils import REPO, records, train_losses
 from slurm_cluster import SlurmCluster, missing_tools
 
 pytestmark = pytest.mark.slow
+NODES = 4  # emulated nodes in the test cluster
 
 RECIPE = """\
 max_train_examples: 400
@@ -34,21 +37,21 @@ def cluster(tmp_path_factory):
     if missing:
         pytest.skip(f"SLURM TEST SKIPPED: {', '.join(missing)} not installed (.ci/run installs slurm-wlm and munge "
                     "with apt-get where it can)")
-    c = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    c = SlurmCluster(tmp_path_factory.mktemp("slurm"), nodes=NODES).start()
     yield c
     c.stop()
 
 
-def submit(cluster, tmp_path, *train_flags) -> tuple[str, Path, Path]:
+def submit(cluster, tmp_path, *train_flags, nodes: int = 1, tasks_per_node: int = 2) -> tuple[str, Path, Path]:
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(RECIPE)
     out_dir = tmp_path / "run"
     log = tmp_path / "job-%j.out"
     env = (f"ALL,ADAMOLE_VENV={Path(sys.executable).parents[1]},HF_HUB_OFFLINE=1,OUTPUT_DIR={out_dir},"
            "OMP_NUM_THREADS=1,PYTHONUNBUFFERED=1")
-    proc = cluster.run("sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", f"--chdir={REPO}",
-                       f"--output={log}", f"--export={env}", str(REPO / "launch/slurm/train.sbatch"), str(recipe),
-                       *train_flags)
+    proc = cluster.run("sbatch", "--parsable", f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}",
+                       f"--chdir={REPO}", f"--output={log}", f"--export={env}", str(REPO / "launch/slurm/train.sbatch"),
+                       str(recipe), *train_flags)
     assert proc.returncode == 0, proc.stderr
     job_id = proc.stdout.strip().split(";")[0]
     return job_id, out_dir, Path(str(log).replace("%j", job_id))
@@ -66,6 +69,55 @@ def test_two_task_run_completes(cluster, tmp_path):
     assert (out_dir / "checkpoints" / "latest").read_text() == "step_0000006"
     assert (out_dir / "checkpoints" / "step_0000006" / "trainer_state.json").is_file()
     assert json.loads((out_dir / "final_metrics.json").read_text())["total"] == 32
+
+
+def test_cluster_has_the_emulated_nodes(cluster):
+    out = cluster.run("sinfo", "-h", "-N", "-o", "%N %T").stdout.split()
+    assert out[0::2] == [f"adamole-n{i}" for i in range(1, NODES + 1)] and set(out[1::2]) == {"idle"}
+
+
+def test_two_node_run_splits_the_experts_across_nodes(cluster, tmp_path):
+    """One rank per node, ep_size 2: each node holds half the experts and tokens cross between
+    nodes; the rendezvous is the first node's NodeAddr (its name does not resolve here)."""
+    job_id, out_dir, log = submit(cluster, tmp_path, "--max_steps", "4", "--save_interval", "4", "--ep_size", "2",
+                                  nodes=2, tasks_per_node=1)
+    job = cluster.wait_job(job_id, timeout=480)
+    text = log.read_text()
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", text[-3000:]
+    assert job["NumNodes"] == "2" and job["NodeList"] in ("adamole-n[1-2]", "adamole-n[2-3]", "adamole-n[3-4]")
+    assert f"2 node(s), 2 tasks, master {cluster.host}:" in text
+    train = records(out_dir, "train")
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert all(r["a2a_bytes_per_step"] > 0 for r in train)  # tokens crossed between the nodes
+    shards = sorted(p.name for p in (out_dir / "checkpoints" / "step_0000004").glob("experts_ep*.safetensors"))
+    assert shards == ["experts_ep0.safetensors", "experts_ep1.safetensors"]
+
+
+def test_preempted_two_node_job_resumes_to_the_uninterrupted_loss(cluster, tmp_path):
+    """A 2-node expert-parallel job is preempted (SIGTERM to every task), checkpoints, requeues and
+    resumes — wherever the scheduler puts it — and ends with the same losses as the same job left
+    alone (which runs beside it on the other two nodes)."""
+    steps, flags = 16, ("--save_interval", "1000", "--ep_size", "2")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    alone_id, alone_dir, alone_log = submit(cluster, tmp_path / "a", "--max_steps", str(steps), *flags, nodes=2,
+                                            tasks_per_node=1)
+    job_id, out_dir, log = submit(cluster, tmp_path / "b", "--max_steps", str(steps), *flags, nodes=2,
+                                  tasks_per_node=1)
+    cluster.wait_until(lambda: (out_dir / "metrics.jsonl").exists() and len(records(out_dir, "train")) >= 3, 300,
+                       "training to start")
+    assert cluster.run("scancel", "--signal=TERM", job_id).returncode == 0
+    job, alone = cluster.wait_job(job_id, timeout=600), cluster.wait_job(alone_id, timeout=600)
+    text = log.read_text()
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", text[-3000:]
+    assert alone["JobState"] == "COMPLETED", alone_log.read_text()[-3000:]
+    assert int(job["Restarts"]) == 1 and "requeueing job" in text and "2 node(s)" in text.split("restart 1")[1]
+    stopped = int(text.split("] stop signal received")[0].rsplit("[step ", 1)[1])
+    assert 3 <= stopped < steps
+    expected, got = train_losses(alone_dir), train_losses(out_dir)
+    assert sorted(got) == list(range(1, steps + 1))
+    for step in range(stopped + 1, steps + 1):  # after the resume, step for step
+        assert got[step] == pytest.approx(expected[step], abs=1e-5), f"step {step}"
 
 
 def test_sigterm_checkpoints_requeues_and_resumes(cluster, tmp_path):
