@@ -38,6 +38,32 @@ def _bin(name: str) -> str:
 NODE_PREFIX = "adamole-n"
 
 
+def _pids() -> list[int]:
+    return [int(d) for d in os.listdir("/proc") if d.isdigit()]
+
+
+def _environ(pid: int) -> dict:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    return dict(kv.split("=", 1) for kv in raw.decode(errors="replace").split("\0") if "=" in kv)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 class SlurmCluster:
     def __init__(self, root: Path, nodes: int = 1, cpus_per_node: int | None = None) -> None:
         self.root = root
@@ -100,9 +126,19 @@ MinJobAge=600
     def start_node(self, node: str) -> None:
         subprocess.run([_bin("slurmd"), "-f", str(self.conf), "-N", node], check=True, env=self.env)
 
-    def kill_node(self, node: str) -> None:
-        """The node goes away: its slurmd is killed (the tasks it started are the caller's to kill)."""
+    def kill_node(self, node: str, job_id: str) -> list[int]:
+        """``node`` goes away mid-job, as a machine that loses power: its slurmd, and the job's
+        tasks it runs with the step daemons above them, are SIGKILLed at once. Returns the task pids."""
+        tasks = [pid for pid in _pids() if _environ(pid).get("SLURMD_NODENAME") == node
+                 and _environ(pid).get("SLURM_JOB_ID") == job_id and _environ(pid).get("SLURM_PROCID")]
+        steps = {ppid for ppid in map(_ppid, tasks) if ppid and _cmdline(ppid).startswith("slurmstepd")}
         self._signal(node, signal.SIGKILL)
+        for pid in [*tasks, *steps]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return tasks
 
     def idle_nodes(self) -> int:
         out = self.run("sinfo", "-h", "-N", "-o", "%N %T").stdout.split("\n")

@@ -120,6 +120,36 @@ def test_preempted_two_node_job_resumes_to_the_uninterrupted_loss(cluster, tmp_p
         assert got[step] == pytest.approx(expected[step], abs=1e-5), f"step {step}"
 
 
+def test_a_lost_node_is_named_and_the_job_resumes_on_the_nodes_still_up(cluster, tmp_path):
+    """One node of a 2-node job dies (its slurmd, step daemon and task SIGKILLed). The rank left
+    exits 76 naming the lost rank within --peer_timeout; SLURM cancels the job for the node failure
+    and, since train.sbatch asks for --requeue, starts it again on nodes still up, where it resumes
+    from ``latest`` (a complete checkpoint) and finishes every step."""
+    steps = 12
+    flags = ("--save_interval", "2", "--ep_size", "2", "--peer_timeout", "20")
+    job_id, out_dir, log = submit(cluster, tmp_path, "--max_steps", str(steps), *flags, nodes=2, tasks_per_node=1)
+    cluster.wait_until(lambda: (out_dir / "metrics.jsonl").exists() and len(records(out_dir, "train")) >= 4, 300,
+                       "training to pass a checkpoint")
+    nodes = cluster.run("scontrol", "show", "hostnames", cluster.job(job_id)["NodeList"]).stdout.split()
+    lost = nodes[1]
+    try:
+        assert cluster.kill_node(lost, job_id)  # rank 1's task was found and killed
+        job = cluster.wait_job(job_id, timeout=480)
+    finally:
+        cluster.start_node(lost)
+    text = log.read_text()
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", text[-3000:]
+    first, again = text.split("(restart 1)")
+    assert "rank 1 stopped responding" in first and "exiting (exit code 76)" in first
+    assert f"{nodes[0]}: task 0: Exited with exit code 76" in first and "NODE FAILURE" in first
+    assert int(job["Restarts"]) == 1
+    assert lost not in cluster.run("scontrol", "show", "hostnames", job["NodeList"]).stdout.split()
+    resumed = int(again.split("resumed from ")[1].split(" at step ")[1].split()[0])
+    assert resumed >= 4 and resumed % 2 == 0  # the newest complete checkpoint before the loss
+    assert sorted({r["step"] for r in records(out_dir, "train")}) == list(range(1, steps + 1))
+    cluster.wait_until(lambda: cluster.idle_nodes() == NODES, 120, "the lost node to come back")
+
+
 def test_sigterm_checkpoints_requeues_and_resumes(cluster, tmp_path):
     steps = 40
     job_id, out_dir, log = submit(cluster, tmp_path, "--max_steps", str(steps), "--save_interval", "1000")
