@@ -37,7 +37,7 @@ from adamole_dist.adapters.inject import adapt_linear  # noqa: E402
 from adamole_dist.config.adapter import AdapterConfig  # noqa: E402
 from adamole_dist.ops.host_memory import keep_freed_host_memory  # noqa: E402
 from adamole_dist.parallel import collectives  # noqa: E402
-from adamole_dist.parallel.calibration import calibrate  # noqa: E402
+from adamole_dist.parallel.calibration import calibrate, calibration_record, parts_ms  # noqa: E402
 from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher, overlap_enabled, wire_dtype  # noqa: E402
 from adamole_dist.parallel.layout import build_layout  # noqa: E402
 from adamole_dist.parallel.local_dispatcher import LocalDispatcher  # noqa: E402
@@ -138,13 +138,8 @@ def predict(args, cfg, ep_size: int, world: int, active: float, dispatcher) -> d
                  wire_bytes=wire, overlap=ep_size > 1 and dispatcher.overlap)
     comm, comp = calibrate(w, "cpu", adapter=cfg, ep_size=ep_size)
     p = predict_placement(w, ep_size, comm, comp)
-    parts = {k: round(1000 * v, 3) for k, v in p.detail.items() if k.endswith("_s")}
-    return {"predicted_ms_step": round(1000 * p.step_s, 3), "predicted_ms_parts": parts,
-            "calibration": {"dense_s_per_unit": comp.dense_s_per_unit, "route_s_per_unit": comp.route_s_per_unit,
-                            "copy_s_per_byte": comp.copy_s_per_byte, "overlap": comp.overlap,
-                            "alpha_s": comm.alpha_intra, "beta_Bps": comm.beta_intra,
-                            "a2a_alpha_s": comm.alpha_intra * comm.a2a_alpha_scale,
-                            "a2a_beta_Bps": comm.beta_intra * comm.a2a_beta_scale}}
+    return {"predicted_ms_step": round(1000 * p.step_s, 3), "predicted_ms_parts": parts_ms(p.detail),
+            "calibration": calibration_record(comm, comp)}
 
 
 def main() -> None:

@@ -41,7 +41,7 @@ from adamole_dist.data.tasks import build_task  # noqa: E402
 from adamole_dist.moe.routing_stats import summarize_routing  # noqa: E402
 from adamole_dist.ops.host_memory import keep_freed_host_memory  # noqa: E402
 from adamole_dist.parallel import collectives  # noqa: E402
-from adamole_dist.parallel.calibration import calibrate  # noqa: E402
+from adamole_dist.parallel.calibration import calibrate, calibration_record, parts_ms  # noqa: E402
 from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher, overlap_enabled, wire_dtype  # noqa: E402
 from adamole_dist.parallel.layout import build_layout  # noqa: E402
 from adamole_dist.parallel.local_dispatcher import Dispatcher, LocalDispatcher  # noqa: E402
@@ -263,13 +263,9 @@ def predict_this_run(adapters, positions: int, valid_fraction: float, layout, wo
     rep = predict_replicated(w, comm, comp)
     this = predict_placement(w, layout.ep_size, comm, comp)
     out = {"avg_active": active, "base_ms": round(base_ms, 3),
-           "calibration": {"dense_s_per_unit": comp.dense_s_per_unit, "route_s_per_unit": comp.route_s_per_unit,
-                           "copy_s_per_byte": comp.copy_s_per_byte, "overlap": comp.overlap,
-                           "alpha_s": comm.alpha_intra, "beta_Bps": comm.beta_intra,
-                           "a2a_alpha_s": comm.alpha_intra * comm.a2a_alpha_scale,
-                           "a2a_beta_Bps": comm.beta_intra * comm.a2a_beta_scale},
+           "calibration": calibration_record(comm, comp),
            "predicted_ms_step": round(base_ms + 1000 * this.total_s, 3),
-           "predicted_ms_parts": {k: round(1000 * v, 3) for k, v in this.detail.items() if k.endswith("_s")},
+           "predicted_ms_parts": parts_ms(this.detail),
            "pred_replicated_ms": round(1000 * rep.total_s, 3)}
     if layout.ep_size > 1:
         out["pred_ep_ms"] = round(1000 * this.total_s, 3)

@@ -271,3 +271,16 @@ def calibrate(w: Workload, device, adapter=None, max_tokens: int = 4096, ep_size
         A = torch.randn(d_in, w.num_experts * w.rank // J, device=device)
         comp.overlap = measure_overlap(lambda: x @ A, a2a_bytes, group, device=device)
     return comm, comp
+
+
+def calibration_record(comm: CommModel, comp: ComputeModel) -> dict:
+    """Every calibrated rate, for a benchmark record (all-to-all as absolute alpha and beta)."""
+    return {**{k: v for k, v in vars(comp).items()},
+            "alpha_s": comm.alpha_intra, "beta_Bps": comm.beta_intra,
+            "a2a_alpha_s": comm.alpha_intra * comm.a2a_alpha_scale,
+            "a2a_beta_Bps": comm.beta_intra * comm.a2a_beta_scale}
+
+
+def parts_ms(detail: dict) -> dict:
+    """A prediction's timed parts (its ``*_s`` entries) in milliseconds."""
+    return {k: round(1000 * v, 3) for k, v in detail.items() if k.endswith("_s")}
