@@ -38,7 +38,7 @@ from adamole_dist.config.adapter import AdapterConfig  # noqa: E402
 from adamole_dist.ops.host_memory import keep_freed_host_memory  # noqa: E402
 from adamole_dist.parallel import collectives  # noqa: E402
 from adamole_dist.parallel.calibration import calibrate, calibration_record, parts_ms  # noqa: E402
-from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher, overlap_enabled, wire_dtype  # noqa: E402
+from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher, overlap_enabled, wire_bytes, wire_dtype  # noqa: E402
 from adamole_dist.parallel.layout import build_layout  # noqa: E402
 from adamole_dist.parallel.local_dispatcher import LocalDispatcher  # noqa: E402
 from adamole_dist.parallel.placement import Workload, predict_placement  # noqa: E402
@@ -66,7 +66,8 @@ def all_sum(value: float) -> float:
 def bench(args, ep_size: int) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     layout = build_layout(ep_size, args.num_experts)
-    dispatcher = (ExpertParallelDispatcher(layout, wire_dtype(args.dispatch_dtype), overlap=overlap_enabled(args.overlap, DEVICE))
+    dispatcher = (ExpertParallelDispatcher(layout, wire_dtype(args.dispatch_dtype),
+                                           overlap=overlap_enabled(args.overlap, DEVICE))
                   if ep_size > 1 else LocalDispatcher())
     cfg = AdapterConfig(method=args.method, num_experts=args.num_experts, rank=args.rank, dropout=0.0,
                         capacity_factor=args.capacity_factor, top_k=args.top_k)
@@ -132,10 +133,9 @@ def bench(args, ep_size: int) -> dict:
 
 def predict(args, cfg, ep_size: int, world: int, active: float, dispatcher) -> dict:
     """The cost model's step time for this configuration, calibrated here and now (collective)."""
-    wire = dispatcher.wire_for(torch.float32).itemsize if ep_size > 1 else 4
     w = Workload(layers=[(args.hidden, args.hidden)], num_experts=args.num_experts, rank=args.rank,
                  tokens_per_rank=args.tokens_per_rank, avg_active=active, world_size=world, act_bytes=4,
-                 wire_bytes=wire, overlap=ep_size > 1 and dispatcher.overlap)
+                 wire_bytes=wire_bytes(args.dispatch_dtype), overlap=ep_size > 1 and dispatcher.overlap)
     comm, comp = calibrate(w, "cpu", adapter=cfg, ep_size=ep_size)
     p = predict_placement(w, ep_size, comm, comp)
     return {"predicted_ms_step": round(1000 * p.step_s, 3), "predicted_ms_parts": parts_ms(p.detail),

@@ -70,7 +70,8 @@ def build(args, layout):
         kw = {"method": "lora", "rank": N * R} if args.method == "lora" else {"method": args.method, "num_experts": N,
                                                                              "rank": R}
         cfg = AdapterConfig(target_modules=TARGETS, **kw)
-        dispatcher = (ExpertParallelDispatcher(layout, wire_dtype(args.dispatch_dtype), overlap=overlap_enabled(args.overlap, DEVICE))
+        dispatcher = (ExpertParallelDispatcher(layout, wire_dtype(args.dispatch_dtype),
+                                               overlap=overlap_enabled(args.overlap, DEVICE))
                       if layout.ep_size > 1 else LocalDispatcher())
         adapters = inject_adapters(model, cfg, trainable_modules=["classifier"], dispatcher=dispatcher,
                                    expert_slice=layout.expert_slice(cfg.num_experts))
@@ -142,7 +143,8 @@ def main() -> None:
                                  ep_group=layout.ep_group)
     task = build_task(task_type, tokenizer, args.max_length, device=engine.device)
     examples = load_examples("builtin:word_categories", "train")
-    counters = next(iter(adapters.layers.values())).dispatcher.counters if adapters else None
+    dispatcher = next(iter(adapters.layers.values())).dispatcher if adapters else None
+    counters = dispatcher.counters if dispatcher is not None else None
     aux_loss_coeff = adapters.cfg.aux_loss_coeff if adapters is not None else 0.0
 
     def batch_at(it: int) -> dict:
@@ -156,6 +158,9 @@ def main() -> None:
     tokens = []
     engine.train()
     for it in range(args.warmup + args.steps):
+        if predicting and it == args.warmup:  # warm now: the measured steps' batches with the experts off
+            base_ms = time_without_experts(engine, task, adapters, lambda i: batch_at(args.warmup + i), aux_loss_coeff,
+                                           args.steps)
         batch = batch_at(it)
         zero_before = comm_ms_total(comms_logger.comms_dict, ZERO_OPS)
         if counters is not None:
@@ -167,9 +172,6 @@ def main() -> None:
         step_s = time.perf_counter() - t0
         if it < args.warmup:
             continue
-        if predicting and base_ms is None:  # warm now: the same steps with the experts off, first
-            base_ms = time_without_experts(engine, task, adapters, lambda i: batch_at(args.warmup + i), aux_loss_coeff,
-                                           args.steps)
         for phase in ("forward", "backward", "optimizer"):
             phases[phase].append(clock.seconds[phase])
         phases["step"].append(step_s)
@@ -191,11 +193,11 @@ def main() -> None:
         "frozen_bytes_local_max": max(e["frozen_local"] for e in everyone),
         "frozen_bytes_full": everyone[0]["frozen_full"],
         "device": DEVICE.type, "threads": torch.get_num_threads(), "host_memory": args.host_memory,
-        "overlap": getattr(counters and next(iter(adapters.layers.values())).dispatcher, "overlap", None),
+        "overlap": getattr(dispatcher, "overlap", None),
     }
     if predicting:
         record.update(predict_this_run(adapters, positions, tokens_per_step / world / positions, layout, world,
-                                       args, base_ms))
+                                       base_ms))
         record["prediction_error"] = round(record["predicted_ms_step"] / record["step_ms"] - 1, 4)
     if info.is_main:
         print(json.dumps(record))
@@ -246,20 +248,17 @@ def time_without_experts(engine, task, adapters, batch_at, aux_loss_coeff: float
     return 1000 * statistics.median(samples)
 
 
-def predict_this_run(adapters, positions: int, valid_fraction: float, layout, world: int, args,
-                     base_ms: float) -> dict:
+def predict_this_run(adapters, positions: int, valid_fraction: float, layout, world: int, base_ms: float) -> dict:
     """The step the cost model predicts: the measured base (experts off) plus the modelled expert
     part (experts, dispatch, expert gradients' all-reduce), calibrated here (collective)."""
     active = summarize_routing(adapters.context.pop_stats(), False)["overall"]["mean_active_experts"]
     layers = [weight_shape(layer.base_layer)[::-1] for layer in adapters.layers.values()]
-    device = DEVICE
     dispatcher = next(iter(adapters.layers.values())).dispatcher
-    overlap = getattr(dispatcher, "overlap", False)
-    wire = dispatcher.wire_for(torch.float32).itemsize if layout.ep_size > 1 else 4
+    wire = dispatcher.wire_for(torch.float32).itemsize if layout.ep_size > 1 else None
     # Padding rows run through the experts too, with nothing kept: active experts per row.
     w = adapter_workload(layers, adapters.cfg, positions, world, avg_active=active * valid_fraction, act_bytes=4,
-                         wire_bytes=wire, overlap=overlap)
-    comm, comp = calibrate(w, device, adapter=adapters.cfg, ep_size=layout.ep_size)
+                         wire_bytes=wire, overlap=getattr(dispatcher, "overlap", False))
+    comm, comp = calibrate(w, DEVICE, adapter=adapters.cfg, ep_size=layout.ep_size)
     rep = predict_replicated(w, comm, comp)
     this = predict_placement(w, layout.ep_size, comm, comp)
     out = {"avg_active": active, "base_ms": round(base_ms, 3),

@@ -24,6 +24,8 @@ from pathlib import Path
 
 from launch_utils import free_port
 
+from adamole_dist.ops.stopping import parent_pid, process_cmdline
+
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "sinfo")
 
 
@@ -48,20 +50,6 @@ def _environ(pid: int) -> dict:
     except OSError:
         return {}
     return dict(kv.split("=", 1) for kv in raw.decode(errors="replace").split("\0") if "=" in kv)
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _ppid(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 class SlurmCluster:
@@ -129,9 +117,10 @@ MinJobAge=600
     def kill_node(self, node: str, job_id: str) -> list[int]:
         """``node`` goes away mid-job, as a machine that loses power: its slurmd, and the job's
         tasks it runs with the step daemons above them, are SIGKILLed at once. Returns the task pids."""
-        tasks = [pid for pid in _pids() if _environ(pid).get("SLURMD_NODENAME") == node
-                 and _environ(pid).get("SLURM_JOB_ID") == job_id and _environ(pid).get("SLURM_PROCID")]
-        steps = {ppid for ppid in map(_ppid, tasks) if ppid and _cmdline(ppid).startswith("slurmstepd")}
+        envs = {pid: _environ(pid) for pid in _pids()}
+        tasks = [pid for pid, env in envs.items() if env.get("SLURMD_NODENAME") == node
+                 and env.get("SLURM_JOB_ID") == job_id and env.get("SLURM_PROCID")]
+        steps = {ppid for ppid in map(parent_pid, tasks) if ppid and process_cmdline(ppid).startswith("slurmstepd")}
         self._signal(node, signal.SIGKILL)
         for pid in [*tasks, *steps]:
             try:

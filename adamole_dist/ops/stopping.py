@@ -78,7 +78,7 @@ class StopSignal:
         return self.received is not None
 
 
-def _parent_of(pid: int) -> int | None:
+def parent_pid(pid: int) -> int | None:
     """The parent pid of ``pid`` from /proc (None where there is no /proc or no such process)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -87,7 +87,8 @@ def _parent_of(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[1])
 
 
-def _cmdline(pid: int) -> str:
+def process_cmdline(pid: int) -> str:
+    """The command line of ``pid`` ("" where there is no such process)."""
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
@@ -101,10 +102,10 @@ class LauncherWatch:
         self.stop = stop
         self.interval_s = interval_s
         self.launch = os.getppid()
-        self.runner = _parent_of(self.launch)
+        self.runner = parent_pid(self.launch)
 
     def applies(self) -> bool:
-        return self.runner is not None and "deepspeed.launcher.launch" in _cmdline(self.launch)
+        return self.runner is not None and "deepspeed.launcher.launch" in process_cmdline(self.launch)
 
     def start(self) -> "LauncherWatch":
         if self.applies():
@@ -114,5 +115,5 @@ class LauncherWatch:
     def _run(self) -> None:
         while not self.stop.requested:
             time.sleep(self.interval_s)
-            if os.getppid() != self.launch or _parent_of(self.launch) != self.runner:
+            if os.getppid() != self.launch or parent_pid(self.launch) != self.runner:
                 self.stop.request(signal.SIGTERM)

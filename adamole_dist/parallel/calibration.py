@@ -45,10 +45,10 @@ def measure_compute(d_in: int, d_out: int, tokens: int, adapter, bank_experts: i
     barrier, so the ranks compute side by side as in a step: ranks that share cores or a memory
     bus (measured here: 2 ranks on 2 vCPUs run these matmuls ~1.5x slower than one alone) are
     calibrated as they will run. Collective then: every rank of the group calls it."""
-    aligned = (lambda: collectives.barrier(group)) if collectives.is_distributed(group) else None
     from adamole_dist.adapters.inject import adapt_linear
     from adamole_dist.moe.experts import ExpertBank
 
+    aligned = (lambda: collectives.barrier(group)) if collectives.is_distributed(group) else None
     device = torch.device(device or "cpu")
     kw = {"device": device, "dtype": dtype}
     base = torch.nn.Linear(d_in, d_out, bias=False, **kw).requires_grad_(False)
@@ -114,14 +114,14 @@ def measure_optimizer(bank, device: torch.device, repeats: int) -> float:
 EXCHANGES_PER_LAYER = 7  # placement.py: counts, rows, columns, deltas; and three in the backward
 
 
-def measure_fixed(adapter, d_in: int, d_out: int, comm: CommModel, group=None, tokens: int = 8, repeats: int = 9,
-                  device=None) -> tuple[float, float]:
+def measure_fixed(adapter, d_in: int, d_out: int, comm: CommModel, group=None, dispatch: bool = True,
+                  tokens: int = 8, repeats: int = 9, device=None) -> tuple[float, float]:
     """What a layer costs per step whatever its tokens, from a layer on a handful of them, forward
     and backward: (seconds per expert parameter — the weight gradients written, whatever the
     placement — from all experts on this rank; the expert-parallel dispatch's fixed host work per
     layer — planning, count syncs, small ops — from the whole ``group`` as one EP group, less its
-    bank's two runs and its exchanges' latencies, which placement.py prices per peer). Collective:
-    every rank of the group calls it."""
+    bank's two runs and its exchanges' latencies, which placement.py prices per peer; 0 without
+    ``dispatch``). Collective: every rank of the group calls it."""
     from adamole_dist.adapters.inject import adapt_linear
     from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher
     from adamole_dist.parallel.layout import ParallelLayout
@@ -147,7 +147,7 @@ def measure_fixed(adapter, d_in: int, d_out: int, comm: CommModel, group=None, t
 
     per_expert = adapter.rank * (d_in + d_out)
     per_param = layer_time(LocalDispatcher(), None) / (adapter.num_experts * per_expert)
-    if p == 1 or adapter.num_experts % p:
+    if not dispatch or p == 1 or adapter.num_experts % p:
         return per_param, 0.0
     t_ep = layer_time(ExpertParallelDispatcher(layout, overlap=False), layout.expert_slice(adapter.num_experts))
     latencies = EXCHANGES_PER_LAYER * (p - 1) * comm.alpha_intra * comm.a2a_alpha_scale
@@ -165,18 +165,13 @@ def timed_collective(op, group, repeats: int, device: torch.device) -> float:
     return max(elapsed, 1e-9)  # a difference of medians: never below zero, whatever the noise
 
 
-def peer_exchange(sent_bytes: int, group, device: torch.device):
-    """An all-to-all like the dispatch's: about ``sent_bytes`` (fp32) from this rank split evenly
-    over the OTHER ranks, nothing to itself, received into a fresh buffer. Returns (run, bytes sent)."""
+def peer_rows(sent_bytes: int, group, device: torch.device) -> tuple[torch.Tensor, list[int]]:
+    """Rows for an all-to-all like the dispatch's: about ``sent_bytes`` (fp32) from this rank split
+    evenly over the OTHER ranks, nothing to itself; (rows, splits)."""
     p, me = collectives.world_size(group), collectives.rank(group)
     per_peer = max(sent_bytes // (4 * max(p - 1, 1)), 1024)
     splits = [0 if j == me else per_peer for j in range(p)]
-    rows = torch.zeros(sum(splits), device=device)
-
-    def run():
-        collectives.all_to_all_single(torch.empty_like(rows), rows, splits, splits, group=group)
-
-    return run, rows.nbytes
+    return torch.zeros(sum(splits), device=device), splits
 
 
 def measure_comm(group=None, ranks_per_node: int | None = None, large: int = 4 << 20, a2a_bytes: int | None = None,
@@ -201,9 +196,9 @@ def measure_comm(group=None, ranks_per_node: int | None = None, large: int = 4 <
     tiny = torch.zeros(p, device=device)
     a2a_alpha = max(timed(lambda: collectives.all_to_all_single(torch.empty_like(tiny), tiny, group=group)), 1e-7) \
         / max(p - 1, 1)
-    exchange, sent = peer_exchange(a2a_bytes or large, group, device)
-    t_a2a = timed(exchange)
-    a2a_beta = sent / max(t_a2a - (p - 1) * a2a_alpha, 1e-9)
+    rows, splits = peer_rows(a2a_bytes or large, group, device)  # into a fresh buffer, as the dispatch receives
+    t_a2a = timed(lambda: collectives.all_to_all_single(torch.empty_like(rows), rows, splits, splits, group=group))
+    a2a_beta = rows.nbytes / max(t_a2a - (p - 1) * a2a_alpha, 1e-9)
     return CommModel(alpha_intra=alpha, beta_intra=beta, alpha_inter=alpha, beta_inter=beta,
                      ranks_per_node=ranks_per_node or p, a2a_beta_scale=a2a_beta / beta,
                      a2a_alpha_scale=a2a_alpha / alpha)
@@ -214,10 +209,7 @@ def measure_overlap(compute, a2a_bytes: int, group=None, repeats: int = 5, devic
     exchange without waiting and computing meanwhile saves: 1 = fully hidden, 0 = no gain, below 0
     = running them together is slower than one after the other (threads competing for cores)."""
     device = torch.device(device or "cpu")
-    p, me = collectives.world_size(group), collectives.rank(group)
-    per_peer = max(a2a_bytes // (4 * max(p - 1, 1)), 1024)
-    splits = [0 if j == me else per_peer for j in range(p)]
-    rows = torch.zeros(sum(splits), device=device)
+    rows, splits = peer_rows(a2a_bytes, group, device)
 
     def exchange(wait: bool = True):
         pending = collectives.start_all_to_all(rows, splits, splits, group)
@@ -262,10 +254,9 @@ def calibrate(w: Workload, device, adapter=None, max_tokens: int = 4096, ep_size
         # the expert gradients' all-reduce at its own size (replicated: all of them), within 1-64 MB
         grad_bytes = min(max(w.expert_param_count * w.grad_bytes, 1 << 20), 64 << 20)
         comm = measure_comm(group, large=grad_bytes, a2a_bytes=a2a_bytes, device=device)
-    comp.layer_s_per_param, dispatch_fixed = measure_fixed(adapter, d_in, d_out, comm, group if many else None,
-                                                           device=device)
-    if many and J == collectives.world_size(group):  # measured over the whole group as one EP group
-        comp.dispatch_fixed_s = dispatch_fixed
+    whole_group = many and J == collectives.world_size(group)  # the dispatch is measured over it as one EP group
+    comp.layer_s_per_param, comp.dispatch_fixed_s = measure_fixed(adapter, d_in, d_out, comm, group if many else None,
+                                                                  dispatch=whole_group, device=device)
     if many and w.overlap:  # what really hides here: the own share's half (its first matmul) beside an exchange
         x = torch.randn(tokens // 2, d_in, device=device)
         A = torch.randn(d_in, w.num_experts * w.rank // J, device=device)
@@ -275,7 +266,7 @@ def calibrate(w: Workload, device, adapter=None, max_tokens: int = 4096, ep_size
 
 def calibration_record(comm: CommModel, comp: ComputeModel) -> dict:
     """Every calibrated rate, for a benchmark record (all-to-all as absolute alpha and beta)."""
-    return {**{k: v for k, v in vars(comp).items()},
+    return {**vars(comp),
             "alpha_s": comm.alpha_intra, "beta_Bps": comm.beta_intra,
             "a2a_alpha_s": comm.alpha_intra * comm.a2a_alpha_scale,
             "a2a_beta_Bps": comm.beta_intra * comm.a2a_beta_scale}

@@ -57,6 +57,12 @@ def wire_dtype(dispatch_dtype: str) -> torch.dtype | None:
     return WIRE_DTYPES[dispatch_dtype]
 
 
+def wire_bytes(dispatch_dtype: str) -> int | None:
+    """The element size of ``--dispatch_dtype``'s wire (None: the activations' own)."""
+    dtype = wire_dtype(dispatch_dtype)
+    return dtype.itemsize if dtype is not None else None
+
+
 def overlap_enabled(ep_overlap: str, device: torch.device) -> bool:
     """``--ep_overlap``: on, off, or auto = on only for CUDA tensors. NCCL runs an exchange on its
     own stream, so it really overlaps the compute; gloo on CPU runs it on a thread that competes with

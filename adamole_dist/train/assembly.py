@@ -33,7 +33,7 @@ from adamole_dist.ops.output_dir import check_output_dir, prepare_output_dir
 from adamole_dist.ops.stopping import PREEMPTED_MARKER
 from adamole_dist.parallel import collectives
 from adamole_dist.parallel.calibration import calibrate
-from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher, overlap_enabled, wire_dtype
+from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher, overlap_enabled, wire_bytes, wire_dtype
 from adamole_dist.parallel.layout import ParallelLayout, build_layout
 from adamole_dist.parallel.local_dispatcher import LocalDispatcher
 from adamole_dist.parallel.placement import adapter_workload, choose_ep_size
@@ -230,7 +230,7 @@ def auto_ep_size(cfg: TrainConfig, model: torch.nn.Module, info: DistInfo, devic
     layers = [weight_shape(m)[::-1] for _, m in find_target_modules(model, targets)]
     act_bytes = 2 if device.type == "cuda" or cfg.autocast == "bf16" else 4
     work = adapter_workload(layers, cfg.adapter, cfg.micro_batch_size * cfg.max_length, info.world_size,
-                            act_bytes=act_bytes, wire_bytes=2 if cfg.dispatch_dtype == "bf16" else None,
+                            act_bytes=act_bytes, wire_bytes=wire_bytes(cfg.dispatch_dtype),
                             overlap=overlap_enabled(cfg.ep_overlap, device))
     comm, comp = calibrate(work, device, adapter=cfg.adapter)
     ep_size, _, why = choose_ep_size(work, comm, comp, cfg.expert_memory_budget_mb * 2**20 or None)
