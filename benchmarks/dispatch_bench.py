@@ -41,7 +41,7 @@ from adamole_dist.parallel.calibration import calibrate, calibration_record, par
 from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher, overlap_enabled, wire_bytes, wire_dtype  # noqa: E402
 from adamole_dist.parallel.layout import build_layout  # noqa: E402
 from adamole_dist.parallel.local_dispatcher import LocalDispatcher  # noqa: E402
-from adamole_dist.parallel.placement import Workload, predict_placement  # noqa: E402
+from adamole_dist.parallel.placement import Workload, choose_ep_size, predict_placement  # noqa: E402
 from adamole_dist.train.expert_optimizer import ExpertOptimizer  # noqa: E402
 from adamole_dist.train.reporting import routing_over_ranks  # noqa: E402
 from benchmarks.records import write_records  # noqa: E402
@@ -69,8 +69,7 @@ def bench(args, ep_size: int) -> dict:
     dispatcher = (ExpertParallelDispatcher(layout, wire_dtype(args.dispatch_dtype),
                                            overlap=overlap_enabled(args.overlap, DEVICE))
                   if ep_size > 1 else LocalDispatcher())
-    cfg = AdapterConfig(method=args.method, num_experts=args.num_experts, rank=args.rank, dropout=0.0,
-                        capacity_factor=args.capacity_factor, top_k=args.top_k)
+    cfg = adapter_config(args)
     torch.manual_seed(0)
     base = nn.Linear(args.hidden, args.hidden, bias=False).requires_grad_(False)
     layer = adapt_linear(base, cfg, dispatcher=dispatcher, expert_slice=layout.expert_slice(args.num_experts))
@@ -131,11 +130,30 @@ def bench(args, ep_size: int) -> dict:
     }
 
 
+def auto_choice(args, world: int, active: float) -> tuple[int, str]:
+    """What ``--ep_size auto`` picks here: one calibration over the whole group and
+    choose_ep_size, as the trainer does at start-up (with the measured active experts per
+    token); rank 0's choice (collective)."""
+    w = workload(args, world, active, overlap=overlap_enabled(args.overlap, DEVICE))
+    comm, comp = calibrate(w, "cpu", adapter=adapter_config(args))
+    ep_size, _, why = choose_ep_size(w, comm, comp)
+    return collectives.broadcast_object((ep_size, why), src=0)
+
+
+def workload(args, world: int, active: float, overlap: bool) -> Workload:
+    return Workload(layers=[(args.hidden, args.hidden)], num_experts=args.num_experts, rank=args.rank,
+                    tokens_per_rank=args.tokens_per_rank, avg_active=active, world_size=world, act_bytes=4,
+                    wire_bytes=wire_bytes(args.dispatch_dtype), overlap=overlap)
+
+
+def adapter_config(args) -> AdapterConfig:
+    return AdapterConfig(method=args.method, num_experts=args.num_experts, rank=args.rank, dropout=0.0,
+                         capacity_factor=args.capacity_factor, top_k=args.top_k)
+
+
 def predict(args, cfg, ep_size: int, world: int, active: float, dispatcher) -> dict:
     """The cost model's step time for this configuration, calibrated here and now (collective)."""
-    w = Workload(layers=[(args.hidden, args.hidden)], num_experts=args.num_experts, rank=args.rank,
-                 tokens_per_rank=args.tokens_per_rank, avg_active=active, world_size=world, act_bytes=4,
-                 wire_bytes=wire_bytes(args.dispatch_dtype), overlap=ep_size > 1 and dispatcher.overlap)
+    w = workload(args, world, active, overlap=ep_size > 1 and dispatcher.overlap)
     comm, comp = calibrate(w, "cpu", adapter=cfg, ep_size=ep_size)
     p = predict_placement(w, ep_size, comm, comp)
     return {"predicted_ms_step": round(1000 * p.step_s, 3), "predicted_ms_parts": parts_ms(p.detail),
@@ -171,6 +189,10 @@ def main() -> None:
     world = dist.get_world_size()
     sizes = [world if s == "world" else int(s) for s in args.ep_sizes.split(",")]
     records = [bench(args, ep) for ep in sizes]
+    if world > 1:
+        auto_ep_size, why = auto_choice(args, world, max(r["avg_active_experts"] for r in records))
+        for r in records:
+            r["auto_ep_size"] = auto_ep_size
     if dist.get_rank() == 0:
         print(f"{'ep':>3}{'world':>6}{'tokens':>8}{'active':>8}{'MB sent':>10}{'MB min':>9}{'sent/min':>9}"
               f"{'step ms':>9}{'pred ms':>9}{'err%':>6}{'a2a ms':>8}{'drop%':>7}   forward phases (ms)")
@@ -181,6 +203,8 @@ def main() -> None:
                   f"{r['bytes_sent'] / 1e6:>10.2f}{r['bytes_min'] / 1e6:>9.2f}{ratio:>9.4f}"
                   f"{r['ms_step_median']:>9.1f}{r['predicted_ms_step']:>9.1f}{100 * r['prediction_error']:>6.1f}"
                   f"{r['ms_a2a_median']:>8.1f}{100 * r['dropped_fraction']:>7.2f}   {phases}")
+        if world > 1:
+            print(f"--ep_size auto: {why}")
         if args.json:
             write_records(args.json, records, announce=True)
     collectives.barrier()

@@ -68,3 +68,27 @@ def test_decoder_grid_reports_against_zero_shot_and_runs_baselines_first():
     assert [r[2] for r in runs[2:]] == [0, 0, 0, 0, 1, 1, 1, 1]  # every method at seed 0 before seed 1
     sweep_runs = grid.planned_runs(Namespace(seeds="0", methods="", tau_sweep=True), ["ARC-Easy"])
     assert [r[3] for r in sweep_runs] == grid.TAU_SWEEP
+
+
+def link_record(ep_size, ms, predicted, auto):
+    return {"ep_size": ep_size, "ms_step_median": ms, "predicted_ms_step": predicted, "auto_ep_size": auto,
+            "calibration": {"beta_Bps": 40e6, "a2a_beta_Bps": 30e6}}
+
+
+def test_shaped_link_rates_parse_as_tc_writes_them_and_rows_compare_with_the_payload_rate():
+    from benchmarks.shaped_links import parse_rate, summarise, table
+
+    assert parse_rate("none") is None
+    assert parse_rate("400mbit") == pytest.approx(50e6)  # tc: bits per second
+    assert parse_rate("1gbit") == pytest.approx(125e6)
+    assert parse_rate("12500000") == 12.5e6  # bytes per second
+    probe = {"bytes": 4 << 20, "alpha_s": 2e-4, "beta_Bps": 47.8e6, "a2a_beta_Bps": 23.9e6, "a2a_alpha_s": 3e-4}
+    row = summarise(50e6, probe, [link_record(1, 49.0, 47.0, 2), link_record(2, 11.0, 20.0, 2)])
+    assert row["set_payload_Bps"] == pytest.approx(50e6 * 1448 / 1514)  # tbf counts frames, TCP moves payload
+    assert row["beta_error"] == pytest.approx(47.8e6 / row["set_payload_Bps"] - 1, abs=1e-4)
+    assert row["a2a_beta_error"] == pytest.approx(-0.5, abs=0.01)
+    assert row["measured_winner"] == 2 and row["auto_ep_size"] == 2 and row["job_beta_Bps"] == 40e6
+    unshaped = summarise(None, probe, [link_record(1, 10.0, 9.0, 1), link_record(2, 16.0, 17.0, 1)])
+    assert unshaped["beta_error"] is None and unshaped["measured_winner"] == 1
+    text = table([unshaped, row])
+    assert "unshaped" in text and "+0.0%" not in text.splitlines()[1] and text.splitlines()[2].split()[-2:] == ["EP", "EP"]

@@ -160,3 +160,52 @@ def test_cpu_tensors_are_moved_off_the_cpu_under_a_cuda_only_backend():
         assert "staged: Torch not compiled with CUDA enabled" in out or "staged: No CUDA GPUs" in out, out
     else:
         assert "staged: cuda" in out
+
+
+def a2a_worker(rank, world):
+    """Uneven splits (some empty), equal splits, a subgroup, and two exchanges in flight at once."""
+    # rank r sends (r + j) % 3 rows to rank j, row values 100 r + j
+    in_splits = [(rank + j) % 3 for j in range(world)]
+    out_splits = [(j + rank) % 3 for j in range(world)]
+    inp = torch.cat([torch.full((n, 2), 100.0 * rank + j) for j, n in enumerate(in_splits)])
+    out = torch.empty(sum(out_splits), 2)
+    collectives.all_to_all_single(out, inp, out_splits, in_splits)
+    expected = torch.cat([torch.full((n, 2), 100.0 * j + rank) for j, n in enumerate(out_splits)])
+    assert torch.equal(out, expected), (rank, out, expected)
+
+    eq = torch.arange(world, dtype=torch.float32) + 10 * rank  # one element to each rank
+    got = torch.empty(world)
+    collectives.all_to_all_single(got, eq)
+    assert got.tolist() == [10.0 * j + rank for j in range(world)]
+
+    evens = collectives.new_group([0, 2])
+    if rank in (0, 2):
+        mine = torch.tensor([rank + 0.5, rank + 0.25])
+        theirs = torch.empty(2)
+        collectives.all_to_all_single(theirs, mine, group=evens)
+        assert theirs.tolist() == [0.5, 2.5] if rank == 0 else [0.25, 2.25]
+
+    first = collectives.start_all_to_all(inp, out_splits, in_splits)
+    second = collectives.start_all_to_all(inp * 2, out_splits, in_splits)
+    assert torch.equal(second.wait(), expected * 2) and torch.equal(first.wait(), expected)
+
+
+@pytest.mark.slow
+def test_gloo_all_to_all_delivers_every_row_across_four_ranks():
+    from mp_harness import run_ranks
+
+    run_ranks(a2a_worker, 4, timeout=180)
+
+
+def test_gloo_all_to_all_posts_every_receive_before_any_send(monkeypatch):
+    calls = []
+    monkeypatch.setattr(collectives, "world_size", lambda group=None: 4)
+    monkeypatch.setattr(collectives, "rank", lambda group=None: 1)
+    monkeypatch.setattr(collectives.dist, "irecv", lambda t, group=None, group_src=None: calls.append(("recv", group_src)))
+    monkeypatch.setattr(collectives.dist, "isend", lambda t, group=None, group_dst=None: calls.append(("send", group_dst)))
+    inp = torch.arange(6.0).unsqueeze(1)  # rows for ranks 0, 1, 2, 3: 2, 1, 3, 0
+    out = torch.zeros(5, 1)  # rows from ranks 0, 1, 2, 3: 1, 1, 0, 3
+    collectives._receives_first(out, inp, out_splits=[1, 1, 0, 3], in_splits=[2, 1, 3, 0], group=None)
+    # rank 1's peers in turn 2, 3, 0: receives from 3 and 0 (2 sends nothing), then sends to 2 and 0
+    assert calls == [("recv", 3), ("recv", 0), ("send", 2), ("send", 0)]
+    assert out[1].item() == 2.0  # its own row copied, never sent

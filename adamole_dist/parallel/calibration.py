@@ -22,9 +22,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_time(fn, repeats: int, device: torch.device = torch.device("cpu"), before=None) -> float:
-    """Median seconds of ``fn`` over ``repeats`` calls after one warm-up call (``before()`` runs
-    untimed ahead of each)."""
+def median_time(fn, repeats: int, device: torch.device = torch.device("cpu"), before=None, q: float = 0.5) -> float:
+    """Median (or the ``q`` quantile) seconds of ``fn`` over ``repeats`` calls after one warm-up
+    call (``before()`` runs untimed ahead of each)."""
     samples = []
     for _ in range(repeats + 1):
         if before is not None:
@@ -33,7 +33,7 @@ def median_time(fn, repeats: int, device: torch.device = torch.device("cpu"), be
         fn()
         _sync(device)
         samples.append(time.perf_counter() - t0)
-    return sorted(samples[1:])[len(samples[1:]) // 2]
+    return sorted(samples[1:])[int(q * (len(samples) - 2) + 0.5)]
 
 
 def measure_compute(d_in: int, d_out: int, tokens: int, adapter, bank_experts: int | None = None, repeats: int = 9,
@@ -155,13 +155,14 @@ def measure_fixed(adapter, d_in: int, d_out: int, comm: CommModel, group=None, d
     return per_param, max(0.0, t_ep - bank_runs * per_param * adapter.num_experts // p * per_expert - latencies)
 
 
-def timed_collective(op, group, repeats: int, device: torch.device) -> float:
-    """Median seconds of ``op`` started together on every rank, less a barrier's own time (at
-    least 1 ns)."""
+def timed_collective(op, group, repeats: int, device: torch.device, q: float = 0.5) -> float:
+    """Median (or the ``q`` quantile) seconds of ``op`` started together on every rank, less a
+    barrier's own time (at least 1 ns)."""
     def run():
         collectives.barrier(group)
         op()
-    elapsed = median_time(run, repeats, device) - median_time(lambda: collectives.barrier(group), repeats, device)
+    elapsed = (median_time(run, repeats, device, q=q)
+               - median_time(lambda: collectives.barrier(group), repeats, device, q=q))
     return max(elapsed, 1e-9)  # a difference of medians: never below zero, whatever the noise
 
 
@@ -186,16 +187,21 @@ def measure_comm(group=None, ranks_per_node: int | None = None, large: int = 4 <
     def timed(op) -> float:
         return timed_collective(op, group, repeats, device)
 
+    def latency(op) -> float:
+        # the lower quartile of more samples: a tiny collective here takes ~0.2 ms, or a scheduler
+        # tick (4 ms) more when a woken thread waits for one of 2 busy cores; in runs of such
+        # waits the median is the tick, which the dispatch's exchanges, mostly, do not pay
+        return max(timed_collective(op, group, max(repeats, 15), device, q=0.25), 1e-7)
+
     small_t = torch.zeros(1, device=device)
     big_t = torch.zeros(large // 4, device=device)
-    t_small = max(timed(lambda: collectives.all_reduce_sum(small_t, group)), 1e-7)
+    t_small = latency(lambda: collectives.all_reduce_sum(small_t, group))
     t_large = timed(lambda: collectives.all_reduce_sum(big_t, group))
     alpha = t_small / max(2 * (p - 1), 1)
     beta = (2 * (p - 1) / p * large) / max(t_large - 2 * (p - 1) * alpha, 1e-9)
 
     tiny = torch.zeros(p, device=device)
-    a2a_alpha = max(timed(lambda: collectives.all_to_all_single(torch.empty_like(tiny), tiny, group=group)), 1e-7) \
-        / max(p - 1, 1)
+    a2a_alpha = latency(lambda: collectives.all_to_all_single(torch.empty_like(tiny), tiny, group=group)) / max(p - 1, 1)
     rows, splits = peer_rows(a2a_bytes or large, group, device)  # into a fresh buffer, as the dispatch receives
     t_a2a = timed(lambda: collectives.all_to_all_single(torch.empty_like(rows), rows, splits, splits, group=group))
     a2a_beta = rows.nbytes / max(t_a2a - (p - 1) * a2a_alpha, 1e-9)
