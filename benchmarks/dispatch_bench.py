@@ -37,11 +37,11 @@ from adamole_dist.adapters.inject import adapt_linear  # noqa: E402
 from adamole_dist.config.adapter import AdapterConfig  # noqa: E402
 from adamole_dist.ops.host_memory import keep_freed_host_memory  # noqa: E402
 from adamole_dist.parallel import collectives  # noqa: E402
-from adamole_dist.parallel.calibration import calibrate, calibration_record, parts_ms  # noqa: E402
+from adamole_dist.parallel.calibration import calibrate, calibrated_ep_size, calibration_record, parts_ms  # noqa: E402
 from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher, overlap_enabled, wire_bytes, wire_dtype  # noqa: E402
 from adamole_dist.parallel.layout import build_layout  # noqa: E402
 from adamole_dist.parallel.local_dispatcher import LocalDispatcher  # noqa: E402
-from adamole_dist.parallel.placement import Workload, choose_ep_size, predict_placement  # noqa: E402
+from adamole_dist.parallel.placement import Workload, predict_placement  # noqa: E402
 from adamole_dist.train.expert_optimizer import ExpertOptimizer  # noqa: E402
 from adamole_dist.train.reporting import routing_over_ranks  # noqa: E402
 from benchmarks.records import write_records  # noqa: E402
@@ -131,13 +131,10 @@ def bench(args, ep_size: int) -> dict:
 
 
 def auto_choice(args, world: int, active: float) -> tuple[int, str]:
-    """What ``--ep_size auto`` picks here: one calibration over the whole group and
-    choose_ep_size, as the trainer does at start-up (with the measured active experts per
-    token); rank 0's choice (collective)."""
+    """What ``--ep_size auto`` picks here: the trainer's calibrated_ep_size, with the measured
+    active experts per token (collective)."""
     w = workload(args, world, active, overlap=overlap_enabled(args.overlap, DEVICE))
-    comm, comp = calibrate(w, "cpu", adapter=adapter_config(args))
-    ep_size, _, why = choose_ep_size(w, comm, comp)
-    return collectives.broadcast_object((ep_size, why), src=0)
+    return calibrated_ep_size(w, "cpu", adapter=adapter_config(args))
 
 
 def workload(args, world: int, active: float, overlap: bool) -> Workload:

@@ -5,14 +5,11 @@ on it are benchmarks: benchmarks/shaped_links.py.)"""
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from shaped_network import ShapedNetwork, burst_bytes, missing_tools
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -33,7 +30,7 @@ def our_namespaces(net: ShapedNetwork) -> list[str]:
 
 
 def test_a_job_runs_across_shaped_links_and_the_network_leaves_no_trace():
-    from benchmarks.shaped_links import run_across
+    from benchmarks.shaped_links import probe
 
     before = host_links()
     net = ShapedNetwork(nodes=2, prefix="adt", subnet="10.232.0")
@@ -50,10 +47,8 @@ def test_a_job_runs_across_shaped_links_and_the_network_leaves_no_trace():
             assert tbf["options"]["burst"] == pytest.approx(burst_bytes(rate), rel=0.01)  # kernel rounds to its ticks
         sent_before = net.tx_bytes(1)
         nbytes = 1 << 20
-        out = run_across(net, [sys.executable, str(REPO / "benchmarks" / "shaped_links.py"),
-                               "--probe_worker", str(nbytes)], port=29391, timeout=300)
-        probe = json.loads(next(line for line in out.splitlines() if line.startswith("PROBE "))[6:])
-        assert probe["bytes"] == nbytes and probe["beta_Bps"] > 0 and probe["a2a_beta_Bps"] > 0
+        link = probe(net, nbytes, port=29391, timeout=300)
+        assert link["bytes"] == nbytes and link["beta_Bps"] > 0 and link["a2a_beta_Bps"] > 0
         # the probe's collectives (9+ all-reduces and all-to-alls of 1 MB each) crossed node 1's link
         assert net.tx_bytes(1) - sent_before > 9 * nbytes
         net.shape(None)

@@ -14,7 +14,7 @@ import time
 import torch
 
 from adamole_dist.parallel import collectives
-from adamole_dist.parallel.placement import CommModel, ComputeModel, Workload, rows_sent
+from adamole_dist.parallel.placement import CommModel, ComputeModel, Workload, choose_ep_size, rows_sent
 
 
 def _sync(device: torch.device) -> None:
@@ -268,6 +268,17 @@ def calibrate(w: Workload, device, adapter=None, max_tokens: int = 4096, ep_size
         A = torch.randn(d_in, w.num_experts * w.rank // J, device=device)
         comp.overlap = measure_overlap(lambda: x @ A, a2a_bytes, group, device=device)
     return comm, comp
+
+
+def calibrated_ep_size(w: Workload, device, adapter=None, expert_memory_budget_bytes: float | None = None,
+                       group=None) -> tuple[int, str]:
+    """``--ep_size auto``: calibrate for ``w`` over the whole group and take the cheapest placement
+    (placement.choose_ep_size). Every rank measured its own compute, so rank 0's choice is
+    broadcast and the layout agrees. Collective; returns (ep_size, why)."""
+    comm, comp = calibrate(w, device, adapter=adapter, group=group)
+    ep_size, _, why = choose_ep_size(w, comm, comp, expert_memory_budget_bytes)
+    ep_size, why = collectives.broadcast_object((ep_size, why), src=0, group=group)
+    return int(ep_size), why
 
 
 def calibration_record(comm: CommModel, comp: ComputeModel) -> dict:

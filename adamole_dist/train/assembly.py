@@ -32,11 +32,11 @@ from adamole_dist.ops.metrics_log import MetricsLogger, truncate_metrics
 from adamole_dist.ops.output_dir import check_output_dir, prepare_output_dir
 from adamole_dist.ops.stopping import PREEMPTED_MARKER
 from adamole_dist.parallel import collectives
-from adamole_dist.parallel.calibration import calibrate
+from adamole_dist.parallel.calibration import calibrated_ep_size
 from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher, overlap_enabled, wire_bytes, wire_dtype
 from adamole_dist.parallel.layout import ParallelLayout, build_layout
 from adamole_dist.parallel.local_dispatcher import LocalDispatcher
-from adamole_dist.parallel.placement import adapter_workload, choose_ep_size
+from adamole_dist.parallel.placement import adapter_workload
 from adamole_dist.parallel.process_group import DistInfo, device_for
 from adamole_dist.train import checkpoint as ckpt_io
 from adamole_dist.train.expert_optimizer import ExpertOptimizer
@@ -232,10 +232,8 @@ def auto_ep_size(cfg: TrainConfig, model: torch.nn.Module, info: DistInfo, devic
     work = adapter_workload(layers, cfg.adapter, cfg.micro_batch_size * cfg.max_length, info.world_size,
                             act_bytes=act_bytes, wire_bytes=wire_bytes(cfg.dispatch_dtype),
                             overlap=overlap_enabled(cfg.ep_overlap, device))
-    comm, comp = calibrate(work, device, adapter=cfg.adapter)
-    ep_size, _, why = choose_ep_size(work, comm, comp, cfg.expert_memory_budget_mb * 2**20 or None)
-    # Every rank measured its own compute: take rank 0's choice so the layout agrees.
-    ep_size, why = collectives.broadcast_object((ep_size, why), src=0)
+    ep_size, why = calibrated_ep_size(work, device, adapter=cfg.adapter,
+                                      expert_memory_budget_bytes=cfg.expert_memory_budget_mb * 2**20 or None)
     if info.is_main:
         print(f"--ep_size auto: {why} (assumed {work.avg_active:g} active experts per token, "
               f"{work.tokens_per_rank} tokens per rank)")
