@@ -48,3 +48,14 @@ def test_one_process_calibrates_compute_and_prices_no_communication():
     comm, comp = calibrate(w, "cpu", adapter=AdapterConfig(method="mole_topk", num_experts=4, rank=2, top_k=2))
     assert comp.dense_s_per_unit > 0 and comp.layer_s_per_param > 0 and comp.dispatch_fixed_s == 0
     assert predict_replicated(w, comm, comp).comm_s == 0
+
+
+def test_the_dispatch_fixed_cost_is_what_the_bank_and_latencies_leave():
+    """The EP layer on a handful of tokens, less its two bank runs over N/J experts (each priced as
+    that share of the local layer) and its latencies. (A precedence slip once floored the bank runs
+    to zero: the fixed cost of r=256 experts came out 21 ms instead of 10, +19 % on the step.)"""
+    from adamole_dist.parallel.calibration import dispatch_fixed_cost
+
+    assert math.isclose(dispatch_fixed_cost(0.030, 0.011, 8, 2, 0.001), 0.030 - 0.011 - 0.001)
+    assert math.isclose(dispatch_fixed_cost(0.030, 0.012, 8, 4, 0.0), 0.030 - 0.006)
+    assert dispatch_fixed_cost(0.010, 0.011, 8, 2, 0.001) == 0.0  # never negative, whatever the noise

@@ -77,7 +77,8 @@ def measure_compute(d_in: int, d_out: int, tokens: int, adapter, bank_experts: i
             m_nL = torch.zeros(n, L, dtype=torch.bool, device=device)
             m_nL[torch.arange(n), torch.randint(0, L, (n,))] = True
         g_nO = torch.ones(n, d_out, **kw)
-        return median_time(lambda: bank(x[:n], w_nL, m_nL, path).backward(g_nO), repeats, device, aligned)
+        x_nD = x[:n].detach().requires_grad_(True)  # a leaf: a slice's backward would add a zero-filled copy of x
+        return median_time(lambda: bank(x_nD, w_nL, m_nL, path).backward(g_nO), repeats, device, aligned)
 
     # Per token: the difference to a handful of tokens, whose cost (the weights' gradients written
     # whatever the tokens) the model prices per parameter (ComputeModel.layer_s_per_param).
@@ -120,8 +121,9 @@ def measure_fixed(adapter, d_in: int, d_out: int, comm: CommModel, group=None, d
     and backward: (seconds per expert parameter — the weight gradients written, whatever the
     placement — from all experts on this rank; the expert-parallel dispatch's fixed host work per
     layer — planning, count syncs, small ops — from the whole ``group`` as one EP group, less its
-    bank's two runs and its exchanges' latencies, which placement.py prices per peer; 0 without
-    ``dispatch``). Collective: every rank of the group calls it."""
+    bank's two runs and its exchanges (latencies, and the bytes it sent: on a slow link even a
+    handful of rows takes milliseconds), which placement.py prices; 0 without ``dispatch``).
+    Collective: every rank of the group calls it."""
     from adamole_dist.adapters.inject import adapt_linear
     from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher
     from adamole_dist.parallel.layout import ParallelLayout
@@ -132,27 +134,39 @@ def measure_fixed(adapter, d_in: int, d_out: int, comm: CommModel, group=None, d
     layout = ParallelLayout(rank=collectives.rank(group), world_size=p, ep_size=p, ep_group=group)
     x = torch.randn(tokens, d_in, device=device, requires_grad=True)
 
-    def layer_time(dispatcher, expert_slice) -> float:
+    def layer_time(dispatcher, expert_slice) -> tuple[float, float]:
+        """(seconds per step, bytes the dispatcher sent per step)"""
         base = torch.nn.Linear(d_in, d_out, bias=False, device=device).requires_grad_(False)
         layer = adapt_linear(base, adapter, dispatcher=dispatcher, expert_slice=expert_slice)
         layer.train()
+        steps = [0]
 
         def step():
             layer.delta(x).sum().backward()
             layer.context.aux_losses = []
+            steps[0] += 1
 
         t = timed_collective(step, group, repeats, device)
         layer.context.pop_stats()
-        return t
+        counters = getattr(dispatcher, "counters", None)
+        return t, (counters.bytes_sent / steps[0] if counters is not None else 0.0)
 
-    per_expert = adapter.rank * (d_in + d_out)
-    per_param = layer_time(LocalDispatcher(), None) / (adapter.num_experts * per_expert)
+    t_local, _ = layer_time(LocalDispatcher(), None)
+    per_param = t_local / (adapter.num_experts * adapter.rank * (d_in + d_out))
     if not dispatch or p == 1 or adapter.num_experts % p:
         return per_param, 0.0
-    t_ep = layer_time(ExpertParallelDispatcher(layout, overlap=False), layout.expert_slice(adapter.num_experts))
+    t_ep, sent = layer_time(ExpertParallelDispatcher(layout, overlap=False), layout.expert_slice(adapter.num_experts))
     latencies = EXCHANGES_PER_LAYER * (p - 1) * comm.alpha_intra * comm.a2a_alpha_scale
-    bank_runs = 2  # own share and received rows (placement.py)
-    return per_param, max(0.0, t_ep - bank_runs * per_param * adapter.num_experts // p * per_expert - latencies)
+    exchanges = latencies + comm.all_to_all(sent, p) - comm.all_to_all(0, p)  # + the bytes over beta
+    return per_param, dispatch_fixed_cost(t_ep, t_local, adapter.num_experts, p, exchanges)
+
+
+def dispatch_fixed_cost(t_ep: float, t_local: float, num_experts: int, ep_size: int, exchanges: float) -> float:
+    """The EP dispatch's fixed host work per layer from a layer on a handful of tokens: the EP
+    layer's time less its bank's two runs (own share and received rows, placement.py), each priced
+    like the local layer's bank for its N/J experts, and less its exchanges' modelled time."""
+    bank_runs = 2 * t_local * (num_experts // ep_size) / num_experts
+    return max(0.0, t_ep - bank_runs - exchanges)
 
 
 def timed_collective(op, group, repeats: int, device: torch.device, q: float = 0.5) -> float:
