@@ -194,3 +194,33 @@ def test_grouped_kernel_gradients_equal_dense(method):
     torch.testing.assert_close(og, od, atol=1e-5, rtol=1e-4)
     for name in gd:
         torch.testing.assert_close(gg[name], gd[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("path", ["dense", "grouped"])
+def test_the_bank_adds_a_given_delta_as_it_writes_its_own(path):
+    """ExpertBank(add_to=): the expert-parallel combine folded into the own share's matmul equals
+    the bank's delta plus add_to, and add_to gets the output's gradient unchanged."""
+    from adamole_dist.moe.experts import ExpertBank
+
+    torch.manual_seed(0)
+    bank = ExpertBank(4, 3, 16, 12, 0.5)
+    torch.nn.init.normal_(bank.lora_B, std=0.1)
+    x = torch.randn(10, 16)
+    w = torch.rand(10, 4)
+    m = torch.rand(10, 4) > 0.4
+    extra = torch.randn(10, 12, requires_grad=True)
+    before = extra.detach().clone()
+    fused = bank(x, w, m, path, add_to=extra)
+    torch.testing.assert_close(fused, bank(x, w, m, path) + extra)
+    g = torch.randn(10, 12)
+    fused.backward(g)
+    assert torch.equal(extra.grad, g)
+    assert torch.equal(extra.detach(), before)  # add_to itself is left as it was
+
+
+def test_the_combine_is_fused_only_where_the_rows_line_up_and_the_sum_is_fp32():
+    from adamole_dist.parallel.ep_dispatcher import fused_combine
+
+    assert fused_combine(True, torch.float32) and fused_combine(True, torch.float64)
+    assert not fused_combine(False, torch.float32)  # rows in another order: index_add after
+    assert not fused_combine(True, torch.bfloat16)  # bf16 experts: permute.combine sums in fp32

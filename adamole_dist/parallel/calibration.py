@@ -224,7 +224,7 @@ def measure_comm(group=None, ranks_per_node: int | None = None, large: int = 4 <
                      a2a_alpha_scale=a2a_alpha / alpha)
 
 
-def measure_overlap(compute, a2a_bytes: int, group=None, repeats: int = 5, device=None) -> float:
+def measure_overlap(compute, a2a_bytes: int, group=None, repeats: int = 9, device=None) -> float:
     """The fraction of the shorter of (an exchange of ``a2a_bytes``, ``compute``) that launching the
     exchange without waiting and computing meanwhile saves: 1 = fully hidden, 0 = no gain, below 0
     = running them together is slower than one after the other (threads competing for cores)."""
@@ -280,7 +280,11 @@ def calibrate(w: Workload, device, adapter=None, max_tokens: int = 4096, ep_size
     if many and w.overlap:  # what really hides here: the own share's half (its first matmul) beside an exchange
         x = torch.randn(tokens // 2, d_in, device=device)
         A = torch.randn(d_in, w.num_experts * w.rank // J, device=device)
-        comp.overlap = measure_overlap(lambda: x @ A, a2a_bytes, group, device=device)
+        # repeated to about the exchange's length: the fraction is a difference of the two divided by
+        # the shorter, so a matmul of 2 ms beside a 20 ms exchange swung it from -1 to +0.3 by noise
+        once = median_time(lambda: x @ A, 5, device)
+        reps = max(1, min(64, round(comm.all_to_all(a2a_bytes, J) / max(once, 1e-9))))
+        comp.overlap = measure_overlap(lambda: [x @ A for _ in range(reps)], a2a_bytes, group, device=device)
     return comm, comp
 
 

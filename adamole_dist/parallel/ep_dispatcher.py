@@ -5,10 +5,11 @@ Tensor-name suffixes (T tokens, N experts, ...): adamole_dist/glossary.py.
 Per adapted layer: route locally (layer.py) -> capacity over the group (counts exchanged) ->
 plan the rows for the OTHER ranks + exchange per-destination counts -> gather those rows (no copy
 when every token goes once, in order) -> all-to-all of the rows and, beside them, their routing
-columns -> this rank's own experts on all its tokens, in place, and the received rows through the
-same experts (the same dense/grouped fast path as one process) -> all-to-all back -> added to the
-local share. Every rank joins every collective even with nothing to send, so no rank waits on
-another forever.
+columns -> the received rows through this rank's experts (the same dense/grouped fast path as one
+process) -> all-to-all back -> this rank's own experts on all its tokens, in place, adding the
+returned deltas (inside their matmul when every token went once, in order: fused_combine; else
+summed or index-added after). Every rank joins every collective even with nothing to send, so no
+rank waits on another forever.
 """
 
 from __future__ import annotations
@@ -71,6 +72,13 @@ def overlap_enabled(ep_overlap: str, device: torch.device) -> bool:
     if ep_overlap not in ("auto", "on", "off"):
         raise ValueError(f"ep_overlap ({ep_overlap!r}) must be auto, on or off")
     return ep_overlap == "on" or (ep_overlap == "auto" and torch.device(device).type == "cuda")
+
+
+def fused_combine(every_token_once: bool, expert_dtype: torch.dtype) -> bool:
+    """Whether the own share can add the returned deltas inside its matmul (``ExpertBank(add_to=)``)
+    instead of a sum after it: when every token went once, in order, so the returned rows line up
+    with the tokens, and the experts compute in fp32 or wider, where permute.combine sums anyway."""
+    return every_token_once and torch.promote_types(expert_dtype, torch.float32) == expert_dtype
 
 
 class ExpertParallelDispatcher(Dispatcher):
@@ -151,9 +159,9 @@ class ExpertParallelDispatcher(Dispatcher):
             compute[0] += time.perf_counter() - t
             return out
 
-        def local(part: slice):
-            m_TL = local_columns(mask_TN[part], self.me, L)
-            return bank(x_TD[part], local_columns(weights_TN[part], self.me, L), m_TL, resolve_path(path, m_TL, bank))
+        def local(x, w, m, add_to=None):
+            m_TL = local_columns(m, self.me, L)
+            return bank(x, local_columns(w, self.me, L), m_TL, resolve_path(path, m_TL, bank), add_to)
 
         # Traffic minimum (summed over ranks): each needed row once, D values out and O back, both passes.
         rows_min, y_min = (needed_out * D * es, needed_in * D * es), (needed_in * O * es_y, needed_out * O * es_y)
@@ -163,22 +171,33 @@ class ExpertParallelDispatcher(Dispatcher):
             # the rows travel out, the second while the deltas travel back. In the backward autograd
             # reaches them in the same places (later-created nodes first), between each gradient
             # exchange's launch and its landing.
+            # split, not sliced: x's gradient is then one concatenation of the halves' gradients,
+            # where two slices would each write a zero-filled copy of x and sum them
+            halves = [T // 2, T - T // 2]
+            (x1, x2), (w1, w2), (m1, m2) = (t.split(halves) for t in (x_TD, weights_TN, mask_TN))
             rows_flight = launch_all_to_all(rows_SD, recv, send, self.group, c, self.me, *rows_min)
             cols_flight = launch_all_to_all(cols_SL, recv, send, self.group, c, self.me, 0, 0)
-            local_first = timed(local, slice(0, T // 2))
+            local_first = timed(local, x1, w1, m1)
             rows_VD, cols_VL = land_all_to_all(*rows_flight), land_all_to_all(*cols_flight)
             y_VO = timed(self.remote, rows_VD.to(x_TD.dtype), cols_VL, bank, path)
             y_flight = launch_all_to_all(y_VO.to(y_wire), send, recv, self.group, c, self.me, *y_min)
-            local_TO = torch.cat([local_first, timed(local, slice(T // 2, T))])
+            local_TO = torch.cat([local_first, timed(local, x2, w2, m2)])
             y_SO = land_all_to_all(*y_flight)
-        else:  # each exchange waited for: the simplest schedule, for debugging and comparison
+        else:  # each exchange waited for
             rows_VD = all_to_all(rows_SD, recv, send, self.group, c, self.me, *rows_min)
             cols_VL = all_to_all(cols_SL, recv, send, self.group, c, self.me, 0, 0)  # routing: beyond the minimum
-            local_TO = timed(local, slice(0, T))
             y_VO = timed(self.remote, rows_VD.to(x_TD.dtype), cols_VL, bank, path)
             y_SO = all_to_all(y_VO.to(y_wire), send, recv, self.group, c, self.me, *y_min)
+            if fused_combine(once, bank.lora_A.dtype):
+                # the returned deltas line up with the tokens: the own share adds them as it writes
+                # its delta (one pass, not a sum after it), in the experts' fp32
+                out = timed(local, x_TD, weights_TN, mask_TN, y_SO.to(bank.lora_A.dtype))
+                y_SO = None
+            else:  # whole tensors, not a slice: its backward would write a zero-filled copy of x's gradient
+                local_TO = timed(local, x_TD, weights_TN, mask_TN)
         t4 = time.perf_counter()
-        out = combine(local_TO, y_SO, plan, once)
+        if y_SO is not None:
+            out = combine(local_TO, y_SO, plan, once)
         c.add_time("permute", t1 - t0)
         c.add_time("a2a", c.a2a_seconds - a2a_before)  # the exposed exchange: launches and waits
         c.add_time("expert_compute", compute[0])

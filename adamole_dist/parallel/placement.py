@@ -23,7 +23,8 @@ Per adapted layer (D in, O out), T tokens per rank, N experts of rank r, a activ
   copies each pass makes (dispatch/ep_dispatcher.py): gather (none when every token goes), casts
   to and from a narrower wire, the combine, and their backward. With overlap, the exposed part of
   each exchange shrinks by ``overlap`` x the own-share compute that runs while it travels (half
-  the tokens per exchange pair, forward 1/3 and backward 2/3 of the compute). Expert gradients are
+  the tokens per exchange pair, forward 1/3 and backward 2/3 of the compute), and the halves'
+  deltas and x's gradients are concatenated (two more copies). Expert gradients are
   all-reduced over the W/J replicas holding the same experts.
 * ZeRO-sharded: experts partitioned over all ranks like ZeRO-3 parameters: compute as
   replicated, plus per layer an all-gather in the forward and again in the backward and a
@@ -211,7 +212,11 @@ def predict_expert_parallel(w: Workload, J: int, comm: CommModel, comp: ComputeM
         moved += 2 * S * D * (wb + ab) if narrow else 0  # rows to the wire and back, in both passes
         moved += 2 * S * O * (wb + ab) if narrow else 0  # deltas to the wire and back, in both passes
         moved += 6 * S * L * cb  # routing columns: indexed, masked, split (fwd), their grads (bwd)
-        moved += T * O * ab + (0 if send_all else S * O * ab)  # combine: sum, or index_add (a copy)
+        # combine: sum, or index_add (a copy); without overlap, when every token went, the own share's
+        # matmul adds the deltas as it writes (ep_dispatcher.fused_combine), measured about as dear
+        moved += T * O * ab + (0 if send_all else S * O * ab)
+        if w.overlap:  # the own share in two halves: their deltas concatenated, x's gradient too (bwd)
+            moved += T * O * ab + T * D * ab
         moved += 0 if send_all else S * O * ab  # combine's backward: the returned rows' gradient
         # x's gradient: router + own share + the rows' (a zero-filled index_add unless every token went)
         moved += 2 * T * D * ab + (0 if send_all else T * D * ab + S * D * ab)
