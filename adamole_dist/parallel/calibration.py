@@ -148,8 +148,7 @@ def measure_fixed(adapter, d_in: int, d_out: int, comm: CommModel, group=None, d
 
         t = timed_collective(step, group, repeats, device)
         layer.context.pop_stats()
-        counters = getattr(dispatcher, "counters", None)
-        return t, (counters.bytes_sent / steps[0] if counters is not None else 0.0)
+        return t, (dispatcher.counters.bytes_sent / steps[0] if dispatcher.counters is not None else 0.0)
 
     t_local, _ = layer_time(LocalDispatcher(), None)
     per_param = t_local / (adapter.num_experts * adapter.rank * (d_in + d_out))

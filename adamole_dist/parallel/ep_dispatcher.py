@@ -166,6 +166,7 @@ class ExpertParallelDispatcher(Dispatcher):
         # Traffic minimum (summed over ranks): each needed row once, D values out and O back, both passes.
         rows_min, y_min = (needed_out * D * es, needed_in * D * es), (needed_in * O * es_y, needed_out * O * es_y)
         y_wire = self.wire_for(bank.lora_A.dtype)
+        fused = not self.overlap and fused_combine(once, bank.lora_A.dtype)
         if self.overlap:
             # This rank's own experts run in place on all its tokens, in two halves: the first while
             # the rows travel out, the second while the deltas travel back. In the backward autograd
@@ -188,15 +189,13 @@ class ExpertParallelDispatcher(Dispatcher):
             cols_VL = all_to_all(cols_SL, recv, send, self.group, c, self.me, 0, 0)  # routing: beyond the minimum
             y_VO = timed(self.remote, rows_VD.to(x_TD.dtype), cols_VL, bank, path)
             y_SO = all_to_all(y_VO.to(y_wire), send, recv, self.group, c, self.me, *y_min)
-            if fused_combine(once, bank.lora_A.dtype):
-                # the returned deltas line up with the tokens: the own share adds them as it writes
-                # its delta (one pass, not a sum after it), in the experts' fp32
+            # whole tensors, not a slice: its backward would write a zero-filled copy of x's gradient
+            if fused:  # the returned deltas line up with the tokens: added as the own share writes its delta
                 out = timed(local, x_TD, weights_TN, mask_TN, y_SO.to(bank.lora_A.dtype))
-                y_SO = None
-            else:  # whole tensors, not a slice: its backward would write a zero-filled copy of x's gradient
+            else:
                 local_TO = timed(local, x_TD, weights_TN, mask_TN)
         t4 = time.perf_counter()
-        if y_SO is not None:
+        if not fused:
             out = combine(local_TO, y_SO, plan, once)
         c.add_time("permute", t1 - t0)
         c.add_time("a2a", c.a2a_seconds - a2a_before)  # the exposed exchange: launches and waits
