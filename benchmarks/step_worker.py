@@ -20,7 +20,6 @@ import os
 import resource
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from adamole_dist.moe.routing_stats import summarize_routing  # noqa: E402
 from adamole_dist.ops.host_memory import keep_freed_host_memory  # noqa: E402
 from adamole_dist.parallel import collectives  # noqa: E402
 from adamole_dist.parallel.calibration import calibrate, calibration_record, parts_ms  # noqa: E402
+from adamole_dist.parallel.device_timer import timed, wall_seconds  # noqa: E402
 from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher, overlap_enabled, wire_dtype  # noqa: E402
 from adamole_dist.parallel.layout import build_layout  # noqa: E402
 from adamole_dist.parallel.local_dispatcher import Dispatcher, LocalDispatcher  # noqa: E402
@@ -153,7 +153,7 @@ def main() -> None:
 
     predicting = args.predict and adapters is not None and adapters.cfg.is_moe
     base_ms = None
-    clock = PhaseClock()
+    clock = PhaseClock(engine.device)
     phases: dict[str, list[float]] = {k: [] for k in ("step", "forward", "backward", "optimizer", "a2a", "zero_comm")}
     tokens = []
     engine.train()
@@ -167,9 +167,9 @@ def main() -> None:
             counters.reset()
         collectives.barrier()
         clock.reset()
-        t0 = time.perf_counter()
-        train_step(engine, task, adapters, expert_opt, [batch], aux_loss_coeff, clock)  # the trainer's step
-        step_s = time.perf_counter() - t0
+        with timed(engine.device) as elapsed:
+            train_step(engine, task, adapters, expert_opt, [batch], aux_loss_coeff, clock)  # the trainer's step
+        step_s = elapsed.seconds
         if it < args.warmup:
             continue
         for phase in ("forward", "backward", "optimizer"):
@@ -239,9 +239,8 @@ def time_without_experts(engine, task, adapters, batch_at, aux_loss_coeff: float
     for it in range(steps):
         batch = batch_at(it)
         collectives.barrier()
-        t0 = time.perf_counter()
-        train_step(engine, task, adapters, None, [batch], aux_loss_coeff)
-        samples.append(time.perf_counter() - t0)
+        samples.append(wall_seconds(lambda: train_step(engine, task, adapters, None, [batch], aux_loss_coeff),
+                                    engine.device))
     adapters.context.pop_stats()
     for name, layer in adapters.layers.items():
         layer.dispatcher = dispatchers[name]

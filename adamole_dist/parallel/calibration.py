@@ -9,17 +9,11 @@ medians; collective ones subtract a barrier's own time. Every rank of the group 
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from adamole_dist.parallel import collectives
+from adamole_dist.parallel.device_timer import wall_seconds
 from adamole_dist.parallel.placement import CommModel, ComputeModel, Workload, choose_ep_size, rows_sent
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def median_time(fn, repeats: int, device: torch.device = torch.device("cpu"), before=None, q: float = 0.5) -> float:
@@ -29,10 +23,7 @@ def median_time(fn, repeats: int, device: torch.device = torch.device("cpu"), be
     for _ in range(repeats + 1):
         if before is not None:
             before()
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        samples.append(time.perf_counter() - t0)
+        samples.append(wall_seconds(fn, device))
     return sorted(samples[1:])[int(q * (len(samples) - 2) + 0.5)]
 
 

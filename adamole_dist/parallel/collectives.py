@@ -24,13 +24,15 @@ rank, so single-process code calls them unconditionally.
 
 from __future__ import annotations
 
+import contextlib
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from adamole_dist.parallel.device_timer import DeviceClock
 
 # torch.distributed functions that communicate (or, like new_group, must be called by every
 # rank): only this module may call them. tests/test_collectives.py scans the project for them.
@@ -231,30 +233,42 @@ def exchange_counts(send_counts: torch.Tensor, group) -> torch.Tensor:
 
 @dataclass
 class TrafficCounters:
-    """Bytes this rank sent to other ranks by all-to-all (forward and backward) and the time spent."""
+    """Bytes this rank sent to other ranks by all-to-all (forward and backward), and the time spent:
+    ``clock`` holds the all-to-alls' time ("a2a": launches and waits, both passes) and the
+    dispatcher's phases (permute, expert_compute, combine), CUDA events read at ``timings``."""
 
     bytes_sent: int = 0
     bytes_min: int = 0
-    a2a_seconds: float = 0.0
     calls: int = 0
-    timings: dict = field(default_factory=dict)  # phase -> seconds (route/permute/a2a/compute/combine)
+    clock: DeviceClock = field(default_factory=DeviceClock)
 
-    def record(self, seconds: float, inp: torch.Tensor, in_splits: list[int], me: int, min_bytes: int | None) -> None:
-        """One all-to-all of ``inp``: its time, and the bytes it sent to other ranks, of which
-        ``min_bytes`` are the minimum (None: all of them)."""
-        self.a2a_seconds += seconds
+    def record(self, inp: torch.Tensor, in_splits: list[int], me: int, min_bytes: int | None) -> None:
+        """One all-to-all of ``inp``: the bytes it sent to other ranks, of which ``min_bytes`` are
+        the minimum (None: all of them)."""
         self.calls += 1
         sent = remote_rows(in_splits, me) * math.prod(inp.shape[1:]) * inp.element_size()
         self.bytes_sent += sent
         self.bytes_min += sent if min_bytes is None else min_bytes
 
-    def add_time(self, phase: str, seconds: float) -> None:
-        self.timings[phase] = self.timings.get(phase, 0.0) + seconds
+    def span(self, phase: str, device: torch.device):
+        return self.clock.span(phase, device)
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """Seconds per phase since the last reset. NOTE: on CUDA a device sync (read at log intervals)."""
+        return self.clock.seconds()
+
+    @property
+    def a2a_seconds(self) -> float:
+        return self.timings.get("a2a", 0.0)
 
     def reset(self) -> None:
         self.bytes_sent = self.bytes_min = self.calls = 0
-        self.a2a_seconds = 0.0
-        self.timings = {}
+        self.clock.reset()
+
+
+def _a2a_span(counters: TrafficCounters | None, device: torch.device):
+    return counters.span("a2a", device) if counters is not None else contextlib.nullcontext()
 
 
 def remote_rows(splits: list[int], me: int) -> int:
@@ -265,10 +279,10 @@ def timed_all_to_all(out, inp, out_splits, in_splits, group, counters: TrafficCo
                      min_bytes: int | None = None) -> None:
     """``all_to_all_single``, counted: bytes sent to other ranks, and of those the minimum the
     caller states (``min_bytes``; None: all of them count)."""
-    t0 = time.perf_counter()
-    all_to_all_single(out, inp, out_splits, in_splits, group=group)
-    if counters is not None:  # NOTE: on GPU this measures launch time only unless the caller synchronises
-        counters.record(time.perf_counter() - t0, inp, in_splits, me, min_bytes)
+    with _a2a_span(counters, inp.device):
+        all_to_all_single(out, inp, out_splits, in_splits, group=group)
+    if counters is not None:
+        counters.record(inp, in_splits, me, min_bytes)
 
 
 class AllToAll(torch.autograd.Function):
@@ -305,30 +319,28 @@ class _PendingAllToAll:
                  counters: TrafficCounters | None, me: int, min_bytes: int | None) -> None:
         self.out = inp.new_empty((sum(out_splits),) + tuple(inp.shape[1:]))
         self.counters = counters
-        t0 = time.perf_counter()
-        distributed = is_distributed(group)
-        staged_in = _staged(inp.contiguous(), group) if distributed else inp
-        self.staged_out = _staged(self.out, group) if distributed else self.out
-        self.work = _launch(self.staged_out, staged_in, out_splits, in_splits, group) if distributed else None
-        if self.work is None:  # one rank: the rows are its own
-            self.staged_out.copy_(staged_in)
+        with _a2a_span(counters, inp.device):
+            distributed = is_distributed(group)
+            staged_in = _staged(inp.contiguous(), group) if distributed else inp
+            self.staged_out = _staged(self.out, group) if distributed else self.out
+            self.work = _launch(self.staged_out, staged_in, out_splits, in_splits, group) if distributed else None
+            if self.work is None:  # one rank: the rows are its own
+                self.staged_out.copy_(staged_in)
         if counters is not None:
-            counters.record(time.perf_counter() - t0, inp, in_splits, me, min_bytes)
+            counters.record(inp, in_splits, me, min_bytes)
 
     def wait(self) -> torch.Tensor:
         """The received tensor; once only. The handle lets go of every buffer here: it sits in an
         autograd context (Flight) beside the tensor it returns, so a reference kept would close a
         cycle through the graph's C++ nodes that Python's collector cannot see (measured: 250 MB a
         second leaked with overlap on, until this let go)."""
-        t0 = time.perf_counter()
-        if self.work is not None:
-            self.work.wait()
         out, staged_out = self.out, self.staged_out
-        self.out = self.staged_out = self.work = None
-        if staged_out is not out:
-            out.copy_(staged_out)
-        if self.counters is not None:  # the exposed part of the exchange: what computation did not hide
-            self.counters.a2a_seconds += time.perf_counter() - t0
+        with _a2a_span(self.counters, out.device):  # the exposed part: what computation did not hide
+            if self.work is not None:
+                self.work.wait()
+            self.out = self.staged_out = self.work = None
+            if staged_out is not out:
+                out.copy_(staged_out)
         return out
 
 

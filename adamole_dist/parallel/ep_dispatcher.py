@@ -14,8 +14,6 @@ rank waits on another forever.
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from adamole_dist.moe.capacity import (
@@ -134,30 +132,26 @@ class ExpertParallelDispatcher(Dispatcher):
 
     def __call__(self, x_TD, weights_TN, mask_TN, bank: ExpertBank, path):
         c = self.counters
-        t0 = time.perf_counter()
-        T, D = x_TD.shape
-        L = bank.num_experts
-        O = bank.lora_B.shape[-1]
-        es = x_TD.element_size()  # the uncompressed minimum counts values in the activations' dtype
-        wire = self.wire_for(x_TD.dtype)
-        plan = plan_dispatch(mask_TN, self.size, self.me, SEND_ALL_FRACTION)  # rows for the other ranks only
-        # One exchange carries both counts: rows sent, and of those the ones with a kept expert there.
-        counts_in = exchange_counts(torch.stack([plan.send_counts_J, plan.needed_counts_J], 1), self.group)
-        send, recv = plan.send_counts_J.tolist(), counts_in[:, 0].tolist()  # NOTE: device sync for split sizes
-        needed_out = remote_rows(plan.needed_counts_J.tolist(), self.me)
-        needed_in = remote_rows(counts_in[:, 1].tolist(), self.me)
-        once = plan.sends_every_token_once(send)
-        es_y = bank.lora_A.element_size()  # the deltas return in the experts' dtype
-        rows_SD = gather_rows(x_TD, plan, once).to(wire)
-        cols_SL = routing_columns(weights_TN, mask_TN, plan, self.size)
-        t1 = time.perf_counter()
-        a2a_before, compute = c.a2a_seconds, [0.0]
+        with c.span("permute", x_TD.device):  # the plan, its count exchange, the rows and routing columns
+            T, D = x_TD.shape
+            L = bank.num_experts
+            O = bank.lora_B.shape[-1]
+            es = x_TD.element_size()  # the uncompressed minimum counts values in the activations' dtype
+            wire = self.wire_for(x_TD.dtype)
+            plan = plan_dispatch(mask_TN, self.size, self.me, SEND_ALL_FRACTION)  # rows for the other ranks only
+            # One exchange carries both counts: rows sent, and of those the ones with a kept expert there.
+            counts_in = exchange_counts(torch.stack([plan.send_counts_J, plan.needed_counts_J], 1), self.group)
+            send, recv = plan.send_counts_J.tolist(), counts_in[:, 0].tolist()  # NOTE: device sync for split sizes
+            needed_out = remote_rows(plan.needed_counts_J.tolist(), self.me)
+            needed_in = remote_rows(counts_in[:, 1].tolist(), self.me)
+            once = plan.sends_every_token_once(send)
+            es_y = bank.lora_A.element_size()  # the deltas return in the experts' dtype
+            rows_SD = gather_rows(x_TD, plan, once).to(wire)
+            cols_SL = routing_columns(weights_TN, mask_TN, plan, self.size)
 
         def timed(fn, *args):
-            t = time.perf_counter()
-            out = fn(*args)
-            compute[0] += time.perf_counter() - t
-            return out
+            with c.span("expert_compute", x_TD.device):
+                return fn(*args)
 
         def local(x, w, m, add_to=None):
             m_TL = local_columns(m, self.me, L)
@@ -194,11 +188,7 @@ class ExpertParallelDispatcher(Dispatcher):
                 out = timed(local, x_TD, weights_TN, mask_TN, y_SO.to(bank.lora_A.dtype))
             else:
                 local_TO = timed(local, x_TD, weights_TN, mask_TN)
-        t4 = time.perf_counter()
         if not fused:
-            out = combine(local_TO, y_SO, plan, once)
-        c.add_time("permute", t1 - t0)
-        c.add_time("a2a", c.a2a_seconds - a2a_before)  # the exposed exchange: launches and waits
-        c.add_time("expert_compute", compute[0])
-        c.add_time("combine", time.perf_counter() - t4)
+            with c.span("combine", x_TD.device):
+                out = combine(local_TO, y_SO, plan, once)
         return out

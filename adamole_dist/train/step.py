@@ -9,7 +9,6 @@ boundary), ``get_global_grad_norm()`` after it. The expert banks that live outsi
 
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -17,6 +16,7 @@ import torch
 
 from adamole_dist.adapters.handle import Adapters
 from adamole_dist.parallel import collectives
+from adamole_dist.parallel.device_timer import timed
 
 
 def micro_batch_loss(model, task, adapters: Adapters | None, batch: dict,
@@ -30,17 +30,18 @@ def micro_batch_loss(model, task, adapters: Adapters | None, batch: dict,
 
 @dataclass
 class PhaseClock:
-    """Wall seconds per phase of the last step (forward, backward, optimizer), for benchmarks."""
+    """Seconds per phase of the last step (forward, backward, optimizer), for benchmarks. Each phase
+    is timed with the device synchronised on both sides (parallel/device_timer.py): on a GPU the
+    kernels' time, not their launches'; the trainer itself runs without a clock."""
 
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seconds: dict[str, float] = field(default_factory=dict)
 
     @contextmanager
     def phase(self, name: str):
-        t0 = time.perf_counter()
-        try:
+        with timed(self.device) as t:
             yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+        self.seconds[name] = self.seconds.get(name, 0.0) + t.seconds
 
     def reset(self) -> None:
         self.seconds = {}
