@@ -200,3 +200,20 @@ def test_routing_statistics_summary():
     assert s["no_active_fraction"] == pytest.approx(1 / 3)
     assert s["dropped_pairs"] == 1 and s["dropped_fraction"] == pytest.approx(1 / 5)
     assert s["expert_load"] == pytest.approx([0.5, 0.25, 0.25])
+
+
+@pytest.mark.parametrize("cf", [0.5, 1.0, 1.25, 2.0, 1 / 3])
+def test_capacity_on_the_device_equals_the_host_rule(cf):
+    """The local dispatcher's capacity stays a tensor (no host sync) and keeps the same pairs."""
+    from adamole_dist.moe.capacity import expert_capacity_on_device
+    from adamole_dist.parallel.local_dispatcher import LocalDispatcher
+
+    g = torch.Generator().manual_seed(int(cf * 100))
+    for T in (1, 7, 40, 97):
+        mask = torch.rand(T, 8, generator=g) < 0.4
+        probs = torch.rand(T, 8, generator=g).softmax(-1)
+        on_device = expert_capacity_on_device(mask, cf)
+        assert on_device.dim() == 0 and int(on_device) == expert_capacity(int(mask.sum()), 8, cf)
+        for policy in ("probs", "position"):
+            expected = apply_capacity(mask, probs, expert_capacity(int(mask.sum()), 8, cf), policy)
+            assert torch.equal(LocalDispatcher().capacity_keep(mask, probs, cf, policy), expected)

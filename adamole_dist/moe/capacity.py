@@ -21,13 +21,20 @@ def expert_capacity(routed_pairs: int, num_experts: int, capacity_factor: float)
     return math.ceil(capacity_factor * routed_pairs / num_experts)
 
 
-def keep_by_position(mask_TN: torch.Tensor, capacity: int) -> torch.Tensor:
+def expert_capacity_on_device(mask_TN: torch.Tensor, capacity_factor: float) -> torch.Tensor:
+    """``expert_capacity`` of the pairs routed in ``mask_TN``, as a 0-dim int64 tensor on its device:
+    no host sync (float64, the same rounding as the Python version's)."""
+    routed_pairs = mask_TN.sum().to(torch.float64)
+    return torch.ceil(routed_pairs * capacity_factor / mask_TN.shape[-1]).to(torch.int64)
+
+
+def keep_by_position(mask_TN: torch.Tensor, capacity: int | torch.Tensor) -> torch.Tensor:
     """Each expert keeps its first ``capacity`` pairs in token order."""
     position_TN = mask_TN.to(torch.int64).cumsum(dim=0)
     return mask_TN & (position_TN <= capacity)
 
 
-def keep_by_probs(mask_TN: torch.Tensor, probs_TN: torch.Tensor, capacity: int) -> torch.Tensor:
+def keep_by_probs(mask_TN: torch.Tensor, probs_TN: torch.Tensor, capacity: int | torch.Tensor) -> torch.Tensor:
     """Each expert keeps its ``capacity`` highest-probability pairs; ties go to the earlier token."""
     T = mask_TN.shape[0]
     key_TN = torch.where(mask_TN, probs_TN, torch.full_like(probs_TN, -1.0))
@@ -37,8 +44,10 @@ def keep_by_probs(mask_TN: torch.Tensor, probs_TN: torch.Tensor, capacity: int) 
     return mask_TN & (rank_TN < capacity)
 
 
-def apply_capacity(mask_TN: torch.Tensor, probs_TN: torch.Tensor, capacity: int | None, policy: str) -> torch.Tensor:
-    """The surviving pairs of ``mask_TN`` under a per-expert ``capacity`` (None = keep all)."""
+def apply_capacity(mask_TN: torch.Tensor, probs_TN: torch.Tensor, capacity: int | torch.Tensor | None,
+                   policy: str) -> torch.Tensor:
+    """The surviving pairs of ``mask_TN`` under a per-expert ``capacity`` (an int or a 0-dim tensor on the
+    mask's device; None = keep all)."""
     if capacity is None:
         return mask_TN
     if policy == "position":

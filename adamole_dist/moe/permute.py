@@ -65,9 +65,9 @@ def plan_dispatch(kept_TN: torch.Tensor, num_ranks: int, me: int | None = None,
     needed_J = send_TJ.sum(0)
     if send_all_fraction is not None and T:
         busy_J = needed_J > 0
-        # NOTE: device sync (one small tensor; the caller syncs on the counts next anyway)
-        if int(busy_J.sum()) == 1 and int(needed_J.max()) >= send_all_fraction * T:
-            send_TJ[:, busy_J] = True
+        # decided on the device (no host sync): only one rank gets rows, and it needs nearly all tokens
+        send_all = (busy_J.sum() == 1) & (needed_J.max() >= send_all_fraction * T)
+        send_TJ = send_TJ | (busy_J & send_all)
     dest_S, token_S = send_TJ.t().nonzero(as_tuple=True)  # sorted by destination, then token
     return DispatchPlan(token_S, dest_S, torch.bincount(dest_S, minlength=num_ranks), needed_J, T)
 

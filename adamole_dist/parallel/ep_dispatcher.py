@@ -108,14 +108,17 @@ class ExpertParallelDispatcher(Dispatcher):
         counts_M = torch.cat([mask_TN.sum(0), torch.tensor([T], device=mask_TN.device)])
         counts_JM = all_gather_stack(counts_M, self.group, self.size)
         counts_JN = counts_JM[:, :N]
-        capacity = expert_capacity(int(counts_JN.sum().item()), N, capacity_factor)  # NOTE: device sync
+        # NOTE: device sync: the group's routed pairs and its largest token count, read together (the
+        # capacity sizes the candidates exchanged below; the stride orders the group's tokens)
+        routed_pairs, most_tokens = torch.stack([counts_JN.sum(), counts_JM[:, N].max()]).tolist()
+        capacity = expert_capacity(routed_pairs, N, capacity_factor)
         if capacity == 0:
             # Nothing routed anywhere in the group (all padding, or no expert over its threshold):
             # every rank sees the same gathered counts, so all of them take this branch together.
             return torch.zeros_like(mask_TN)
         if policy == "position":
             return keep_within_quota(mask_TN, position_quota(counts_JN, self.me, capacity))
-        stride = int(counts_JM[:, N].max().item()) + 1
+        stride = most_tokens + 1
         vals_QN, pos_QN = probs_candidates(mask_TN, probs_TN, capacity)
         vals = all_gather_stack(vals_QN, self.group, self.size)
         pos = all_gather_stack(pos_QN, self.group, self.size)
@@ -141,9 +144,11 @@ class ExpertParallelDispatcher(Dispatcher):
             plan = plan_dispatch(mask_TN, self.size, self.me, SEND_ALL_FRACTION)  # rows for the other ranks only
             # One exchange carries both counts: rows sent, and of those the ones with a kept expert there.
             counts_in = exchange_counts(torch.stack([plan.send_counts_J, plan.needed_counts_J], 1), self.group)
-            send, recv = plan.send_counts_J.tolist(), counts_in[:, 0].tolist()  # NOTE: device sync for split sizes
-            needed_out = remote_rows(plan.needed_counts_J.tolist(), self.me)
-            needed_in = remote_rows(counts_in[:, 1].tolist(), self.me)
+            # NOTE: the one device sync of the forward: the split sizes (and the traffic minimum), read together
+            J = self.size
+            host = torch.cat([plan.send_counts_J, plan.needed_counts_J, counts_in.t().reshape(-1)]).tolist()
+            send, needed_send, recv, needed_recv = (host[i * J:(i + 1) * J] for i in range(4))
+            needed_out, needed_in = remote_rows(needed_send, self.me), remote_rows(needed_recv, self.me)
             once = plan.sends_every_token_once(send)
             es_y = bank.lora_A.element_size()  # the deltas return in the experts' dtype
             rows_SD = gather_rows(x_TD, plan, once).to(wire)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from adamole_dist.moe.capacity import apply_capacity, expert_capacity
+from adamole_dist.moe.capacity import apply_capacity, expert_capacity_on_device
 from adamole_dist.moe.experts import DENSE_ONLY_TOTAL_RANK, ExpertBank, choose_compute_path
 
 
@@ -45,8 +45,7 @@ class LocalDispatcher(Dispatcher):
     def capacity_keep(self, mask_TN, probs_TN, capacity_factor, policy):
         if capacity_factor <= 0:
             return mask_TN
-        routed_pairs = int(mask_TN.sum().item())  # NOTE: device sync for the capacity
-        capacity = expert_capacity(routed_pairs, mask_TN.shape[-1], capacity_factor)
+        capacity = expert_capacity_on_device(mask_TN, capacity_factor)  # a tensor: no host sync
         return apply_capacity(mask_TN, probs_TN, capacity, policy)
 
     def __call__(self, x_TD, weights_TN, mask_TN, bank, path):
