@@ -55,9 +55,14 @@ def _untimed(name: str):
 def train_step(engine, task, adapters: Adapters | None, expert_opt, micro_batches: list[dict],
                aux_loss_coeff: float, clock: PhaseClock | None = None) -> dict:
     """One optimizer step over the accumulation's micro batches; returns the mean task and aux
-    losses over them, the engine's gradient norm and the experts' (0.0 where there is none)."""
+    losses over them, the engine's gradient norm and the experts' (0.0 where there is none).
+
+    Host reads of device values (each a sync on a GPU): the losses are summed on the device and read
+    once, together with the engine's norm, at the end of the step; the expert optimizer reads its
+    norm once (clipping and the non-finite check need it). Two per step, whatever the depth and the
+    number of micro batches (tests/test_host_syncs.py)."""
     phase = clock.phase if clock is not None else _untimed
-    task_sum, aux_sum = 0.0, 0.0
+    task_sum, aux_sum = None, None
     for batch in micro_batches:
         with phase("forward"):
             loss, task_loss, aux = micro_batch_loss(engine, task, adapters, batch, aux_loss_coeff)
@@ -65,14 +70,27 @@ def train_step(engine, task, adapters: Adapters | None, expert_opt, micro_batche
             engine.backward(loss)
         with phase("optimizer"):
             engine.step()
-        task_sum += task_loss.item()
-        aux_sum += aux.item() if aux is not None else 0.0
+        task_sum = _add(task_sum, task_loss)
+        aux_sum = _add(aux_sum, aux)
     with phase("optimizer"):
         expert_norm = expert_opt.step() if expert_opt is not None else None
         if adapters is not None:
             adapters.update_balance_bias(collectives.all_reduce_sum)
     n = len(micro_batches)
     engine_norm = engine.get_global_grad_norm()
-    return {"task_loss": task_sum / n, "aux_loss": aux_sum / n,
-            "grad_norm": float(engine_norm) if engine_norm is not None else 0.0,
+    device_values = [task_sum.float() / n, aux_sum.float() / n if aux_sum is not None else torch.zeros_like(task_sum)]
+    if isinstance(engine_norm, torch.Tensor):
+        device_values.append(engine_norm.detach().float().reshape(()).to(task_sum.device))
+    host = torch.stack([v.reshape(()) for v in device_values]).tolist()  # NOTE: the step's one read of its losses
+    if not isinstance(engine_norm, torch.Tensor):
+        host.append(float(engine_norm) if engine_norm is not None else 0.0)
+    return {"task_loss": host[0], "aux_loss": host[1], "grad_norm": host[2],
             "expert_grad_norm": expert_norm if expert_norm is not None else 0.0}
+
+
+def _add(total: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor | None:
+    """A running sum on the device, outside autograd."""
+    if value is None:
+        return total
+    value = value.detach()
+    return value if total is None else total + value
