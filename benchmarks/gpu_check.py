@@ -194,7 +194,7 @@ def bench_train(args, device, info) -> list[dict]:
                         "mfu": round(flops_per_token * tokens_per_s / (peak_tflops * 1e12), 4) if peak_tflops else None})
         if adapters is not None:
             adapters.context.pop_stats()
-        del engine, model, adapters, expert_opt
+        engine = model = adapters = expert_opt = None  # free before the next system's model
         if cuda:
             torch.cuda.empty_cache()
     peft = next(r for r in records if r["system"] == "peft")
@@ -229,7 +229,7 @@ def bench_generate(args, device) -> list[dict]:
         records.append({"section": "generate", "adapters": "adamole 8x4" if with_adapters else "none",
                         "batch": batch, "prompt": prompt, "new_tokens": new,
                         "tokens_per_s": round(batch * new / s, 1)})
-        del model
+        model = None
     base = records[0]["tokens_per_s"]
     for r in records:
         r["vs_base"] = round(r["tokens_per_s"] / base, 3)

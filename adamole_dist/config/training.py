@@ -20,6 +20,10 @@ EP_OVERLAPS = ("auto", "on", "off")  # parallel/ep_dispatcher.py: overlap_enable
 HOST_MEMORY = ("keep", "system")  # ops/host_memory.py
 STATE_FILE = "trainer_state.json"  # what makes a directory a complete checkpoint (train/checkpoint.py)
 BACKENDS = ("auto", "gloo", "nccl", "cpu:gloo,cuda:nccl")  # parallel/process_group.py
+MC_DATA_FORMATS = ("instruction", "mc")  # data/formats.py: multiple choice
+SFT_DATA_FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")  # data/conversations.py
+LOSS_ON = ("auto", "answer", "full", "assistant", "all")  # answer|full: multiple choice; assistant|all: free-form
+TRUNCATIONS = ("drop", "error")  # data/sft_render.py
 
 
 @dataclass(kw_only=True)
@@ -37,14 +41,44 @@ class TrainConfig:
     # -- data -----------------------------------------------------------------------------
     dataset: str = opt("builtin:word_categories", "directory with {split}.json/.jsonl/.csv/.parquet, a file, "
                        "a hub id (online only), or builtin:word_categories (generated)")
-    data_format: str = opt("auto", "record format", choices=("auto", "instruction", "mc"))
+    data_format: str = opt("auto", "record format, detected from the first record by default: multiple choice "
+                           "(instruction = LLM-Adapters records with an answer field, mc = question/choices/answerKey) "
+                           "or free-form for decoders (alpaca = instruction/input/output, sharegpt = conversations "
+                           "[{from, value}], messages = [{role, content}], prompt_completion = prompt/completion, "
+                           "text = text for continued pre-training)",
+                           choices=("auto", *MC_DATA_FORMATS, *SFT_DATA_FORMATS))
     train_split: str = opt("train", "split used for training")
     eval_split: str = opt("test", "held-out split used for evaluation")
     max_train_examples: int = opt(0, "subsample the training split to this many examples (0 = all)")
     max_eval_examples: int = opt(0, "subsample the evaluation split to this many examples (0 = all)")
-    max_length: int = opt(64, "maximum tokens per sequence (the prompt is truncated from the left)")
-    loss_on: str = opt("answer", "causal_lm: loss on the answer tokens only, or on the full sequence "
-                       "(the public reference's behaviour)", choices=("answer", "full"))
+    max_length: int = opt(64, "maximum tokens per sequence (multiple choice: the prompt is truncated from the left; "
+                          "free-form: see truncation)")
+    loss_on: str = opt("auto", "causal_lm: which tokens the loss is on. Multiple choice: answer (the answer "
+                       "tokens) or full (the whole sequence, the public reference's behaviour); free-form data: "
+                       "assistant (every assistant turn of a conversation with the template's end-of-turn tokens; "
+                       "alpaca's output, the completion) or all (every token); text data is always all. auto = "
+                       "answer for multiple choice, assistant for free-form", choices=LOSS_ON)
+    chat_template: str = opt("", "a Jinja chat template file that renders conversations (sharegpt, messages, "
+                             "alpaca with alpaca_as_chat) instead of the tokenizer's own; needed when the tokenizer "
+                             "has none. Recorded in the adapter, so generation renders prompts the same way")
+    alpaca_as_chat: bool = opt(False, "alpaca data: render each record as a user turn (instruction, input) and an "
+                               "assistant turn (output) through the chat template instead of the Alpaca prompt")
+    truncation: str = opt("drop", "free-form data: an example longer than max_length is dropped (counted in the "
+                          "log and metrics) or is an error naming the record; never cut", choices=TRUNCATIONS)
+    packing: bool = opt(False, "free-form data: pack several examples into each row of max_length tokens (position "
+                        "ids restart per example, attention stays inside each example); micro_batch_size then "
+                        "counts rows. Needs attn_implementation sdpa, eager or flash_attention_2/3")
+    group_by_length: bool = opt(True, "free-form data without packing: batch examples of similar length together "
+                                "so padding stays small (data order stays seeded and resumable)")
+    token_cache: bool = opt(True, "free-form data: tokenize the whole training split once into an on-disk cache "
+                            "($ADAMOLE_DIST_CACHE/tokenized, else ~/.cache/adamole_dist/tokenized; keyed by the data's "
+                            "content, tokenizer, template, max_length, format and loss_on): rank 0 builds it while the "
+                            "others wait, then every rank memory-maps it; a subsampled split (max_train_examples) "
+                            "is tokenized in memory")
+    tokenize_workers: int = opt(1, "free-form data: processes that build the token cache (datasets.map num_proc)")
+    sample_prompts: int = opt(3, "free-form data: at every evaluation, greedy completions of the first N prompts "
+                              "of the evaluation split, logged as text (metrics.jsonl kind 'samples'); 0 = none")
+    max_new_tokens_eval: int = opt(32, "free-form data: most tokens each evaluation sample generates")
     lm_framing: str = opt("instruction", "causal_lm: instruction = the record's own prompt, trained and scored "
                           "on its answer tokens (the paper's set-up); question_answer = 'Question: ...\\nAnswer:' "
                           "continued by each choice's text, trained on the correct one and scored by "
@@ -128,7 +162,9 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} ({getattr(self, name)}) must be positive")
         non_negative = ["expert_memory_budget_mb", "peer_timeout", "max_steps", "save_interval", "eval_interval", "max_train_examples", "max_eval_examples",
-                        "weight_decay", "max_grad_norm", "keep_checkpoints"]
+                        "weight_decay", "max_grad_norm", "keep_checkpoints", "sample_prompts"]
+        if self.tokenize_workers < 1:
+            raise ConfigError(f"tokenize_workers ({self.tokenize_workers}) must be >= 1")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} ({getattr(self, name)}) must be >= 0")
@@ -140,6 +176,10 @@ class TrainConfig:
             raise ConfigError(f"epochs ({self.epochs}) must be positive when max_steps is 0")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio ({self.warmup_ratio}) must be in [0, 1)")
+        if self.max_new_tokens_eval <= 0:
+            raise ConfigError(f"max_new_tokens_eval ({self.max_new_tokens_eval}) must be positive")
+        if self.chat_template and not Path(self.chat_template).is_file():
+            raise ConfigError(f"chat_template ({self.chat_template}) is not a file (a Jinja chat template)")
         if self.ds_config and not Path(self.ds_config).is_file():
             raise ConfigError(f"ds_config ({self.ds_config}) is not a file")
         if self.resume not in ("", "latest") and not (Path(self.resume) / STATE_FILE).is_file():

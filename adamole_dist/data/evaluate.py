@@ -1,4 +1,6 @@
-"""Multiple-choice accuracy, sharded over ranks (routing statistics are merged in by the trainer).
+"""Evaluation sharded over ranks (routing statistics are merged in by the trainer): multiple-choice
+accuracy, and for free-form (SFT) data the held-out loss and perplexity per target token plus a few
+greedy samples.
 
 Under ZeRO-3 every forward gathers parameters collectively, so every rank must run the same
 number of forward passes: shards are padded to equal length by repeating an example, and the
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -100,3 +102,67 @@ def majority_class_accuracy(train_examples: list[Example], test_examples: list[E
     counts = Counter(ex.label for ex in train_examples)
     label = min(counts, key=lambda lb: (-counts[lb], lb))
     return sum(ex.label == label for ex in test_examples) / len(test_examples) if test_examples else 0.0
+
+
+# -- free-form (SFT) data -----------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_loss(
+    model,
+    task,
+    examples,
+    batch_size: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """{"eval_loss", "perplexity", "eval_tokens", "total"}: the summed target-token loss over every
+    rank's shard divided by the target tokens over every rank (each example once: shard padding
+    repeats run but do not count), ``exp`` of it, the tokens and the examples. ``task`` is an
+    SFTTask; ``examples`` an indexable sequence of tokenized examples. Batches run shortest first."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size ({batch_size}) must be >= 1")
+    shard, counted = shard_examples(list(examples), rank, world_size)
+    order = sorted(range(len(shard)), key=lambda i: len(shard[i]["input_ids"]))
+    loss_sum, tokens = 0.0, 0.0
+    was_training = model.training
+    model.eval()
+    try:
+        batches = math.ceil(len(order) / batch_size)
+        for b, start in enumerate(range(0, len(order), batch_size)):
+            chunk = order[start: start + batch_size]
+            sums, counts = task.loss_sums(model, task.eval_batch([shard[i] for i in chunk]))
+            keep = torch.tensor([i < counted for i in chunk], dtype=torch.bool)
+            loss_sum += float(sums[keep].sum())
+            tokens += float(counts[keep].sum())
+            if progress is not None:
+                progress(b + 1, batches)
+    finally:
+        model.train(was_training)
+    totals = torch.tensor([loss_sum, tokens, float(counted)], dtype=torch.float64, device=task.device_for(model))
+    if all_reduce is not None:
+        reduced = all_reduce(totals)
+        totals = reduced if isinstance(reduced, torch.Tensor) else totals
+    loss_sum, tokens, total = totals.cpu().tolist()
+    loss = loss_sum / tokens if tokens else float("nan")
+    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 700.0)) if tokens else float("nan"),
+            "eval_tokens": int(tokens), "total": int(total)}
+
+
+@torch.no_grad()
+def greedy_samples(model, task, prompts: list[tuple[list[int], str]], max_new_tokens: int, *,
+                   world_size: int = 1) -> list[dict]:
+    """{"prompt", "completion", "reference"} texts of each (prompt ids, reference) greedy continuation.
+    Collective under ZeRO-3: every rank calls it with the same prompts."""
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for ids, reference in prompts:
+            new = task.greedy_completion(model, ids, max_new_tokens, synced=world_size > 1)
+            out.append({"prompt": task.tokenizer.decode(ids), "completion": task.tokenizer.decode(new,
+                        skip_special_tokens=False), "reference": reference})
+    finally:
+        model.train(was_training)
+    return out

@@ -12,6 +12,11 @@ Two built-in formats, auto-detected from the first record (or forced with ``fmt`
   A, B, C, ...); ``answer`` is a label or an int index. Rendered as
   "Question: ...\\nChoices:\\nA. ...\\nAnswer:".
 
+Free-form (SFT) formats are detected here too and converted by data/conversations.py:
+``messages`` {messages: [{role, content}]}, ``sharegpt`` {conversations: [{from, value}]},
+``prompt_completion`` {prompt, completion}, ``alpaca`` {instruction, input?, output} (a record
+that also has ``answer`` stays multiple-choice ``instruction``) and ``text`` {text}.
+
 Joining rule: the prompt ends right before the answer with no trailing space; each candidate
 starts with a space unless the prompt ends in whitespace (e.g. an empty lead-in leaves the
 prompt ending in "### Response:\\n"). So ``prompt + candidate`` is always the full text.
@@ -29,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from adamole_dist.config.training import MC_DATA_FORMATS, SFT_DATA_FORMATS
+
 ALPACA = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
     "\n\n### Instruction:\n{instruction}\n\n### Response:\n"
@@ -43,6 +50,15 @@ LEAD_INS = (
     "Please answer the following question with true or false, question:",
 )
 REQUIRED = {"instruction": ("instruction", "output", "answer"), "mc": ("question", "choices")}
+# Free-form formats in detection order (after the multiple-choice ones: an LLM-Adapters record with
+# an ``answer`` field stays ``instruction``); conversations.py validates and normalises them.
+SFT_REQUIRED = {"messages": ("messages",), "sharegpt": ("conversations",),
+                "prompt_completion": ("prompt", "completion"), "alpaca": ("instruction", "output"),
+                "text": ("text",)}
+MC_FORMATS = tuple(REQUIRED)
+SFT_FORMATS = tuple(SFT_REQUIRED)
+DATA_FORMATS = MC_FORMATS + SFT_FORMATS  # config.training's data_format choices (besides auto)
+assert (set(MC_FORMATS), set(SFT_FORMATS)) == (set(MC_DATA_FORMATS), set(SFT_DATA_FORMATS))  # config/ cannot import data/
 MC_ANSWER_FIELDS = ("answerKey", "answer")
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -288,12 +304,27 @@ PARSERS = {"instruction": from_instruction, "mc": from_mc}
 
 # -- validation and conversion ------------------------------------------------------------------------
 def detect_format(record: dict, origin: str) -> str:
-    for fmt, fields in REQUIRED.items():
+    """The format of a dataset, from its first record: multiple-choice formats first, then free-form."""
+    if not isinstance(record, dict):
+        raise DataError(f"{origin} record 0: expected an object with named fields, got {type(record).__name__}")
+    for fmt, fields in {**REQUIRED, **SFT_REQUIRED}.items():
         if all(f in record for f in fields):
             return fmt
+    sft = "; ".join(f"{fmt}: {', '.join(fields)}" for fmt, fields in SFT_REQUIRED.items())
     raise DataError(f"{origin} record 0: fields {sorted(record)} match no known format "
                     f"(instruction: {', '.join(REQUIRED['instruction'])}; "
-                    "mc: question, choices, answerKey or answer)")
+                    f"mc: question, choices, answerKey or answer; {sft}; --data_format forces one)")
+
+
+def resolve_format(records: list, fmt: str, origin: str) -> str:
+    """``fmt``, or the format detected from the first record for "auto"."""
+    if not records:
+        raise DataError(f"{origin}: the dataset is empty")
+    if fmt == "auto":
+        return detect_format(records[0], origin)
+    if fmt not in DATA_FORMATS:
+        raise DataError(f"data_format ({fmt!r}) must be one of auto, {', '.join(DATA_FORMATS)}")
+    return fmt
 
 
 def _missing_field(rec: dict, fmt: str) -> str | None:
@@ -318,12 +349,10 @@ def validate(records: list[dict], fmt: str, origin: str) -> None:
 
 def to_examples(records: list[dict], fmt: str = "auto", origin: str = "<records>") -> list[Example]:
     """Validate all records (errors name origin, record index and field), then convert them."""
-    if not records:
-        raise DataError(f"{origin}: the dataset is empty")
-    if fmt == "auto":
-        fmt = detect_format(records[0], origin)
-    if fmt not in PARSERS:
-        raise DataError(f"data_format ({fmt!r}) must be one of auto, {', '.join(PARSERS)}")
+    fmt = resolve_format(records, fmt, origin)
+    if fmt in SFT_FORMATS:
+        raise DataError(f"{origin}: {fmt} records are free-form (no choices to score); this path takes "
+                        f"multiple-choice data ({', '.join(MC_FORMATS)}); the trainer takes both")
     validate(records, fmt, origin)
     return [PARSERS[fmt](rec, f"{origin} record {i}") for i, rec in enumerate(records)]
 

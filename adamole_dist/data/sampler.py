@@ -7,20 +7,35 @@ one process with W * m examples sees (the equivalence tests rely on it, and capa
 group orders tokens rank-major too). Every rank gets the same number of micro batches per epoch
 (the tail is dropped), so ranks never disagree on how many collective steps an epoch has. The
 position (epoch, micro batch) is all that a checkpoint needs to continue the exact same order.
+
+Length grouping (``lengths=``, for padded batches of variable-length examples): the epoch's
+permutation (whole global batches of it) is cut into groups of ``GROUP_BATCHES`` global batches;
+each group is sorted by length (longest first, ties in permutation order) and cut into global
+batches, so a micro batch holds examples of similar length and little padding; then the epoch's
+global batches are shuffled (seeded), so lengths do not drift over an epoch. All of it depends on
+the global batch size only, and rank r still takes the r-th slice of each global batch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+
+GROUP_BATCHES = 32  # global batches sorted together: more = less padding, less mixing of lengths
 
 
 class ShardedBatches:
-    def __init__(self, num_examples: int, micro_batch_size: int, *, rank: int, world_size: int, seed: int) -> None:
+    def __init__(self, num_examples: int, micro_batch_size: int, *, rank: int, world_size: int, seed: int,
+                 lengths: Sequence[int] | None = None) -> None:
+        if lengths is not None and len(lengths) != num_examples:
+            raise ValueError(f"lengths has {len(lengths)} entries for {num_examples} examples")
         self.num_examples = num_examples
         self.micro_batch_size = micro_batch_size
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
+        self.lengths = None if lengths is None else torch.as_tensor(list(lengths), dtype=torch.long)
         self.batches_per_epoch = (num_examples // world_size) // micro_batch_size
         if self.batches_per_epoch == 0:
             raise ValueError(
@@ -30,10 +45,23 @@ class ShardedBatches:
 
     def epoch_indices(self, epoch: int) -> list[list[int]]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        perm = torch.randperm(self.num_examples, generator=g).tolist()
+        perm = torch.randperm(self.num_examples, generator=g)
         m, global_batch = self.micro_batch_size, self.micro_batch_size * self.world_size
+        if self.lengths is not None:
+            perm = self._grouped_by_length(perm[: self.batches_per_epoch * global_batch], global_batch, g)
+        perm = perm.tolist()
         return [perm[b * global_batch + self.rank * m : b * global_batch + (self.rank + 1) * m]
                 for b in range(self.batches_per_epoch)]
+
+    def _grouped_by_length(self, perm: torch.Tensor, global_batch: int, g: torch.Generator) -> torch.Tensor:
+        """``perm`` (whole global batches) regrouped so each global batch holds similar lengths."""
+        group = GROUP_BATCHES * global_batch
+        parts = []
+        for start in range(0, len(perm), group):
+            chunk = perm[start:start + group]
+            parts.append(chunk[torch.sort(-self.lengths[chunk], stable=True).indices])
+        global_batches = torch.cat(parts).view(-1, global_batch)
+        return global_batches[torch.randperm(len(global_batches), generator=g)].reshape(-1)
 
     def iterate(self, epoch: int, start_batch: int):
         """Yield (epoch, batch_index, indices) forever, starting at (epoch, start_batch)."""

@@ -84,6 +84,9 @@ class Task:
 
     metrics = ("acc",)
 
+    def prepare_step(self, micro_batches: list[dict], world_size: int) -> None:
+        """Called once per optimizer step with its collated micro batches (SFT: the loss normaliser)."""
+
     def predictions(self, model, batch: dict) -> dict[str, torch.Tensor]:
         """Predicted choice indices by metric (``metrics``), from one forward: {"acc": [B], ...}."""
         return {"acc": self.predict(model, batch)}
@@ -208,7 +211,16 @@ class CausalLMTask(Task):
                     seqs.append(prompt + c)
                 plans.append(("sum", rows))
         return {"input_ids": pad_right(seqs, self.pad_id), "attention_mask": mask_of(seqs), "plans": plans,
-                "candidate_chars": [[len(c) for c in ex.candidates] for ex in examples]}
+                "candidate_chars": [self.norm_lengths(ex) for ex in examples]}
+
+    def norm_lengths(self, ex: Example) -> list[int]:
+        """acc_norm's divisor per candidate, as lm-evaluation-harness defines it: the length in characters
+        of the choice as the task's doc_to_choice gives it, i.e. the choice text WITHOUT the " " that
+        joins it to the prompt (lm_eval/api/task.py: ``completion_len = len(choice)``; the target
+        delimiter is added only to the scored continuation)."""
+        if self.framing == "question_answer":
+            return [len(t) for t in ex.choice_texts]
+        return [len(c) for c in ex.candidates]
 
     @torch.no_grad()
     def candidate_scores(self, model, batch: dict) -> list[torch.Tensor]:
@@ -284,7 +296,15 @@ TASK_TYPES = ("causal_lm", "seq_cls")
 
 
 def build_task(task_type: str, tokenizer, max_length: int, loss_on: str = "answer", device=None,
-               lm_framing: str = "instruction", autocast: str = "none") -> Task:
+               lm_framing: str = "instruction", autocast: str = "none", free_form: bool = False) -> Task:
+    """``free_form``: tokenized SFT examples (data/sft_task.py; loss_on is then the renderer's business)."""
+    if free_form:
+        if task_type != "causal_lm":
+            raise ValueError(f"free-form (SFT) data trains causal_lm models, not {task_type}")
+        from adamole_dist.data.sft_task import SFTTask  # it builds on Task: imported here, not at the top
+
+        return SFTTask(tokenizer, max_length, device, autocast=autocast)
+    loss_on = "answer" if loss_on == "auto" else loss_on  # config.training's default: the answer for choices
     if task_type == "causal_lm":
         return CausalLMTask(tokenizer, max_length, loss_on, device, framing=lm_framing, autocast=autocast)
     if task_type == "seq_cls":

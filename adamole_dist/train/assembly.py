@@ -1,7 +1,8 @@
 """Run assembly: everything a training run needs, built in order, before the loop starts.
 
 Everything is validated before anything in the output directory is touched: the DeepSpeed config
-(against DeepSpeed's own model), data, output dir, resume target, model and adapter targets. Then
+(against DeepSpeed's own model), data (free-form data is also rendered and tokenized here, so
+every bad record fails first), output dir, resume target, model and adapter targets. Then
 the output dir is prepared, the engine and expert optimizer are built, a checkpoint is loaded
 when resuming, and the metrics sinks are opened. The Trainer (loop.py) gets the finished Run and
 holds only loop state.
@@ -9,6 +10,7 @@ holds only loop state.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -21,12 +23,21 @@ import torch
 from adamole_dist.adapters.checkpointing import enable_gradient_checkpointing
 from adamole_dist.adapters.handle import Adapters
 from adamole_dist.adapters.inject import default_targets, find_target_modules, inject_adapters, matches, weight_shape
-from adamole_dist.adapters.model_loading import default_trainable_modules, load_model_and_tokenizer
+from adamole_dist.adapters.model_loading import (default_trainable_modules, load_model_and_tokenizer,
+                                                  resolve_model_path, resolve_task_type)
 from adamole_dist.config.deepspeed import build_ds_config, ds_config_source, validate_with_deepspeed, zero_stage
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.config.training import TrainConfig
 from adamole_dist.data import Example, load_examples
+from adamole_dist.data.batching import check_packing_attention, pack_examples
+from adamole_dist.data.formats import SFT_FORMATS, load_records, resolve_format, subsample, to_examples
 from adamole_dist.data.sampler import ShardedBatches
+from adamole_dist.data import token_cache
+from adamole_dist.data.conversations import normalise_records
+from adamole_dist.data.formats import DataError
+from adamole_dist.data.sft_render import (RenderSpec, TokenizedSplit, chat_template_of, check_spec, sample_prompt,
+                                         tokenize_split, tokenize_within_length, tokenizer_for)
+from adamole_dist.data.sft_task import PackedRows
 from adamole_dist.data.tasks import build_task
 from adamole_dist.ops.metrics_log import MetricsLogger, truncate_metrics
 from adamole_dist.ops.output_dir import check_output_dir, prepare_output_dir
@@ -54,6 +65,24 @@ class LoopPosition:
 
 
 @dataclass
+class SFTData:
+    """Free-form data of a run: how it was rendered, the tokenized splits, the sample prompts."""
+
+    spec: RenderSpec
+    train: TokenizedSplit
+    eval: TokenizedSplit
+    sample_prompts: list[tuple[list[int], str]]  # (prompt ids, reference reply) of the first eval examples
+    packed_rows: int = 0  # rows the training examples were packed into (0: not packed)
+
+    def summary(self) -> dict:
+        return {"data_format": self.spec.data_format, "prompt_format": self.spec.prompt_format,
+                "loss_on": self.spec.loss_on, "train_examples": len(self.train.examples),
+                "train_dropped_too_long": self.train.dropped, "eval_examples": len(self.eval.examples),
+                "eval_dropped_too_long": self.eval.dropped, "max_length": self.spec.max_length,
+                **({"packed_rows": self.packed_rows} if self.packed_rows else {})}
+
+
+@dataclass
 class Run:
     """The built pieces of one training run (see the module docstring for the order)."""
 
@@ -61,8 +90,8 @@ class Run:
     info: DistInfo
     out: Path
     ds_config: dict
-    train_examples: list[Example]
-    eval_examples: list[Example]
+    train_examples: list[Example] | list[dict] | PackedRows  # SFT: tokenized examples (or packed rows of them)
+    eval_examples: list[Example] | list[dict]
     batches: ShardedBatches
     tokenizer: object
     task_type: str
@@ -77,6 +106,8 @@ class Run:
     logger: MetricsLogger
     start: LoopPosition  # (0, 0, 0), or the resumed checkpoint's position
     resumed_from: Path | None
+    data_format: str = "auto"  # the detected (or forced) record format
+    sft: SFTData | None = None  # free-form data; None for multiple choice
 
     @property
     def ckpt_root(self) -> Path:
@@ -99,15 +130,26 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
     ds_config = build_ds_config(cfg, info.world_size)
     validate_with_deepspeed(ds_config, ds_config_source(cfg))
     seed_everything(cfg.seed)
-    train_examples = load_examples(cfg.dataset, cfg.train_split, cfg.data_format,
-                                   limit=cfg.max_train_examples or None, seed=cfg.seed)
-    eval_examples = load_examples(cfg.dataset, cfg.eval_split, cfg.data_format,
-                                  limit=cfg.max_eval_examples or None, seed=cfg.seed)
+    train_records, train_origin = load_records(cfg.dataset, cfg.train_split)
+    data_format = resolve_format(train_records, cfg.data_format, train_origin)
+    sft = None
+    if data_format in SFT_FORMATS:
+        sft = load_sft_data(cfg, data_format, train_records, train_origin, info)
+        train_examples, eval_examples = sft_training_items(cfg, sft), sft.eval.examples
+    else:
+        check_multiple_choice_options(cfg, data_format)
+        train_examples = subsample(to_examples(train_records, data_format, train_origin),
+                                   cfg.max_train_examples or None, cfg.seed)
+        eval_examples = load_examples(cfg.dataset, cfg.eval_split, cfg.data_format,
+                                      limit=cfg.max_eval_examples or None, seed=cfg.seed)
+    del train_records
     if not eval_examples:
         raise ConfigError(f"dataset ({cfg.dataset}): the evaluation split {cfg.eval_split!r} has no examples")
     try:
+        grouped = sft is not None and cfg.group_by_length and not cfg.packing
         batches = ShardedBatches(len(train_examples), cfg.micro_batch_size, rank=info.rank,
-                                 world_size=info.world_size, seed=cfg.seed)
+                                 world_size=info.world_size, seed=cfg.seed,
+                                 lengths=sft.train.lengths if grouped else None)
     except ValueError as e:
         raise ConfigError(f"dataset ({cfg.dataset}) split {cfg.train_split!r}: {e}; lower micro_batch_size or "
                           "use more data (max_train_examples)") from None
@@ -129,6 +171,8 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
     device = device_for(info)
     if cfg.lm_framing != "instruction" and task_type != "causal_lm":
         raise ConfigError(f"lm_framing ({cfg.lm_framing!r}) applies to causal_lm models; {model_path} is {task_type}")
+    if cfg.packing:
+        check_packing_attention(model)
     ep_size = cfg.ep_size or auto_ep_size(cfg, model, info, device)
     layout = build_layout(ep_size, cfg.adapter.num_experts)
     dispatcher = (ExpertParallelDispatcher(layout, wire_dtype(cfg.dispatch_dtype),
@@ -152,7 +196,7 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
     collectives.barrier()
     adapters.expert_module.to(device)
     task = build_task(task_type, tokenizer, cfg.max_length, cfg.loss_on, device, lm_framing=cfg.lm_framing,
-                      autocast=cfg.autocast)
+                      autocast=cfg.autocast, free_form=sft is not None)
 
     schedule = lr_lambda(cfg.lr_scheduler, total_steps, warmup_steps_for(total_steps, cfg.warmup_steps,
                                                                           cfg.warmup_ratio))
@@ -182,9 +226,112 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
               eval_examples=eval_examples, batches=batches, tokenizer=tokenizer, task_type=task_type,
               model_path=model_path, task=task, layout=layout, dispatcher=dispatcher, adapters=adapters,
               engine=engine, expert_opt=expert_opt, total_steps=total_steps, logger=logger, start=start,
-              resumed_from=resume_from)
+              resumed_from=resume_from, data_format=data_format, sft=sft)
     report_memory(run)
+    if sft is not None:
+        report_sft_data(run)
     return run
+
+
+# -- free-form (SFT) data ---------------------------------------------------------------------------------
+def check_multiple_choice_options(cfg: TrainConfig, data_format: str) -> None:
+    if cfg.loss_on not in ("auto", "answer", "full"):
+        raise ConfigError(f"loss_on ({cfg.loss_on!r}) applies to free-form data; dataset ({cfg.dataset}) is "
+                          f"multiple choice ({data_format}): use answer or full")
+    if cfg.packing:
+        raise ConfigError(f"packing applies to free-form data; dataset ({cfg.dataset}) is multiple choice "
+                          f"({data_format})")
+
+
+def sft_loss_on(cfg: TrainConfig, data_format: str) -> str:
+    """config's loss_on resolved for free-form data (ConfigError when it does not fit the format)."""
+    if cfg.loss_on in ("answer", "full"):
+        raise ConfigError(f"loss_on ({cfg.loss_on!r}) applies to multiple-choice data; dataset ({cfg.dataset}) is "
+                          f"free-form ({data_format}): use assistant (the responses) or all (every token)")
+    if data_format == "text":
+        if cfg.loss_on == "assistant":
+            raise ConfigError(f"loss_on ('assistant'): dataset ({cfg.dataset}) is text (continued pre-training), "
+                              "which has no responses; the loss is on every token (loss_on all or auto)")
+        return "all"
+    return "assistant" if cfg.loss_on == "auto" else cfg.loss_on
+
+
+def render_spec(cfg: TrainConfig, data_format: str) -> RenderSpec:
+    if cfg.lm_framing != "instruction":
+        raise ConfigError(f"lm_framing ({cfg.lm_framing!r}) applies to multiple-choice data; dataset "
+                          f"({cfg.dataset}) is free-form ({data_format})")
+    model_path = resolve_model_path(cfg.model)
+    task_type = resolve_task_type(cfg.task_type, model_path)
+    if task_type != "causal_lm":
+        raise ConfigError(f"dataset ({cfg.dataset}) is free-form ({data_format}): it trains decoder models "
+                          f"(task_type causal_lm); {cfg.model} is {task_type}")
+    template = None
+    if cfg.chat_template:
+        try:
+            template = Path(cfg.chat_template).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"chat_template ({cfg.chat_template}) cannot be read: {e}") from None
+    return RenderSpec(tokenizer=model_path, data_format=data_format, max_length=cfg.max_length,
+                      loss_on=sft_loss_on(cfg, data_format), chat_template=template,
+                      alpaca_as_chat=cfg.alpaca_as_chat)
+
+
+def tokenized(records: list, spec: RenderSpec, origin: str, cfg: TrainConfig, limit: int,
+              keep_records: bool = False, info: DistInfo | None = None) -> TokenizedSplit:
+    """The one place a split is tokenized: a whole split through the on-disk token cache (built once by
+    rank 0, memory-mapped by every rank), a subsample or the kept evaluation records in memory."""
+    whole = not limit or limit >= len(records)
+    if not (cfg.token_cache and whole and not keep_records and info is not None):
+        return tokenize_split(records, spec, origin, truncation=cfg.truncation, limit=limit or None, seed=cfg.seed,
+                              keep_records=keep_records)
+    check_spec(spec)
+    normalised = normalise_records(records, spec.data_format, origin, alpaca_as_chat=spec.alpaca_as_chat)
+    tokenizer = tokenizer_for(spec)
+    key = token_cache.cache_key(
+        data_fingerprint=token_cache.data_fingerprint(origin), tokenizer=tokenizer,
+        chat_template=chat_template_of(spec, tokenizer) if spec.is_chat else None, max_length=spec.max_length,
+        packing=False,  # the cache holds examples; packed rows are planned from their lengths at start-up
+        data_format=spec.data_format, loss_on=spec.loss_on, truncation=cfg.truncation,
+        alpaca_as_chat=spec.alpaca_as_chat)
+    examples = token_cache.tokenized_split(
+        normalised, functools.partial(tokenize_within_length, spec=spec, truncation=cfg.truncation), cache_key=key,
+        rank=info.rank, world_size=info.world_size, num_proc=cfg.tokenize_workers, origin=origin)
+    if len(examples) == 0:
+        raise DataError(f"{origin}: all {len(normalised)} examples are longer than max_length ({spec.max_length}) "
+                        "and were dropped; raise --max_length")
+    return TokenizedSplit(examples, [], len(normalised) - len(examples), origin)
+
+
+def load_sft_data(cfg: TrainConfig, data_format: str, train_records: list, train_origin: str,
+                  info: DistInfo | None = None) -> SFTData:
+    """Both splits validated, rendered and tokenized (every bad record raises DataError here)."""
+    spec = render_spec(cfg, data_format)
+    train = tokenized(train_records, spec, train_origin, cfg, cfg.max_train_examples, info=info)
+    eval_records, eval_origin = load_records(cfg.dataset, cfg.eval_split)
+    evaluation = tokenized(eval_records, spec, eval_origin, cfg, cfg.max_eval_examples, keep_records=True)
+    prompts = [sample_prompt(rec, spec) for rec in evaluation.records[: cfg.sample_prompts]]
+    return SFTData(spec, train, evaluation, prompts)
+
+
+def sft_training_items(cfg: TrainConfig, sft: SFTData):
+    """What the sampler indexes: the tokenized examples, or rows packed from them."""
+    if not cfg.packing:
+        return sft.train.examples
+    rows = pack_examples(sft.train.lengths, cfg.max_length)
+    sft.packed_rows = len(rows)
+    return PackedRows(sft.train.examples, rows)
+
+
+def report_sft_data(run: Run) -> None:
+    summary = run.sft.summary()
+    if run.info.is_main:
+        dropped = summary["train_dropped_too_long"] + summary["eval_dropped_too_long"]
+        print(f"data: {summary['data_format']} records rendered as {summary['prompt_format']}, loss on "
+              f"{summary['loss_on']}; {summary['train_examples']} training / {summary['eval_examples']} evaluation "
+              f"examples" + (f" in {summary['packed_rows']} packed rows" if run.sft.packed_rows else "")
+              + (f"; dropped {summary['train_dropped_too_long']} training and {summary['eval_dropped_too_long']} "
+                 f"evaluation examples longer than max_length ({summary['max_length']})" if dropped else ""))
+        run.logger.log(run.start.step, "data", summary)
 
 
 def count_total_steps(cfg: TrainConfig, batches: ShardedBatches) -> int:

@@ -15,9 +15,11 @@ import time
 from pathlib import Path
 
 from adamole_dist.adapters.files import adapter_state, save_adapter
+from adamole_dist.adapters.model_card import write_model_card
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.config.training import TrainConfig
-from adamole_dist.data.evaluate import evaluate_accuracy
+from adamole_dist.data.conversations import prompt_format
+from adamole_dist.data.evaluate import evaluate_accuracy, evaluate_loss, greedy_samples
 from adamole_dist.ops.host_memory import keep_freed_host_memory
 from adamole_dist.ops.metrics_log import read_metrics
 from adamole_dist.ops.stopping import NonFiniteLoss, Preempted, StopSignal, write_preempted_marker
@@ -34,7 +36,7 @@ WINDOW_SUMS = ("task_loss", "aux_loss", "grad_norm", "expert_grad_norm")
 
 def new_window() -> dict:
     """Sums over the optimizer steps since the last log line."""
-    return {**{k: 0.0 for k in WINDOW_SUMS}, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
+    return {**{k: 0.0 for k in WINDOW_SUMS}, "steps": 0, "tokens": 0, "slots": 0, "t0": time.perf_counter()}
 
 
 class Trainer:
@@ -91,6 +93,7 @@ class Trainer:
             for _ in range(gas):
                 epoch, b, idx = next(stream)
                 micro.append(run.task.collate([run.train_examples[i] for i in idx]))
+            run.task.prepare_step(micro, self.info.world_size)  # SFT: the step's loss normaliser (collective)
             self.epoch, self.batch_in_epoch = (epoch, b + 1)
             metrics = self.train_step(micro)
             self.step += 1
@@ -98,7 +101,8 @@ class Trainer:
             for key in WINDOW_SUMS:
                 window[key] += metrics[key]
             window["steps"] += 1
-            window["tokens"] += sum(int(m["attention_mask"].sum()) for m in micro)
+            window["tokens"] += sum(int(m["attention_mask"].sum()) for m in micro)  # real tokens only
+            window["slots"] += sum(m["attention_mask"].numel() for m in micro)
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{metrics['task_loss']:.4f}")
@@ -117,7 +121,7 @@ class Trainer:
         final = self.evaluate()
         if not self.checkpointed_this_step():  # e.g. a finished run relaunched with --resume latest
             self.save()
-        self.export_adapter()
+        self.export_adapter(final)
         self.print_summary(final)
         return final
 
@@ -148,15 +152,21 @@ class Trainer:
         collectives.barrier()  # the marker exists before any rank exits (and srun kills the rest)
         raise Preempted(self.step, self.last_checkpoint)
 
-    def export_adapter(self) -> None:
+    def export_adapter(self, final: dict | None = None) -> None:
         # Collective: ZeRO-3 gathers routers/head, the EP group gathers the experts.
         run = self.run
         tensors = adapter_state(run.adapters, ep_group=run.layout.ep_group, ep_size=run.layout.ep_size)
         if self.info.is_main:
             meta = {"base_model": self.cfg.model, "base_model_path": run.model_path, "task_type": run.task_type,
                     "pooling": self.cfg.pooling, "trainable_modules": run.adapters.trainable_modules,
-                    "step": self.step}
+                    "step": self.step, "data_format": run.data_format,
+                    "prompt_format": prompt_format(run.data_format, self.cfg.alpaca_as_chat),
+                    # the Jinja text when --chat_template gave one; None: the tokenizer's own template
+                    "chat_template": run.sft.spec.chat_template if run.sft is not None else None}
             save_adapter(run.out / "adapter", tensors, self.cfg.adapter, meta)
+            numbers = {k: v for k, v in (final or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            write_model_card(run.out / "adapter", base_model=self.cfg.model, method=self.cfg.adapter.method,
+                             adapter_cfg=self.cfg.adapter.to_dict(), datasets=[self.cfg.dataset], metrics=numbers)
             self.say(f"adapter saved: {run.out / 'adapter'}")
         collectives.barrier()
 
@@ -164,19 +174,37 @@ class Trainer:
     def evaluate(self, print_layers: bool = True) -> dict:
         run = self.run
         run.adapters.context.pop_stats()  # drop partial training statistics
-        result = evaluate_accuracy(run.engine, run.task, run.eval_examples, self.cfg.eval_batch_size,
-                                   rank=self.info.rank, world_size=self.info.world_size,
-                                   all_reduce=collectives.all_reduce_sum, progress=self.eval_progress())
+        score = evaluate_loss if run.sft is not None else evaluate_accuracy
+        result = score(run.engine, run.task, run.eval_examples, self.cfg.eval_batch_size,
+                       rank=self.info.rank, world_size=self.info.world_size,
+                       all_reduce=collectives.all_reduce_sum, progress=self.eval_progress())
         routing = routing_over_ranks(run.adapters.context.pop_stats(), self.cfg.adapter.has_tau)
-        run.adapters.train(True)
         metrics = {**result, **routing["overall"]}
-        self.say(f"[step {self.step}] eval accuracy {result['accuracy']:.4f} ({result['correct']}/{result['total']})"
-                 + (f" acc_norm {result['acc_norm']:.4f}" if "acc_norm" in result else "")
-                 + (f" mean active experts {routing['overall']['mean_active_experts']:.2f}" if routing["layers"] else ""))
+        active = f" mean active experts {routing['overall']['mean_active_experts']:.2f}" if routing["layers"] else ""
+        if run.sft is not None:
+            self.say(f"[step {self.step}] eval loss {result['eval_loss']:.4f} perplexity {result['perplexity']:.2f} "
+                     f"({result['eval_tokens']} target tokens, {result['total']} examples){active}")
+        else:
+            self.say(f"[step {self.step}] eval accuracy {result['accuracy']:.4f} ({result['correct']}/{result['total']})"
+                     + (f" acc_norm {result['acc_norm']:.4f}" if "acc_norm" in result else "") + active)
         if print_layers and self.info.is_main:
             print_routing_table(routing["layers"], self.say)
         run.logger.log(self.step, "eval", {**metrics, "layers": routing["layers"]})
+        if run.sft is not None and run.sft.sample_prompts:
+            self.log_samples()
+        run.adapters.train(True)
         return {**metrics, "layers": routing["layers"]}
+
+    def log_samples(self) -> None:
+        """Greedy completions of the fixed evaluation prompts (every rank generates: ZeRO-3 gathers
+        are collective), printed and logged by rank 0; their routing is not evaluation's."""
+        run = self.run
+        samples = greedy_samples(run.engine, run.task, run.sft.sample_prompts, self.cfg.max_new_tokens_eval,
+                                 world_size=self.info.world_size)
+        run.adapters.context.pop_stats()
+        for k, s in enumerate(samples):
+            self.say(f"[step {self.step}] sample {k}: {s['prompt'][-200:]!r} -> {s['completion']!r}")
+        run.logger.log(self.step, "samples", {"samples": samples})
 
     def eval_progress(self, every_s: float = 30.0):
         """Rank 0: a line every ``every_s`` seconds through a long evaluation (batches are equal on all ranks)."""
@@ -196,7 +224,7 @@ class Trainer:
     def log_window(self, w: dict) -> None:
         """Window means over steps; losses averaged over ranks, grad norms are global already."""
         run = self.run
-        task, aux, tokens = collectives.sum_over_ranks([w["task_loss"], w["aux_loss"], w["tokens"]])
+        task, aux, tokens, slots = collectives.sum_over_ranks([w["task_loss"], w["aux_loss"], w["tokens"], w["slots"]])
         n = max(w["steps"], 1)
         elapsed = time.perf_counter() - w["t0"]
         routing = routing_over_ranks(run.adapters.context.pop_stats(), self.cfg.adapter.has_tau)
@@ -206,13 +234,15 @@ class Trainer:
             "grad_norm": w["grad_norm"] / n,
             **({"expert_grad_norm": w["expert_grad_norm"] / n} if run.adapters.expert_banks else {}),
             "lr": run.engine.get_lr()[0],
-            "tokens_per_s": tokens / max(elapsed, 1e-9),
+            "tokens_per_s": tokens / max(elapsed, 1e-9),  # real (non-padding) tokens
+            "padding_fraction": 1.0 - tokens / max(slots, 1),
             "epoch": self.epoch,
             **routing["overall"],
             **self.dispatch_metrics(n),
         }
         self.say(f"[step {self.step}/{run.total_steps}] task_loss {metrics['task_loss']:.4f} "
                  f"aux_loss {metrics['aux_loss']:.4f} lr {metrics['lr']:.2e} tok/s {metrics['tokens_per_s']:.0f}"
+                 f" pad {100 * metrics['padding_fraction']:.0f}%"
                  f" grad_norm {metrics['grad_norm']:.3g}"
                  + (f" expert_grad_norm {metrics['expert_grad_norm']:.3g}" if "expert_grad_norm" in metrics else "")
                  + (f" active {metrics['mean_active_experts']:.2f}" if "mean_active_experts" in metrics else "")
@@ -235,9 +265,10 @@ class Trainer:
             return
         losses = [r["task_loss"] for r in read_metrics(self.run.logger.path) if r["kind"] == "train"]
         start = self.initial_eval
-        acc = f"{start['accuracy']:.4f} -> {final['accuracy']:.4f}" if start else f"{final['accuracy']:.4f}"
+        key, name = ("eval_loss", "held-out loss") if self.run.sft is not None else ("accuracy", "held-out accuracy")
+        held_out = f"{start[key]:.4f} -> {final[key]:.4f}" if start else f"{final[key]:.4f}"
         loss = f"{losses[0]:.4f} (first log) -> {losses[-1]:.4f} (last log)" if losses else "n/a"
-        print(f"done: {self.step} steps | task loss {loss} | held-out accuracy {acc} "
+        print(f"done: {self.step} steps | task loss {loss} | {name} {held_out} "
               f"on {final['total']} examples | adapter: {self.run.out / 'adapter'}")
 
     def progress_bar(self):
