@@ -29,7 +29,8 @@ setup(
         "accelerate",  # transformers needs it to load a GGUF
     ],
     extras_require={
-        "dev": ["pytest>=8", "mpi4py>=4", "mpich", "wandb", "tensorboard", "matplotlib", "peft"],
+        "dev": ["pytest>=8", "mpi4py>=4", "mpich", "wandb", "tensorboard", "matplotlib", "peft", "lm-eval"],
+        "harness": ["lm-eval"],  # launch/eval.py --harness (lm-evaluation-harness)
         "mpi": ["mpi4py>=4", "mpich"],
         "wandb": ["wandb"],
     },

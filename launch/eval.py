@@ -3,14 +3,32 @@ with --lm_framing question_answer) and per-layer routing statistics.
 
     python launch/eval.py --adapter runs/default/adapter [--dataset DIR] [--split test] [--json out.json]
     python launch/eval.py --model smollm2-135m --dataset ../shared/data/ARC-Easy --lm_framing question_answer
+    python launch/eval.py --adapter runs/x/adapter --harness arc_easy_local --harness_data ../shared/data --json r.json
 
 The base model is the one recorded in the adapter's config unless --model names another; without
 --adapter the base model is evaluated as it is (zero-shot). Runs in one process (no DeepSpeed
 needed): the adapter is small and the base loads whole.
+
+--harness TASKS (comma-separated) also runs lm-evaluation-harness (pip install -e '.[harness]') on the
+same adapted model and tokenizer through lm_eval's HFLM, zero-shot; its results go beside --json
+(NAME.harness.json, per-question NAME.harness_samples.jsonl). Names of eval_tasks/*.yaml
+(arc_easy_local, openbookqa_local, boolq_local) are local tasks over a folder of ../shared/data's
+layout: --harness_data DIR (default ../shared/data) is written into a copy of each YAML
+(NAME.harness_tasks/), which `lm_eval --include_path` also accepts; any other name is lm-eval's own
+task (needs the hub or its cache). --max_examples picks the same seeded subsample of questions for
+both scorers.
+The harness calls the model without an attention mask. Its batches are right-padded, so under causal
+attention no real token sees the padding and the scores are the unmasked model's, but the padding
+positions pass through the routers: routing statistics of a harness run count them (they are dropped,
+not reported), and with an expert capacity limit (sira, capacity_factor > 0) padding competes for
+capacity, so harness scores can differ from ours there.
 """
 
 import argparse
+import importlib.util
 import json
+import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -22,11 +40,92 @@ from adamole_dist.adapters.files import load_adapter, read_adapter_config  # noq
 from adamole_dist.adapters.model_loading import load_model_and_tokenizer  # noqa: E402
 from adamole_dist.config.fields import ConfigError  # noqa: E402
 from adamole_dist.config.training import AUTOCASTS, LM_FRAMINGS  # noqa: E402
-from adamole_dist.data import DataError, load_examples  # noqa: E402
+from adamole_dist.data import DataError, load_examples, load_records  # noqa: E402
+from adamole_dist.data.formats import subsample  # noqa: E402
 from adamole_dist.data.evaluate import evaluate_accuracy  # noqa: E402
 from adamole_dist.data.tasks import build_task  # noqa: E402
 from adamole_dist.moe.routing_stats import summarize_routing  # noqa: E402
 from adamole_dist.train.reporting import print_routing_table  # noqa: E402
+
+
+EVAL_TASKS = Path(__file__).resolve().parents[1] / "eval_tasks"  # the shipped local task YAMLs
+_DATA_DIR_LINE = re.compile(r"^(\s*data_dir:).*$", re.MULTILINE)
+_TEST_FILE_LINE = re.compile(r"^\s*test:\s*(\S+)\s*$", re.MULTILINE)
+
+
+class HarnessPlan:
+    """The harness run, checked before any model loads: task names, the generated local task folder,
+    the per-task test files (for the subsample) and where results go."""
+
+    def __init__(self, tasks: str, data_dir: Path, json_path: Path | None) -> None:
+        if importlib.util.find_spec("lm_eval") is None:
+            raise ConfigError("--harness needs lm-evaluation-harness, which is not installed: "
+                              "pip install -e '.[harness]' (or pip install lm-eval)")
+        self.tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+        if not self.tasks:
+            raise ConfigError("--harness needs at least one task name (e.g. arc_easy_local)")
+        stem = json_path.with_suffix("") if json_path else Path("harness")
+        self.results_path = Path(f"{stem}.harness.json")
+        self.samples_path = Path(f"{stem}.harness_samples.jsonl")
+        self.task_dir = Path(f"{stem}.harness_tasks")
+        self.data_dir = data_dir.expanduser().resolve()
+        self.local: dict[str, tuple[str, Path]] = {}  # task -> (YAML text with data_dir filled, test file)
+        for task in self.tasks:
+            yaml_path = EVAL_TASKS / f"{task}.yaml"
+            if not yaml_path.is_file():
+                continue  # one of lm-eval's own tasks
+            text = yaml_path.read_text()
+            test_file = self.data_dir / _TEST_FILE_LINE.search(text).group(1)
+            if not test_file.is_file():
+                raise ConfigError(f"--harness_data {data_dir}: task {task} needs {test_file}, which does not exist")
+            self.local[task] = (_DATA_DIR_LINE.sub(lambda m: f"{m.group(1)} {json.dumps(str(self.data_dir))}", text),
+                                test_file)
+
+    def write_tasks(self) -> Path:
+        if self.task_dir.exists():
+            shutil.rmtree(self.task_dir)
+        self.task_dir.mkdir(parents=True)
+        shutil.copy2(EVAL_TASKS / "utils.py", self.task_dir / "utils.py")
+        for task, (text, _) in self.local.items():
+            (self.task_dir / f"{task}.yaml").write_text(text)
+        return self.task_dir
+
+    def samples(self, limit: int, seed: int) -> dict[str, list[int]] | None:
+        """The question indices of ``load_examples``'s seeded subsample, per local task (None: all)."""
+        if not limit:
+            return None
+        return {task: subsample(list(range(len(load_records(str(f), "test")[0]))), limit, seed)
+                for task, (_, f) in self.local.items()}
+
+
+def run_harness(plan: HarnessPlan, model, tokenizer, *, batch_size: int, autocast: str, limit: int,
+                seed: int) -> dict:
+    """lm_eval.simple_evaluate on the adapted model (HFLM over the instance), zero-shot; writes the
+    results and per-question samples; returns {task: {metric: value}}."""
+    import lm_eval
+    import torch as _torch
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import handle_non_serializable
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+              mixed_precision_dtype=_torch.bfloat16 if autocast == "bf16" else None)
+    samples = plan.samples(limit, seed)
+    unlimited = [t for t in plan.tasks if t not in plan.local]
+    out = lm_eval.simple_evaluate(
+        model=lm, tasks=plan.tasks, num_fewshot=0, task_manager=TaskManager(include_path=str(plan.write_tasks())),
+        samples=samples if samples and not unlimited else None, limit=limit or None if unlimited else None,
+        log_samples=True)
+    per_question = out.pop("samples", {})
+    plan.results_path.write_text(json.dumps(out, indent=1, default=handle_non_serializable))
+    with plan.samples_path.open("w") as f:
+        for task, rows in per_question.items():
+            for row in rows:
+                f.write(json.dumps({"task": task, "doc_id": row["doc_id"], "target": row["target"],
+                                    "acc": row.get("acc"), "acc_norm": row.get("acc_norm"),
+                                    "loglikelihoods": [float(r[0]) for r in row["filtered_resps"]]}) + "\n")
+    return {task: {k.split(",")[0]: v for k, v in res.items() if k.split(",")[0] in ("acc", "acc_norm")}
+            for task, res in out["results"].items()}
 
 
 def main(argv=None) -> int:
@@ -44,8 +143,12 @@ def main(argv=None) -> int:
     ap.add_argument("--max_length", type=int, default=None)
     ap.add_argument("--batch_size", type=int, default=16)
     ap.add_argument("--json", type=Path, help="write accuracy and routing statistics here")
+    ap.add_argument("--harness", metavar="TASKS", help="also run lm-evaluation-harness on these tasks (see above)")
+    ap.add_argument("--harness_data", type=Path, default=Path("../shared/data"),
+                    help="folder holding ARC-Easy/, openbookqa/, boolq/ for the local harness tasks")
     args = ap.parse_args(argv)
     try:
+        harness = HarnessPlan(args.harness, args.harness_data, args.json) if args.harness else None
         doc, run = {"task_type": "auto"}, {}
         if args.adapter is not None:
             doc = read_adapter_config(args.adapter)
@@ -55,12 +158,12 @@ def main(argv=None) -> int:
         elif not args.model:
             raise ConfigError("--model is required without --adapter (zero-shot evaluation of a base model)")
         dataset = args.dataset or run.get("dataset")
-        if not dataset:
+        if not dataset and harness is None:
             raise ConfigError("--dataset is required: " + ("the adapter does not record its training dataset"
                                                            if args.adapter else "no adapter names one"))
         split = args.split or run.get("eval_split", "test")
         examples = load_examples(dataset, split, args.data_format or run.get("data_format", "auto"),
-                                 limit=args.max_examples or None, seed=run.get("seed", 0))
+                                 limit=args.max_examples or None, seed=run.get("seed", 0)) if dataset else []
         model, tokenizer, task_type, _ = load_model_and_tokenizer(args.model or doc["base_model"], doc["task_type"],
                                                                   pooling=doc.get("pooling", "cls"))
         adapters = load_adapter(model, args.adapter) if args.adapter is not None else None
@@ -70,9 +173,28 @@ def main(argv=None) -> int:
         task = build_task(task_type, tokenizer, args.max_length or run.get("max_length", 128),
                           run.get("loss_on", "answer"), torch.device("cpu"), lm_framing=framing,
                           autocast=args.autocast or run.get("autocast", "none"))
+        if harness is not None and task_type != "causal_lm":
+            raise ConfigError(f"--harness scores causal LMs (HFLM); this model is {task_type}")
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if dataset:
+        our_evaluation(model, task, adapters, examples, dataset, split, framing, args)
+    if harness is not None:
+        if adapters is not None and adapters.cfg.effective_capacity_factor > 0:
+            print("note: this adapter caps expert capacity; the harness routes its padding, which competes "
+                  "for capacity (see --help)")
+        scores = run_harness(harness, model, tokenizer, batch_size=args.batch_size, autocast=task.autocast,
+                             limit=args.max_examples, seed=run.get("seed", 0))
+        if adapters is not None:
+            adapters.context.pop_stats()  # counts the harness's padding: not reported
+        for name, metrics in scores.items():
+            print(f"harness {name}: " + " ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+        print(f"harness results: {harness.results_path} (per question: {harness.samples_path})")
+    return 0
+
+
+def our_evaluation(model, task, adapters, examples, dataset, split, framing, args) -> None:
     result = evaluate_accuracy(model, task, examples, args.batch_size)
     routing = summarize_routing(adapters.context.pop_stats() if adapters else {},
                                 adapters.cfg.has_tau if adapters else False)
@@ -83,9 +205,8 @@ def main(argv=None) -> int:
     print_routing_table(routing["layers"])
     if args.json:
         args.json.write_text(json.dumps({**result, **routing["overall"], "dataset": dataset, "split": split,
-                                         "lm_framing": framing, "autocast": task.autocast, "zero_shot": adapters is None,
-                                         "layers": routing["layers"]}, indent=1))
-    return 0
+                                         "lm_framing": framing, "autocast": task.autocast,
+                                         "zero_shot": adapters is None, "layers": routing["layers"]}, indent=1))
 
 
 if __name__ == "__main__":

@@ -199,7 +199,7 @@ def test_question_answer_framing_scores_choice_texts_as_the_harness_does(tokeniz
     batch = task.eval_batch(exs)
     assert {p[0] for p in batch["plans"]} == {"sum"}  # whole texts, even where first tokens differ
     expected = [brute_force_scores(tokenizer, llama, ex, first_only=False) for ex in framed]
-    chars = [torch.tensor([float(len(c)) for c in ex.candidates]) for ex in framed]
+    chars = [torch.tensor([float(len(t)) for t in ex.choice_texts]) for ex in framed]  # the harness's divisor
     got = task.predictions(llama, batch)
     assert got["acc"].tolist() == [int(w.argmax()) for w in expected]
     assert got["acc_norm"].tolist() == [int((w / n).argmax()) for w, n in zip(expected, chars)]
@@ -334,3 +334,17 @@ def test_autocast_bf16_runs_matmuls_in_bf16_and_keeps_loss_and_grads_fp32(tokeni
     assert not torch.equal(losses["bf16"], losses["none"])  # it did run in bf16
     with pytest.raises(ValueError, match="autocast"):
         build_task(task_type, tokenizer, 32, autocast="fp16")
+
+
+def test_acc_norm_divides_by_the_choice_text_without_the_joining_space(tokenizer):
+    """lm-eval's acc_norm: argmax of loglikelihood / len(choice) with the choice as doc_to_choice gives it
+    ("a", not " a"). Scores chosen so that the two divisors disagree: -1/1 < -2.5/3 but -1/2 > -2.5/4."""
+    from adamole_dist.data import Example
+
+    task = CausalLMTask(tokenizer, max_length=64, framing="question_answer")
+    ex = Example("q", ["a", "bbb"], "unused", ["answer1", "answer2"], 0, "answer1")
+    batch = task.eval_batch([ex])
+    assert batch["candidate_chars"] == [[1, 3]]
+    task.candidate_scores = lambda model, b: [torch.tensor([-1.0, -2.5])]
+    got = task.predictions(None, batch)
+    assert got["acc"].tolist() == [0] and got["acc_norm"].tolist() == [1]

@@ -64,6 +64,13 @@ class Adapters:
         for router, load in zip(routers, loads):
             router.update_bias(load)
 
+    def register_experts(self) -> None:
+        """For inference: every expert bank becomes a child module of its layer (AdaptedLinear.
+        register_experts), so the model's ``.to()``, ``.half()`` and ``state_dict()`` carry them.
+        Not for training under DeepSpeed (docs/zero3_experts.md)."""
+        for layer in self.layers.values():
+            layer.register_experts()
+
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
         self.expert_module.train(mode)

@@ -5,7 +5,8 @@ Tensor-name suffixes (T tokens, N experts, ...): adamole_dist/glossary.py.
 The adapter wraps the original module (``self.base_layer``) instead of subclassing it, so
 any nn.Linear (ZeRO-3 partitioned or not) is adapted the same way. For MoE methods the
 expert bank is held *outside* the module tree (see docs/zero3_experts.md): ZeRO-3 never
-partitions or averages it, and the expert optimizer owns it. The single LoRA of method
+partitions or averages it, and the expert optimizer owns it. For inference
+``register_experts`` puts it into the tree (adapters/pretrained.py does). The single LoRA of method
 ``lora`` and the routers are ordinary (data-parallel) submodules.
 """
 
@@ -57,6 +58,14 @@ class AdaptedLinear(nn.Module):
             self.router = None
             self.lora = ExpertBank(1, cfg.rank, in_features, out_features, cfg.scaling, device=w.device, dtype=w.dtype)
 
+    def register_experts(self) -> None:
+        """For inference: make the expert bank a child module, so ``.to()``, ``.half()``, ``.eval()``
+        and ``state_dict()`` of the model include it. Training keeps it out of the module tree
+        (docs/zero3_experts.md); idempotent, and nothing to do for lora."""
+        bank = self.__dict__.pop("experts", None)
+        if bank is not None:
+            self.add_module("experts", bank)
+
     def extra_repr(self) -> str:
         n = self.cfg.num_experts
         return f"method={self.cfg.method}, in={self.in_features}, out={self.out_features}, experts={n}, r={self.cfg.rank}"
@@ -73,6 +82,8 @@ class AdaptedLinear(nn.Module):
             return self.lora.lora_delta(x_drop_TD)
         valid_T = self.context.valid_tokens(x.shape[:-1])
         weights_TN, kept_TN = self.route(x_TD, valid_T)
+        if self.context.active_log is not None and not self.context.recomputing:
+            self.context.record_active(self.adapter_name, kept_TN, valid_T, x.shape[:-1])
         return self.dispatcher(x_drop_TD, weights_TN, kept_TN, self.experts, self.cfg.compute_path)
 
     def route(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

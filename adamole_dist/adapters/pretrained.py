@@ -1,0 +1,118 @@
+"""The public loader: a trained adapter directory -> a plain transformers model with the adapters in
+it, and its tokenizer, for inference (``adamole_dist.from_pretrained``).
+
+No process group and no DeepSpeed: every expert runs in this process (LocalDispatcher). Adapter
+files key experts by global id, so an adapter trained under any ``ep_size`` loads the same way.
+Unlike training, the expert banks are registered in the module tree (Adapters.register_experts):
+``model.to("cuda")``, ``.half()``, ``.eval()`` and ``state_dict()`` include them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from adamole_dist.adapters.files import CONFIG_NAME, WEIGHTS_NAME, load_adapter
+from adamole_dist.adapters.model_loading import load_model_and_tokenizer
+from adamole_dist.config.adapter import AdapterConfig
+from adamole_dist.config.fields import ConfigError
+
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+
+
+def read_adapter_doc(adapter_dir: str | Path) -> dict:
+    """The adapter directory's config document, validated; ConfigError naming the path otherwise."""
+    folder = Path(adapter_dir)
+    if not folder.is_dir():
+        raise ConfigError(f"adapter directory {folder} does not exist")
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: {folder} is not an adapter directory")
+    if not (folder / WEIGHTS_NAME).is_file():
+        raise ConfigError(f"{folder / WEIGHTS_NAME} not found: the adapter directory has no weights")
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("adapter"), dict):
+        raise ConfigError(f"{path} holds no adapter configuration (an object under \"adapter\")")
+    try:
+        AdapterConfig.from_dict(doc["adapter"])
+    except (ConfigError, TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return doc
+
+
+def base_model_of(doc: dict, adapter_dir: Path) -> str:
+    """Where the base model recorded in the adapter config is: its resolved folder when it still
+    exists, else the name training was given (a hub id or a name model_loading resolves)."""
+    path = doc.get("base_model_path")
+    if path and Path(path).exists():
+        return str(path)
+    name = doc.get("base_model") or path
+    if not name:
+        raise ConfigError(f"{adapter_dir / CONFIG_NAME} records no base model; pass model=")
+    return str(name)
+
+
+def _tokenizer_for(model: nn.Module, adapter_dir: Path, doc: dict):
+    """The tokenizer beside a caller-supplied model: one saved in the adapter directory, else the
+    recorded base model's, else the model's own name_or_path."""
+    from transformers import AutoTokenizer
+
+    candidates = []
+    if any((adapter_dir / f).is_file() for f in TOKENIZER_FILES):
+        candidates.append(str(adapter_dir))
+    for source in (doc.get("base_model_path"), getattr(getattr(model, "config", None), "_name_or_path", None)):
+        if source and Path(source).exists():
+            candidates.append(str(source))
+    if not candidates:
+        raise ConfigError(f"no tokenizer found for {adapter_dir}: none saved beside the adapter, and the base "
+                          "model's folder is not on this machine")
+    tokenizer = AutoTokenizer.from_pretrained(candidates[0])
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def from_pretrained(adapter_dir: str | Path, *, model: str | Path | nn.Module | None = None,
+                    device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+    """(model, tokenizer): the base model with the adapter of ``adapter_dir`` injected and loaded,
+    in eval mode, every parameter frozen, the experts registered in the module tree.
+
+    ``model``: the base model recorded in the adapter config by default; a path (or name) to load
+    instead, or an already loaded instance (the adapter is injected into it, in place).
+    ``dtype``: the base model's dtype (default float32); the adapter follows it. ``device``: where
+    to move the whole model. The ``Adapters`` handle is ``model.adamole_adapters`` (routing
+    statistics: ``model.adamole_adapters.context.pop_stats()``). Where training rendered prompts
+    with its own chat template (adapter meta "chat_template"), the tokenizer gets it.
+    Bad input (missing directory, no or unreadable adapter_config.json, a base model the adapter
+    does not fit): ConfigError naming the path.
+    """
+    folder = Path(adapter_dir)
+    doc = read_adapter_doc(folder)
+    if isinstance(model, nn.Module):
+        net = model
+        if dtype is not None:
+            net.to(dtype)
+        tokenizer = _tokenizer_for(net, folder, doc)
+    else:
+        source = str(model) if model is not None else base_model_of(doc, folder)
+        net, tokenizer, _, _ = load_model_and_tokenizer(source, doc.get("task_type", "auto"),
+                                                        dtype=dtype or torch.float32,
+                                                        pooling=doc.get("pooling", "cls"))
+    net.eval()  # before injection: new adapter modules follow the model's mode (no dropout)
+    adapters = load_adapter(net, folder)  # LocalDispatcher, all experts (files key them by global id)
+    adapters.register_experts()
+    net.requires_grad_(False)
+    net.eval()
+    if device is not None:
+        net.to(device)
+    net.adamole_adapters = adapters
+    template = doc.get("chat_template")
+    if template:
+        tokenizer.chat_template = template
+    return net, tokenizer
