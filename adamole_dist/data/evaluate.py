@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 
+from adamole_dist.adapters.files import gathered
 from adamole_dist.data import Example
 
 
@@ -158,11 +159,15 @@ def greedy_samples(model, task, prompts: list[tuple[list[int], str]], max_new_to
     was_training = model.training
     model.eval()
     out = []
+    # Under ZeRO-3 every decoding step would gather each layer's partitions again: gathered once for
+    # all the prompts instead (the whole frozen base on every rank for this while; collective).
+    net = getattr(model, "module", model)
     try:
-        for ids, reference in prompts:
-            new = task.greedy_completion(model, ids, max_new_tokens, synced=world_size > 1)
-            out.append({"prompt": task.tokenizer.decode(ids), "completion": task.tokenizer.decode(new,
-                        skip_special_tokens=False), "reference": reference})
+        with gathered(list(net.parameters())):
+            for ids, reference in prompts:
+                new = task.greedy_completion(model, ids, max_new_tokens, synced=world_size > 1)
+                out.append({"prompt": task.tokenizer.decode(ids), "completion": task.tokenizer.decode(new,
+                            skip_special_tokens=False), "reference": reference})
     finally:
         model.train(was_training)
     return out

@@ -48,10 +48,22 @@ class MetricsLogger:
         _flatten(kind, metrics, flat)
         flat = {k: v for k, v in flat.items() if math.isfinite(v)}
         if self._wandb is not None:
-            self._wandb.log(flat, step=step)
+            self._wandb.log({**flat, **self._wandb_tables(kind, metrics)}, step=step)
         if self._tb is not None:
             for k, v in flat.items():
                 self._tb.add_scalar(k, v, step)
+            for i, sample in enumerate(metrics.get("samples", [])):
+                self._tb.add_text(f"{kind}/{i}", f"{sample['prompt']}\n\n---\n\n{sample['completion']}", step)
+
+    def _wandb_tables(self, kind: str, metrics: dict) -> dict:
+        """Text records (greedy samples) as a wandb table: one row per prompt, so a person sees the model learn."""
+        samples = metrics.get("samples")
+        if not samples:
+            return {}
+        import wandb
+
+        columns = ["prompt", "completion", "reference"]
+        return {kind: wandb.Table(columns=columns, data=[[s.get(c, "") for c in columns] for s in samples])}
 
     def close(self) -> None:
         if self._wandb is not None:
