@@ -1,6 +1,8 @@
 """End-to-end: our adamole vs our lora vs Hugging Face PEFT LoRA — same model, data, steps, ranks.
 
     python benchmarks/e2e_compare.py --worlds 1,2 --json benchmarks/results/e2e.json
+    python benchmarks/e2e_compare.py --model smollm2-135m --worlds 1 --batch 4 --max_length 128 --threads 2 \
+        --repeats 5 --json benchmarks/results/e2e_decoder.json      # the decoder case (SmolLM2-135M)
 
 MiniLM-L6 under DeepSpeed ZeRO-3, the same training loop (benchmarks/step_worker.py) for all
 three; PEFT LoRA has our lora's rank (N*r = 32), alpha, dropout and targets. Each system runs in
@@ -34,7 +36,8 @@ def run_once(system: str, method: str, world: int, args) -> dict:
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS=str(args.threads))
         cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(world), "--master_port",
                str(29700 + world), str(REPO / "benchmarks" / "step_worker.py"), "--system", system, "--method", method,
-               "--batch", str(args.batch), "--steps", str(args.steps), "--json", str(out)]
+               "--batch", str(args.batch), "--steps", str(args.steps), "--model", args.model,
+               "--max_length", str(args.max_length), "--json", str(out)]
         proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"{system}/{method} failed:\n{proc.stderr[-3000:]}")
@@ -48,6 +51,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model", default="minilm-l6", help="minilm-l6, or a decoder: smollm2-135m (q/k/v/o, r=32)")
+    ap.add_argument("--max_length", type=int, default=64)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     records = []
@@ -57,7 +62,7 @@ def main() -> None:
             for system, method in SYSTEMS:
                 runs.setdefault((system, method), []).append(run_once(system, method, world, args))
         for (system, method), rs in runs.items():
-            records.append({"system": system, "method": method, "world": world, "ep_size": 1,
+            records.append({"system": system, "method": method, "model": args.model, "world": world, "ep_size": 1,
                             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
                             "peak_rss_mb": statistics.median(r["peak_mem_mb_max"] for r in rs),
                             "step_ms_median": statistics.median(r["step_ms"] for r in rs),

@@ -52,28 +52,31 @@ from adamole_dist.train.reporting import param_bytes  # noqa: E402
 from adamole_dist.train.step import PhaseClock, train_step  # noqa: E402
 
 TARGETS = ["query", "key", "value", "attention.output.dense"]
+DECODER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 N, R = 8, 4
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ZERO_OPS = ("all_gather", "allgather", "reduce_scatter")  # ZeRO-3 parameter gathers and gradient reduction
 
 
 def build(args, layout):
-    model, tokenizer, task_type, _ = load_model_and_tokenizer("minilm-l6", "seq_cls")
+    model, tokenizer, task_type, _ = load_model_and_tokenizer(args.model, "auto")
+    # the encoder scores choices with a trained head; a decoder trains its LoRA only
+    targets, head = (TARGETS, ["classifier"]) if task_type == "seq_cls" else (DECODER_TARGETS, [])
     adapters = None
     if args.system == "peft":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=N * R, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS,
-                                                 modules_to_save=["classifier"]))
+        model = get_peft_model(model, LoraConfig(r=N * R, lora_alpha=16, lora_dropout=0.05, target_modules=targets,
+                                                 modules_to_save=head or None))
         params = [p for p in model.parameters() if p.requires_grad]
     else:
         kw = {"method": "lora", "rank": N * R} if args.method == "lora" else {"method": args.method, "num_experts": N,
                                                                              "rank": R}
-        cfg = AdapterConfig(target_modules=TARGETS, **kw)
+        cfg = AdapterConfig(target_modules=targets, **kw)
         dispatcher = (ExpertParallelDispatcher(layout, wire_dtype(args.dispatch_dtype),
                                                overlap=overlap_enabled(args.overlap, DEVICE))
                       if layout.ep_size > 1 else LocalDispatcher())
-        adapters = inject_adapters(model, cfg, trainable_modules=["classifier"], dispatcher=dispatcher,
+        adapters = inject_adapters(model, cfg, trainable_modules=head, dispatcher=dispatcher,
                                    expert_slice=layout.expert_slice(cfg.num_experts))
         params = adapters.engine_parameters()
     return model, tokenizer, task_type, adapters, params
@@ -110,6 +113,8 @@ def main() -> None:
                     help="weak: --batch examples per rank; strong: --batch examples in total")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--max_length", type=int, default=64)
+    ap.add_argument("--model", default="minilm-l6", help="minilm-l6 (encoder, seq_cls) or a decoder such as "
+                    "smollm2-135m (causal_lm on the same generated questions, q/k/v/o adapted)")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--nodes", type=int, default=int(os.environ.get("SLURM_NNODES", "1")))
