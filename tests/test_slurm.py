@@ -128,8 +128,13 @@ def test_a_lost_node_is_named_and_the_job_resumes_on_the_nodes_still_up(cluster,
     steps = 12
     flags = ("--save_interval", "2", "--ep_size", "2", "--peer_timeout", "20")
     job_id, out_dir, log = submit(cluster, tmp_path, "--max_steps", str(steps), *flags, nodes=2, tasks_per_node=1)
-    cluster.wait_until(lambda: (out_dir / "metrics.jsonl").exists() and len(records(out_dir, "train")) >= 4, 300,
-                       "training to pass a checkpoint")
+    # a checkpoint of step 4 or later complete (renamed into place whole), not only step 4 logged: a step's
+    # record is written before its checkpoint, so a kill between the two would resume from step 2
+    def checkpointed_past_step_2() -> bool:
+        return any(int(state.parent.name.split("_")[1]) >= 4
+                   for state in (out_dir / "checkpoints").glob("step_*/trainer_state.json"))
+
+    cluster.wait_until(checkpointed_past_step_2, 300, "training to pass a checkpoint")
     nodes = cluster.run("scontrol", "show", "hostnames", cluster.job(job_id)["NodeList"]).stdout.split()
     lost = nodes[1]
     try:
