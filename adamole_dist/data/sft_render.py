@@ -249,23 +249,23 @@ def tokenize_split(raw_records: list, spec: RenderSpec, origin: str, *, truncati
     examples, kept, dropped = [], [], 0
     for i in indices:
         try:
-            ex = tokenize_record(records[i], spec)
+            ex = tokenize_within_length(records[i], spec, truncation)
         except DataError as e:
             raise DataError(f"{origin} record {i}: {e}") from None
-        n = len(ex["input_ids"])
-        if n > spec.max_length:
-            if truncation == "error":
-                raise DataError(f"{origin} record {i}: {n} tokens exceed max_length ({spec.max_length}); raise "
-                                "--max_length, or --truncation drop leaves such examples out (counted in the log)")
+        if ex is None:
             dropped += 1
             continue
         examples.append(ex)
         if keep_records:
             kept.append(records[i])
     if not examples:
-        raise DataError(f"{origin}: all {len(indices)} examples are longer than max_length ({spec.max_length}) "
-                        "and were dropped; raise --max_length")
+        raise all_dropped(origin, len(indices), spec.max_length)
     return TokenizedSplit(examples, kept, dropped, origin)
+
+
+def all_dropped(origin: str, count: int, max_length: int) -> DataError:
+    return DataError(f"{origin}: all {count} examples are longer than max_length ({max_length}) and were dropped; "
+                     "raise --max_length")
 
 
 __all__ = [

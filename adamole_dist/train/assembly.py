@@ -34,9 +34,8 @@ from adamole_dist.data.formats import SFT_FORMATS, load_records, resolve_format,
 from adamole_dist.data.sampler import ShardedBatches
 from adamole_dist.data import token_cache
 from adamole_dist.data.conversations import normalise_records
-from adamole_dist.data.formats import DataError
-from adamole_dist.data.sft_render import (RenderSpec, TokenizedSplit, chat_template_of, check_spec, sample_prompt,
-                                         tokenize_split, tokenize_within_length, tokenizer_for)
+from adamole_dist.data.sft_render import (RenderSpec, TokenizedSplit, all_dropped, chat_template_of, check_spec,
+                                         sample_prompt, tokenize_split, tokenize_within_length, tokenizer_for)
 from adamole_dist.data.sft_task import PackedRows
 from adamole_dist.data.tasks import build_task
 from adamole_dist.ops.metrics_log import MetricsLogger, truncate_metrics
@@ -297,8 +296,7 @@ def tokenized(records: list, spec: RenderSpec, origin: str, cfg: TrainConfig, li
         normalised, functools.partial(tokenize_within_length, spec=spec, truncation=cfg.truncation), cache_key=key,
         rank=info.rank, world_size=info.world_size, num_proc=cfg.tokenize_workers, origin=origin)
     if len(examples) == 0:
-        raise DataError(f"{origin}: all {len(normalised)} examples are longer than max_length ({spec.max_length}) "
-                        "and were dropped; raise --max_length")
+        raise all_dropped(origin, len(normalised), spec.max_length)
     return TokenizedSplit(examples, [], len(normalised) - len(examples), origin)
 
 
