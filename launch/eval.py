@@ -45,6 +45,7 @@ from adamole_dist.data.formats import subsample  # noqa: E402
 from adamole_dist.data.evaluate import evaluate_accuracy  # noqa: E402
 from adamole_dist.data.tasks import build_task  # noqa: E402
 from adamole_dist.moe.routing_stats import summarize_routing  # noqa: E402
+from adamole_dist.ops.stopping import EXIT_BAD_INPUT  # noqa: E402
 from adamole_dist.train.reporting import print_routing_table  # noqa: E402
 
 
@@ -128,6 +129,33 @@ def run_harness(plan: HarnessPlan, model, tokenizer, *, batch_size: int, autocas
             for task, res in out["results"].items()}
 
 
+def check_options(args) -> None:
+    """The numbers, and that --json can be written: ConfigError now, not after the evaluation ran."""
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch_size ({args.batch_size}) must be >= 1")
+    if args.max_examples < 0:
+        raise ConfigError(f"--max_examples ({args.max_examples}) must be >= 0 (0 = all)")
+    if args.max_length is not None and args.max_length < 1:
+        raise ConfigError(f"--max_length ({args.max_length}) must be >= 1")
+    if args.json is not None:
+        check_writable_file(args.json, "--json")
+
+
+def check_writable_file(path: Path, option: str) -> None:
+    """``path`` can be created or replaced: probed by opening it for appending, which changes nothing
+    in an existing file; a file the probe created is removed again."""
+    if path.is_dir():
+        raise ConfigError(f"{option} ({path}) is a directory; it names the file to write")
+    existed = path.exists()
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{option} ({path}) cannot be written: {e.strerror}") from None
+    if not existed:
+        path.unlink()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapter", type=Path, help="adapter directory written by training (none: zero-shot)")
@@ -148,13 +176,17 @@ def main(argv=None) -> int:
                     help="folder holding ARC-Easy/, openbookqa/, boolq/ for the local harness tasks")
     args = ap.parse_args(argv)
     try:
+        check_options(args)
         harness = HarnessPlan(args.harness, args.harness_data, args.json) if args.harness else None
         doc, run = {"task_type": "auto"}, {}
         if args.adapter is not None:
             doc = read_adapter_config(args.adapter)
             run_config = args.adapter.parent / "run_config.json"
-            if run_config.is_file():
-                run = json.loads(run_config.read_text())
+            if run_config.is_file():  # the training run's options: dataset, split, framing, max_length
+                try:
+                    run = json.loads(run_config.read_text())
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise ConfigError(f"{run_config} is not valid JSON ({e})") from None
         elif not args.model:
             raise ConfigError("--model is required without --adapter (zero-shot evaluation of a base model)")
         dataset = args.dataset or run.get("dataset")
@@ -164,7 +196,10 @@ def main(argv=None) -> int:
         split = args.split or run.get("eval_split", "test")
         examples = load_examples(dataset, split, args.data_format or run.get("data_format", "auto"),
                                  limit=args.max_examples or None, seed=run.get("seed", 0)) if dataset else []
-        model, tokenizer, task_type, _ = load_model_and_tokenizer(args.model or doc["base_model"], doc["task_type"],
+        base = args.model or doc.get("base_model")
+        if not base:
+            raise ConfigError(f"{args.adapter} records no base_model; name it with --model")
+        model, tokenizer, task_type, _ = load_model_and_tokenizer(base, doc.get("task_type", "auto"),
                                                                   pooling=doc.get("pooling", "cls"))
         adapters = load_adapter(model, args.adapter) if args.adapter is not None else None
         framing = args.lm_framing or run.get("lm_framing", "instruction")
@@ -177,7 +212,7 @@ def main(argv=None) -> int:
             raise ConfigError(f"--harness scores causal LMs (HFLM); this model is {task_type}")
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     if dataset:
         our_evaluation(model, task, adapters, examples, dataset, split, framing, args)
     if harness is not None:

@@ -266,9 +266,9 @@ def main(argv=None) -> int:
         check_args(args)
         meta = None
         if args.adapter is not None:  # cheap checks before the model loads
-            from adamole_dist.adapters.pretrained import read_adapter_doc
+            from adamole_dist.adapters.files import read_adapter_config
 
-            meta = read_adapter_doc(args.adapter)
+            meta = read_adapter_config(args.adapter)
         records, places = read_prompts(args.prompts) if args.prompts else ([{"prompt": args.prompt}], ["--prompt"])
         if args.chat:
             records, places = [], []

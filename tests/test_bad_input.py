@@ -183,6 +183,29 @@ CASES = {
         lambda tmp, out: (write(tmp / "m" / "a.gguf", "x"),
                           ["--model", str(Path(write(tmp / "m" / "b.gguf", "x")).parent)])[1],
         ["several GGUF files", "a.gguf, b.gguf"]),
+    # issue 29
+    "resume_with_overwrite": (  # the pair would delete the run it continues (a real run: test below)
+        lambda tmp, out: (existing_run(out), ["--resume", "latest", "--overwrite"])[1],
+        ["overwrite and resume (latest) contradict each other", "pass only one"]),
+    "seed_out_of_range": (
+        lambda tmp, out: (existing_run(out), ["--overwrite", "--seed", "99999999999999999999"])[1],
+        ["seed (99999999999999999999)", "[0, 4294967295]"]),
+    "negative_seed": (lambda tmp, out: ["--seed", "-1"], ["seed (-1)", "[0, 4294967295]"]),
+    "dataset_with_train_json_and_train_jsonl": (
+        lambda tmp, out: (write(tmp / "data" / "train.jsonl", "{}\n"), ["--dataset", dataset_with(
+            tmp, "train.json", json.dumps([{"question": "q?", "choices": ["a", "b"], "answerKey": "A"}] * 4))])[1],
+        ["split 'train' is ambiguous", "train.json and train.jsonl"]),
+    "dataset_that_is_one_file": (
+        lambda tmp, out: ["--dataset", write(tmp / "one.json", json.dumps(
+            [{"question": "q?", "choices": ["a", "b"], "answerKey": "A"}] * 4))],
+        ["dataset (", "one.json) is a single file", "held-out evaluation split"]),
+    "overwrite_of_a_run_beside_foreign_files": (
+        lambda tmp, out: (existing_run(out), write(out / "notes.txt", "mine"), write(out / "drafts" / "a.md", "x"),
+                          ["--overwrite"])[3],
+        ["--overwrite", "also holds drafts/, notes.txt", "did not write"]),
+    "yaml_key_given_twice": (
+        lambda tmp, out: ["--config", write(tmp / "recipe.yaml", "lr: 1e-3\nmethod: adamole\nlr: 2e-3\n")],
+        ["recipe.yaml", "'lr' is given twice (lines 1 and 3)"]),
 }
 
 
@@ -200,6 +223,64 @@ def test_bad_input_changes_nothing(tmp_path, name, monkeypatch):
     for part in expect:
         assert part in message, f"{part!r} not in {message!r}"
     assert snapshot(out) == before, "the output directory changed"
+
+
+def test_resume_with_overwrite_leaves_a_real_run_resumable(tmp_path):
+    """A complete run (started over a killed run's stale lock, which it takes over); --resume latest
+    --overwrite is refused with the directory byte-identical; the run still resumes afterwards."""
+    import socket
+    import subprocess
+    import sys
+
+    from launch_utils import check
+    from tiny_models import write_tiny_bert
+
+    model, out = write_tiny_bert(tmp_path / "tiny_bert"), tmp_path / "run"
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    write(out / ".run.lock", json.dumps({"host": socket.gethostname(), "pid": dead}))
+    args = ["--output_dir", str(out), "--model", str(model), "--max_train_examples", "32", "--max_eval_examples", "8",
+            "--micro_batch_size", "4", "--max_length", "32", "--no-eval_at_start", "--num_experts", "2", "--rank", "2",
+            "--report_to", "none", "--save_interval", "1", "--log_interval", "1"]
+    proc = check(run(python_cmd(*args, "--max_steps", "3"), timeout=300))
+    assert f"took over the lock of pid {dead} on host {socket.gethostname()}, which is no longer running" in proc.stdout
+    assert not (out / ".run.lock").exists()  # removed at the end of the run
+    before = snapshot(out)
+    assert "checkpoints/step_0000003/trainer_state.json" in before
+    proc = run(python_cmd(*args, "--max_steps", "3", "--resume", "latest", "--overwrite"), timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: overwrite and resume (latest) contradict each other: --overwrite deletes the run in output_dir, "
+        "--resume continues it; pass only one")
+    assert snapshot(out) == before
+    proc = check(run(python_cmd(*args, "--max_steps", "4", "--resume", "latest"), timeout=300))
+    assert f"resumed from {out / 'checkpoints' / 'step_0000003'} at step 3" in proc.stdout
+    assert [json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()
+            if json.loads(r)["kind"] == "train"] == [1, 2, 3, 4]
+
+
+def test_an_output_dir_a_live_run_holds_is_refused_naming_it(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    existing_run(out)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from adamole_dist.ops.run_lock import RunLock; "
+                               "lock = RunLock.take(sys.argv[1]); print('held', flush=True); sys.stdin.read()",
+                               str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = snapshot(out)
+        proc = run(python_cmd("--output_dir", str(out), *BASE, "--resume", "latest"), timeout=300)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        message = proc.stderr.strip().splitlines()[-1]
+        assert f"output_dir ({out}) is in use by the run of pid {holder.pid} on host {socket.gethostname()}" in message
+        assert str(out / ".run.lock") in message
+        assert snapshot(out) == before
+    finally:
+        holder.communicate("", timeout=60)
 
 
 def test_unwritable_output_dir_is_named_before_the_model_loads(tmp_path):
@@ -301,3 +382,143 @@ def test_bad_sft_record_changes_nothing(tmp_path, name):
     for part in expect:
         assert part in message, f"{part!r} not in {message!r}"
     assert snapshot(out) == before, "the output directory changed"
+
+
+# launch/eval.py, launch/plot.py and --model paths
+# -- the same promise for the other entry points (exit 2, one line naming the file or option, no
+# -- traceback, nothing written), and for models that are no model ------------------------------------
+def script_fails_cleanly(script: str, *args: str, expect: list[str]):
+    """launch/<script> with ``args``: exit 2, last stderr line ``error: ...`` holding every part of ``expect``."""
+    import sys
+
+    from launch_utils import REPO
+
+    proc = run([sys.executable, str(REPO / "launch" / script), *args], timeout=300)
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    message = proc.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for part in expect:
+        assert part in message, f"{part!r} not in {message!r}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def saved_adapter(tmp_path_factory):
+    """A lora adapter on a tiny Llama, saved as training saves it."""
+    from saved_adapters import write_adapter_dir
+    from tiny_models import write_tiny_llama
+
+    root = tmp_path_factory.mktemp("eval_inputs")
+    return write_adapter_dir(root / "adapter", write_tiny_llama(root / "llama"), "lora", rank=2)
+
+
+def cut_in_half(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+UNWRITABLE = "/proc/adamole-no-such-place/result.json"  # not creatable, even by root
+EVAL_CASES = {  # name: (damage to a copy of the adapter, extra args, parts of the message)
+    "garbage_adapter_config": (lambda a: (a / "adapter_config.json").write_text("{garbage"), [],
+                               ["adapter_config.json is not valid JSON"]),
+    "truncated_adapter_weights": (lambda a: cut_in_half(a / "adapter_model.safetensors"), [],
+                                  ["adapter_model.safetensors cannot be read", "damaged or incomplete"]),
+    "batch_size_0": (None, ["--batch_size", "0"], ["--batch_size (0) must be >= 1"]),
+    "json_into_an_unwritable_path": (None, ["--json", UNWRITABLE], [f"--json ({UNWRITABLE}) cannot be written"]),
+    "max_length_too_small": (None, ["--max_length", "2"], ["max_length (2) leaves no room", "at least 3"]),
+}
+
+
+@pytest.mark.parametrize("name", list(EVAL_CASES))
+def test_bad_eval_input_is_named_before_the_evaluation(tmp_path, saved_adapter, name):
+    import shutil
+
+    damage, extra, expect = EVAL_CASES[name]
+    adapter = tmp_path / "adapter"
+    shutil.copytree(saved_adapter, adapter)
+    if damage is not None:
+        damage(adapter)
+    before = snapshot(tmp_path)
+    proc = script_fails_cleanly("eval.py", "--adapter", str(adapter), "--dataset", "builtin:word_categories",
+                                "--max_examples", "4", *extra, expect=expect)
+    if damage is not None:
+        assert str(adapter) in proc.stderr
+    assert "accuracy" not in proc.stdout  # refused before it evaluated, not after
+    assert snapshot(tmp_path) == before
+
+
+def metrics_file(tmp: Path, lines: list[str]) -> Path:
+    run_dir = tmp / "run"
+    write(run_dir / "metrics.jsonl", "".join(line + "\n" for line in lines[:-1]) + lines[-1])
+    return run_dir
+
+
+TRAIN_RECORDS = [json.dumps({"step": s, "kind": "train", "task_loss": 1.0 / s, "aux_loss": 0.1}) for s in (1, 2, 3)]
+
+
+def test_plot_skips_a_cut_short_last_line_naming_it(tmp_path):
+    """A run still writing (or killed mid-write) leaves a partial last line: plotted without it, said so."""
+    import sys
+
+    from launch_utils import REPO
+
+    run_dir = metrics_file(tmp_path, TRAIN_RECORDS + ['{"step": 4, "kind": "tr'])
+    proc = run([sys.executable, str(REPO / "launch" / "plot.py"), str(run_dir)], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"warning: {run_dir / 'metrics.jsonl'} line 4 is cut short" in proc.stderr
+    assert (run_dir / "plots" / "loss.png").is_file()
+
+
+def test_plot_refuses_a_damaged_line_before_the_last_naming_file_and_line(tmp_path):
+    run_dir = metrics_file(tmp_path, [TRAIN_RECORDS[0], '{"step": 2, "kind"', *TRAIN_RECORDS[2:]])
+    script_fails_cleanly("plot.py", str(run_dir), expect=[f"{run_dir / 'metrics.jsonl'} line 2 is not valid JSON",
+                                                          "damaged"])
+    assert not (run_dir / "plots").exists()
+
+
+def tiny_llama(folder: Path) -> str:
+    from tiny_models import write_tiny_llama
+
+    return str(write_tiny_llama(folder))
+
+
+EXPECTED_MODEL = "expected a Hugging Face model folder (config.json with a model_type)"
+MODEL_CASES = {  # name: (set-up returning extra args, parts of the message)
+    "model_folder_without_model_type": (
+        lambda tmp: ["--model", str(Path(write(tmp / "m" / "config.json", '{"hidden_size": 8}')).parent)],
+        ["m/config.json has no model_type", EXPECTED_MODEL]),
+    "model_that_is_a_text_file": (
+        lambda tmp: ["--model", write(tmp / "notes.txt", "not a model\n")],
+        ["model (", "notes.txt) is a file but not a GGUF file", EXPECTED_MODEL]),
+    "model_gguf_named_in_upper_case": (  # read as GGUF (not as a config file): the reader names what it found
+        lambda tmp: ["--model", write(tmp / "models" / "BROKEN.GGUF", "not a gguf file")],
+        ["BROKEN.GGUF", "cannot be read as GGUF", "GGUF magic"]),
+    "model_path_that_does_not_exist": (
+        lambda tmp: ["--model", str(tmp / "no_such_model")], ["no_such_model) does not exist", EXPECTED_MODEL]),
+    "max_length_without_room_on_the_encoder_path": (  # 1 was not applied at all (fewer than the pair's specials)
+        lambda tmp: ["--max_length", "1"],
+        ["max_length (1) leaves no room for a context token and a choice token", "it must be at least 5"]),
+    "max_length_without_room_on_the_causal_path": (
+        lambda tmp: ["--model", tiny_llama(tmp / "llama"), "--max_length", "2"],
+        ["max_length (2) leaves no room for a prompt token and an answer token", "it must be at least 3"]),
+}
+
+
+@pytest.mark.parametrize("name", list(MODEL_CASES))
+def test_bad_model_input_changes_nothing(tmp_path, name, monkeypatch):
+    """Each over an existing run with --overwrite: refused before anything is touched; a GGUF tried
+    leaves nothing in the model cache (no half-converted folder, no lock file)."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("ADAMOLE_DIST_CACHE", str(cache))
+    setup, expect = MODEL_CASES[name]
+    out = tmp_path / "run"
+    existing_run(out)
+    extra = setup(tmp_path)
+    before = snapshot(out)
+    proc = run(python_cmd("--output_dir", str(out), *BASE, "--overwrite", *extra), timeout=300)
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    message = proc.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for part in expect:
+        assert part in message, f"{part!r} not in {message!r}"
+    assert snapshot(out) == before, "the output directory changed"
+    assert not [p for p in cache.rglob("*") if p.is_file()], "left in the model cache"

@@ -92,3 +92,28 @@ def test_shaped_link_rates_parse_as_tc_writes_them_and_rows_compare_with_the_pay
     assert unshaped["beta_error"] is None and unshaped["measured_winner"] == 1
     text = table([unshaped, row])
     assert "unshaped" in text and "+0.0%" not in text.splitlines()[1] and text.splitlines()[2].split()[-2:] == ["EP", "EP"]
+
+
+def test_sft_training_run_reads_curves_against_the_step0_evaluation(tmp_path):
+    import json
+
+    from benchmarks.sft_training_run import finished, summarise
+
+    run = tmp_path / "adamole"
+    run.mkdir()
+    rows = [{"step": 0, "kind": "eval", "time": 10.0, "eval_loss": 1.6, "perplexity": 4.95, "total": 9,
+             "eval_tokens": 900},
+            {"step": 10, "kind": "train", "time": 20.0, "task_loss": 1.5, "tokens_per_s": 100.0,
+             "padding_fraction": 0.1},
+            {"step": 20, "kind": "train", "time": 30.0, "task_loss": 1.4, "tokens_per_s": 300.0,
+             "padding_fraction": 0.2},
+            {"step": 20, "kind": "eval", "time": 40.0, "eval_loss": 1.5, "perplexity": 4.48, "total": 9,
+             "eval_tokens": 900, "mean_active_experts": 3.5}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 30, "ki')
+    assert not finished(run, 20)  # no adapter saved yet
+    (run / "adapter").mkdir()
+    assert finished(run, 20) and not finished(run, 30)
+    r = summarise("adamole", run)
+    assert r["zero_shot_loss"] == 1.6 and r["final_loss"] == 1.5 and r["beats_base"]
+    assert r["gain_over_zero_shot"] == pytest.approx(0.1) and r["median_tokens_per_s"] == 200.0
+    assert [p["step"] for p in r["curve"]] == [0, 20] and r["wall_s"] == 30.0

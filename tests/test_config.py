@@ -127,11 +127,16 @@ def test_output_dir_guard(tmp_path):
     for overwrite in (False, True):  # --overwrite never deletes what is not one of our runs
         with pytest.raises(ConfigError, match="not one of our runs"):
             check_output_dir(out, config, overwrite=overwrite, resume="")
-    (out / "run_config.json").write_text("{}")  # now it is a run of ours: --overwrite replaces it
+    (out / "run_config.json").write_text("{}")  # a run of ours, but with a foreign file: --overwrite refuses
+    with pytest.raises(ConfigError, match="also holds x.txt, which this trainer did not write"):
+        check_output_dir(out, config, overwrite=True, resume="")
+    (out / "x.txt").unlink()
+    (out / "metrics.jsonl").write_text("{}\n")
+    (out / ".run.lock").write_text("{}")  # a lock nobody holds is no foreign file
     check_output_dir(out, config, overwrite=True, resume="")
     prepare_output_dir(out, config, overwrite=True)
-    assert not (out / "x.txt").exists() and (out / "run_config.json").is_file()
-    assert not list(tmp_path.glob(".run.replaced-*"))  # the old run, moved aside, is gone once replaced
+    assert not (out / "metrics.jsonl").exists() and json.loads((out / "run_config.json").read_text())["lr"] == 1e-3
+    assert sorted(p.name for p in out.iterdir()) == [".run.lock", "run_config.json"]  # the old entries are gone
     with pytest.raises(ConfigError, match="already holds a run"):
         check_output_dir(out, config, overwrite=False, resume="")
     check_output_dir(out, config, overwrite=False, resume="latest")  # same options: may continue
@@ -177,3 +182,61 @@ def test_a_run_recorded_before_an_option_existed_still_resumes(tmp_path):
     changed = TrainConfig(output_dir=str(out), lm_framing="question_answer").to_dict()
     with pytest.raises(ConfigError, match="different options.*lm_framing"):
         check_output_dir(out, changed, overwrite=False, resume="latest")
+
+
+def test_a_recipe_giving_a_key_twice_is_refused(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    for text, message in [("adapter:\n  rank: 4\n  rank: 8\n", "'rank' is given twice (lines 2 and 3)"),
+                          ("method: lora\nadapter:\n  method: adamole\n", "'method' is given twice (at the top level")]:
+        recipe.write_text(text)
+        with pytest.raises(ConfigError, match=r"r\.yaml") as e:
+            parse_train_config(["--config", str(recipe)])
+        assert message in str(e.value)
+    recipe.write_text("lr: 0.001\n<<: {lr: 0.002, seed: 3}\n")  # a merge key's values may be overridden
+    cfg = parse_train_config(["--config", str(recipe)])
+    assert cfg.lr == 0.001 and cfg.seed == 3
+
+
+# -- the output dir's lock (ops/run_lock.py) ------------------------------------------------------------
+HOLDER = """
+import sys, time
+from adamole_dist.ops.run_lock import RunLock
+lock = RunLock.take(sys.argv[1])
+print("held", flush=True)
+sys.stdin.read()  # until the test closes our stdin
+lock.release()
+"""
+
+
+def test_a_live_run_holds_the_output_dir_and_a_dead_ones_lock_is_taken_over(tmp_path, capsys):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from adamole_dist.ops.run_lock import LOCK_FILE, RunLock
+
+    out = tmp_path / "run"
+    config = TrainConfig(output_dir=str(out)).to_dict()
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        owner = f"pid {holder.pid} on host {socket.gethostname()}"
+        for attempt in (lambda: check_output_dir(out, config, overwrite=False, resume=""),
+                        lambda: RunLock.take(out)):
+            with pytest.raises(ConfigError, match=f"is in use by the run of {owner}"):
+                attempt()
+        assert json.loads((out / LOCK_FILE).read_text()) == {"host": socket.gethostname(), "pid": holder.pid}
+    finally:
+        holder.communicate("", timeout=60)
+    assert not (out / LOCK_FILE).exists()  # released at the end of its run
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout)}))
+    check_output_dir(out, config, overwrite=False, resume="")  # a killed run's lock holds nothing
+    lock = RunLock.take(out)
+    assert f"took over the lock of pid {int(dead.stdout)}" in capsys.readouterr().out
+    assert json.loads((out / LOCK_FILE).read_text()) == {"host": socket.gethostname(), "pid": os.getpid()}
+    check_output_dir(out, config, overwrite=False, resume="")  # our own lock: checked again under it
+    lock.release()
+    assert list(out.iterdir()) == []

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adamole_dist.data import Example
-from adamole_dist.data.evaluate import evaluate_accuracy, majority_class_accuracy, shard_examples
+from adamole_dist.data.evaluate import EvaluationStopped, evaluate_accuracy, majority_class_accuracy, shard_examples
 from adamole_dist.data.tasks import Task
 
 
@@ -106,6 +106,20 @@ def test_two_ranks_sum_and_skip_repeats(in_place):
         t.join(timeout=30)
     assert results[0] == results[1] == {"accuracy": 4 / 7, "correct": 4, "total": 7}
     assert tasks[0].calls == tasks[1].calls == 2  # same forwards on every rank (ZeRO-3 gathers)
+
+
+def test_a_stop_leaves_at_a_batch_boundary_and_restores_mode():
+    """``stop`` is asked after every batch but the last; a yes ends the evaluation there."""
+    examples = [ex(i) for i in range(10)]
+    task = StubTask({f"q{i}": 0 for i in range(10)})
+    asked = []
+    model = StubModel().train()
+    with pytest.raises(EvaluationStopped) as stopped:
+        evaluate_accuracy(model, task, examples, batch_size=3, stop=lambda: asked.append(1) or len(asked) == 2)
+    assert (stopped.value.done, stopped.value.total) == (2, 4) and task.calls == 2 and model.training
+    never = []
+    assert evaluate_accuracy(model, task, examples, batch_size=3, stop=lambda: never.append(1) or False)["total"] == 10
+    assert len(never) == 3  # not after the last batch: nothing is left to save by stopping
 
 
 def test_empty_and_bad_batch_size():

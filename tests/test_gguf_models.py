@@ -43,7 +43,45 @@ def test_an_unreadable_gguf_leaves_no_converted_folder(tmp_path):
     bad.write_bytes(b"GGUF but not really")
     with pytest.raises(ConfigError, match="cannot be read as GGUF"):
         resolve_model_path(str(bad))
-    assert not [p for p in cache_root().iterdir() if not p.name.endswith(".lock")]  # no half-written folder
+    assert not list(cache_root().iterdir())  # no half-written folder, no lock file
+
+
+def test_the_extension_counts_in_any_case(tmp_path):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "M.GGUF").write_bytes(b"x")
+    assert find_gguf(str(tmp_path / "one" / "M.GGUF")) == tmp_path / "one" / "M.GGUF"
+    assert find_gguf(str(tmp_path / "one")) == tmp_path / "one" / "M.GGUF"
+
+
+def test_concurrent_conversions_convert_once_and_leave_no_lock(tmp_path, monkeypatch):
+    """Threads stand in for ranks (flock is per open file, so they exclude each other as processes do):
+    one converts while the others wait on the lock; whoever got the lock file its holder removed
+    locks the new one, so no two ever convert at once."""
+    import threading
+    import time
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"x")
+    active, calls, lock = [0], [], threading.Lock()
+
+    def convert(src, out):
+        with lock:
+            active[0] += 1
+            calls.append(active[0])
+        time.sleep(0.2)
+        (out / "model.safetensors").write_bytes(b"")
+        with lock:
+            active[0] -= 1
+
+    monkeypatch.setattr(gguf_cache, "convert", convert)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(gguf_cache.converted_folder(gguf))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert calls == [1] and len(set(results)) == 1 and (results[0] / DONE).is_file()
+    assert sorted(p.name for p in cache_root().iterdir()) == [results[0].name]  # no lock file left
 
 
 @pytest.mark.slow

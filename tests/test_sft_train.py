@@ -193,3 +193,68 @@ def test_two_ranks_equal_one_process(work, tmp_path):
     assert set(a) == set(b)
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=0, msg=k)
+
+
+# -- the training split is read by rank 0 alone (slow) --------------------------------------------------------------
+def read_and_tokenize(rank, world, work, cache, out, limit):
+    """Through the trainer's own data path; counts the reads of the training file on this rank."""
+    import os
+
+    os.environ["ADAMOLE_DIST_CACHE"] = str(cache)
+    from adamole_dist.config.training import TrainConfig
+    from adamole_dist.data.formats import DataError
+    from adamole_dist.parallel.process_group import DistInfo
+    from adamole_dist.train import assembly
+
+    reads = []
+    real = assembly.load_records
+    assembly.load_records = lambda source, split: (reads.append(split), real(source, split))[1]
+    cfg = TrainConfig(model=str(work / "model"), dataset=str(out / "data"), chat_template=str(work / "chat.jinja"),
+                      max_length=64, max_train_examples=limit)
+    info = DistInfo(rank, world, rank)
+    try:
+        records, origin, fmt = assembly.read_train_split(cfg, info)
+        split = assembly.tokenized(records, assembly.render_spec(cfg, fmt), origin, cfg, limit, info=info)
+    except DataError as e:
+        (out / f"rank{rank}.json").write_text(json.dumps({"error": str(e), "reads": reads}))
+        return
+    (out / f"rank{rank}.json").write_text(json.dumps({"reads": reads, "held_records": records is not None,
+                                                      "examples": split.examples.to_list(),
+                                                      "dropped": split.dropped}))
+
+
+@pytest.mark.slow
+def test_only_rank0_reads_the_training_split(work, tmp_path):
+    """At 2 gloo ranks rank 1 never opens the training file and gets the examples one process
+    tokenizes in memory (whole split and a seeded subsample); a bad record stops both ranks."""
+    from mp_harness import run_ranks
+
+    from adamole_dist.config.training import TrainConfig
+    from adamole_dist.data.formats import load_records
+    from adamole_dist.data.sft_render import tokenize_split
+    from adamole_dist.train.assembly import render_spec
+
+    rng = random.Random(1)
+    rows = [conversation(rng) for _ in range(30)]
+    for limit in (0, 12):
+        out = tmp_path / f"limit{limit}"
+        write_jsonl(out / "data" / "train.jsonl", rows)
+        run_ranks(read_and_tokenize, 2, work, tmp_path / "cache", out, limit, timeout=300)
+        cfg = TrainConfig(model=str(work / "model"), dataset=str(out / "data"),
+                          chat_template=str(work / "chat.jinja"), max_length=64)
+        reference = tokenize_split(load_records(cfg.dataset, "train")[0], render_spec(cfg, "messages"), "train",
+                                   limit=limit or None, seed=cfg.seed)
+        expected = [{"input_ids": ex["input_ids"], "labels": ex["labels"], "length": len(ex["input_ids"])}
+                    for ex in reference.examples]
+        seen = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+        assert seen[0]["reads"] == ["train"] and seen[1]["reads"] == [], seen
+        assert seen[0]["held_records"] and not seen[1]["held_records"]
+        assert len(expected) == (limit or len(rows))
+        assert seen[0]["examples"] == seen[1]["examples"] == expected
+    bad = tmp_path / "bad"
+    write_jsonl(bad / "data" / "train.jsonl", rows[:7] + [{"messages": [{"role": "robot", "content": "x"}]}] + rows)
+    run_ranks(read_and_tokenize, 2, work, tmp_path / "cache", bad, 0, timeout=300)
+    for r in (0, 1):
+        error = json.loads((bad / f"rank{r}.json").read_text())["error"]
+        assert "train.jsonl record 7" in error and "robot" in error, error
+    assert json.loads((bad / "rank1.json").read_text())["reads"] == []

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from adamole_dist.config.fields import ConfigError
 from adamole_dist.data import Example, to_examples
 from adamole_dist.data.tasks import IGNORE, CausalLMTask, ChoiceScoringTask, build_task
 
@@ -294,6 +295,28 @@ def test_choice_scoring_truncates_and_trains(tokenizer, bert):
     loss.backward()
     bert.eval().zero_grad()
     assert loss.requires_grad and torch.isfinite(loss)
+
+
+def test_choice_scoring_cuts_the_context_from_the_left(tokenizer):
+    """As the causal path cuts its prompt: the context's end (the question, next to the choice) survives,
+    the choice stays whole, and a max_length with no room for one of each is refused, not ignored."""
+    ex = Example("the first words are cut away, the question stays", ["a short choice", "x"], "", [" a", " b"], 0,
+                 " a")
+    task = ChoiceScoringTask(tokenizer, max_length=10)
+    batch = task.collate([ex])
+    context, choice = ids(tokenizer, ex.context), ids(tokenizer, ex.choice_texts[0])
+    n = int(batch["attention_mask"][0].sum())
+    assert n == 10
+    expected = [tokenizer.cls_token_id, *context[-(10 - 3 - len(choice)):], tokenizer.sep_token_id, *choice,
+                tokenizer.sep_token_id]
+    assert batch["input_ids"][0, :n].tolist() == expected
+    assert batch["token_type_ids"][0, :n].tolist() == [0] * (n - len(choice) - 1) + [1] * (len(choice) + 1)
+    for too_small in (1, 4):  # 1 is fewer than the pair's 3 special tokens: the tokenizer would not cut at all
+        with pytest.raises(ConfigError, match=rf"max_length \({too_small}\) leaves no room .* at least 5"):
+            ChoiceScoringTask(tokenizer, max_length=too_small)
+    tight = ChoiceScoringTask(tokenizer, max_length=5).collate([ex])  # one context token, one choice token
+    assert tight["input_ids"][0].tolist() == [tokenizer.cls_token_id, context[-1], tokenizer.sep_token_id,
+                                              choice[0], tokenizer.sep_token_id]
 
 
 def test_build_task(tokenizer):

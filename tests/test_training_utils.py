@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from adamole_dist.data.sampler import ShardedBatches
-from adamole_dist.ops.metrics_log import MetricsLogger, read_metrics
+from adamole_dist.ops.metrics_log import MetricsLogger, read_metrics, truncate_metrics
 from adamole_dist.train.checkpoint import list_checkpoints, resolve_checkpoint, tag_for, write_latest
 from adamole_dist.train.expert_optimizer import ExpertOptimizer
 from adamole_dist.train.schedule import lr_lambda, warmup_steps_for
@@ -111,6 +111,47 @@ def test_metrics_logger_writes_jsonl(tmp_path):
     assert recs[0]["layers"]["a"]["mean_active_experts"] == 2.0 and recs[1]["accuracy"] == 0.75
     MetricsLogger(tmp_path / "other", "jsonl", enabled=False, run_config={}, project="x").log(1, "train", {})
     assert not (tmp_path / "other").exists()
+
+
+def test_a_cut_short_last_metrics_line_is_skipped_and_damage_named(tmp_path, capsys):
+    """A run killed mid-write leaves a partial last line: reading and the resume's truncation skip it
+    (saying so); a bad line before the last is damage, named by file and line."""
+    path = tmp_path / "metrics.jsonl"
+    whole = [json.dumps({"step": s, "kind": "train", "task_loss": 1.0}) for s in (1, 2, 3)]
+    path.write_text("\n".join(whole) + '\n{"step": 4, "ki')
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
+    assert f"{path} line 4 is cut short" in capsys.readouterr().err
+    truncate_metrics(path, 2)
+    assert path.read_text() == "\n".join(whole[:2]) + "\n"
+    path.write_text(whole[0] + '\n{"step": 2\n' + whole[2] + "\n")
+    with pytest.raises(ValueError, match=rf"{path} line 2 is not valid JSON"):
+        read_metrics(path)
+
+
+def test_a_repeated_stop_signal_is_a_note_not_an_interrupt(capfd):
+    """Ctrl-C twice (or torchrun forwarding the terminal's one to a rank that got it already): the stop
+    under way is kept, rank 0 says so once; after the stop, signals are ignored until the exit."""
+    import signal
+
+    from adamole_dist.ops.stopping import StopSignal
+
+    stop = StopSignal(announce=True)
+    for _ in range(3):
+        stop._handle(signal.SIGINT, None)
+    stop._handle(signal.SIGTERM, None)
+    assert stop.received == signal.SIGINT
+    assert capfd.readouterr().err.count("SIGINT: a stop is already under way (checkpoint, then exit 75)") == 1
+    quiet = StopSignal(announce=False)
+    quiet._handle(signal.SIGINT, None)
+    quiet._handle(signal.SIGINT, None)
+    assert capfd.readouterr().err == ""
+    before = {sig: signal.getsignal(sig) for sig in StopSignal.SIGNALS}
+    try:
+        stop.settle()
+        assert all(signal.getsignal(sig) == signal.SIG_IGN for sig in StopSignal.SIGNALS)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def test_checkpoint_pointer_helpers(tmp_path):
@@ -264,3 +305,36 @@ def test_expert_shards_of_either_orientation_read_in_file_orientation(tmp_path):
     assert torch.equal(got_old["m.experts.0.lora_B"], B_RO.t()) and torch.equal(got_new["m.experts.0.lora_B"], B_RO.t())
     assert torch.equal(got_old["m.experts.0.lora_B.exp_avg"], (B_RO + 1).t())
     assert torch.equal(got_old["m.experts.0.lora_A"], B_RO) and got_old["m.experts.0.lora_B.step"].shape == (1,)
+
+
+def test_check_complete_names_a_missing_file_or_expert(tmp_path):
+    """Every file the manifest names, every expert of every layer; a checkpoint from before manifests
+    is checked against the layers and experts its shards hold."""
+    from conftest import make_tiny_llama
+    from safetensors.torch import load_file, save_file
+
+    from adamole_dist import AdapterConfig, inject_adapters
+    from adamole_dist.train.checkpoint import MANIFEST, check_complete, save_checkpoint
+
+    adapters = inject_adapters(make_tiny_llama(), AdapterConfig(num_experts=4, rank=2))
+    opt = ExpertOptimizer(adapters.expert_parameters(), lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                          max_grad_norm=0.0, lr_lambda=lambda s: 1.0, world_size=1)
+    state = {"step": 5, "config": {"adapter": {"num_experts": 4}}}
+    ckpt = save_checkpoint(tmp_path, 5, CrashingEngine(False), adapters, opt, state, rank=0, expert_writer=True,
+                           expert_shard=0, keep=2)
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    assert "experts_ep0.safetensors" in manifest["files"] and "mp_rank_00_model_states.pt" in manifest["files"]
+    assert manifest["expert_layers"] == sorted(adapters.expert_banks) and manifest["num_experts"] == 4
+    assert check_complete(ckpt) is None
+    shard = ckpt / "experts_ep0.safetensors"
+    tensors = load_file(str(shard))
+    layer = sorted(adapters.expert_banks)[-1]
+    save_file({k: v for k, v in tensors.items() if not k.startswith(f"{layer}.experts.3.")}, str(shard))
+    assert check_complete(ckpt) == f"expert 3 of {layer} (lora_A) is in none of its experts_ep*.safetensors"
+    (ckpt / MANIFEST).unlink()  # as before manifests: the other layers still say there are 4 experts
+    assert check_complete(ckpt) == f"expert 3 of {layer} (lora_A) is in none of its experts_ep*.safetensors"
+    save_file(tensors, str(shard))
+    assert check_complete(ckpt) is None
+    (ckpt / MANIFEST).write_text(json.dumps(manifest))
+    (ckpt / "rng_rank0.pt").unlink()
+    assert check_complete(ckpt) == f"{ckpt / 'rng_rank0.pt'} is missing (named in its {MANIFEST})"

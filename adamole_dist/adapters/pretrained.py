@@ -9,41 +9,16 @@ Unlike training, the expert banks are registered in the module tree (Adapters.re
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from adamole_dist.adapters.files import CONFIG_NAME, WEIGHTS_NAME, load_adapter
+from adamole_dist.adapters.files import CONFIG_NAME, load_adapter, read_adapter_config
 from adamole_dist.adapters.model_loading import load_model_and_tokenizer
-from adamole_dist.config.adapter import AdapterConfig
 from adamole_dist.config.fields import ConfigError
 
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
-
-
-def read_adapter_doc(adapter_dir: str | Path) -> dict:
-    """The adapter directory's config document, validated; ConfigError naming the path otherwise."""
-    folder = Path(adapter_dir)
-    if not folder.is_dir():
-        raise ConfigError(f"adapter directory {folder} does not exist")
-    path = folder / CONFIG_NAME
-    if not path.is_file():
-        raise ConfigError(f"{path} not found: {folder} is not an adapter directory")
-    if not (folder / WEIGHTS_NAME).is_file():
-        raise ConfigError(f"{folder / WEIGHTS_NAME} not found: the adapter directory has no weights")
-    try:
-        doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("adapter"), dict):
-        raise ConfigError(f"{path} holds no adapter configuration (an object under \"adapter\")")
-    try:
-        AdapterConfig.from_dict(doc["adapter"])
-    except (ConfigError, TypeError, ValueError) as e:
-        raise ConfigError(f"{path}: {e}") from None
-    return doc
 
 
 def base_model_of(doc: dict, adapter_dir: Path) -> str:
@@ -93,7 +68,7 @@ def from_pretrained(adapter_dir: str | Path, *, model: str | Path | nn.Module | 
     does not fit): ConfigError naming the path.
     """
     folder = Path(adapter_dir)
-    doc = read_adapter_doc(folder)
+    doc = read_adapter_config(folder)
     if isinstance(model, nn.Module):
         net = model
         if dtype is not None:

@@ -22,6 +22,31 @@ from adamole_dist.config.training import TrainConfig
 LAUNCHER_FLAGS = ("--local_rank", "--local-rank")  # added by the deepspeed launcher / old torchrun
 
 
+class DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, first: yaml.Mark, again: yaml.Mark) -> None:
+        super().__init__(f"{key!r} is given twice (lines {first.line + 1} and {again.line + 1})")
+        self.key = key
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader refusing a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *base' keys may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: the base constructor names it
+                    continue
+                if first is not key_node.start_mark:
+                    raise DuplicateKey(key, first, key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def metavar(hint) -> str | None:
     """INT, FLOAT, FLOAT|none ... for --help (text fields keep argparse's default)."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -89,7 +114,9 @@ def load_recipe(path: Path, train_names: list[str], adapter_names: list[str]) ->
     if not path.is_file():
         raise ConfigError(f"config ({path}) is not a file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=UniqueKeyLoader) or {}
+    except DuplicateKey as e:
+        raise ConfigError(f"config ({path}): {e}; keep one") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -108,6 +135,9 @@ def load_recipe(path: Path, train_names: list[str], adapter_names: list[str]) ->
         if key in train_names:
             train_kw[key] = value
         elif key in adapter_names:
+            if key in adapter:
+                raise ConfigError(f"config ({path}): {key!r} is given twice (at the top level and under "
+                                  "adapter:); keep one")
             adapter_kw[key] = value
         else:
             raise ConfigError(f"config ({path}): unknown option {key!r}")

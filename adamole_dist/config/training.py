@@ -24,6 +24,7 @@ MC_DATA_FORMATS = ("instruction", "mc")  # data/formats.py: multiple choice
 SFT_DATA_FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")  # data/conversations.py
 LOSS_ON = ("auto", "answer", "full", "assistant", "all")  # answer|full: multiple choice; assistant|all: free-form
 TRUNCATIONS = ("drop", "error")  # data/sft_render.py
+MAX_SEED = 2**32 - 1  # numpy's seed range (random and torch take more)
 
 
 @dataclass(kw_only=True)
@@ -39,8 +40,9 @@ class TrainConfig:
     trainable_modules: list = opt([], "extra modules trained in full (task head); default: the "
                                   "classification head for seq_cls, none for causal_lm")
     # -- data -----------------------------------------------------------------------------
-    dataset: str = opt("builtin:word_categories", "directory with {split}.json/.jsonl/.csv/.parquet, a file, "
-                       "a hub id (online only), or builtin:word_categories (generated)")
+    dataset: str = opt("builtin:word_categories", "directory with {split}.json/.jsonl/.csv/.parquet, a hub id "
+                       "(online only), or builtin:word_categories (generated); not a single file, which would "
+                       "be its own held-out split")
     data_format: str = opt("auto", "record format, detected from the first record by default: multiple choice "
                            "(instruction = LLM-Adapters records with an answer field, mc = question/choices/answerKey) "
                            "or free-form for decoders (alpaca = instruction/input/output, sharegpt = conversations "
@@ -122,10 +124,11 @@ class TrainConfig:
     max_steps: int = opt(300, "optimizer steps to run; 0 = derive from epochs")
     micro_batch_size: int = opt(8, "examples per rank per forward pass")
     gradient_accumulation_steps: int = opt(1, "micro batches per optimizer step")
-    seed: int = opt(42, "random seed (model init, data order, dropout)")
+    seed: int = opt(42, f"random seed (model init, data order, dropout), 0 to {MAX_SEED}")
     # -- run management ------------------------------------------------------------------
     output_dir: str = opt("runs/default", "where checkpoints, metrics and the adapter go")
-    overwrite: bool = opt(False, "reuse an output_dir that holds a different run, deleting its contents")
+    overwrite: bool = opt(False, "reuse an output_dir that holds a different run, deleting that run (refused "
+                          "with resume, and when the directory holds files the trainer did not write)")
     resume: str = opt("", "resume from 'latest' (the newest checkpoint in output_dir) or a checkpoint directory")
     save_interval: int = opt(100, "save a checkpoint every N optimizer steps (0 = only at the end)")
     keep_checkpoints: int = opt(2, "newest checkpoints kept on disk")
@@ -196,6 +199,15 @@ class TrainConfig:
                               f"ep_size ({self.ep_size})")
         if not self.output_dir:
             raise ConfigError("output_dir must not be empty")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed ({self.seed}) must be in [0, {MAX_SEED}]")
+        if self.resume and self.overwrite:  # --overwrite would delete the run that --resume continues
+            raise ConfigError(f"overwrite and resume ({self.resume}) contradict each other: --overwrite deletes the "
+                              "run in output_dir, --resume continues it; pass only one")
+        if Path(self.dataset).expanduser().is_file():
+            raise ConfigError(f"dataset ({self.dataset}) is a single file: it would be both the training split and "
+                              f"the held-out evaluation split; put the splits in a directory as "
+                              f"{self.train_split}.json and {self.eval_split}.json (or .jsonl, .csv, .parquet)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -6,6 +6,10 @@ Under ZeRO-3 every forward gathers parameters collectively, so every rank must r
 number of forward passes: shards are padded to equal length by repeating an example, and the
 repeats are not counted. Each ``task.predict`` call is one forward, so equal shards and equal
 batch sizes mean equal forwards.
+
+``stop``, where given, is asked after every batch (and sample) whether to give up: a collective
+the caller makes agree across ranks (the trainer's stop-signal flag), so every rank leaves at the
+same batch, raising EvaluationStopped. A preemption warning is shorter than a long evaluation.
 """
 
 from __future__ import annotations
@@ -18,6 +22,19 @@ import torch
 
 from adamole_dist.adapters.files import gathered
 from adamole_dist.data import Example
+
+
+class EvaluationStopped(Exception):
+    """``stop`` answered yes after batch (or sample) ``done`` of ``total``."""
+
+    def __init__(self, done: int, total: int) -> None:
+        super().__init__(f"stopped after {done} of {total}")
+        self.done, self.total = done, total
+
+
+def check_stop(stop: Callable[[], bool] | None, done: int, total: int) -> None:
+    if stop is not None and done < total and stop():
+        raise EvaluationStopped(done, total)
 
 
 def shard_examples(examples: list[Example], rank: int, world_size: int) -> tuple[list[Example], int]:
@@ -38,7 +55,7 @@ def _length_proxy(ex: Example) -> int:
 
 
 def count_correct(model, task, shard: list[Example], counted: int, batch_size: int,
-                  progress=None) -> dict[str, int]:
+                  progress=None, stop=None) -> dict[str, int]:
     """Correct predictions by metric ("acc", and "acc_norm" where the task scores it) among the first
     ``counted`` examples; padding repeats run but don't count.
 
@@ -54,6 +71,7 @@ def count_correct(model, task, shard: list[Example], counted: int, batch_size: i
             correct[metric] += sum(int(p == shard[i].label) for i, p in zip(chunk, preds.tolist()) if i < counted)
         if progress is not None:
             progress(b + 1, batches)
+        check_stop(stop, b + 1, batches)
     return correct
 
 
@@ -68,18 +86,19 @@ def evaluate_accuracy(
     world_size: int = 1,
     all_reduce: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> dict:
     """{"accuracy", "correct", "total"} over all ranks, plus {"acc_norm", "correct_norm"} where the
     task scores length-normalised likelihoods; ``all_reduce`` sums a tensor across ranks
     (its return value is used when it returns a tensor, else the tensor is taken as reduced in place);
-    ``progress(batches done, batches)`` is called after every batch."""
+    ``progress(batches done, batches)`` is called after every batch, then ``stop`` (module docstring)."""
     if batch_size < 1:
         raise ValueError(f"batch_size ({batch_size}) must be >= 1")
     shard, counted = shard_examples(examples, rank, world_size)
     was_training = model.training
     model.eval()
     try:
-        correct = count_correct(model, task, shard, counted, batch_size, progress)
+        correct = count_correct(model, task, shard, counted, batch_size, progress, stop)
     finally:
         model.train(was_training)
     metrics = sorted(correct)  # the task's metrics: the same on every rank
@@ -117,6 +136,7 @@ def evaluate_loss(
     world_size: int = 1,
     all_reduce: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> dict:
     """{"eval_loss", "perplexity", "eval_tokens", "total"}: the summed target-token loss over every
     rank's shard divided by the target tokens over every rank (each example once: shard padding
@@ -139,6 +159,7 @@ def evaluate_loss(
             tokens += float(counts[keep].sum())
             if progress is not None:
                 progress(b + 1, batches)
+            check_stop(stop, b + 1, batches)
     finally:
         model.train(was_training)
     totals = torch.tensor([loss_sum, tokens, float(counted)], dtype=torch.float64, device=task.device_for(model))
@@ -153,9 +174,9 @@ def evaluate_loss(
 
 @torch.no_grad()
 def greedy_samples(model, task, prompts: list[tuple[list[int], str]], max_new_tokens: int, *,
-                   world_size: int = 1) -> list[dict]:
+                   world_size: int = 1, stop: Callable[[], bool] | None = None) -> list[dict]:
     """{"prompt", "completion", "reference"} texts of each (prompt ids, reference) greedy continuation.
-    Collective under ZeRO-3: every rank calls it with the same prompts."""
+    Collective under ZeRO-3: every rank calls it with the same prompts. ``stop`` is asked after each."""
     was_training = model.training
     model.eval()
     out = []
@@ -168,6 +189,7 @@ def greedy_samples(model, task, prompts: list[tuple[list[int], str]], max_new_to
                 new = task.greedy_completion(model, ids, max_new_tokens, synced=world_size > 1)
                 out.append({"prompt": task.tokenizer.decode(ids), "completion": task.tokenizer.decode(new,
                             skip_special_tokens=False), "reference": reference})
+                check_stop(stop, len(out), len(prompts))
     finally:
         model.train(was_training)
     return out

@@ -186,10 +186,12 @@ def load_records(source: str, split: str) -> tuple[list[dict], str]:
         return _load_builtin(source, split), f"{source}[{split}]"
     path = Path(source).expanduser()
     if path.is_dir():
-        for suffix in DATA_SUFFIXES:
-            f = path / f"{split}{suffix}"
-            if f.is_file():
-                return _read_file(f), str(f)
+        found = [path / f"{split}{suffix}" for suffix in DATA_SUFFIXES if (path / f"{split}{suffix}").is_file()]
+        if len(found) > 1:  # which one is meant cannot be guessed
+            raise DataError(f"dataset {source}: split {split!r} is ambiguous: {' and '.join(f.name for f in found)} "
+                            "are both in this directory; keep one")
+        if found:
+            return _read_file(found[0]), str(found[0])
         raise DataError(f"dataset {source}: no {split}.json, .jsonl, .csv or .parquet in this directory")
     if path.is_file():
         if path.suffix.lower() not in DATA_SUFFIXES:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from adamole_dist.config.fields import ConfigError
 from adamole_dist.config.training import AUTOCASTS, LM_FRAMINGS
 from adamole_dist.data import Example
 
@@ -140,7 +141,8 @@ class CausalLMTask(Task):
         self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         self.prefix = self._special_prefix()
         if max_length < len(self.prefix) + 2:
-            raise ValueError(f"max_length ({max_length}) leaves no room for a prompt token and an answer token")
+            raise ConfigError(f"max_length ({max_length}) leaves no room for a prompt token and an answer token; "
+                              f"it must be at least {len(self.prefix) + 2}")
 
     def _special_prefix(self) -> list[int]:
         """Special ids the tokenizer puts before the text (BOS, or BERT's [CLS]); any it appends
@@ -256,7 +258,42 @@ class CausalLMTask(Task):
 # -- encoder choice scoring -----------------------------------------------------------------------------
 class ChoiceScoringTask(Task):
     """An encoder scores each (context, choice text) pair; cross entropy over an example's choices.
-    Examples with fewer choices are padded with empty pairs that ``choice_mask`` masks out."""
+    Examples with fewer choices are padded with empty pairs that ``choice_mask`` masks out.
+
+    Cut to ``max_length`` as the causal path cuts its prompt: the context from the LEFT (its end, the
+    question right before the choice, survives), the choice only when it alone would not fit beside
+    one context token, the pair's special tokens always kept."""
+
+    def __init__(self, tokenizer, max_length: int, device=None, autocast: str = "none") -> None:
+        super().__init__(tokenizer, max_length, device, autocast)
+        self.specials = tokenizer.num_special_tokens_to_add(pair=True)
+        if max_length < self.specials + 2:
+            raise ConfigError(f"max_length ({max_length}) leaves no room for a context token and a choice token "
+                              f"beside the {self.specials} special tokens of a (context, choice) pair; "
+                              f"it must be at least {self.specials + 2}")
+
+    def kept_positions(self, sequence_ids: list[int | None]) -> list[int]:
+        """Positions of an encoded pair that survive the cut (``sequence_ids``: 0 context, 1 choice,
+        None special)."""
+        context = [j for j, s in enumerate(sequence_ids) if s == 0]
+        choice = [j for j, s in enumerate(sequence_ids) if s == 1]
+        room = self.max_length - self.specials
+        choice = choice[: room - min(len(context), 1)]
+        context = tail(context, room - len(choice))
+        keep = set(context) | set(choice)
+        return [j for j, s in enumerate(sequence_ids) if s is None or j in keep]
+
+    def encode_pairs(self, contexts: list[str], choices: list[str]) -> dict:
+        """Padded encoder inputs of the (context, choice) pairs, each cut as the class docstring says."""
+        enc = self.tokenizer(contexts, choices)  # whole: the cut is ours (the tokenizer's keeps the context's start)
+        names = [k for k in ENCODER_INPUTS if k in enc]
+        rows = {k: [] for k in names}
+        for i in range(len(contexts)):
+            keep = self.kept_positions(enc.sequence_ids(i))
+            for k in names:
+                rows[k].append([enc[k][i][j] for j in keep])
+        pad = {"input_ids": self.tokenizer.pad_token_id, "attention_mask": 0, "token_type_ids": 0}
+        return {k: pad_right(rows[k], pad[k]) for k in names}
 
     def collate(self, examples: list[Example]) -> dict:
         width = max(len(ex.choice_texts) for ex in examples)
@@ -266,9 +303,7 @@ class ChoiceScoringTask(Task):
             contexts += [ex.context] * width
             choices += list(ex.choice_texts) + [""] * (width - n)
             mask.append([True] * n + [False] * (width - n))
-        enc = self.tokenizer(contexts, choices, padding=True, truncation="longest_first",
-                             max_length=self.max_length, return_tensors="pt")
-        batch = {k: enc[k] for k in ENCODER_INPUTS if k in enc}
+        batch = self.encode_pairs(contexts, choices)
         batch["choice_mask"] = torch.tensor(mask, dtype=torch.bool)
         batch["labels"] = torch.tensor([ex.label for ex in examples], dtype=torch.long)
         return batch

@@ -148,8 +148,10 @@ class _TokenizeBatch:
     """The map function: a batch of records -> columns input_ids, labels, length. A record the
     tokenize function returns None for (dropped by its truncation policy) yields no row."""
 
-    def __init__(self, tokenize_fn: Callable, columns: list[str], origin: str) -> None:
+    def __init__(self, tokenize_fn: Callable, columns: list[str], origin: str,
+                 record_indices: list[int] | None = None) -> None:
         self.tokenize_fn, self.columns, self.origin = tokenize_fn, columns, origin
+        self.record_indices = record_indices  # a subsample's indices in its file: errors name those
 
     def records(self, batch: dict) -> list[dict]:
         if self.columns == [RECORD_COLUMN]:
@@ -159,6 +161,8 @@ class _TokenizeBatch:
     def __call__(self, batch: dict, indices: list[int]) -> dict:
         out: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
         for index, record in zip(indices, self.records(batch)):
+            if self.record_indices is not None:
+                index = self.record_indices[index]
             try:
                 example = self.tokenize_fn(record)
             except DataError as e:
@@ -214,7 +218,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _build(records, tokenize_fn: Callable, key: dict, dest: Path, num_proc: int, origin: str) -> None:
+def _build(records, tokenize_fn: Callable, key: dict, dest: Path, num_proc: int, origin: str,
+           record_indices: list[int] | None = None) -> None:
     """Tokenise ``records`` into ``dest`` (see the module docstring for the atomic protocol)."""
     import datasets
 
@@ -237,7 +242,7 @@ def _build(records, tokenize_fn: Callable, key: dict, dest: Path, num_proc: int,
         bars = datasets.utils.logging.is_progress_bar_enabled()
         datasets.disable_progress_bars()  # carriage-return noise in a log file
         try:
-            mapped = source.map(_TokenizeBatch(tokenize_fn, columns, origin), batched=True, with_indices=True,
+            mapped = source.map(_TokenizeBatch(tokenize_fn, columns, origin, record_indices), batched=True, with_indices=True,
                                 remove_columns=columns, features=_features(), num_proc=workers if workers > 1 else None,
                                 cache_file_name=str(tmp / "map" / "tokens.arrow"), load_from_cache_file=False,
                                 new_fingerprint=dest.name[:32])  # no dill hashing of the tokenize function
@@ -317,7 +322,9 @@ def tokenized_split(records, tokenize_fn: Callable[[dict], dict | None], *, cach
     input_ids, labels, length; ``ds[i]`` is a dict), the same on every rank.
 
     records: the split's records (a list of dicts or a Dataset); only rank 0 reads them, so other
-        ranks may pass None. tokenize_fn: record -> {"input_ids", "labels"} or None to drop the
+        ranks may pass None. Or a function of no arguments that returns them, or ``(records,
+        indices)`` for a subsample (the records' indices in ``origin``, which errors then name):
+        rank 0 calls it only on a cache miss, so a hit reads no record at all. tokenize_fn: record -> {"input_ids", "labels"} or None to drop the
         record; picklable when num_proc > 1 (a functools.partial of a module-level function); a
         DataError it raises reaches every rank, naming ``origin`` and the record index.
     cache_key: what the tokens depend on (:func:`cache_key`); the tokenize function's code is added.
@@ -333,9 +340,11 @@ def tokenized_split(records, tokenize_fn: Callable[[dict], dict | None], *, cach
         if _is_complete(dest, key):
             print(f"token cache hit: {dest}", flush=True)
         else:
-            if records is None:
+            loaded = records() if callable(records) else records
+            rows, indices = loaded if isinstance(loaded, tuple) else (loaded, None)
+            if rows is None:
                 raise ValueError("tokenized_split: rank 0 needs the records")
-            _build(records, tokenize_fn, key, dest, num_proc, origin)
+            _build(rows, tokenize_fn, key, dest, num_proc, origin, indices)
         return str(dest)
 
     dest = Path(_on_rank0_while_others_wait(ensure_built, rank, world_size, poll_s))

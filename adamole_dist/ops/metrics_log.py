@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -72,8 +73,35 @@ class MetricsLogger:
             self._tb.close()
 
 
+def metric_lines(path: str | Path) -> list[tuple[str, dict]]:
+    """(line, record) for each record of a metrics.jsonl. A last line that does not parse is skipped
+    with a warning: a run still writing, or killed in the middle of a write, leaves one, and every
+    record before it is whole. A bad line anywhere else is damage: ValueError naming file and line."""
+    path = Path(path)
+    lines = path.read_text(errors="replace").splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    out = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == len(lines):
+                print(f"warning: {path} line {n} is cut short (a run still writing, or killed mid-write, leaves "
+                      "one): skipped", file=sys.stderr)
+                break
+            raise ValueError(f"{path} line {n} is not valid JSON ({e.msg}, column {e.colno}); "
+                             "the file is damaged") from None
+        if not (isinstance(record, dict) and "step" in record and "kind" in record):
+            raise ValueError(f"{path} line {n} is not a metrics record (an object with step and kind)")
+        out.append((line, record))
+    return out
+
+
 def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [record for _, record in metric_lines(path)]
 
 
 def truncate_metrics(path: str | Path, last_step: int) -> None:
@@ -81,5 +109,5 @@ def truncate_metrics(path: str | Path, last_step: int) -> None:
     path = Path(path)
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    kept = [line for line, record in metric_lines(path) if record["step"] <= last_step]
     write_text_atomically(path, "".join(line + "\n" for line in kept))

@@ -3,15 +3,18 @@ never half-write the run record.
 
 ``check_output_dir`` runs before anything is written (and before the model loads): it refuses a
 directory that holds another run (unless --resume or --overwrite), a non-empty directory that is
-not one of our runs (even with --overwrite: it could be a parent folder of several runs), and a
-place this process cannot write. ``prepare_output_dir`` runs once the new run has validated; on
---overwrite it moves the old run aside, writes the new run record, and only then deletes the old.
+not one of our runs (even with --overwrite: it could be a parent folder of several runs), a run
+that also holds entries the trainer does not write (on --overwrite), a directory a live run holds
+(ops/run_lock.py), and a place this process cannot write. ``prepare_output_dir`` runs once the new
+run has validated and holds the lock; on --overwrite it moves the old run's entries aside, writes
+the new run record, and only then deletes the old.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -20,8 +23,15 @@ from pathlib import Path
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.config.training import TrainConfig
 from adamole_dist.ops.atomic_files import write_text_atomically
+from adamole_dist.ops.run_lock import LOCK_FILE, check_unlocked
 
 RUN_CONFIG = "run_config.json"
+# What the trainer (and launch/plot.py's default --out) writes into an output dir; --overwrite
+# replaces a run only when it holds nothing else.
+TRAINER_ENTRIES = {RUN_CONFIG, "metrics.jsonl", "final_metrics.json", "preempted.json", "checkpoints", "adapter",
+                   "wandb", "tensorboard", "plots", LOCK_FILE}
+REPLACED = ".replaced-"  # the old run's entries, moved aside while an --overwrite puts the new record in
+TEMPORARY = re.compile(r"^\.(?P<name>.+?)\.(tmp|tmp-\d+|old-\d+)$")  # ops/atomic_files.py's temporaries
 
 
 def comparable(config: dict) -> dict:
@@ -66,13 +76,24 @@ def check_output_dir(output_dir: Path, config: dict, *, overwrite: bool, resume:
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"output_dir ({output_dir}) exists and is not a directory")
     check_writable(output_dir)
-    if not output_dir.exists() or not any(output_dir.iterdir()):
+    if not output_dir.exists():
+        return
+    check_unlocked(output_dir)
+    if not [p for p in output_dir.iterdir() if p.name != LOCK_FILE]:
         return
     record = output_dir / RUN_CONFIG
     if not record.is_file():
         raise ConfigError(f"output_dir ({output_dir}) is not empty and holds no {RUN_CONFIG}: it is not one of "
                           "our runs (--overwrite replaces only a run made by this trainer); choose another directory")
     if overwrite:
+        # Refused rather than kept: files beside a run are usually about that run (notes, an export),
+        # so a replaced run would leave them describing a run that is gone; the user decides.
+        foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in output_dir.iterdir()
+                         if not is_trainer_entry(p.name))
+        if foreign:
+            raise ConfigError(f"--overwrite: output_dir ({output_dir}) also holds {', '.join(foreign)}, which this "
+                              "trainer did not write (--overwrite deletes only a run's own files); move "
+                              f"{'it' if len(foreign) == 1 else 'them'} out or choose another directory")
         return
     try:
         previous = json.loads(record.read_text())
@@ -91,14 +112,24 @@ def check_output_dir(output_dir: Path, config: dict, *, overwrite: bool, resume:
                       "--overwrite to replace it")
 
 
+def is_trainer_entry(name: str) -> bool:
+    temporary = TEMPORARY.match(name)
+    return (name in TRAINER_ENTRIES or name.startswith(REPLACED)
+            or bool(temporary and temporary["name"] in TRAINER_ENTRIES))
+
+
 def prepare_output_dir(output_dir: Path, config: dict, *, overwrite: bool) -> None:
-    """Rank 0, once the new run has validated: replace the old run on --overwrite (moved aside first,
-    deleted after the new record is in place), then record the run's config atomically."""
+    """Rank 0, once the new run has validated and holds the lock: replace the old run on --overwrite
+    (its entries moved aside first, deleted after the new record is in place; the lock stays), then
+    record the run's config atomically."""
     output_dir = Path(output_dir)
     old = None
-    if overwrite and output_dir.exists() and any(output_dir.iterdir()):
-        old = output_dir.with_name(f".{output_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-        os.replace(output_dir, old)
+    entries = [p for p in output_dir.iterdir() if p.name != LOCK_FILE] if output_dir.is_dir() else []
+    if overwrite and entries:
+        old = output_dir / f"{REPLACED}{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        old.mkdir()
+        for entry in entries:
+            os.replace(entry, old / entry.name)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomically(output_dir / RUN_CONFIG, json.dumps(config, indent=1, default=str))
     if old is not None:

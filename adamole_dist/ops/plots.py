@@ -45,7 +45,6 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
 
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir else run_dir / "plots"
-    out.mkdir(parents=True, exist_ok=True)
     records = read_metrics(run_dir / "metrics.jsonl")
     written = []
 
@@ -53,6 +52,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     evals = [r for r in records if r["kind"] == "eval"]
     if not train:
         raise ValueError(f"{run_dir / 'metrics.jsonl'} has no training records")
+    out.mkdir(parents=True, exist_ok=True)  # after the checks: a refused run dir gets no empty plots/
     fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 4), squeeze=False)
     ax = axes[0, 0]
     steps = [r["step"] for r in train]

@@ -1,9 +1,13 @@
 """Why a run stops early, and the exit codes launch/train.py maps them to.
 
-Stop requests (SIGTERM from SLURM's --signal or a preemption, SIGUSR1, a first Ctrl-C/SIGINT --
-a second one interrupts at once --, and the deepspeed launcher going away): the handler only
-sets a flag; the training loop agrees on it across ranks after each optimizer step, writes a
-checkpoint and leaves with EXIT_PREEMPTED so the job script can requeue.
+Stop requests (SIGTERM from SLURM's --signal or a preemption, SIGUSR1, Ctrl-C/SIGINT, and the
+deepspeed launcher going away): the handler only sets a flag; the training loop agrees on it
+across ranks after each optimizer step and after each evaluation batch, writes a checkpoint and
+leaves with EXIT_PREEMPTED so the job script can requeue. A second Ctrl-C changes nothing but a
+note: the stop is already as near as the next step or evaluation batch, and interrupting the
+checkpoint it is heading for would lose the run's progress instead (torchrun also forwards the
+terminal's Ctrl-C to ranks that got it already, so one press arrives twice). SIGKILL abandons a
+run without a checkpoint.
 
 The deepspeed runner (``deepspeed ...``) dies at once on SIGTERM without telling its child
 ``deepspeed.launcher.launch``, which goes on running the ranks; so under that launcher each rank
@@ -53,8 +57,9 @@ class Preempted(Exception):
 class StopSignal:
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True) -> None:
         self.received: int | None = None
+        self.announce = announce  # print the note on a repeated request (rank 0 only: one line, not one per rank)
 
     def install(self) -> "StopSignal":
         for sig in self.SIGNALS:
@@ -63,10 +68,20 @@ class StopSignal:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if signum == signal.SIGINT and self.received == signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.received = signum
+        if self.received is None:
+            self.received = signum
+        elif self.announce:
+            self.announce = False  # once
+            # os.write, not print: the signal may land while the main thread is inside a print to stderr
+            os.write(2, f"{signal.Signals(signum).name}: a stop is already under way (checkpoint, then exit "
+                        f"{EXIT_PREEMPTED}); SIGKILL abandons the run without one\n".encode())
+
+    def settle(self) -> None:
+        """The stop is done (checkpoint and marker written): later signals are ignored. Python puts the
+        default handlers back while the interpreter shuts down, and a Ctrl-C landing then would kill
+        the process (no exit 75) or raise KeyboardInterrupt in an exit hook; an ignored one cannot."""
+        for sig in self.SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
 
     def request(self, signum: int) -> None:
         """A stop request that did not come as a signal to this process (see LauncherWatch)."""

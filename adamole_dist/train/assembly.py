@@ -3,7 +3,8 @@
 Everything is validated before anything in the output directory is touched: the DeepSpeed config
 (against DeepSpeed's own model), data (free-form data is also rendered and tokenized here, so
 every bad record fails first), output dir, resume target, model and adapter targets. Then
-the output dir is prepared, the engine and expert optimizer are built, a checkpoint is loaded
+rank 0 locks the output dir (ops/run_lock.py; held until Run.close), checks it again under the
+lock and prepares it, the engine and expert optimizer are built, a checkpoint is loaded
 when resuming, and the metrics sinks are opened. The Trainer (loop.py) gets the finished Run and
 holds only loop state.
 """
@@ -28,7 +29,7 @@ from adamole_dist.adapters.model_loading import (default_trainable_modules, load
 from adamole_dist.config.deepspeed import build_ds_config, ds_config_source, validate_with_deepspeed, zero_stage
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.config.training import TrainConfig
-from adamole_dist.data import Example, load_examples
+from adamole_dist.data import DataError, Example, load_examples
 from adamole_dist.data.batching import check_packing_attention, pack_examples
 from adamole_dist.data.formats import SFT_FORMATS, load_records, resolve_format, subsample, to_examples
 from adamole_dist.data.sampler import ShardedBatches
@@ -40,6 +41,7 @@ from adamole_dist.data.sft_task import PackedRows
 from adamole_dist.data.tasks import build_task
 from adamole_dist.ops.metrics_log import MetricsLogger, truncate_metrics
 from adamole_dist.ops.output_dir import check_output_dir, prepare_output_dir
+from adamole_dist.ops.run_lock import RunLock
 from adamole_dist.ops.stopping import PREEMPTED_MARKER
 from adamole_dist.parallel import collectives
 from adamole_dist.parallel.calibration import calibrated_ep_size
@@ -107,6 +109,7 @@ class Run:
     resumed_from: Path | None
     data_format: str = "auto"  # the detected (or forced) record format
     sft: SFTData | None = None  # free-form data; None for multiple choice
+    lock: RunLock | None = None  # rank 0: the output dir's lock, held until close
 
     @property
     def ckpt_root(self) -> Path:
@@ -114,6 +117,8 @@ class Run:
 
     def close(self) -> None:
         self.logger.close()
+        if self.lock is not None:
+            self.lock.release()
 
 
 def seed_everything(seed: int) -> None:
@@ -129,8 +134,7 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
     ds_config = build_ds_config(cfg, info.world_size)
     validate_with_deepspeed(ds_config, ds_config_source(cfg))
     seed_everything(cfg.seed)
-    train_records, train_origin = load_records(cfg.dataset, cfg.train_split)
-    data_format = resolve_format(train_records, cfg.data_format, train_origin)
+    train_records, train_origin, data_format = read_train_split(cfg, info)
     sft = None
     if data_format in SFT_FORMATS:
         sft = load_sft_data(cfg, data_format, train_records, train_origin, info)
@@ -172,6 +176,8 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
         raise ConfigError(f"lm_framing ({cfg.lm_framing!r}) applies to causal_lm models; {model_path} is {task_type}")
     if cfg.packing:
         check_packing_attention(model)
+    task = build_task(task_type, tokenizer, cfg.max_length, cfg.loss_on, device, lm_framing=cfg.lm_framing,
+                      autocast=cfg.autocast, free_form=sft is not None)  # checks max_length against the tokenizer
     ep_size = cfg.ep_size or auto_ep_size(cfg, model, info, device)
     layout = build_layout(ep_size, cfg.adapter.num_experts)
     dispatcher = (ExpertParallelDispatcher(layout, wire_dtype(cfg.dispatch_dtype),
@@ -190,12 +196,21 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
     if cfg.adapter.aux_loss_scope == "global":
         adapters.context.dp_all_reduce = collectives.all_reduce_sum
         adapters.context.dp_world_size = info.world_size
-    if info.is_main:
-        prepare_output_dir(out, config_record, overwrite=cfg.overwrite)
-    collectives.barrier()
+    lock = None
+    if info.is_main:  # checked again under the lock: another run may have started or finished since
+        try:
+            lock = RunLock.take(out)
+            check_output_dir(out, config_record, overwrite=cfg.overwrite, resume=cfg.resume)
+        except ConfigError as e:
+            if lock is not None:
+                lock.release()
+            problem = str(e)
+        else:
+            prepare_output_dir(out, config_record, overwrite=cfg.overwrite)
+    problem = collectives.broadcast_object(problem, src=0)
+    if problem:
+        raise ConfigError(problem)
     adapters.expert_module.to(device)
-    task = build_task(task_type, tokenizer, cfg.max_length, cfg.loss_on, device, lm_framing=cfg.lm_framing,
-                      autocast=cfg.autocast, free_form=sft is not None)
 
     schedule = lr_lambda(cfg.lr_scheduler, total_steps, warmup_steps_for(total_steps, cfg.warmup_steps,
                                                                           cfg.warmup_ratio))
@@ -225,7 +240,7 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
               eval_examples=eval_examples, batches=batches, tokenizer=tokenizer, task_type=task_type,
               model_path=model_path, task=task, layout=layout, dispatcher=dispatcher, adapters=adapters,
               engine=engine, expert_opt=expert_opt, total_steps=total_steps, logger=logger, start=start,
-              resumed_from=resume_from, data_format=data_format, sft=sft)
+              resumed_from=resume_from, data_format=data_format, sft=sft, lock=lock)
     report_memory(run)
     if sft is not None:
         report_sft_data(run)
@@ -275,29 +290,59 @@ def render_spec(cfg: TrainConfig, data_format: str) -> RenderSpec:
                       alpaca_as_chat=cfg.alpaca_as_chat)
 
 
-def tokenized(records: list, spec: RenderSpec, origin: str, cfg: TrainConfig, limit: int,
+def read_train_split(cfg: TrainConfig, info: DistInfo) -> tuple[list | None, str, str]:
+    """(records, origin, data_format) of the training split. Free-form data through the token cache
+    is read by rank 0 alone (it tokenizes; the other ranks memory-map the cache: records None there);
+    multiple-choice data, or --no-token_cache, is read by every rank. A bad file stops every rank."""
+    if info.world_size == 1 or not cfg.token_cache:
+        records, origin = load_records(cfg.dataset, cfg.train_split)
+        return records, origin, resolve_format(records, cfg.data_format, origin)
+    records, state = None, None
+    if info.is_main:
+        try:
+            records, origin = load_records(cfg.dataset, cfg.train_split)
+            state = ("ok", origin, resolve_format(records, cfg.data_format, origin))
+        except (DataError, ConfigError) as e:
+            state = (type(e).__name__, str(e), None)
+    kind, origin, data_format = collectives.broadcast_object(state, src=0)
+    if kind != "ok":
+        raise (DataError if kind == "DataError" else ConfigError)(origin)
+    if data_format not in SFT_FORMATS and not info.is_main:
+        records, _ = load_records(cfg.dataset, cfg.train_split)
+    return records, origin, data_format
+
+
+def tokenized(records: list | None, spec: RenderSpec, origin: str, cfg: TrainConfig, limit: int,
               keep_records: bool = False, info: DistInfo | None = None) -> TokenizedSplit:
-    """The one place a split is tokenized: a whole split through the on-disk token cache (built once by
-    rank 0, memory-mapped by every rank), a subsample or the kept evaluation records in memory."""
-    whole = not limit or limit >= len(records)
-    if not (cfg.token_cache and whole and not keep_records and info is not None):
+    """The one place a split is tokenized: the training split (or its seeded subsample) through the
+    on-disk token cache (built once by rank 0, the only rank that holds ``records``; memory-mapped
+    by every rank), the kept evaluation records in memory."""
+    if not (cfg.token_cache and not keep_records and info is not None):
         return tokenize_split(records, spec, origin, truncation=cfg.truncation, limit=limit or None, seed=cfg.seed,
                               keep_records=keep_records)
     check_spec(spec)
-    normalised = normalise_records(records, spec.data_format, origin, alpaca_as_chat=spec.alpaca_as_chat)
     tokenizer = tokenizer_for(spec)
+    # Only rank 0's key counts (it alone looks the cache up): it alone knows whether limit cuts the split.
+    cut = bool(limit) and records is not None and limit < len(records)
     key = token_cache.cache_key(
         data_fingerprint=token_cache.data_fingerprint(origin), tokenizer=tokenizer,
         chat_template=chat_template_of(spec, tokenizer) if spec.is_chat else None, max_length=spec.max_length,
         packing=False,  # the cache holds examples; packed rows are planned from their lengths at start-up
         data_format=spec.data_format, loss_on=spec.loss_on, truncation=cfg.truncation,
-        alpaca_as_chat=spec.alpaca_as_chat)
+        alpaca_as_chat=spec.alpaca_as_chat, **({"subsample": [int(limit), int(cfg.seed)]} if cut else {}))
+
+    def validated_records():  # rank 0, on a cache miss: every record checked, then the seeded subsample
+        normalised = normalise_records(records, spec.data_format, origin, alpaca_as_chat=spec.alpaca_as_chat)
+        indices = subsample(list(range(len(normalised))), limit or None, cfg.seed)
+        return [normalised[i] for i in indices], indices
+
     examples = token_cache.tokenized_split(
-        normalised, functools.partial(tokenize_within_length, spec=spec, truncation=cfg.truncation), cache_key=key,
-        rank=info.rank, world_size=info.world_size, num_proc=cfg.tokenize_workers, origin=origin)
+        validated_records, functools.partial(tokenize_within_length, spec=spec, truncation=cfg.truncation),
+        cache_key=key, rank=info.rank, world_size=info.world_size, num_proc=cfg.tokenize_workers, origin=origin)
+    info_record = token_cache.cache_info(examples)
     if len(examples) == 0:
-        raise all_dropped(origin, len(normalised), spec.max_length)
-    return TokenizedSplit(examples, [], len(normalised) - len(examples), origin)
+        raise all_dropped(origin, info_record["records"], spec.max_length)
+    return TokenizedSplit(examples, [], info_record["dropped"], origin)
 
 
 def load_sft_data(cfg: TrainConfig, data_format: str, train_records: list, train_origin: str,
@@ -356,11 +401,14 @@ def plan_resume(cfg: TrainConfig, ckpt_root: Path, world_size: int) -> Path | No
         return None
     if note:
         print(f"--resume latest: {note}")
-    others = [p for p in ckpt_io.complete_checkpoints(path.parent) if p != path]
+    others = [p for p in ckpt_io.complete_checkpoints(path.parent) if p != path and ckpt_io.check_complete(p) is None]
     older = f"; the newest other complete checkpoint is {others[-1]} (--resume {others[-1]})" if others else ""
     broken = ckpt_io.check_readable(path)
     if broken:
         raise ConfigError(f"--resume: checkpoint {path} is damaged: {broken}{older}")
+    missing = ckpt_io.check_complete(path)
+    if missing:
+        raise ConfigError(f"--resume: checkpoint {path} is incomplete: {missing}{older}")
     state = json.loads((path / ckpt_io.STATE_FILE).read_text())
     if state["world_size"] != world_size:
         raise ConfigError(f"--resume: checkpoint {path} was written with world size {state['world_size']}, "

@@ -6,14 +6,16 @@ Layout of ``<output_dir>/checkpoints/step_0000100/``:
     trainer_state.json          step, data position, config
     balance_bias.safetensors    aux-loss-free balancing biases (when enabled)
     rng_rank<r>.pt              each rank's RNG states (dropout, data order)
+    manifest.json               every other file of the checkpoint, the expert layers and count
 Everything is written under a hidden temporary tag and renamed into place by rank 0 after a
 barrier; ``latest`` is replaced atomically last. A crash mid-save leaves the previous
 checkpoint and ``latest`` untouched. Re-saving an existing tag moves the old copy aside
 (``.replaced_step_N``) before the new one is renamed in, and deletes it only after: a crash in
 between leaves a complete copy, which ``resolve_checkpoint`` finds (and the next save restores).
-Before loading, every rank checks that every file of the checkpoint reads (``check_readable``),
-so a corrupt file is named, with the newest other complete checkpoint, instead of failing inside
-a collective load on one rank.
+Before loading, rank 0 checks that every file of the checkpoint reads (``check_readable``) and
+that nothing is missing (``check_complete``: every file the manifest names, every expert of every
+layer), so a damaged or incomplete checkpoint is named, with the newest other complete checkpoint,
+instead of failing inside a collective load.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from adamole_dist.train.expert_optimizer import ExpertOptimizer
 
 LATEST = "latest"
 BIAS_FILE = "balance_bias.safetensors"
+MANIFEST = "manifest.json"
+EXPERT_KEY_RE = re.compile(r"^(?P<layer>.+)\.experts\.(?P<gid>\d+)\.(?P<tensor>lora_A|lora_B)$")  # moe/experts.py
 TAG_RE = re.compile(r"^step_(\d+)$")
 REPLACED = ".replaced_"  # prefix of a tag moved aside while its re-save is renamed in
 
@@ -214,6 +218,44 @@ def check_readable(ckpt: Path) -> str | None:
     return None
 
 
+def check_complete(ckpt: Path) -> str | None:
+    """None if nothing is missing, else what is: a file the manifest names, or an expert of a layer.
+    A checkpoint from before manifests is checked against the layers and experts its shards hold."""
+    ckpt = Path(ckpt)
+    try:
+        manifest = json.loads((ckpt / MANIFEST).read_text()) if (ckpt / MANIFEST).is_file() else {}
+    except (OSError, ValueError) as e:
+        return f"{ckpt / MANIFEST} does not read ({type(e).__name__})"
+    missing = [f for f in manifest.get("files", []) if not (ckpt / f).is_file()]
+    if missing:
+        more = f", and {len(missing) - 1} more files," if len(missing) > 1 else ""
+        return f"{ckpt / missing[0]}{more} is missing (named in its {MANIFEST})"
+    keys: set[str] = set()
+    for f in ckpt.glob("experts_ep*.safetensors"):
+        try:
+            with safe_open(str(f), framework="pt") as shard:
+                keys.update(shard.keys())
+        except Exception as e:  # a damaged header (check_readable names it in detail)
+            return f"{f} does not read ({type(e).__name__})"
+    found = [m for m in map(EXPERT_KEY_RE.match, keys) if m]
+    layers = manifest.get("expert_layers") or sorted({m["layer"] for m in found})
+    total = manifest.get("num_experts") or max((int(m["gid"]) + 1 for m in found), default=0)
+    for layer in layers:
+        for gid in range(total):
+            for tensor in EXPERT_TENSORS:
+                if expert_key(layer, gid, tensor) not in keys:
+                    return f"expert {gid} of {layer} ({tensor}) is in none of its experts_ep*.safetensors"
+    return None
+
+
+def write_manifest(tmp_dir: Path, adapters: Adapters, trainer_state: dict) -> None:
+    """Rank 0, after every rank wrote its part: what ``check_complete`` later expects to find."""
+    files = sorted(p.relative_to(tmp_dir).as_posix() for p in tmp_dir.rglob("*") if p.is_file())
+    total = trainer_state.get("config", {}).get("adapter", {}).get("num_experts")
+    record = {"files": files, "expert_layers": sorted(adapters.expert_banks), "num_experts": total}
+    (tmp_dir / MANIFEST).write_text(json.dumps(record, indent=1))
+
+
 def save_checkpoint(
     root: Path,
     step: int,
@@ -252,6 +294,7 @@ def save_checkpoint(
     collectives.barrier()
     final = root / tag
     if rank == 0:
+        write_manifest(tmp_dir, adapters, trainer_state)
         aside = root / f"{REPLACED}{tag}"
         if final.exists():  # a re-save: the old copy stays complete until the new one is in place
             shutil.rmtree(aside, ignore_errors=True)

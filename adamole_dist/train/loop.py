@@ -3,7 +3,9 @@
 Each optimizer step is ``step.train_step`` (the same step the benchmarks time); after it, one
 collective tells every rank whether any rank saw a non-finite value or a stop signal. Logging,
 evaluation and checkpoints happen on their intervals; the run ends with a final evaluation, a
-checkpoint and the exported adapter.
+checkpoint and the exported adapter. Evaluation asks the same stop question after every batch: a
+stop signal during it checkpoints and exits at once, and the checkpoint records that its step's
+evaluation is still owed, which the resumed run then does first.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from adamole_dist.adapters.model_card import write_model_card
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.config.training import TrainConfig
 from adamole_dist.data.conversations import prompt_format
-from adamole_dist.data.evaluate import evaluate_accuracy, evaluate_loss, greedy_samples
+from adamole_dist.data.evaluate import EvaluationStopped, evaluate_accuracy, evaluate_loss, greedy_samples
+from adamole_dist.ops.atomic_files import write_text_atomically
 from adamole_dist.ops.host_memory import keep_freed_host_memory
 from adamole_dist.ops.metrics_log import read_metrics
 from adamole_dist.ops.stopping import NonFiniteLoss, Preempted, StopSignal, write_preempted_marker
@@ -54,6 +57,7 @@ class Trainer:
         self.progress = None  # the tqdm bar while the loop runs on a terminal (rank 0)
         self.loop_t0, self.loop_start_step = time.perf_counter(), self.step
         self.stop_signal = stop_signal or StopSignal().install()
+        self.evaluation_owed = False  # a stop interrupted this step's evaluation (recorded in the checkpoint)
 
     # -- one step ------------------------------------------------------------------------------
     def train_step(self, micro_batches: list[dict]) -> dict:
@@ -77,6 +81,10 @@ class Trainer:
                                 f"last good checkpoint: {last}")
         return stop > 0
 
+    def stop_agreed(self) -> bool:
+        """Did any rank get a stop signal? One collective: every rank asks at the same point."""
+        return collectives.sum_over_ranks([1.0 if self.stop_signal.requested else 0.0])[0] > 0
+
     # -- the loop ------------------------------------------------------------------------------
     def train(self) -> dict:
         cfg, run = self.cfg, self.run
@@ -85,6 +93,8 @@ class Trainer:
         run.adapters.train(True)
         if self.step == 0 and cfg.eval_at_start:
             self.initial_eval = self.evaluate(print_layers=False)
+        elif self.resumed_owing_evaluation() and self.step < run.total_steps:  # at the end, the final one does
+            self.evaluate()
         self.progress = progress = self.progress_bar()
         window = new_window()  # after the initial evaluation: its time is not training time
         self.loop_t0, self.loop_start_step = time.perf_counter(), self.step
@@ -109,12 +119,14 @@ class Trainer:
             if self.step % cfg.log_interval == 0 or self.step == run.total_steps:
                 self.log_window(window)
                 window = new_window()
-            if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step < run.total_steps:
+            eval_due = bool(cfg.eval_interval) and self.step % cfg.eval_interval == 0 and self.step < run.total_steps
+            if stop_requested:  # now, not after an evaluation a preemption warning may not outlast
+                self.evaluation_owed = eval_due
+                self.stop_for_requeue()
+            if eval_due:
                 self.evaluate()
             if cfg.save_interval and self.step % cfg.save_interval == 0 and self.step < run.total_steps:
                 self.save()
-            if stop_requested:
-                self.stop_for_requeue()
         if progress is not None:
             progress.close()
             self.progress = None
@@ -128,7 +140,15 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------
     def trainer_state(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "world_size": self.info.world_size, "config": self.cfg.to_dict()}
+                "world_size": self.info.world_size, "config": self.cfg.to_dict(),
+                "evaluation_owed": self.evaluation_owed}
+
+    def resumed_owing_evaluation(self) -> bool:
+        """The checkpoint this run resumed from was written by a stop during its step's evaluation."""
+        if self.run.resumed_from is None:
+            return False
+        state = json.loads((self.run.resumed_from / ckpt_io.STATE_FILE).read_text())
+        return bool(state.get("evaluation_owed"))
 
     def save(self) -> None:
         run = self.run
@@ -150,6 +170,7 @@ class Trainer:
             write_preempted_marker(self.run.out, self.step, self.last_checkpoint, self.stop_signal.received)
             print(f"[step {self.step}] stop signal received: checkpoint written, exiting for a requeue", flush=True)
         collectives.barrier()  # the marker exists before any rank exits (and srun kills the rest)
+        self.stop_signal.settle()
         raise Preempted(self.step, self.last_checkpoint)
 
     def export_adapter(self, final: dict | None = None) -> None:
@@ -175,9 +196,15 @@ class Trainer:
         run = self.run
         run.adapters.context.pop_stats()  # drop partial training statistics
         score = evaluate_loss if run.sft is not None else evaluate_accuracy
-        result = score(run.engine, run.task, run.eval_examples, self.cfg.eval_batch_size,
-                       rank=self.info.rank, world_size=self.info.world_size,
-                       all_reduce=collectives.all_reduce_sum, progress=self.eval_progress())
+        try:
+            result = score(run.engine, run.task, run.eval_examples, self.cfg.eval_batch_size,
+                           rank=self.info.rank, world_size=self.info.world_size,
+                           all_reduce=collectives.all_reduce_sum, progress=self.eval_progress(),
+                           stop=self.stop_agreed)
+        except EvaluationStopped as e:
+            self.say(f"[step {self.step}] stop signal: evaluation stopped after batch {e.done}/{e.total}")
+            self.evaluation_owed = True
+            self.stop_for_requeue()
         routing = routing_over_ranks(run.adapters.context.pop_stats(), self.cfg.adapter.has_tau)
         metrics = {**result, **routing["overall"]}
         active = f" mean active experts {routing['overall']['mean_active_experts']:.2f}" if routing["layers"] else ""
@@ -199,8 +226,12 @@ class Trainer:
         """Greedy completions of the fixed evaluation prompts (every rank generates: ZeRO-3 gathers
         are collective), printed and logged by rank 0; their routing is not evaluation's."""
         run = self.run
-        samples = greedy_samples(run.engine, run.task, run.sft.sample_prompts, self.cfg.max_new_tokens_eval,
-                                 world_size=self.info.world_size)
+        try:
+            samples = greedy_samples(run.engine, run.task, run.sft.sample_prompts, self.cfg.max_new_tokens_eval,
+                                     world_size=self.info.world_size, stop=self.stop_agreed)
+        except EvaluationStopped as e:  # the evaluation itself is logged: only this step's samples are lost
+            self.say(f"[step {self.step}] stop signal: samples stopped after {e.done}/{e.total}")
+            self.stop_for_requeue()
         run.adapters.context.pop_stats()
         for k, s in enumerate(samples):
             self.say(f"[step {self.step}] sample {k}: {s['prompt'][-200:]!r} -> {s['completion']!r}")
@@ -296,10 +327,15 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, info: DistInfo, stop_signal: StopSignal | None = None) -> dict:
-    """Build the run, train it, close its sinks (collective: every rank of ``info``'s world)."""
+    """Build the run, train it, write final_metrics.json, close its sinks and release its output dir
+    (collective: every rank of ``info``'s world)."""
     run = build_run(cfg, info)
     try:
-        return Trainer(run, stop_signal).train()
+        result = Trainer(run, stop_signal).train()
+        if info.is_main:  # inside the run's life: its output-dir lock still held
+            final = {k: v for k, v in result.items() if k != "layers"}
+            write_text_atomically(run.out / "final_metrics.json", json.dumps(final, indent=1))
+        return result
     finally:
         run.close()
 
@@ -313,7 +349,7 @@ def run_training(cfg: TrainConfig) -> dict:
     watchdog = PeerWatchdog(info.rank, info.world_size, timeout_s=cfg.peer_timeout)
     if cfg.peer_timeout > 0:
         watchdog.start()
-    stop_signal = StopSignal().install()  # before set-up: a signal during a long model load is kept
+    stop_signal = StopSignal(announce=info.is_main).install()  # before set-up: a signal during the load is kept
     try:
         result = train(cfg, info, stop_signal)
     except (ConfigError, NonFiniteLoss, Preempted):
@@ -326,9 +362,6 @@ def run_training(cfg: TrainConfig) -> dict:
             watchdog.wait_for_verdict()
         watchdog.publish_failure(f"{type(e).__name__}: {e}")
         raise
-    if info.is_main:
-        final = {k: v for k, v in result.items() if k != "layers"}
-        (Path(cfg.output_dir) / "final_metrics.json").write_text(json.dumps(final, indent=1))
     collectives.barrier()  # everyone is done before the watchdogs (and rank 0's store) go away
     watchdog.stop()
     shutdown_distributed()
