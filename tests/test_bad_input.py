@@ -103,6 +103,19 @@ def snapshot(root: Path) -> dict:
     return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else "dir") for p in sorted(root.rglob("*"))}
 
 
+def refused_leaving_out_unchanged(out, *args, expect: list[str]) -> None:
+    """train.py with ``args`` exits 2 with one error line holding every ``expect`` part, no
+    traceback, and ``out`` byte-identical afterwards."""
+    before = snapshot(out)
+    proc = run(python_cmd("--output_dir", str(out), *BASE, *args), timeout=300)
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    message = proc.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for part in expect:
+        assert part in message, f"{part!r} not in {message!r}"
+    assert snapshot(out) == before, "the output directory changed"
+
+
 def existing_run(out: Path, config: dict | None = None) -> None:
     """A previous run of this trainer: record, metrics, a checkpoint."""
     (out / "checkpoints" / "step_0000005").mkdir(parents=True)
@@ -215,14 +228,7 @@ def test_bad_input_changes_nothing(tmp_path, name, monkeypatch):
     setup, expect = CASES[name]
     out = tmp_path / "run"
     extra = setup(tmp_path, out)
-    before = snapshot(out)
-    proc = run(python_cmd("--output_dir", str(out), *BASE, *extra), timeout=300)
-    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
-    message = proc.stderr.strip().splitlines()[-1]
-    assert message.startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    for part in expect:
-        assert part in message, f"{part!r} not in {message!r}"
-    assert snapshot(out) == before, "the output directory changed"
+    refused_leaving_out_unchanged(out, *extra, expect=expect)
 
 
 def test_resume_with_overwrite_leaves_a_real_run_resumable(tmp_path):
@@ -513,12 +519,5 @@ def test_bad_model_input_changes_nothing(tmp_path, name, monkeypatch):
     out = tmp_path / "run"
     existing_run(out)
     extra = setup(tmp_path)
-    before = snapshot(out)
-    proc = run(python_cmd("--output_dir", str(out), *BASE, "--overwrite", *extra), timeout=300)
-    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
-    message = proc.stderr.strip().splitlines()[-1]
-    assert message.startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    for part in expect:
-        assert part in message, f"{part!r} not in {message!r}"
-    assert snapshot(out) == before, "the output directory changed"
+    refused_leaving_out_unchanged(out, "--overwrite", *extra, expect=expect)
     assert not [p for p in cache.rglob("*") if p.is_file()], "left in the model cache"

@@ -39,6 +39,7 @@ from adamole_dist.adapters.gguf_cache import cache_home
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.data.formats import DataError
 from adamole_dist.data.tasks import IGNORE
+from adamole_dist.ops.run_lock import process_alive
 from adamole_dist.parallel import collectives
 
 # Bump when the layout of a cache folder or the meaning of its columns changes.
@@ -204,18 +205,8 @@ def _remove_dead_builds(dest: Path) -> None:
     host = socket.gethostname()
     for tmp in dest.parent.glob(_tmp_prefix(dest) + "*"):
         owner = tmp.name[len(_tmp_prefix(dest)):].rsplit("-", 2)  # host, pid, mkdtemp's random part
-        if len(owner) == 3 and owner[0] == host and owner[1].isdigit() and not _alive(int(owner[1])):
+        if len(owner) == 3 and owner[0] == host and owner[1].isdigit() and not process_alive(int(owner[1])):
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def _build(records, tokenize_fn: Callable, key: dict, dest: Path, num_proc: int, origin: str,

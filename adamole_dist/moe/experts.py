@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 
 import torch
 import torch.nn as nn
@@ -181,6 +182,10 @@ EXPERT_TENSORS = ("lora_A", "lora_B")
 
 def expert_key(module: str, expert_id: int, tensor: str) -> str:
     return f"{module}.experts.{expert_id}.{tensor}"
+
+
+# expert_key's inverse: groups layer, gid, tensor
+EXPERT_KEY_RE = re.compile(r"^(?P<layer>.+)\.experts\.(?P<gid>\d+)\.(?P<tensor>lora_A|lora_B)$")
 
 
 def file_orientation(tensor: str, t: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,8 @@ LOCK_FILE = ".run.lock"
 NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)  # a filesystem without flock
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this host has the pid (one of another user counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -67,7 +68,7 @@ def _held_by_someone_else(locked: bool | None, owner: dict) -> bool:
         return not locked
     if not owner:
         return False
-    return owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int) or _alive(owner["pid"])
+    return owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int) or process_alive(owner["pid"])
 
 
 def in_use_error(output_dir: Path, owner: dict) -> ConfigError:

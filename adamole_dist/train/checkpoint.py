@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from adamole_dist.adapters.handle import Adapters
 from adamole_dist.config.training import STATE_FILE
-from adamole_dist.moe.experts import EXPERT_TENSORS, expert_key, file_orientation
+from adamole_dist.moe.experts import EXPERT_KEY_RE, EXPERT_TENSORS, expert_key, file_orientation
 from adamole_dist.ops.atomic_files import write_text_atomically
 from adamole_dist.parallel import collectives
 from adamole_dist.train.expert_optimizer import ExpertOptimizer
@@ -42,7 +42,6 @@ from adamole_dist.train.expert_optimizer import ExpertOptimizer
 LATEST = "latest"
 BIAS_FILE = "balance_bias.safetensors"
 MANIFEST = "manifest.json"
-EXPERT_KEY_RE = re.compile(r"^(?P<layer>.+)\.experts\.(?P<gid>\d+)\.(?P<tensor>lora_A|lora_B)$")  # moe/experts.py
 TAG_RE = re.compile(r"^step_(\d+)$")
 REPLACED = ".replaced_"  # prefix of a tag moved aside while its re-save is renamed in
 
