@@ -35,7 +35,7 @@ setup: $(VENV)/.installed
 
 # Convert SmolLM2-135M from its GGUF into the model cache once (a first run would do it itself, ~25 s).
 models: setup
-	$(PY) -c "from adamole_dist.adapters.model_loading import resolve_model_path as r; print(r('smollm2-135m'))"
+	$(PY) -c "from adamole_dist.base_model.model_loading import resolve_model_path as r; print(r('smollm2-135m'))"
 
 train: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH deepspeed launch/train.py --ds_config ds_configs/zero3.json --overwrite $(ARGS)

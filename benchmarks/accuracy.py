@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adamole_dist.adapters.inject import inject_adapters  # noqa: E402
-from adamole_dist.adapters.model_loading import load_model_and_tokenizer  # noqa: E402
+from adamole_dist.base_model.model_loading import load_model_and_tokenizer  # noqa: E402
 from adamole_dist.config.adapter import AdapterConfig  # noqa: E402
 from adamole_dist.data import load_examples  # noqa: E402
 from adamole_dist.data.evaluate import evaluate_accuracy, majority_class_accuracy  # noqa: E402

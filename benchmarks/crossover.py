@@ -5,7 +5,7 @@ memory budget.
     python benchmarks/crossover.py                 # markdown tables (benchmarks/README.md has them)
     python benchmarks/crossover.py --json crossover.json
 
-The model is parallel/placement.py's, with rates from published figures instead of a calibration
+The model is costmodel/placement.py's, with rates from published figures instead of a calibration
 (stated in CLUSTER and gpu_compute below): H100 SXM nodes of 8 GPUs, NVLink 4 inside a node,
 one 400 Gb/s InfiniBand NDR port per GPU across nodes. The workload is Llama-2-7B's adapted
 projections (q, k, v, o of 32 blocks, 4096 x 4096) with bf16 activations on the wire.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adamole_dist.parallel.placement import (  # noqa: E402
+from adamole_dist.costmodel.placement import (  # noqa: E402
     CommModel,
     ComputeModel,
     Workload,

@@ -15,7 +15,7 @@ for comparison. Medians over --steps.
 
 Each record also carries the placement cost model's prediction of the step (``predicted_ms_step``
 beside ``ms_step_median``, and its parts), calibrated in the same job right after the measurement
-(parallel/calibration.py) with the measured active experts per token.
+(costmodel/calibration.py) with the measured active experts per token.
 """
 
 from __future__ import annotations
@@ -36,12 +36,12 @@ from adamole_dist.adapters.inject import adapt_linear  # noqa: E402
 from adamole_dist.config.adapter import AdapterConfig  # noqa: E402
 from adamole_dist.ops.host_memory import keep_freed_host_memory  # noqa: E402
 from adamole_dist.parallel import collectives  # noqa: E402
-from adamole_dist.parallel.calibration import calibrate, calibrated_ep_size, calibration_record, parts_ms  # noqa: E402
+from adamole_dist.costmodel.calibration import calibrate, calibrated_ep_size, calibration_record, parts_ms  # noqa: E402
 from adamole_dist.parallel.device_timer import timed  # noqa: E402
 from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher, overlap_enabled, wire_bytes, wire_dtype  # noqa: E402
 from adamole_dist.parallel.layout import build_layout  # noqa: E402
 from adamole_dist.parallel.local_dispatcher import LocalDispatcher  # noqa: E402
-from adamole_dist.parallel.placement import Workload, predict_placement  # noqa: E402
+from adamole_dist.costmodel.placement import Workload, predict_placement  # noqa: E402
 from adamole_dist.train.expert_optimizer import ExpertOptimizer  # noqa: E402
 from adamole_dist.train.reporting import routing_over_ranks  # noqa: E402
 from benchmarks.records import write_records  # noqa: E402

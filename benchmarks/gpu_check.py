@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adamole_dist import AdapterConfig, inject_adapters  # noqa: E402
 from adamole_dist.adapters.inject import adapt_linear  # noqa: E402
 from adamole_dist.parallel.device_timer import synchronize, wall_seconds  # noqa: E402
-from adamole_dist.parallel.process_group import init_distributed, resolve_backend  # noqa: E402
+from adamole_dist.runtime.process_group import init_distributed, resolve_backend  # noqa: E402
 from adamole_dist.train.expert_optimizer import ExpertOptimizer  # noqa: E402
 from adamole_dist.train.step import train_step  # noqa: E402
 from benchmarks.host_syncs import HostReads  # noqa: E402

@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adamole_dist.adapters.inject import inject_adapters  # noqa: E402
-from adamole_dist.adapters.model_loading import load_model_and_tokenizer  # noqa: E402
+from adamole_dist.base_model.model_loading import load_model_and_tokenizer  # noqa: E402
 from adamole_dist.config.adapter import AdapterConfig  # noqa: E402
 from adamole_dist.data.batching import (  # noqa: E402
     check_packing_attention,

@@ -85,7 +85,7 @@ def probe_worker(nbytes: int) -> None:
     import torch
     import torch.distributed as dist
 
-    from adamole_dist.parallel.calibration import measure_comm
+    from adamole_dist.costmodel.calibration import measure_comm
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")

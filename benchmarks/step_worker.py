@@ -33,20 +33,20 @@ from benchmarks.records import read_records, write_records  # noqa: E402
 warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+.* is deprecated", category=FutureWarning)
 
 from adamole_dist.adapters.inject import inject_adapters, weight_shape  # noqa: E402
-from adamole_dist.adapters.model_loading import load_model_and_tokenizer  # noqa: E402
+from adamole_dist.base_model.model_loading import load_model_and_tokenizer  # noqa: E402
 from adamole_dist.config.adapter import AdapterConfig  # noqa: E402
 from adamole_dist.data import load_examples  # noqa: E402
 from adamole_dist.data.tasks import build_task  # noqa: E402
 from adamole_dist.moe.routing_stats import summarize_routing  # noqa: E402
 from adamole_dist.ops.host_memory import keep_freed_host_memory  # noqa: E402
 from adamole_dist.parallel import collectives  # noqa: E402
-from adamole_dist.parallel.calibration import calibrate, calibration_record, parts_ms  # noqa: E402
+from adamole_dist.costmodel.calibration import calibrate, calibration_record, parts_ms  # noqa: E402
 from adamole_dist.parallel.device_timer import timed, wall_seconds  # noqa: E402
 from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher, overlap_enabled, wire_dtype  # noqa: E402
 from adamole_dist.parallel.layout import build_layout  # noqa: E402
 from adamole_dist.parallel.local_dispatcher import Dispatcher, LocalDispatcher  # noqa: E402
-from adamole_dist.parallel.placement import adapter_workload, predict_placement, predict_replicated  # noqa: E402
-from adamole_dist.parallel.process_group import init_distributed  # noqa: E402
+from adamole_dist.costmodel.placement import adapter_workload, predict_placement, predict_replicated  # noqa: E402
+from adamole_dist.runtime.process_group import init_distributed  # noqa: E402
 from adamole_dist.train.expert_optimizer import ExpertOptimizer  # noqa: E402
 from adamole_dist.train.reporting import param_bytes  # noqa: E402
 from adamole_dist.train.step import PhaseClock, train_step  # noqa: E402

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 
 from adamole_dist.adapters.files import load_adapter, read_adapter_config  # noqa: E402
-from adamole_dist.adapters.model_loading import load_model_and_tokenizer  # noqa: E402
+from adamole_dist.base_model.model_loading import load_model_and_tokenizer  # noqa: E402
 from adamole_dist.config.fields import ConfigError  # noqa: E402
 from adamole_dist.config.training import AUTOCASTS, LM_FRAMINGS  # noqa: E402
 from adamole_dist.data import DataError, load_examples, load_records  # noqa: E402
@@ -45,7 +45,7 @@ from adamole_dist.data.formats import subsample  # noqa: E402
 from adamole_dist.data.evaluate import evaluate_accuracy  # noqa: E402
 from adamole_dist.data.tasks import build_task  # noqa: E402
 from adamole_dist.moe.routing_stats import summarize_routing  # noqa: E402
-from adamole_dist.ops.stopping import EXIT_BAD_INPUT  # noqa: E402
+from adamole_dist.runtime.stopping import EXIT_BAD_INPUT  # noqa: E402
 from adamole_dist.train.reporting import print_routing_table  # noqa: E402
 
 

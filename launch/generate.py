@@ -226,7 +226,7 @@ def load(args):
 
         model, tokenizer = from_pretrained(args.adapter, model=args.model, device=device, dtype=dtype)
         return model, tokenizer, model.adamole_adapters
-    from adamole_dist.adapters.model_loading import load_model_and_tokenizer
+    from adamole_dist.base_model.model_loading import load_model_and_tokenizer
 
     model, tokenizer, _, _ = load_model_and_tokenizer(args.model, "causal_lm", dtype=dtype)
     return model.eval().to(device), tokenizer, None

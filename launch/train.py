@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from adamole_dist.config.cli import parse_train_config  # noqa: E402
 from adamole_dist.config.fields import ConfigError  # noqa: E402
 from adamole_dist.data import DataError  # noqa: E402
-from adamole_dist.ops.stopping import EXIT_BAD_INPUT, EXIT_NON_FINITE, EXIT_PREEMPTED, NonFiniteLoss, Preempted
+from adamole_dist.runtime.stopping import EXIT_BAD_INPUT, EXIT_NON_FINITE, EXIT_PREEMPTED, NonFiniteLoss, Preempted
 
 
 def main(argv=None) -> int:

@@ -10,7 +10,7 @@ import torch
 
 from adamole_dist.adapters.files import adapter_state, save_adapter
 from adamole_dist.adapters.inject import inject_adapters
-from adamole_dist.adapters.model_loading import load_model_and_tokenizer
+from adamole_dist.base_model.model_loading import load_model_and_tokenizer
 from adamole_dist.config.adapter import AdapterConfig
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} [SEP] {% endfor %}"

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from launch_utils import free_port
 
-from adamole_dist.ops.stopping import parent_pid, process_cmdline
+from adamole_dist.runtime.stopping import parent_pid, process_cmdline
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "sinfo")
 

@@ -314,7 +314,7 @@ def test_eval_with_an_adapter_of_another_model_names_it(tmp_path):
     from adamole_dist import AdapterConfig
     from adamole_dist.adapters.files import adapter_state, save_adapter
     from adamole_dist.adapters.inject import inject_adapters
-    from adamole_dist.adapters.model_loading import load_model_and_tokenizer
+    from adamole_dist.base_model.model_loading import load_model_and_tokenizer
 
     narrow, wide = write_tiny_bert(tmp_path / "narrow", hidden=32), write_tiny_bert(tmp_path / "wide", hidden=48)
     model, *_ = load_model_and_tokenizer(str(narrow), "seq_cls")

@@ -1,4 +1,4 @@
-"""parallel/calibration.py over a real 2-rank gloo group: every rate it measures is usable by the
+"""costmodel/calibration.py over a real 2-rank gloo group: every rate it measures is usable by the
 cost model, and ranks with different workloads still run the same collectives (a mismatch would
 abort gloo or hang)."""
 
@@ -10,8 +10,8 @@ from mp_harness import run_ranks
 
 def _calibrate(rank, world, out_dir):
     from adamole_dist.config.adapter import AdapterConfig
-    from adamole_dist.parallel.calibration import calibrate
-    from adamole_dist.parallel.placement import Workload, predict_expert_parallel, predict_replicated
+    from adamole_dist.costmodel.calibration import calibrate
+    from adamole_dist.costmodel.placement import Workload, predict_expert_parallel, predict_replicated
 
     # Ranks disagree on tokens and active experts (as a job's ranks do on their batches).
     w = Workload(layers=[(64, 48)] * 3, num_experts=4, rank=2, tokens_per_rank=96 + 40 * rank,
@@ -40,8 +40,8 @@ def test_calibration_over_two_gloo_ranks_gives_usable_rates(tmp_path):
 
 def test_one_process_calibrates_compute_and_prices_no_communication():
     from adamole_dist.config.adapter import AdapterConfig
-    from adamole_dist.parallel.calibration import calibrate
-    from adamole_dist.parallel.placement import Workload, predict_replicated
+    from adamole_dist.costmodel.calibration import calibrate
+    from adamole_dist.costmodel.placement import Workload, predict_replicated
 
     w = Workload(layers=[(64, 64)], num_experts=4, rank=2, tokens_per_rank=64, avg_active=2.0, world_size=1,
                  act_bytes=4)
@@ -54,7 +54,7 @@ def test_the_dispatch_fixed_cost_is_what_the_bank_and_latencies_leave():
     """The EP layer on a handful of tokens, less its two bank runs over N/J experts (each priced as
     that share of the local layer) and its latencies. (A precedence slip once floored the bank runs
     to zero: the fixed cost of r=256 experts came out 21 ms instead of 10, +19 % on the step.)"""
-    from adamole_dist.parallel.calibration import dispatch_fixed_cost
+    from adamole_dist.costmodel.calibration import dispatch_fixed_cost
 
     assert math.isclose(dispatch_fixed_cost(0.030, 0.011, 8, 2, 0.001), 0.030 - 0.011 - 0.001)
     assert math.isclose(dispatch_fixed_cost(0.030, 0.012, 8, 4, 0.0), 0.030 - 0.006)

@@ -3,7 +3,7 @@
 import pytest
 
 from adamole_dist.config.adapter import AdapterConfig
-from adamole_dist.parallel.placement import (
+from adamole_dist.costmodel.placement import (
     CommModel,
     ComputeModel,
     Workload,

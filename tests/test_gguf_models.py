@@ -1,4 +1,4 @@
-"""GGUF models (adamole_dist/adapters/gguf_cache.py): 'smollm2-135m' and any .gguf load as ordinary
+"""GGUF models (adamole_dist/base_model/gguf_cache.py): 'smollm2-135m' and any .gguf load as ordinary
 Hugging Face folders converted once into a cache; bad input is a one-line ConfigError."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import importlib.util
 import pytest
 import torch
 
-from adamole_dist.adapters import gguf_cache
-from adamole_dist.adapters.gguf_cache import DONE, SMOLLM2, cache_root, find_gguf, smollm2_gguf
-from adamole_dist.adapters.model_loading import load_model_and_tokenizer, resolve_model_path
+from adamole_dist.base_model import gguf_cache
+from adamole_dist.base_model.gguf_cache import DONE, SMOLLM2, cache_root, find_gguf, smollm2_gguf
+from adamole_dist.base_model.model_loading import load_model_and_tokenizer, resolve_model_path
 from adamole_dist.config.fields import ConfigError
 
 

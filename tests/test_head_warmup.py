@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from adamole_dist.adapters.inject import inject_adapters
-from adamole_dist.adapters.pooling import apply_pooling
+from adamole_dist.base_model.pooling import apply_pooling
 from adamole_dist.config.adapter import AdapterConfig
 from adamole_dist.data import Example
 from adamole_dist.data.tasks import build_task

@@ -1,8 +1,10 @@
-"""The folders are layers, and the tensor names follow one glossary.
+"""The folders are floors, and the tensor names follow one glossary.
 
-config/ imports nothing else from the project; moe/ (tensor maths) imports only config/ -- no
-torch.distributed, no deepspeed, nothing from parallel/ -- so routing, capacity and the experts
-run and test in one process; every shape suffix in adamole_dist/ uses letters of glossary.py."""
+LAYERS states, for every folder of adamole_dist/ (and each module at its top), what of the project
+it may import; a floor may import only floors listed before it, so the order has no cycle. moe/
+(tensor maths) also never touches torch.distributed or deepspeed, so routing, capacity and the
+experts run and test in one process. Every shape suffix in adamole_dist/ uses letters of
+glossary.py."""
 
 from __future__ import annotations
 
@@ -15,8 +17,39 @@ import pytest
 from adamole_dist.glossary import LETTERS
 
 PACKAGE = Path(__file__).resolve().parents[1] / "adamole_dist"
-ALLOWED_PROJECT_IMPORTS = {"config": {"config"}, "moe": {"config", "moe", "glossary"}}
+# Bottom floor first. Each entry: the floors below it that it may import (itself always allowed).
+LAYERS: dict[str, set[str]] = {
+    # ground floor: nothing of the project
+    "glossary": set(),
+    "atomic_files": set(),
+    "config": set(),
+    # tensor maths, the base model, the process runtime, a run's files
+    "moe": {"config", "glossary"},
+    "base_model": {"config"},
+    "runtime": {"config", "atomic_files"},
+    "ops": {"config", "atomic_files"},
+    # across ranks: collectives, groups, dispatchers
+    "parallel": {"config", "glossary", "moe"},
+    # the adapter on a model
+    "adapters": {"config", "glossary", "atomic_files", "moe", "base_model", "parallel"},
+    # data, tasks and evaluation
+    "data": {"config", "glossary", "adapters", "base_model", "ops", "parallel"},
+    # the placement cost model: read by run assembly and the benchmarks only
+    "costmodel": {"config", "glossary", "moe", "parallel", "adapters"},
+    # training: assembly, the step, the loop, checkpoints
+    "train": {"config", "glossary", "atomic_files", "moe", "base_model", "runtime", "ops", "parallel", "adapters",
+              "data", "costmodel"},
+    # the package's public names
+    "__init__": {"config", "adapters"},
+}
+# A floor that only some modules above it may import.
+ONLY_IMPORTED_BY = {"costmodel": {"train/assembly.py"}}
 FORBIDDEN_ANYWHERE_IN = {"moe": ("torch.distributed", "deepspeed")}
+
+
+def floor_of(path: Path) -> str:
+    rel = path.relative_to(PACKAGE)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
 
 
 def imported_modules(source: str) -> list[str]:
@@ -35,29 +68,39 @@ def imported_modules(source: str) -> list[str]:
 
 
 def violations(folder: str) -> dict[str, list[str]]:
+    """Imports of ``folder`` (a floor of LAYERS) that its floor does not allow, per module."""
     found = {}
-    for path in sorted((PACKAGE / folder).rglob("*.py")):
-        bad = []
+    paths = sorted((PACKAGE / folder).rglob("*.py")) if (PACKAGE / folder).is_dir() else [PACKAGE / f"{folder}.py"]
+    for path in paths:
+        bad, rel = [], str(path.relative_to(PACKAGE))
         for mod in imported_modules(path.read_text()):
             if mod.startswith("."):
                 bad.append(f"{mod} (relative: use adamole_dist.<folder>)")
             elif mod.startswith("adamole_dist."):
                 top = mod.split(".")[1]
-                if top not in ALLOWED_PROJECT_IMPORTS[folder]:
+                allowed = top == folder or top in LAYERS[folder] and rel in ONLY_IMPORTED_BY.get(top, {rel})
+                if not allowed:
                     bad.append(mod)
             elif mod == "adamole_dist":
                 bad.append(mod)
             elif any(mod == f or mod.startswith(f + ".") for f in FORBIDDEN_ANYWHERE_IN.get(folder, ())):
                 bad.append(mod)
         if bad:
-            found[str(path.relative_to(PACKAGE))] = bad
+            found[rel] = bad
     return found
 
 
-@pytest.mark.parametrize("folder", sorted(ALLOWED_PROJECT_IMPORTS))
-def test_folder_imports_only_its_layers(folder):
-    assert list((PACKAGE / folder).glob("*.py")), folder
+@pytest.mark.parametrize("folder", sorted(LAYERS))
+def test_folder_imports_only_its_floors(folder):
+    assert (PACKAGE / folder).is_dir() and list((PACKAGE / folder).glob("*.py")) or (PACKAGE / f"{folder}.py").is_file()
     assert violations(folder) == {}
+
+
+def test_every_module_has_a_floor_and_floors_only_look_down():
+    assert {floor_of(p) for p in PACKAGE.rglob("*.py")} == set(LAYERS)
+    order = list(LAYERS)
+    for folder, below in LAYERS.items():
+        assert all(order.index(b) < order.index(folder) for b in below), folder
 
 
 def test_the_scans_catch_a_forbidden_import_and_an_unknown_letter(tmp_path, monkeypatch):
@@ -69,6 +112,11 @@ def test_the_scans_catch_a_forbidden_import_and_an_unknown_letter(tmp_path, monk
     monkeypatch.setattr(__import__(__name__), "PACKAGE", fake)
     assert violations("moe") == {"moe/routing.py": ["torch.distributed", "adamole_dist.parallel",
                                                     "adamole_dist.parallel.collectives"]}
+    (fake / "train").mkdir()
+    for name in ("assembly.py", "loop.py"):  # the cost model: assembly may read it, the loop may not
+        (fake / "train" / name).write_text("def f():\n    from adamole_dist.costmodel.placement import Workload\n")
+    assert violations("train") == {"train/loop.py": ["adamole_dist.costmodel.placement",
+                                                     "adamole_dist.costmodel.placement.Workload"]}
     (fake / "moe" / "permute.py").write_text("rows_SZ = w_T1N = mask_TN = lora_B = 0\n")
     assert suffix_letters_outside_glossary() == {"moe/permute.py": {"rows_SZ:Z", "w_T1N:1"}}
 

@@ -18,7 +18,7 @@ from tiny_models import write_tiny_llama
 import adamole_dist
 from adamole_dist.adapters.files import CONFIG_NAME, adapter_state, save_adapter
 from adamole_dist.adapters.inject import inject_adapters
-from adamole_dist.adapters.model_loading import load_model_and_tokenizer
+from adamole_dist.base_model.model_loading import load_model_and_tokenizer
 from adamole_dist.config.adapter import AdapterConfig
 from adamole_dist.config.fields import ConfigError
 
@@ -188,7 +188,7 @@ import sys
 import torch
 sys.path.insert(0, {repo!r})
 from adamole_dist.config.cli import parse_train_config
-from adamole_dist.parallel.process_group import init_distributed, shutdown_distributed
+from adamole_dist.runtime.process_group import init_distributed, shutdown_distributed
 from adamole_dist.train.assembly import build_run
 from adamole_dist.train.loop import Trainer
 

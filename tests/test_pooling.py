@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from adamole_dist.adapters.inject import inject_adapters
-from adamole_dist.adapters.pooling import MaskedMeanPooler, apply_pooling
+from adamole_dist.base_model.pooling import MaskedMeanPooler, apply_pooling
 from adamole_dist.config.adapter import AdapterConfig
 from adamole_dist.config.fields import ConfigError
 from tests.conftest import make_tiny_bert, make_tiny_llama

@@ -154,7 +154,7 @@ GLOBAL_MICRO, GAS, STEPS = 8, 2, 3
 
 def train_cases(rank, world, cases):
     from adamole_dist.config.training import TrainConfig
-    from adamole_dist.parallel.process_group import init_distributed
+    from adamole_dist.runtime.process_group import init_distributed
     from adamole_dist.train.loop import train
 
     info = init_distributed()
@@ -203,7 +203,7 @@ def read_and_tokenize(rank, world, work, cache, out, limit):
     os.environ["ADAMOLE_DIST_CACHE"] = str(cache)
     from adamole_dist.config.training import TrainConfig
     from adamole_dist.data.formats import DataError
-    from adamole_dist.parallel.process_group import DistInfo
+    from adamole_dist.runtime.process_group import DistInfo
     from adamole_dist.train import assembly
 
     reads = []

@@ -59,7 +59,7 @@ def config(model_dir: Path, out: Path, world: int, ep: int, method: str, capacit
 
 def train_cases(rank, world, cases):
     from adamole_dist.config.training import TrainConfig
-    from adamole_dist.parallel.process_group import init_distributed
+    from adamole_dist.runtime.process_group import init_distributed
     from adamole_dist.train.loop import train
 
     info = init_distributed()

@@ -133,7 +133,7 @@ def test_a_repeated_stop_signal_is_a_note_not_an_interrupt(capfd):
     under way is kept, rank 0 says so once; after the stop, signals are ignored until the exit."""
     import signal
 
-    from adamole_dist.ops.stopping import StopSignal
+    from adamole_dist.runtime.stopping import StopSignal
 
     stop = StopSignal(announce=True)
     for _ in range(3):

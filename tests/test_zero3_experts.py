@@ -63,7 +63,7 @@ def worker(rank, port, out, ep_size):
     from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher
     from adamole_dist.parallel.layout import build_layout
     from adamole_dist.parallel.local_dispatcher import LocalDispatcher
-    from adamole_dist.parallel.process_group import init_distributed
+    from adamole_dist.runtime.process_group import init_distributed
     from adamole_dist.train.expert_optimizer import ExpertOptimizer
 
     init_distributed()

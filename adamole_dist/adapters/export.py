@@ -33,7 +33,7 @@ from adamole_dist.adapters.model_card import card_inputs, write_model_card
 from adamole_dist.config.adapter import AdapterConfig
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.moe.experts import expert_key
-from adamole_dist.ops.atomic_files import write_dir_atomically
+from adamole_dist.atomic_files import write_dir_atomically
 
 FORMATS = ("peft", "adamole")
 PEFT_PREFIX = "base_model.model."  # PeftModel.base_model (LoraModel) .model (the transformers model)
@@ -195,7 +195,7 @@ def export_merged(src: AdapterSource, out: Path, model=None, tokenizer=None) -> 
                           "merge needs pooling 'cls' (or " + LOADER_HINT + ")")
     tensors = src.tensors()
     if model is None:
-        from adamole_dist.adapters.model_loading import load_model_and_tokenizer
+        from adamole_dist.base_model.model_loading import load_model_and_tokenizer
 
         model, tokenizer, _, _ = load_model_and_tokenizer(src.base_model, src.task_type)
     merge_into(model, src, tensors)
@@ -215,7 +215,7 @@ def export_adamole(src: AdapterSource, out: Path, tokenizer=None) -> None:
     if tokenizer is None:
         from transformers import AutoTokenizer
 
-        from adamole_dist.adapters.model_loading import resolve_model_path
+        from adamole_dist.base_model.model_loading import resolve_model_path
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(src.base_model))
     tokenizer = _with_training_template(tokenizer, src)

@@ -25,7 +25,7 @@ from adamole_dist.adapters.inject import inject_adapters, matches
 from adamole_dist.config.adapter import AdapterConfig
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.moe.experts import EXPERT_TENSORS, ExpertBank, expert_key, file_orientation
-from adamole_dist.ops.atomic_files import write_dir_atomically
+from adamole_dist.atomic_files import write_dir_atomically
 from adamole_dist.parallel import collectives
 
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from adamole_dist.adapters.files import CONFIG_NAME, load_adapter, read_adapter_config
-from adamole_dist.adapters.model_loading import load_model_and_tokenizer
+from adamole_dist.base_model.model_loading import load_model_and_tokenizer
 from adamole_dist.config.fields import ConfigError
 
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")

@@ -12,14 +12,14 @@ from adamole_dist.config.adapter import AdapterConfig
 from adamole_dist.config.fields import ConfigError, check_choices, opt
 
 DEFAULT_MODEL = "minilm-l6"
-POOLINGS = ("cls", "mean")  # adapters/pooling.py
+POOLINGS = ("cls", "mean")  # base_model/pooling.py
 LM_FRAMINGS = ("instruction", "question_answer")  # data/tasks.py
 AUTOCASTS = ("none", "bf16")
 DISPATCH_DTYPES = ("fp32", "bf16")  # parallel/ep_dispatcher.py: the all-to-all wire
 EP_OVERLAPS = ("auto", "on", "off")  # parallel/ep_dispatcher.py: overlap_enabled
 HOST_MEMORY = ("keep", "system")  # ops/host_memory.py
 STATE_FILE = "trainer_state.json"  # what makes a directory a complete checkpoint (train/checkpoint.py)
-BACKENDS = ("auto", "gloo", "nccl", "cpu:gloo,cuda:nccl")  # parallel/process_group.py
+BACKENDS = ("auto", "gloo", "nccl", "cpu:gloo,cuda:nccl")  # runtime/process_group.py
 MC_DATA_FORMATS = ("instruction", "mc")  # data/formats.py: multiple choice
 SFT_DATA_FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")  # data/conversations.py
 LOSS_ON = ("auto", "answer", "full", "assistant", "all")  # answer|full: multiple choice; assistant|all: free-form

@@ -3,6 +3,6 @@
 task types -- how a model is trained and scored on examples -- (tasks.py), evaluation
 (evaluate.py) and the rank-sharded sampler (sampler.py)."""
 
-from .formats import DataError, Example, load_examples, load_records, to_examples
+from adamole_dist.data.formats import DataError, Example, load_examples, load_records, to_examples
 
 __all__ = ["DataError", "Example", "load_examples", "load_records", "to_examples"]

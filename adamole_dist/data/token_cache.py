@@ -35,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from adamole_dist.adapters.gguf_cache import cache_home
+from adamole_dist.base_model.gguf_cache import cache_home
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.data.formats import DataError
 from adamole_dist.data.tasks import IGNORE

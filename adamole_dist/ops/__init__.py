@@ -1,2 +1,3 @@
-"""Operating a run: the peer watchdog, stop signals and exit codes, the output directory, atomic
-file writes, metrics sinks (JSONL/TensorBoard/wandb) and plots."""
+"""Operating a run's files: the output directory and its lock, metrics sinks
+(JSONL/TensorBoard/wandb), plots and host memory. Atomic writes are adamole_dist/atomic_files.py;
+the process runtime (watchdog, stop signals) is runtime/."""

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from adamole_dist.ops.atomic_files import write_text_atomically
+from adamole_dist.atomic_files import write_text_atomically
 
 
 def _flatten(prefix: str, value, out: dict) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.config.training import TrainConfig
-from adamole_dist.ops.atomic_files import write_text_atomically
+from adamole_dist.atomic_files import write_text_atomically
 from adamole_dist.ops.run_lock import LOCK_FILE, check_unlocked
 
 RUN_CONFIG = "run_config.json"
@@ -31,7 +31,7 @@ RUN_CONFIG = "run_config.json"
 TRAINER_ENTRIES = {RUN_CONFIG, "metrics.jsonl", "final_metrics.json", "preempted.json", "checkpoints", "adapter",
                    "wandb", "tensorboard", "plots", LOCK_FILE}
 REPLACED = ".replaced-"  # the old run's entries, moved aside while an --overwrite puts the new record in
-TEMPORARY = re.compile(r"^\.(?P<name>.+?)\.(tmp|tmp-\d+|old-\d+)$")  # ops/atomic_files.py's temporaries
+TEMPORARY = re.compile(r"^\.(?P<name>.+?)\.(tmp|tmp-\d+|old-\d+)$")  # atomic_files.py's temporaries
 
 
 def comparable(config: dict) -> dict:

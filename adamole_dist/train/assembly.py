@@ -24,7 +24,7 @@ import torch
 from adamole_dist.adapters.checkpointing import enable_gradient_checkpointing
 from adamole_dist.adapters.handle import Adapters
 from adamole_dist.adapters.inject import default_targets, find_target_modules, inject_adapters, matches, weight_shape
-from adamole_dist.adapters.model_loading import (default_trainable_modules, load_model_and_tokenizer,
+from adamole_dist.base_model.model_loading import (default_trainable_modules, load_model_and_tokenizer,
                                                   resolve_model_path, resolve_task_type)
 from adamole_dist.config.deepspeed import build_ds_config, ds_config_source, validate_with_deepspeed, zero_stage
 from adamole_dist.config.fields import ConfigError
@@ -42,14 +42,14 @@ from adamole_dist.data.tasks import build_task
 from adamole_dist.ops.metrics_log import MetricsLogger, truncate_metrics
 from adamole_dist.ops.output_dir import check_output_dir, prepare_output_dir
 from adamole_dist.ops.run_lock import RunLock
-from adamole_dist.ops.stopping import PREEMPTED_MARKER
+from adamole_dist.runtime.stopping import PREEMPTED_MARKER
 from adamole_dist.parallel import collectives
-from adamole_dist.parallel.calibration import calibrated_ep_size
+from adamole_dist.costmodel.calibration import calibrated_ep_size
 from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher, overlap_enabled, wire_bytes, wire_dtype
 from adamole_dist.parallel.layout import ParallelLayout, build_layout
 from adamole_dist.parallel.local_dispatcher import LocalDispatcher
-from adamole_dist.parallel.placement import adapter_workload
-from adamole_dist.parallel.process_group import DistInfo, device_for
+from adamole_dist.costmodel.placement import adapter_workload
+from adamole_dist.runtime.process_group import DistInfo, device_for
 from adamole_dist.train import checkpoint as ckpt_io
 from adamole_dist.train.expert_optimizer import ExpertOptimizer
 from adamole_dist.train.reporting import memory_per_rank, print_memory

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from adamole_dist.adapters.handle import Adapters
 from adamole_dist.config.training import STATE_FILE
 from adamole_dist.moe.experts import EXPERT_KEY_RE, EXPERT_TENSORS, expert_key, file_orientation
-from adamole_dist.ops.atomic_files import write_text_atomically
+from adamole_dist.atomic_files import write_text_atomically
 from adamole_dist.parallel import collectives
 from adamole_dist.train.expert_optimizer import ExpertOptimizer
 

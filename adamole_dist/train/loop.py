@@ -22,13 +22,13 @@ from adamole_dist.config.fields import ConfigError
 from adamole_dist.config.training import TrainConfig
 from adamole_dist.data.conversations import prompt_format
 from adamole_dist.data.evaluate import EvaluationStopped, evaluate_accuracy, evaluate_loss, greedy_samples
-from adamole_dist.ops.atomic_files import write_text_atomically
+from adamole_dist.atomic_files import write_text_atomically
 from adamole_dist.ops.host_memory import keep_freed_host_memory
 from adamole_dist.ops.metrics_log import read_metrics
-from adamole_dist.ops.stopping import NonFiniteLoss, Preempted, StopSignal, write_preempted_marker
-from adamole_dist.ops.watchdog import PeerWatchdog
+from adamole_dist.runtime.stopping import NonFiniteLoss, Preempted, StopSignal, write_preempted_marker
+from adamole_dist.runtime.watchdog import PeerWatchdog
 from adamole_dist.parallel import collectives
-from adamole_dist.parallel.process_group import DistInfo, init_distributed, shutdown_distributed
+from adamole_dist.runtime.process_group import DistInfo, init_distributed, shutdown_distributed
 from adamole_dist.train import checkpoint as ckpt_io
 from adamole_dist.train.assembly import Run, build_run
 from adamole_dist.train.reporting import fmt_duration, print_routing_table, routing_over_ranks

@@ -31,7 +31,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from adamole_dist.adapters.hf_logging import quiet_transformers
+from adamole_dist.base_model.hf_logging import quiet_transformers
 from adamole_dist.config.fields import ConfigError
 
 SMOLLM2 = "smollm2-135m"

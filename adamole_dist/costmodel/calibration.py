@@ -13,7 +13,7 @@ import torch
 
 from adamole_dist.parallel import collectives
 from adamole_dist.parallel.device_timer import wall_seconds
-from adamole_dist.parallel.placement import CommModel, ComputeModel, Workload, choose_ep_size, rows_sent
+from adamole_dist.costmodel.placement import CommModel, ComputeModel, Workload, choose_ep_size, rows_sent
 
 
 def median_time(fn, repeats: int, device: torch.device = torch.device("cpu"), before=None, q: float = 0.5) -> float:

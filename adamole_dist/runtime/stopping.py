@@ -27,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-from adamole_dist.ops.atomic_files import write_text_atomically
+from adamole_dist.atomic_files import write_text_atomically
 
 EXIT_BAD_INPUT = 2
 EXIT_NON_FINITE = 3

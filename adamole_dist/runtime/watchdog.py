@@ -16,7 +16,7 @@ import threading
 import time
 from datetime import timedelta
 
-from adamole_dist.parallel.process_group import release_shm_buffer
+from adamole_dist.runtime.process_group import release_shm_buffer
 
 EXIT_PEER_LOST = 76
 PREFIX = "adamole_watchdog"

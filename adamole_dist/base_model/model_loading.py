@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from adamole_dist.adapters.gguf_cache import SMOLLM2, converted_folder, find_gguf, smollm2_gguf
-from adamole_dist.adapters.hf_logging import quiet_transformers
-from adamole_dist.adapters.pooling import apply_pooling
+from adamole_dist.base_model.gguf_cache import SMOLLM2, converted_folder, find_gguf, smollm2_gguf
+from adamole_dist.base_model.hf_logging import quiet_transformers
+from adamole_dist.base_model.pooling import apply_pooling
 from adamole_dist.config.fields import ConfigError
 
 ENCODER_TYPES = {"bert", "roberta", "distilbert", "deberta", "deberta-v2", "electra", "xlm-roberta", "mpnet"}
