@@ -2,6 +2,7 @@
 #   make train   - the embedded default run (MiniLM-L6, generated data, ZeRO-3, ~5 min on 2 CPU cores)
 #   make test    - the default test suite (unit + single-process; a few minutes)
 #   make models  - convert the offline SmolLM2-135M decoder (GGUF) into the model cache once
+#   make lint    - ruff over the tree, pyright over moe/ and parallel/
 #   make test-slow - integration tests with real launchers (deepspeed, torchrun), multi-process gloo
 #   make wheelhouse - every wheel the project needs in one folder (DeepSpeed built into a wheel), for
 #                     machines that reach no package index; then `make setup WHEELHOUSE=DIR` installs from it
@@ -20,9 +21,9 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup models train test test-slow wheelhouse
+.PHONY: setup models train test test-slow lint wheelhouse
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(if $(WHEELHOUSE),,$(PY) -m pip install -q --upgrade pip)
 	$(PY) -m pip install -q $(PIP_FROM) $(TORCH_SPEC)
@@ -42,6 +43,12 @@ train: setup
 
 test: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q -m "not slow" $(ARGS)
+
+# Hygiene: ruff (pyflakes, import order, 120 columns) over the whole tree; pyright (basic) over
+# moe/ and parallel/ (the settings are in pyproject.toml).
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pyright
 
 test-slow: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q -m slow $(ARGS)

@@ -19,13 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adamole_dist.costmodel.placement import (  # noqa: E402
-    CommModel,
-    ComputeModel,
-    Workload,
-    choose_ep_size,
-    predict_replicated,
-)
+from adamole_dist.costmodel.placement import CommModel, ComputeModel, Workload, choose_ep_size, predict_replicated  # noqa: E402
 from benchmarks.records import write_records  # noqa: E402
 
 GPUS_PER_NODE = 8
@@ -58,7 +52,7 @@ def decide(num_experts: int, rank: int, tokens: int, nodes: int, active: float, 
     comp = gpu_compute(num_experts * rank)
     ep_size, preds, _ = choose_ep_size(w, CLUSTER, comp, budget_gb * 1e9 if budget_gb else None)
     rep = predict_replicated(w, CLUSTER, comp)
-    best = next(p for p in preds if p.placement != "zero_sharded" and p.ep_size == ep_size)
+    best = next(p for p in preds if p.ep_size == ep_size)
     return {"num_experts": num_experts, "rank": rank, "tokens_per_rank": tokens, "nodes": nodes, "world": world,
             "avg_active": active, "budget_gb": budget_gb, "ep_size": ep_size,
             "replicated_ms": round(1000 * rep.total_s, 3), "chosen_ms": round(1000 * best.total_s, 3),

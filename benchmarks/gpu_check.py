@@ -101,7 +101,7 @@ def bench_layers(args, device) -> list[dict]:
                     layer(xx).backward(grad)
                     ctx = getattr(layer, "context", None)
                     if ctx is not None:
-                        ctx.aux_losses = []
+                        ctx.take_aux_losses()
                         ctx.pop_stats()
 
                 seconds = wall_seconds(fwd_bwd, device)

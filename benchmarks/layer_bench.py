@@ -55,8 +55,8 @@ def adapted_case(method: str, args, d: int, path: str = "auto", top_k: int = 2, 
 
     def run(x):
         delta = layer.delta(x)
-        aux = torch.stack(layer.context.aux_losses).sum() if layer.context.aux_losses else None
-        layer.context.aux_losses = []
+        losses = layer.context.take_aux_losses()
+        aux = torch.stack(losses).sum() if losses else None
         return delta, aux
 
     def avg_active():

@@ -219,11 +219,12 @@ def test_an_all_to_all_in_flight_lets_go_of_its_rows_once_landed():
     import weakref
 
     x = torch.randn(6, 4, requires_grad=True)
-    token, flight = collectives.launch_all_to_all(x, [6], [6], None)
-    rows = collectives.land_all_to_all(token, flight)
+    exchange = collectives.Exchange()
+    flight = exchange.launch(x, [6], [6])
+    rows = exchange.land(flight)
     (2 * rows).sum().backward()
     assert torch.equal(x.grad, torch.full_like(x, 2.0))
     landed = weakref.ref(rows)
-    del rows, token, flight
+    del rows, flight
     gc.collect()
     assert landed() is None

@@ -38,7 +38,7 @@ def test_llama7b_example_expert_gradients_and_token_traffic():
     assert ep.detail["a2a_bytes_sent"] > 1e9
     ep_size, preds, why = choose_ep_size(w, CommModel(), ComputeModel())
     assert ep_size == 1 and "replicated" in why
-    assert {p.placement for p in preds} == {"replicated", "zero_sharded", "expert_parallel"}
+    assert {p.placement for p in preds} == {"replicated", "expert_parallel"}
 
 
 def test_ring_all_reduce_and_all_to_all_formulas():
@@ -73,8 +73,7 @@ def test_memory_budget_excludes_replicated_experts():
     budget = 4 * w.expert_param_count * 4 / 4  # replicated needs 4x params; allow a quarter of that
     ep_size, preds, _ = choose_ep_size(w, CommModel(), ComputeModel(), expert_memory_budget_bytes=budget)
     assert ep_size >= 4
-    assert all(p.detail["expert_memory_bytes"] <= budget for p in preds
-               if p.placement != "zero_sharded" and p.ep_size == ep_size)
+    assert all(p.detail["expert_memory_bytes"] <= budget for p in preds if p.ep_size == ep_size)
 
 
 def test_predictions_scale_sensibly():

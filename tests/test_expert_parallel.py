@@ -119,7 +119,7 @@ def ep_worker(rank, world, out):
     for case, wire in runs:
         layout = build_layout(2, N)
         model, adapters = build(case, layout, wire)
-        adapters.context.dp_all_reduce, adapters.context.dp_world_size = all_reduce_sum, world
+        adapters.context.balance_over_data_parallel(all_reduce_sum, world)
         model.train()
         router_opt, expert_opt = optimizers(model, adapters, world, layout.edp_group)
         losses, first_logits = [], None

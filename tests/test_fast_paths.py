@@ -92,7 +92,7 @@ def grads(layer, x, fn, seed=3):
         params.update({f"experts.{n}": p for n, p in layer.experts.named_parameters()})
     g = {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
     g["x"] = xx.grad.clone()
-    layer.context.aux_losses = []
+    layer.context.take_aux_losses()
     return out.detach(), g
 
 
@@ -130,7 +130,7 @@ def test_padding_tokens_get_zero_delta_and_no_statistics():
     layer = make_layer("adamole")
     x = torch.randn(2, 5, D_IN)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
-    layer.context.attention_mask = mask
+    layer.context.begin_forward(mask)
     out = layer(x)
     base = layer.base_layer(x)
     torch.testing.assert_close(out[0, 3:], base[0, 3:])  # padding: exactly the base output
@@ -148,7 +148,7 @@ def test_padding_tokens_get_zero_delta_and_no_statistics():
 def test_route_padding_reproduces_the_public_code():
     layer = make_layer("adamole", route_padding=True)
     x = torch.randn(1, 4, D_IN)
-    layer.context.attention_mask = torch.tensor([[1, 1, 0, 0]])
+    layer.context.begin_forward(torch.tensor([[1, 1, 0, 0]]))
     out = layer(x)
     assert not torch.allclose(out[0, 2:], layer.base_layer(x)[0, 2:])  # padding routed too
     _, routed, _, p = reference_weights(layer, x.reshape(-1, D_IN))

@@ -88,6 +88,17 @@ class RoutingContext:
     def add_aux_loss(self, loss: torch.Tensor) -> None:
         self.aux_losses.append(loss)
 
+    def take_aux_losses(self) -> list[torch.Tensor]:
+        """The aux losses left since the last forward began (or the last take), and forget them: for a
+        layer run outside a model forward (benchmarks, calibration), where no forward clears them."""
+        losses, self.aux_losses = self.aux_losses, []
+        return losses
+
+    def balance_over_data_parallel(self, all_reduce, world_size: int) -> None:
+        """aux_loss_scope "global": each layer's balance loss sums its routing counts over the
+        data-parallel ranks with ``all_reduce`` (in place) and divides by ``world_size`` of them."""
+        self.dp_all_reduce, self.dp_world_size = all_reduce, world_size
+
     def add_stats(self, name: str, stats: torch.Tensor) -> None:
         if name in self.stats:
             self.stats[name] += stats

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from adamole_dist.costmodel.placement import CommModel, ComputeModel, Workload, choose_ep_size, rows_sent
 from adamole_dist.parallel import collectives
 from adamole_dist.parallel.device_timer import wall_seconds
-from adamole_dist.costmodel.placement import CommModel, ComputeModel, Workload, choose_ep_size, rows_sent
 
 
 def median_time(fn, repeats: int, device: torch.device = torch.device("cpu"), before=None, q: float = 0.5) -> float:
@@ -49,8 +49,7 @@ def measure_compute(d_in: int, d_out: int, tokens: int, adapter, bank_experts: i
 
     def route():
         weights_TN, _ = layer.route(x, None)
-        loss = weights_TN.sum() + sum(layer.context.aux_losses)
-        layer.context.aux_losses = []
+        loss = weights_TN.sum() + sum(layer.context.take_aux_losses())
         loss.backward()
 
     t_route = median_time(route, repeats, device, aligned)
@@ -134,7 +133,7 @@ def measure_fixed(adapter, d_in: int, d_out: int, comm: CommModel, group=None, d
 
         def step():
             layer.delta(x).sum().backward()
-            layer.context.aux_losses = []
+            layer.context.take_aux_losses()
             steps[0] += 1
 
         t = timed_collective(step, group, repeats, device)
@@ -183,8 +182,8 @@ def measure_comm(group=None, ranks_per_node: int | None = None, large: int = 4 <
                  repeats: int = 9, device=None) -> CommModel:
     """alpha from a 1-element all-reduce, beta from a ``large`` one (ring formula inverted); the
     all-to-all's own alpha (one value per peer) and beta (``a2a_bytes`` sent to the other ranks,
-    into a fresh buffer each time, as the dispatch sends and receives). Tensors live on ``device`` (the training device: CUDA
-    under NCCL)."""
+    into a fresh buffer each time, as the dispatch sends and receives). Tensors live on ``device``
+    (the training device: CUDA under NCCL)."""
     device = torch.device(device or "cpu")
     p = collectives.world_size(group)
 
@@ -205,7 +204,8 @@ def measure_comm(group=None, ranks_per_node: int | None = None, large: int = 4 <
     beta = (2 * (p - 1) / p * large) / max(t_large - 2 * (p - 1) * alpha, 1e-9)
 
     tiny = torch.zeros(p, device=device)
-    a2a_alpha = latency(lambda: collectives.all_to_all_single(torch.empty_like(tiny), tiny, group=group)) / max(p - 1, 1)
+    a2a_alpha = latency(lambda: collectives.all_to_all_single(torch.empty_like(tiny), tiny, group=group))
+    a2a_alpha /= max(p - 1, 1)
     rows, splits = peer_rows(a2a_bytes or large, group, device)  # into a fresh buffer, as the dispatch receives
     t_a2a = timed(lambda: collectives.all_to_all_single(torch.empty_like(rows), rows, splits, splits, group=group))
     a2a_beta = rows.nbytes / max(t_a2a - (p - 1) * a2a_alpha, 1e-9)

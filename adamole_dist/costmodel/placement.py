@@ -1,4 +1,4 @@
-"""Placement cost model for LoRA experts: replicated (data parallel), expert parallel, ZeRO-sharded.
+"""Placement cost model for LoRA experts: replicated (data parallel) or expert parallel.
 
 It predicts the expert-related part of one training step per rank — everything else (the frozen
 base, attention, ZeRO-3 gathers of the base) is the same whatever the placement — from:
@@ -26,9 +26,9 @@ Per adapted layer (D in, O out), T tokens per rank, N experts of rank r, a activ
   the tokens per exchange pair, forward 1/3 and backward 2/3 of the compute), and the halves'
   deltas and x's gradients are concatenated (two more copies). Expert gradients are
   all-reduced over the W/J replicas holding the same experts.
-* ZeRO-sharded: experts partitioned over all ranks like ZeRO-3 parameters: compute as
-  replicated, plus per layer an all-gather in the forward and again in the backward and a
-  reduce-scatter of their gradients.
+
+No ZeRO-sharded placement is predicted: the trainer keeps the experts outside DeepSpeed's engine
+(docs/zero3_experts.md), so it never runs one.
 
 For LoRA experts a token is large (D values) against the expert's work (2 D r per expert), so
 shipping it usually costs more than all-reducing the tiny gradients: with Llama-7B shapes, 8
@@ -243,22 +243,12 @@ def predict_expert_parallel(w: Workload, J: int, comm: CommModel, comp: ComputeM
                        "rows_sent": S, "send_all": send_all})
 
 
-def predict_zero_sharded(w: Workload, comm: CommModel, comp: ComputeModel) -> Prediction:
-    base = predict_replicated(w, comm, comp)
-    c = 0.0
-    for i, o in w.layers:
-        layer_bytes = w.num_experts * w.rank * (i + o) * w.grad_bytes
-        c += 3 * comm.all_gather(layer_bytes, w.world_size)  # gather fwd, gather bwd, reduce-scatter grads
-    return Prediction("zero_sharded", 1, base.compute_s, c,
-                      {"route_s": base.detail["route_s"], "gathers_per_layer": 2, "reduce_scatters_per_layer": 1})
-
-
 def candidate_ep_sizes(world_size: int, num_experts: int) -> list[int]:
     return [j for j in range(2, world_size + 1) if world_size % j == 0 and num_experts % j == 0]
 
 
 def predict_all(w: Workload, comm: CommModel, comp: ComputeModel) -> list[Prediction]:
-    preds = [predict_replicated(w, comm, comp), predict_zero_sharded(w, comm, comp)]
+    preds = [predict_replicated(w, comm, comp)]
     preds += [predict_expert_parallel(w, j, comm, comp) for j in candidate_ep_sizes(w.world_size, w.num_experts)]
     return preds
 
@@ -277,19 +267,15 @@ def choose_ep_size(w: Workload, comm: CommModel, comp: ComputeModel,
                    expert_memory_budget_bytes: float | None = None) -> tuple[int, list[Prediction], str]:
     """The cheapest runnable placement (replicated = ep_size 1, or an EP size) and why.
 
-    ZeRO-sharded experts are predicted for comparison; the trainer runs replicated or EP.
     Placements whose experts exceed the memory budget are excluded (the smallest one is taken
     when none fits)."""
     preds = predict_all(w, comm, comp)
-    runnable = []
     for p in preds:
-        if p.placement == "zero_sharded":
-            continue
         p.detail["expert_memory_bytes"] = expert_memory_bytes(w, p.ep_size)
-        if expert_memory_budget_bytes is None or p.detail["expert_memory_bytes"] <= expert_memory_budget_bytes:
-            runnable.append(p)
+    runnable = [p for p in preds if expert_memory_budget_bytes is None
+                or p.detail["expert_memory_bytes"] <= expert_memory_budget_bytes]
     if not runnable:
-        runnable = [min((p for p in preds if p.placement != "zero_sharded"), key=lambda p: p.detail["expert_memory_bytes"])]
+        runnable = [min(preds, key=lambda p: p.detail["expert_memory_bytes"])]
     best = min(runnable, key=lambda p: p.total_s)
     table = "; ".join(f"{p.placement}{'' if p.placement != 'expert_parallel' else f'(ep={p.ep_size})'} "
                       f"{1000 * p.total_s:.1f} ms" for p in preds)

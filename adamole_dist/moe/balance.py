@@ -40,7 +40,10 @@ def global_load_balancing_loss(
     world_size * dL/dp: DeepSpeed averages gradients over the ranks, and the average of the
     ranks' parts times world_size is the global loss's gradient."""
     N = probs_TN.shape[-1]
-    p_TN = probs_TN - tau_T.unsqueeze(-1) if variant == "reference" else probs_TN
+    p_TN = probs_TN
+    if variant == "reference":
+        assert tau_T is not None, "the reference variant subtracts the threshold: tau_T is required"
+        p_TN = probs_TN - tau_T.unsqueeze(-1)
     c_T1 = count_T.unsqueeze(-1)
     p_sum_N = (p_TN * c_T1).sum(0)
     local = torch.cat([(mask_TN.to(probs_TN.dtype) * c_T1).sum(0), p_sum_N.detach(), count_T.sum().reshape(1)])

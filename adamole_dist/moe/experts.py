@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -32,6 +33,9 @@ import torch.nn as nn
 # See benchmarks/README.md for the table.
 GROUPED_PAIR_COST = 140  # one active pair costs about as much as 140 dense rank columns
 DENSE_ONLY_TOTAL_RANK = 128  # at N*R <= 128 grouped would need < 1 active expert per token
+
+
+_grouped_mm: Any = getattr(torch, "_grouped_mm", None)  # private in torch (no public name yet); None if absent
 
 
 def choose_compute_path(num_experts: int, rank: int, avg_active_experts: float) -> str:
@@ -66,7 +70,7 @@ def _grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
         x = torch.ones(4, 16, device=device_type, dtype=dtype, requires_grad=True)
         w = torch.ones(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
         offs = torch.tensor([1, 4], device=device_type, dtype=torch.int32)
-        torch._grouped_mm(x, w, offs=offs).mul(2.0).sum().backward()
+        _grouped_mm(x, w, offs=offs).mul(2.0).sum().backward()
         return True
     except (RuntimeError, NotImplementedError, TypeError):
         return False
@@ -78,7 +82,7 @@ def grouped_matmul(x_PI: torch.Tensor, w_NIF: torch.Tensor, counts_N: torch.Tens
     aligned = all(n * x_PI.element_size() % 16 == 0 for n in (x_PI.shape[-1], w_NIF.shape[-1], w_NIF.shape[-2]))
     if aligned and _grouped_mm_supported(x_PI.device.type, x_PI.dtype):
         offs_N = counts_N.cumsum(0).to(torch.int32)
-        return torch._grouped_mm(x_PI, w_NIF, offs=offs_N)
+        return _grouped_mm(x_PI, w_NIF, offs=offs_N)
     # Fallback where no grouped kernel exists: one matmul per expert. Only reached on the
     # grouped path, i.e. for many/large experts where the loop overhead is amortised.
     chunks = torch.split(x_PI, counts_N.tolist())  # NOTE: device sync for the split sizes

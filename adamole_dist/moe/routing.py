@@ -79,6 +79,9 @@ class Router(nn.Module):
     one module call gathers all of them under ZeRO-3.
     """
 
+    selection_bias: torch.Tensor | None  # buffers (balance_bias_rate > 0), typed for the checker
+    routed_load: torch.Tensor
+
     def __init__(self, cfg: AdapterConfig, in_features: int, *, device=None, dtype=None) -> None:
         super().__init__()
         self.cfg = cfg
@@ -93,6 +96,7 @@ class Router(nn.Module):
     @torch.no_grad()
     def update_bias(self, global_load_N: torch.Tensor) -> None:
         """Aux-loss-free balancing: move each expert's bias towards the mean load by the rate."""
+        assert self.selection_bias is not None, "update_bias needs balance_bias_rate > 0"
         self.selection_bias += self.cfg.balance_bias_rate * torch.sign(global_load_N.mean() - global_load_N)
         self.routed_load.zero_()
 

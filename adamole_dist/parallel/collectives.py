@@ -13,10 +13,12 @@ All-to-alls of CPU tensors (gloo) run as point-to-point messages with every rece
 first (:func:`_receives_first`: on a slow link gloo's own all-to-all can run the two directions
 one after the other); on CUDA they are ``dist.all_to_all_single``.
 
-Also here: the one autograd-aware all-to-all of expert parallelism, the count exchange that
-sizes it, and the traffic counters. Split sizes always come from exchanged counts: on gloo a
-mismatch between what a sender sends and what its receiver expects aborts the receiver or
-leaves part of its buffer unwritten, so no split is ever computed independently on two sides.
+Also here: :class:`Exchange`, expert parallelism's view of its group (the group, this rank,
+the traffic counters), with the one autograd-aware all-to-all (waited, or launched and landed to
+overlap computation), the count exchange that sizes it, and the all-gathers of capacity.
+Split sizes always come from exchanged counts: on gloo a mismatch between what a sender sends
+and what its receiver expects aborts the receiver or leaves part of its buffer unwritten, so no
+split is ever computed independently on two sides.
 
 Every function is a no-op (identity) without an initialised process group of more than one
 rank, so single-process code calls them unconditionally.
@@ -208,7 +210,9 @@ def _launch(out: torch.Tensor, inp: torch.Tensor, out_splits, in_splits, group):
     with ``wait()``."""
     if inp.device.type == "cpu":  # gloo
         return _receives_first(out, inp, out_splits, in_splits, group)
-    return dist.all_to_all_single(out, inp, out_splits, in_splits, group=group, async_op=True)
+    work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=group, async_op=True)
+    assert work is not None  # async_op=True always returns a handle
+    return work
 
 
 def all_to_all_single(out: torch.Tensor, inp: torch.Tensor, out_splits=None, in_splits=None, group=None) -> None:
@@ -267,47 +271,95 @@ class TrafficCounters:
         self.clock.reset()
 
 
-def _a2a_span(counters: TrafficCounters | None, device: torch.device):
-    return counters.span("a2a", device) if counters is not None else contextlib.nullcontext()
-
-
 def remote_rows(splits: list[int], me: int) -> int:
     return sum(n for j, n in enumerate(splits) if j != me)
 
 
-def timed_all_to_all(out, inp, out_splits, in_splits, group, counters: TrafficCounters | None, me: int,
-                     min_bytes: int | None = None) -> None:
-    """``all_to_all_single``, counted: bytes sent to other ranks, and of those the minimum the
-    caller states (``min_bytes``; None: all of them count)."""
-    with _a2a_span(counters, inp.device):
-        all_to_all_single(out, inp, out_splits, in_splits, group=group)
-    if counters is not None:
-        counters.record(inp, in_splits, me, min_bytes)
+# (forward, backward): of the bytes one all-to-all sends to other ranks, the minimum the caller states
+# (None: all of them count). The backward's sends are the gradient's rows, with the splits swapped.
+MinBytes = tuple[int | None, int | None]
+EVERY_BYTE: MinBytes = (None, None)
+
+
+@dataclass(frozen=True, eq=False)
+class Exchange:
+    """Who exchanges with whom, and who counts it: the process group, this rank in it (``me``), its
+    size, and the traffic counters every all-to-all through it records into (None: uncounted). Each
+    method is a collective: every member of the group calls it, in the same order.
+
+    ``all_to_all`` waits; ``launch`` / ``land`` split one into a start and a wait (overlap), in
+    both passes. Both are autograd-aware: the backward is the reverse exchange, splits swapped."""
+
+    group: Any = None
+    me: int = 0
+    size: int = 1
+    counters: TrafficCounters | None = None
+
+    def span(self, device: torch.device):
+        """The "a2a" time of the counters (nothing without them)."""
+        return self.counters.span("a2a", device) if self.counters is not None else contextlib.nullcontext()
+
+    def record(self, inp: torch.Tensor, in_splits: list[int], min_bytes: int | None) -> None:
+        if self.counters is not None:
+            self.counters.record(inp, in_splits, self.me, min_bytes)
+
+    def counts(self, send_counts: torch.Tensor) -> torch.Tensor:
+        """:func:`exchange_counts` over the group (not counted as traffic)."""
+        return exchange_counts(send_counts, self.group)
+
+    def all_gather_stack(self, t: torch.Tensor) -> torch.Tensor:
+        """:func:`all_gather_stack` over the group: (size, *t.shape)."""
+        return all_gather_stack(t, self.group, self.size)
+
+    def all_to_all(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int],
+                   min_bytes: MinBytes = EVERY_BYTE) -> torch.Tensor:
+        """Rows of ``x`` go to ranks by ``in_splits``; rows arrive by ``out_splits`` (waited for)."""
+        return AllToAll.apply(x, out_splits, in_splits, self, min_bytes)
+
+    def launch(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int],
+               min_bytes: MinBytes = EVERY_BYTE) -> Flight:
+        """Start :meth:`all_to_all` of ``x`` without waiting; pass the flight to :meth:`land`. Every
+        rank must launch and land its flights in the same order (they do: the same code runs)."""
+        flight = Flight(self, out_splits, in_splits, min_bytes)
+        flight.token = _Launch.apply(x, flight)
+        return flight
+
+    def land(self, flight: Flight) -> torch.Tensor:
+        """Wait for a launched all-to-all; returns the received rows (autograd flows through). The
+        flight lets go of its token here: it sits in the launch node's context, so holding on to it
+        would close a cycle through the graph's C++ nodes (see :meth:`_PendingAllToAll.wait`)."""
+        token, flight.token = flight.token, None
+        if token is None:
+            raise RuntimeError("an all-to-all in flight was landed twice")
+        return _Land.apply(token, flight)
+
+
+def _counted_all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int],
+                        exchange: Exchange, min_bytes: int | None) -> None:
+    """``all_to_all_single`` over the exchange's group, timed and counted: bytes sent to other ranks,
+    and of those the minimum the caller states."""
+    with exchange.span(inp.device):
+        all_to_all_single(out, inp, out_splits, in_splits, group=exchange.group)
+    exchange.record(inp, in_splits, min_bytes)
 
 
 class AllToAll(torch.autograd.Function):
     """Rows of ``x`` go to ranks by ``in_splits``; rows arrive by ``out_splits``. Backward reverses.
-    ``min_bytes`` / ``min_bytes_back``: what of this rank's sends (forward / backward) is the minimum."""
+    ``min_bytes``: what of this rank's sends (forward, backward) is the minimum (:data:`MinBytes`)."""
 
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group, counters, me, min_bytes, min_bytes_back):
-        ctx.splits = (out_splits, in_splits)
-        ctx.group, ctx.counters, ctx.me, ctx.min_back = group, counters, me, min_bytes_back
+    def forward(ctx, x, out_splits, in_splits, exchange: Exchange, min_bytes: MinBytes):
+        ctx.splits, ctx.exchange, ctx.min_back = (out_splits, in_splits), exchange, min_bytes[1]
         out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-        timed_all_to_all(out, x.contiguous(), out_splits, in_splits, group, counters, me, min_bytes)
+        _counted_all_to_all(out, x.contiguous(), out_splits, in_splits, exchange, min_bytes[0])
         return out
 
     @staticmethod
     def backward(ctx, grad):
         out_splits, in_splits = ctx.splits
         back = grad.new_empty((sum(in_splits),) + tuple(grad.shape[1:]))
-        timed_all_to_all(back, grad.contiguous(), in_splits, out_splits, ctx.group, ctx.counters, ctx.me,
-                         ctx.min_back)
-        return back, None, None, None, None, None, None, None
-
-
-def all_to_all(x, out_splits, in_splits, group, counters=None, me=0, min_bytes=None, min_bytes_back=None):
-    return AllToAll.apply(x, out_splits, in_splits, group, counters, me, min_bytes, min_bytes_back)
+        _counted_all_to_all(back, grad.contiguous(), in_splits, out_splits, ctx.exchange, ctx.min_back)
+        return back, None, None, None, None
 
 
 # -- all-to-all in flight: overlap with computation ----------------------------------------------
@@ -315,29 +367,33 @@ class _PendingAllToAll:
     """One all-to-all launched without waiting (async_op): ``wait()`` returns the received tensor on
     the caller's device. Staging to a device the group serves happens at launch and at wait."""
 
-    def __init__(self, inp: torch.Tensor, out_splits: list[int], in_splits: list[int], group,
-                 counters: TrafficCounters | None, me: int, min_bytes: int | None) -> None:
-        self.out = inp.new_empty((sum(out_splits),) + tuple(inp.shape[1:]))
-        self.counters = counters
-        with _a2a_span(counters, inp.device):
+    def __init__(self, inp: torch.Tensor, out_splits: list[int], in_splits: list[int], exchange: Exchange,
+                 min_bytes: int | None) -> None:
+        out = inp.new_empty((sum(out_splits),) + tuple(inp.shape[1:]))
+        self.exchange = exchange
+        group = exchange.group
+        with exchange.span(inp.device):
             distributed = is_distributed(group)
             staged_in = _staged(inp.contiguous(), group) if distributed else inp
-            self.staged_out = _staged(self.out, group) if distributed else self.out
-            self.work = _launch(self.staged_out, staged_in, out_splits, in_splits, group) if distributed else None
+            staged_out = _staged(out, group) if distributed else out
+            self.work = _launch(staged_out, staged_in, out_splits, in_splits, group) if distributed else None
             if self.work is None:  # one rank: the rows are its own
-                self.staged_out.copy_(staged_in)
-        if counters is not None:
-            counters.record(inp, in_splits, me, min_bytes)
+                staged_out.copy_(staged_in)
+        self.out: torch.Tensor | None = out
+        self.staged_out: torch.Tensor | None = staged_out
+        exchange.record(inp, in_splits, min_bytes)
 
     def wait(self) -> torch.Tensor:
         """The received tensor; once only. The handle lets go of every buffer here: it sits in an
         autograd context (Flight) beside the tensor it returns, so a reference kept would close a
         cycle through the graph's C++ nodes that Python's collector cannot see (measured: 250 MB a
         second leaked with overlap on, until this let go)."""
-        out, staged_out = self.out, self.staged_out
-        with _a2a_span(self.counters, out.device):  # the exposed part: what computation did not hide
-            if self.work is not None:
-                self.work.wait()
+        out, staged_out, work = self.out, self.staged_out, self.work
+        if out is None or staged_out is None:
+            raise RuntimeError("an all-to-all in flight was waited for twice")
+        with self.exchange.span(out.device):  # the exposed part: what computation did not hide
+            if work is not None:
+                work.wait()
             self.out = self.staged_out = self.work = None
             if staged_out is not out:
                 out.copy_(staged_out)
@@ -345,19 +401,20 @@ class _PendingAllToAll:
 
 
 def start_all_to_all(inp: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None) -> _PendingAllToAll:
-    """An all-to-all of rows launched without waiting (no autograd): ``.wait()`` returns what arrived."""
-    return _PendingAllToAll(inp, out_splits, in_splits, group, None, 0, None)
+    """An all-to-all of rows launched without waiting (no autograd, uncounted): ``.wait()`` returns
+    what arrived."""
+    return _PendingAllToAll(inp, out_splits, in_splits, Exchange(group), None)
 
 
 class Flight:
-    """An all-to-all split into launch and wait, in both passes (``launch_all_to_all`` /
-    ``land_all_to_all``): the forward's rows travel between the two calls, and in the backward the
+    """An all-to-all split into launch and wait, in both passes (:meth:`Exchange.launch` /
+    :meth:`Exchange.land`): the forward's rows travel between the two calls, and in the backward the
     gradient's rows travel from the ``land`` node's backward to the ``launch`` node's backward,
     while autograd runs whatever it reaches in between."""
 
-    def __init__(self, out_splits, in_splits, group, counters, me, min_bytes, min_bytes_back) -> None:
-        self.out_splits, self.in_splits, self.group = out_splits, in_splits, group
-        self.counters, self.me, self.min_bytes, self.min_bytes_back = counters, me, min_bytes, min_bytes_back
+    def __init__(self, exchange: Exchange, out_splits: list[int], in_splits: list[int], min_bytes: MinBytes) -> None:
+        self.exchange, self.out_splits, self.in_splits, self.min_bytes = exchange, out_splits, in_splits, min_bytes
+        self.token: torch.Tensor | None = None  # the launch node's output, until landed
         self.forward: _PendingAllToAll | None = None
         self.backward: _PendingAllToAll | None = None
 
@@ -366,8 +423,7 @@ class _Launch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, flight: Flight):
         ctx.flight = flight
-        flight.forward = _PendingAllToAll(x, flight.out_splits, flight.in_splits, flight.group, flight.counters,
-                                          flight.me, flight.min_bytes)
+        flight.forward = _PendingAllToAll(x, flight.out_splits, flight.in_splits, flight.exchange, flight.min_bytes[0])
         return x.new_empty(0)  # a token: orders the landing after the launch in the graph
 
     @staticmethod
@@ -381,23 +437,12 @@ class _Land(torch.autograd.Function):
     def forward(ctx, token, flight: Flight):
         ctx.flight = flight
         pending, flight.forward = flight.forward, None
+        if pending is None:
+            raise RuntimeError("an all-to-all was landed before it was launched")
         return pending.wait()
 
     @staticmethod
     def backward(ctx, grad):
         f = ctx.flight
-        f.backward = _PendingAllToAll(grad, f.in_splits, f.out_splits, f.group, f.counters, f.me, f.min_bytes_back)
+        f.backward = _PendingAllToAll(grad, f.in_splits, f.out_splits, f.exchange, f.min_bytes[1])
         return grad.new_empty(0), None
-
-
-def launch_all_to_all(x, out_splits, in_splits, group, counters=None, me=0, min_bytes=None,
-                      min_bytes_back=None) -> tuple[torch.Tensor, Flight]:
-    """Start ``all_to_all`` of ``x`` without waiting; pass the result to :func:`land_all_to_all`.
-    Every rank must launch and land its flights in the same order (they do: the same code runs)."""
-    flight = Flight(out_splits, in_splits, group, counters, me, min_bytes, min_bytes_back)
-    return _Launch.apply(x, flight), flight
-
-
-def land_all_to_all(token: torch.Tensor, flight: Flight) -> torch.Tensor:
-    """Wait for a launched all-to-all; returns the received rows (autograd flows through)."""
-    return _Land.apply(token, flight)

@@ -21,12 +21,12 @@ import torch
 
 def synchronize(device: torch.device | str | None) -> None:
     """Wait until the device has finished the work queued on it (a no-op on the CPU)."""
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "xpu" and hasattr(torch, "xpu"):
-        torch.xpu.synchronize(device)
-    elif device.type == "mps" and hasattr(torch, "mps"):
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    elif dev.type == "xpu" and hasattr(torch, "xpu"):
+        torch.xpu.synchronize(dev)
+    elif dev.type == "mps" and hasattr(torch, "mps"):
         torch.mps.synchronize()
 
 
@@ -65,8 +65,8 @@ class DeviceClock:
 
     @contextmanager
     def span(self, name: str, device: torch.device | str | None):
-        device = torch.device(device) if device is not None else torch.device("cpu")
-        if device.type == "cuda":
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        if dev.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             try:

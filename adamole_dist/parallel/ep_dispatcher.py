@@ -2,17 +2,28 @@
 
 Tensor-name suffixes (T tokens, N experts, ...): adamole_dist/glossary.py.
 
-Per adapted layer: route locally (layer.py) -> capacity over the group (counts exchanged) ->
-plan the rows for the OTHER ranks + exchange per-destination counts -> gather those rows (no copy
-when every token goes once, in order) -> all-to-all of the rows and, beside them, their routing
-columns -> the received rows through this rank's experts (the same dense/grouped fast path as one
-process) -> all-to-all back -> this rank's own experts on all its tokens, in place, adding the
-returned deltas (inside their matmul when every token went once, in order: fused_combine; else
-summed or index-added after). Every rank joins every collective even with nothing to send, so no
-rank waits on another forever.
+Per adapted layer: route locally (layer.py) -> capacity over the group (counts exchanged) -> four
+phases, each a method timed under its own name in ``counters`` (``counters.span``):
+
+* ``plan`` ("permute"): the rows for the OTHER ranks, the per-destination counts exchanged, and
+  from them the host split sizes, the traffic minimums and the wire dtypes (:class:`ExchangePlan`);
+* ``dispatch`` ("permute"): those rows (no copy when every token goes once, in order) and, beside
+  them, their routing columns;
+* expert compute ("expert_compute"): ``expert_compute`` runs the received rows through this rank's
+  experts (the same dense/grouped fast path as one process), ``own_share`` this rank's own experts
+  on all its tokens, in place;
+* ``combine`` ("combine"): the returned deltas added to the own share (summed or index-added), or,
+  when every token went once, in order (``fused_combine``), added inside the own share's matmul.
+
+Between them the rows go out and the deltas come back by all-to-all (``Exchange``, "a2a").
+``__call__`` is the schedule: each exchange waited for, or (``overlap``) launched and landed with
+the own share running in two halves while they travel. Every rank joins every collective even with
+nothing to send, so no rank waits on another forever.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -27,22 +38,15 @@ from adamole_dist.moe.capacity import (
 from adamole_dist.moe.experts import ExpertBank
 from adamole_dist.moe.permute import (
     SEND_ALL_FRACTION,
-    combine,
+    DispatchPlan,
     gather_rows,
     local_columns,
     plan_dispatch,
     routing_columns,
     split_routing_columns,
 )
-from adamole_dist.parallel.collectives import (
-    TrafficCounters,
-    all_gather_stack,
-    all_to_all,
-    exchange_counts,
-    land_all_to_all,
-    launch_all_to_all,
-    remote_rows,
-)
+from adamole_dist.moe.permute import combine as add_returned_rows
+from adamole_dist.parallel.collectives import Exchange, MinBytes, TrafficCounters, remote_rows
 from adamole_dist.parallel.layout import ParallelLayout
 from adamole_dist.parallel.local_dispatcher import Dispatcher, resolve_path
 
@@ -79,6 +83,26 @@ def fused_combine(every_token_once: bool, expert_dtype: torch.dtype) -> bool:
     return every_token_once and torch.promote_types(expert_dtype, torch.float32) == expert_dtype
 
 
+ROUTING_MIN: MinBytes = (0, 0)  # the routing columns travel beyond the traffic minimum, both passes
+
+
+@dataclass(frozen=True)
+class ExchangePlan:
+    """One micro batch's dispatch, decided before any row moves (``plan``): the same on every rank
+    that shares an exchange, since every split size comes from exchanged counts."""
+
+    permute: DispatchPlan  # which token goes to which rank, in plan order (moe/permute.py)
+    send: list[int]  # rows to each rank of the group (host split sizes: 0 for this rank)
+    recv: list[int]  # rows from each rank
+    once: bool  # every token goes once, in order: the rows are x itself, the returned deltas line up
+    fused: bool  # fused_combine: the own share may add the returned deltas inside its matmul
+    rows_min: MinBytes  # traffic minimum of this rank's rows out (forward) and their gradients (backward)
+    deltas_min: MinBytes  # ... of its deltas back (forward) and their gradients (backward)
+    activations: torch.dtype  # the rows' dtype, restored on arrival
+    rows_wire: torch.dtype  # the rows' dtype on the wire
+    deltas_wire: torch.dtype  # the deltas' dtype on the wire
+
+
 class ExpertParallelDispatcher(Dispatcher):
     """``wire_dtype``: rows travel (both ways, forward and backward) in this dtype when it is narrower
     than the activations' (a compressed wire, ``--dispatch_dtype bf16``); they are restored to the
@@ -87,12 +111,13 @@ class ExpertParallelDispatcher(Dispatcher):
 
     def __init__(self, layout: ParallelLayout, wire_dtype: torch.dtype | None = None, overlap: bool = True) -> None:
         self.layout = layout
-        self.overlap = overlap
+        self.overlap = overlap  # the schedule: exchanges launched and landed around the own share, or waited for
         self.group = layout.ep_group
         self.size = layout.ep_size
         self.me = layout.ep_rank
         self.wire_dtype = wire_dtype
         self.counters = TrafficCounters()
+        self.exchange = Exchange(self.group, self.me, self.size, self.counters)
 
     def wire_for(self, activations: torch.dtype) -> torch.dtype:
         """The narrower of the wire dtype and the activations' dtype."""
@@ -106,12 +131,13 @@ class ExpertParallelDispatcher(Dispatcher):
             return mask_TN
         T, N = mask_TN.shape
         counts_M = torch.cat([mask_TN.sum(0), torch.tensor([T], device=mask_TN.device)])
-        counts_JM = all_gather_stack(counts_M, self.group, self.size)
+        counts_JM = self.exchange.all_gather_stack(counts_M)
         counts_JN = counts_JM[:, :N]
         # NOTE: device sync: the group's routed pairs and its largest token count, read together (the
         # capacity sizes the candidates exchanged below; the stride orders the group's tokens)
         routed_pairs, most_tokens = torch.stack([counts_JN.sum(), counts_JM[:, N].max()]).tolist()
         capacity = expert_capacity(routed_pairs, N, capacity_factor)
+        assert capacity is not None  # None only when dropless, returned above
         if capacity == 0:
             # Nothing routed anywhere in the group (all padding, or no expert over its threshold):
             # every rank sees the same gathered counts, so all of them take this branch together.
@@ -120,30 +146,22 @@ class ExpertParallelDispatcher(Dispatcher):
             return keep_within_quota(mask_TN, position_quota(counts_JN, self.me, capacity))
         stride = most_tokens + 1
         vals_QN, pos_QN = probs_candidates(mask_TN, probs_TN, capacity)
-        vals = all_gather_stack(vals_QN, self.group, self.size)
-        pos = all_gather_stack(pos_QN, self.group, self.size)
+        vals = self.exchange.all_gather_stack(vals_QN)
+        pos = self.exchange.all_gather_stack(pos_QN)
         p_N, g_N = probs_cutoff(vals, pos, capacity, stride)
         return keep_by_cutoff(mask_TN, probs_TN, p_N, g_N, self.me, stride)
 
-    # -- dispatch and combine -------------------------------------------------------------------
-    @staticmethod
-    def remote(rows_VD, cols_VL, bank: ExpertBank, path):
-        """The received rows through this rank's experts. They were restored to the activations'
-        dtype, so the experts compute as they would locally; the deltas come out in the experts' dtype."""
-        w_VL, m_VL = split_routing_columns(cols_VL)
-        return bank(rows_VD, w_VL, m_VL, resolve_path(path, m_VL, bank))
-
-    def __call__(self, x_TD, weights_TN, mask_TN, bank: ExpertBank, path):
-        c = self.counters
-        with c.span("permute", x_TD.device):  # the plan, its count exchange, the rows and routing columns
-            T, D = x_TD.shape
-            L = bank.num_experts
-            O = bank.lora_B.shape[-1]
+    # -- the phases ------------------------------------------------------------------------------
+    def plan(self, mask_TN: torch.Tensor, x_TD: torch.Tensor, bank: ExpertBank) -> ExchangePlan:
+        """Which rows go where, and the split sizes of every exchange of this call (``x_TD`` and
+        ``bank`` only for shapes and dtypes). One count exchange, and the one device sync of the forward."""
+        with self.counters.span("permute", mask_TN.device):
+            D, O = x_TD.shape[1], bank.lora_B.shape[-1]
             es = x_TD.element_size()  # the uncompressed minimum counts values in the activations' dtype
-            wire = self.wire_for(x_TD.dtype)
+            rows_wire = self.wire_for(x_TD.dtype)
             plan = plan_dispatch(mask_TN, self.size, self.me, SEND_ALL_FRACTION)  # rows for the other ranks only
             # One exchange carries both counts: rows sent, and of those the ones with a kept expert there.
-            counts_in = exchange_counts(torch.stack([plan.send_counts_J, plan.needed_counts_J], 1), self.group)
+            counts_in = self.exchange.counts(torch.stack([plan.send_counts_J, plan.needed_counts_J], 1))
             # NOTE: the one device sync of the forward: the split sizes (and the traffic minimum), read together
             J = self.size
             host = torch.cat([plan.send_counts_J, plan.needed_counts_J, counts_in.t().reshape(-1)]).tolist()
@@ -151,49 +169,76 @@ class ExpertParallelDispatcher(Dispatcher):
             needed_out, needed_in = remote_rows(needed_send, self.me), remote_rows(needed_recv, self.me)
             once = plan.sends_every_token_once(send)
             es_y = bank.lora_A.element_size()  # the deltas return in the experts' dtype
-            rows_SD = gather_rows(x_TD, plan, once).to(wire)
-            cols_SL = routing_columns(weights_TN, mask_TN, plan, self.size)
-
-        def timed(fn, *args):
-            with c.span("expert_compute", x_TD.device):
-                return fn(*args)
-
-        def local(x, w, m, add_to=None):
-            m_TL = local_columns(m, self.me, L)
-            return bank(x, local_columns(w, self.me, L), m_TL, resolve_path(path, m_TL, bank), add_to)
-
         # Traffic minimum (summed over ranks): each needed row once, D values out and O back, both passes.
-        rows_min, y_min = (needed_out * D * es, needed_in * D * es), (needed_in * O * es_y, needed_out * O * es_y)
-        y_wire = self.wire_for(bank.lora_A.dtype)
-        fused = not self.overlap and fused_combine(once, bank.lora_A.dtype)
-        if self.overlap:
-            # This rank's own experts run in place on all its tokens, in two halves: the first while
-            # the rows travel out, the second while the deltas travel back. In the backward autograd
-            # reaches them in the same places (later-created nodes first), between each gradient
-            # exchange's launch and its landing.
-            # split, not sliced: x's gradient is then one concatenation of the halves' gradients,
-            # where two slices would each write a zero-filled copy of x and sum them
-            halves = [T // 2, T - T // 2]
-            (x1, x2), (w1, w2), (m1, m2) = (t.split(halves) for t in (x_TD, weights_TN, mask_TN))
-            rows_flight = launch_all_to_all(rows_SD, recv, send, self.group, c, self.me, *rows_min)
-            cols_flight = launch_all_to_all(cols_SL, recv, send, self.group, c, self.me, 0, 0)
-            local_first = timed(local, x1, w1, m1)
-            rows_VD, cols_VL = land_all_to_all(*rows_flight), land_all_to_all(*cols_flight)
-            y_VO = timed(self.remote, rows_VD.to(x_TD.dtype), cols_VL, bank, path)
-            y_flight = launch_all_to_all(y_VO.to(y_wire), send, recv, self.group, c, self.me, *y_min)
-            local_TO = torch.cat([local_first, timed(local, x2, w2, m2)])
-            y_SO = land_all_to_all(*y_flight)
-        else:  # each exchange waited for
-            rows_VD = all_to_all(rows_SD, recv, send, self.group, c, self.me, *rows_min)
-            cols_VL = all_to_all(cols_SL, recv, send, self.group, c, self.me, 0, 0)  # routing: beyond the minimum
-            y_VO = timed(self.remote, rows_VD.to(x_TD.dtype), cols_VL, bank, path)
-            y_SO = all_to_all(y_VO.to(y_wire), send, recv, self.group, c, self.me, *y_min)
-            # whole tensors, not a slice: its backward would write a zero-filled copy of x's gradient
-            if fused:  # the returned deltas line up with the tokens: added as the own share writes its delta
-                out = timed(local, x_TD, weights_TN, mask_TN, y_SO.to(bank.lora_A.dtype))
-            else:
-                local_TO = timed(local, x_TD, weights_TN, mask_TN)
-        if not fused:
-            with c.span("combine", x_TD.device):
-                out = combine(local_TO, y_SO, plan, once)
-        return out
+        return ExchangePlan(
+            permute=plan, send=send, recv=recv, once=once, fused=fused_combine(once, bank.lora_A.dtype),
+            rows_min=(needed_out * D * es, needed_in * D * es),
+            deltas_min=(needed_in * O * es_y, needed_out * O * es_y),
+            activations=x_TD.dtype, rows_wire=rows_wire, deltas_wire=self.wire_for(bank.lora_A.dtype))
+
+    def dispatch(self, x_TD: torch.Tensor, weights_TN: torch.Tensor, mask_TN: torch.Tensor,
+                 plan: ExchangePlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows_SD on the wire dtype, routing columns cols_SL in fp32): what this rank sends, in plan order."""
+        with self.counters.span("permute", x_TD.device):
+            rows_SD = gather_rows(x_TD, plan.permute, plan.once).to(plan.rows_wire)
+            return rows_SD, routing_columns(weights_TN, mask_TN, plan.permute, self.size)
+
+    def expert_compute(self, rows_VD: torch.Tensor, cols_VL: torch.Tensor, bank: ExpertBank, path: str) -> torch.Tensor:
+        """The received rows (restored to the activations' dtype, so the experts compute as they
+        would locally) through this rank's experts; the deltas come out in the experts' dtype."""
+        with self.counters.span("expert_compute", rows_VD.device):
+            w_VL, m_VL = split_routing_columns(cols_VL)
+            return bank(rows_VD, w_VL, m_VL, resolve_path(path, m_VL, bank))
+
+    def own_share(self, x_TD: torch.Tensor, weights_TN: torch.Tensor, mask_TN: torch.Tensor, bank: ExpertBank,
+                  path: str, add_to: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's own experts on its tokens, in place (their columns of the weights select the
+        pairs); ``add_to`` (the returned deltas, when ``plan.fused``) is added inside the matmul."""
+        with self.counters.span("expert_compute", x_TD.device):
+            L = bank.num_experts
+            m_TL = local_columns(mask_TN, self.me, L)
+            return bank(x_TD, local_columns(weights_TN, self.me, L), m_TL, resolve_path(path, m_TL, bank), add_to)
+
+    def combine(self, local_TO: torch.Tensor, returned_SO: torch.Tensor, plan: ExchangePlan) -> torch.Tensor:
+        """The own share plus every returned delta added to its token, in fp32 (at least)."""
+        with self.counters.span("combine", local_TO.device):
+            return add_returned_rows(local_TO, returned_SO, plan.permute, plan.once)
+
+    # -- the schedule ----------------------------------------------------------------------------
+    def __call__(self, x_TD, weights_TN, mask_TN, bank: ExpertBank, path):
+        plan = self.plan(mask_TN, x_TD, bank)
+        sent = self.dispatch(x_TD, weights_TN, mask_TN, plan)
+        schedule = self._overlapped if self.overlap else self._waited
+        return schedule(x_TD, weights_TN, mask_TN, sent, plan, bank, path)
+
+    def _waited(self, x_TD, weights_TN, mask_TN, sent, plan: ExchangePlan, bank: ExpertBank, path):
+        """Each exchange waited for, then the own share on all tokens, whole (a slice's backward
+        would write a zero-filled copy of x's gradient), adding the returned deltas when fused."""
+        ex, (rows_SD, cols_SL) = self.exchange, sent
+        rows_VD = ex.all_to_all(rows_SD, plan.recv, plan.send, min_bytes=plan.rows_min)
+        cols_VL = ex.all_to_all(cols_SL, plan.recv, plan.send, min_bytes=ROUTING_MIN)
+        y_VO = self.expert_compute(rows_VD.to(plan.activations), cols_VL, bank, path)
+        y_SO = ex.all_to_all(y_VO.to(plan.deltas_wire), plan.send, plan.recv, min_bytes=plan.deltas_min)
+        if plan.fused:  # the returned deltas line up with the tokens: added as the own share writes its delta
+            return self.own_share(x_TD, weights_TN, mask_TN, bank, path, add_to=y_SO.to(bank.lora_A.dtype))
+        return self.combine(self.own_share(x_TD, weights_TN, mask_TN, bank, path), y_SO, plan)
+
+    def _overlapped(self, x_TD, weights_TN, mask_TN, sent, plan: ExchangePlan, bank: ExpertBank, path):
+        """The same phases with each exchange launched and landed: the own share runs in two halves of
+        the tokens, the first while the rows travel out, the second while the deltas travel back. In
+        the backward autograd reaches them in the same places (later-created nodes first), between
+        each gradient exchange's launch and its landing. Never fused: the second half runs before the
+        deltas land, and fusing them into it would mean waiting for them first (no overlap left for
+        the return trip); the sum after it is what the waited schedule does when not fused."""
+        ex, (rows_SD, cols_SL), T = self.exchange, sent, x_TD.shape[0]
+        # split, not sliced: x's gradient is then one concatenation of the halves' gradients,
+        # where two slices would each write a zero-filled copy of x and sum them
+        (x1, x2), (w1, w2), (m1, m2) = (t.split([T // 2, T - T // 2]) for t in (x_TD, weights_TN, mask_TN))
+        rows_out = ex.launch(rows_SD, plan.recv, plan.send, min_bytes=plan.rows_min)
+        cols_out = ex.launch(cols_SL, plan.recv, plan.send, min_bytes=ROUTING_MIN)
+        local_first = self.own_share(x1, w1, m1, bank, path)
+        rows_VD, cols_VL = ex.land(rows_out), ex.land(cols_out)
+        y_VO = self.expert_compute(rows_VD.to(plan.activations), cols_VL, bank, path)
+        back = ex.launch(y_VO.to(plan.deltas_wire), plan.send, plan.recv, min_bytes=plan.deltas_min)
+        local_TO = torch.cat([local_first, self.own_share(x2, w2, m2, bank, path)])
+        return self.combine(local_TO, ex.land(back), plan)

@@ -194,8 +194,7 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
         print(f"newly initialized (not in {model_path}): {', '.join(new)}"
               + (" -- trained in full" if trained else " -- check --trainable_modules"))
     if cfg.adapter.aux_loss_scope == "global":
-        adapters.context.dp_all_reduce = collectives.all_reduce_sum
-        adapters.context.dp_world_size = info.world_size
+        adapters.context.balance_over_data_parallel(collectives.all_reduce_sum, info.world_size)
     lock = None
     if info.is_main:  # checked again under the lock: another run may have started or finished since
         try:
