@@ -23,7 +23,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: setup models train test test-slow lint wheelhouse
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: setup.py pyproject.toml
 	python3 -m venv $(VENV)
 	$(if $(WHEELHOUSE),,$(PY) -m pip install -q --upgrade pip)
 	$(PY) -m pip install -q $(PIP_FROM) $(TORCH_SPEC)

