@@ -13,7 +13,9 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["adamole_dist", "adamole_dist.*"]),
+    # benchmarks/ too: its scripts import each other (benchmarks.records, ...) and run by path from a
+    # checkout (`python benchmarks/layer_bench.py`, torchrun, srun); the editable install resolves them.
+    packages=find_packages(include=["adamole_dist", "adamole_dist.*", "benchmarks"]),
     package_data={"adamole_dist.data": ["*.json"]},
     install_requires=[
         "torch>=2.4",
@@ -34,5 +36,14 @@ setup(
         "harness": ["lm-eval"],  # launch/eval.py --harness (lm-evaluation-harness)
         "mpi": ["mpi4py>=4", "mpich"],
         "wandb": ["wandb"],
+    },
+    entry_points={
+        "console_scripts": [
+            "adamole-train = adamole_dist.cli.train:main",
+            "adamole-eval = adamole_dist.cli.eval:main",
+            "adamole-generate = adamole_dist.cli.generate:main",
+            "adamole-export = adamole_dist.cli.export:main",
+            "adamole-plot = adamole_dist.cli.plot:main",
+        ],
     },
 )

@@ -25,26 +25,23 @@ import argparse
 import json
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from adamole_dist.adapters.inject import inject_adapters  # noqa: E402
-from adamole_dist.base_model.model_loading import load_model_and_tokenizer  # noqa: E402
-from adamole_dist.config.adapter import AdapterConfig  # noqa: E402
-from adamole_dist.data import load_examples  # noqa: E402
-from adamole_dist.data.evaluate import evaluate_accuracy, majority_class_accuracy  # noqa: E402
-from adamole_dist.data.tasks import build_task  # noqa: E402
-from adamole_dist.moe.routing_stats import summarize_routing  # noqa: E402
-from adamole_dist.train.schedule import lr_lambda, warmup_steps_for  # noqa: E402
-from adamole_dist.train.step import train_step  # noqa: E402
-from benchmarks.head_warmup import HeadInputs, extract_head_inputs, fit_head, validation_curve  # noqa: E402
-from benchmarks.local_engine import LocalEngine  # noqa: E402
-from benchmarks.records import read_records, write_records  # noqa: E402
+from adamole_dist.adapters.inject import inject_adapters
+from adamole_dist.base_model.model_loading import load_model_and_tokenizer
+from adamole_dist.config.adapter import AdapterConfig
+from adamole_dist.data import load_examples
+from adamole_dist.data.evaluate import evaluate_accuracy, majority_class_accuracy
+from adamole_dist.data.tasks import build_task
+from adamole_dist.moe.routing_stats import summarize_routing
+from adamole_dist.train.schedule import lr_lambda, warmup_steps_for
+from adamole_dist.train.step import train_step
+from benchmarks.head_warmup import HeadInputs, extract_head_inputs, fit_head, validation_curve
+from benchmarks.local_engine import LocalEngine
+from benchmarks.records import read_records, write_records
 
 N, R = 8, 4
 # Per-dataset budget, the same for every method and seed, sized so the whole grid (57 runs) fits
@@ -202,7 +199,8 @@ def report(records: list[dict], baselines: dict | None = None) -> str:
                 rs = [r for r in sweep if r["tau_max"] == t and r["dataset"] == d]
                 cells.append(f"{100 * statistics.mean(r['accuracy'] for r in rs):.1f} (n={len(rs)})" if rs else "–")
                 cells.append(f"{statistics.mean(r['avg_active_experts'] for r in rs):.2f}" if rs else "–")
-            label = {1 / (2 * N): "1/(2N)", 1 / N: "1/N", 3 / (2 * N): "3/(2N)", 2 / N: "2/N", 1.0: "1"}.get(t, f"{t:g}")
+            label = {1 / (2 * N): "1/(2N)", 1 / N: "1/N", 3 / (2 * N): "3/(2N)", 2 / N: "2/N",
+                     1.0: "1"}.get(t, f"{t:g}")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(line for line in lines if line)
 

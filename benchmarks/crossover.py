@@ -14,13 +14,10 @@ projections (q, k, v, o of 32 blocks, 4096 x 4096) with bf16 activations on the 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from adamole_dist.costmodel.placement import CommModel, ComputeModel, Workload, choose_ep_size, predict_replicated  # noqa: E402
-from benchmarks.records import write_records  # noqa: E402
+from adamole_dist.costmodel.placement import CommModel, ComputeModel, Workload, choose_ep_size, predict_replicated
+from benchmarks.records import write_records
 
 GPUS_PER_NODE = 8
 # Published figures: NVLink 4 is 900 GB/s per H100, 450 GB/s each way; a ConnectX-7 NDR port is

@@ -38,22 +38,20 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from adamole_dist.base_model.gguf_cache import SMOLLM2  # noqa: E402
-from adamole_dist.adapters.inject import inject_adapters  # noqa: E402
-from adamole_dist.base_model.model_loading import load_model_and_tokenizer  # noqa: E402
-from adamole_dist.config.adapter import AdapterConfig  # noqa: E402
-from adamole_dist.config.training import AUTOCASTS  # noqa: E402
-from adamole_dist.data import load_examples  # noqa: E402
-from adamole_dist.data.evaluate import evaluate_accuracy  # noqa: E402
-from adamole_dist.data.tasks import build_task  # noqa: E402
-from adamole_dist.moe.routing_stats import summarize_routing  # noqa: E402
-from adamole_dist.train.schedule import lr_lambda, warmup_steps_for  # noqa: E402
-from adamole_dist.train.step import train_step  # noqa: E402
-from benchmarks.accuracy import key, merge_records  # noqa: E402  (the same record key and order)
-from benchmarks.local_engine import LocalEngine  # noqa: E402
-from benchmarks.records import read_records, write_records  # noqa: E402
+from adamole_dist.adapters.inject import inject_adapters
+from adamole_dist.base_model.gguf_cache import SMOLLM2
+from adamole_dist.base_model.model_loading import load_model_and_tokenizer
+from adamole_dist.config.adapter import AdapterConfig
+from adamole_dist.config.training import AUTOCASTS
+from adamole_dist.data import load_examples
+from adamole_dist.data.evaluate import evaluate_accuracy
+from adamole_dist.data.tasks import build_task
+from adamole_dist.moe.routing_stats import summarize_routing
+from adamole_dist.train.schedule import lr_lambda, warmup_steps_for
+from adamole_dist.train.step import train_step
+from benchmarks.accuracy import key, merge_records  # the same record key and order
+from benchmarks.local_engine import LocalEngine
+from benchmarks.records import read_records, write_records
 
 N, R = 8, 4
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]

@@ -23,28 +23,24 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from adamole_dist.adapters.inject import adapt_linear  # noqa: E402
-from adamole_dist.config.adapter import AdapterConfig  # noqa: E402
-from adamole_dist.ops.host_memory import keep_freed_host_memory  # noqa: E402
-from adamole_dist.parallel import collectives  # noqa: E402
-from adamole_dist.costmodel.calibration import calibrate, calibrated_ep_size, calibration_record, parts_ms  # noqa: E402
-from adamole_dist.parallel.device_timer import timed  # noqa: E402
-from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher, overlap_enabled, wire_bytes, wire_dtype  # noqa: E402
-from adamole_dist.parallel.layout import build_layout  # noqa: E402
-from adamole_dist.parallel.local_dispatcher import LocalDispatcher  # noqa: E402
-from adamole_dist.costmodel.placement import Workload, predict_placement  # noqa: E402
-from adamole_dist.train.expert_optimizer import ExpertOptimizer  # noqa: E402
-from adamole_dist.train.reporting import routing_over_ranks  # noqa: E402
-from benchmarks.records import write_records  # noqa: E402
+from adamole_dist import AdapterConfig
+from adamole_dist.adapters.inject import adapt_linear
+from adamole_dist.costmodel.calibration import calibrate, calibrated_ep_size, calibration_record, parts_ms
+from adamole_dist.costmodel.placement import Workload, predict_placement
+from adamole_dist.ops.host_memory import keep_freed_host_memory
+from adamole_dist.parallel import collectives
+from adamole_dist.parallel.device_timer import timed
+from adamole_dist.parallel.ep_dispatcher import overlap_enabled, wire_bytes
+from adamole_dist.parallel.layout import build_layout
+from adamole_dist.train.builders import build_dispatcher, build_expert_optimizer
+from adamole_dist.train.reporting import routing_over_ranks
+from benchmarks.records import write_records
 
 DEVICE = torch.device("cpu")  # gloo, CPU tensors
 
@@ -66,9 +62,7 @@ def all_sum(value: float) -> float:
 def bench(args, ep_size: int) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     layout = build_layout(ep_size, args.num_experts)
-    dispatcher = (ExpertParallelDispatcher(layout, wire_dtype(args.dispatch_dtype),
-                                           overlap=overlap_enabled(args.overlap, DEVICE))
-                  if ep_size > 1 else LocalDispatcher())
+    dispatcher = build_dispatcher(layout, args.dispatch_dtype, args.overlap, DEVICE)
     cfg = adapter_config(args)
     torch.manual_seed(0)
     base = nn.Linear(args.hidden, args.hidden, bias=False).requires_grad_(False)
@@ -79,9 +73,7 @@ def bench(args, ep_size: int) -> dict:
     x = torch.randn(args.tokens_per_rank, args.hidden)
     grad = torch.randn(args.tokens_per_rank, args.hidden)
     counters = dispatcher.counters
-    expert_opt = ExpertOptimizer(list(layer.experts.parameters()), lr=1e-4, betas=(0.9, 0.999), eps=1e-8,
-                                 weight_decay=0.0, max_grad_norm=1.0, lr_lambda=lambda s: 1.0, world_size=world,
-                                 edp_group=layout.edp_group, ep_group=layout.ep_group)
+    expert_opt = build_expert_optimizer(list(layer.experts.parameters()), world, layout, lr=1e-4)
     steps, a2a, phases, sent, minimum = [], [], {}, [], []
     for it in range(args.warmup + args.steps):
         xx = x.clone().requires_grad_(True)
@@ -176,7 +168,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--host_memory", default="keep", choices=("keep", "system"),
-                    help="keep: reuse freed host memory (ops/host_memory.py, as the trainer does); system: glibc's default")
+                    help="keep: reuse freed host memory (ops/host_memory.py, as the trainer does); "
+                         "system: glibc's default")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if args.host_memory == "keep":

@@ -23,9 +23,8 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from benchmarks.records import write_records  # noqa: E402
+from benchmarks.records import write_records
 
 SYSTEMS = [("adamole_dist", "adamole"), ("adamole_dist", "lora"), ("peft", "lora")]
 
@@ -67,9 +66,11 @@ def main() -> None:
                             "peak_rss_mb": statistics.median(r["peak_mem_mb_max"] for r in rs),
                             "step_ms_median": statistics.median(r["step_ms"] for r in rs),
                             "runs": len(rs)})
-    print(f"{'system':<14}{'method':<9}{'world':>6}{'tokens/s':>10}{'peak RSS MB':>13}{'vs our lora':>12}{'vs PEFT':>9}")
+    print(f"{'system':<14}{'method':<9}{'world':>6}{'tokens/s':>10}{'peak RSS MB':>13}"
+          f"{'vs our lora':>12}{'vs PEFT':>9}")
     for r in records:
-        ours = next(x for x in records if x["world"] == r["world"] and x["system"] == "adamole_dist" and x["method"] == "lora")
+        ours = next(x for x in records
+                    if x["world"] == r["world"] and x["system"] == "adamole_dist" and x["method"] == "lora")
         peft = next(x for x in records if x["world"] == r["world"] and x["system"] == "peft")
         print(f"{r['system']:<14}{r['method']:<9}{r['world']:>6}{r['tokens_per_s']:>10.0f}{r['peak_rss_mb']:>13.0f}"
               f"{r['tokens_per_s'] / ours['tokens_per_s']:>12.2f}{r['tokens_per_s'] / peft['tokens_per_s']:>9.2f}")

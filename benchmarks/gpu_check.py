@@ -26,16 +26,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from adamole_dist import AdapterConfig, inject_adapters  # noqa: E402
-from adamole_dist.adapters.inject import adapt_linear  # noqa: E402
-from adamole_dist.parallel.device_timer import synchronize, wall_seconds  # noqa: E402
-from adamole_dist.runtime.process_group import init_distributed, resolve_backend  # noqa: E402
-from adamole_dist.train.expert_optimizer import ExpertOptimizer  # noqa: E402
-from adamole_dist.train.step import train_step  # noqa: E402
-from benchmarks.host_syncs import HostReads  # noqa: E402
-from benchmarks.records import write_records  # noqa: E402
+from adamole_dist import AdapterConfig, inject_adapters
+from adamole_dist.adapters.inject import adapt_linear
+from adamole_dist.config.training import TrainConfig
+from adamole_dist.parallel.device_timer import synchronize, wall_seconds
+from adamole_dist.runtime.process_group import init_distributed, resolve_backend
+from adamole_dist.train.builders import build_engine, build_expert_optimizer, deepspeed_config
+from adamole_dist.train.step import train_step
+from benchmarks.host_syncs import HostReads
+from benchmarks.records import write_records
 
 LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                 num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)  # TinyLlama's shape
@@ -142,8 +141,6 @@ def model_flops_per_token(model, seq: int) -> float:
 
 
 def bench_train(args, device, info) -> list[dict]:
-    import deepspeed
-
     micro, seq = (2, 16) if args.smoke else (4, 1024)
     cuda = device.type == "cuda"
     records = []
@@ -161,13 +158,14 @@ def bench_train(args, device, info) -> list[dict]:
             adapters.expert_module.to(device)
             params = adapters.engine_parameters()
         flops_per_token = model_flops_per_token(model, seq)
-        ds = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
-              "zero_optimization": {"stage": 3}, "bf16": {"enabled": cuda},
-              "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}}, "steps_per_print": 10**9}
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds)
-        expert_opt = ExpertOptimizer(adapters.expert_parameters() if adapters else [], lr=1e-4, betas=(0.9, 0.999),
-                                     eps=1e-8, weight_decay=0.0, max_grad_norm=1.0, lr_lambda=lambda s: 1.0,
-                                     world_size=info.world_size, edp_group=None, ep_group=None)
+        # batch sizes, clipping and AdamW's hyperparameters from a TrainConfig (config/deepspeed.py, as in
+        # training); ZeRO-3 with DeepSpeed's own defaults, bf16 on a GPU, torch's AdamW
+        cfg = TrainConfig(micro_batch_size=micro, gradient_accumulation_steps=1, max_grad_norm=1.0, lr=1e-4)
+        base = {"zero_optimization": {"stage": 3}, "bf16": {"enabled": cuda},
+                "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}
+        engine = build_engine(model, params, deepspeed_config(cfg, info.world_size, base=base))
+        expert_opt = build_expert_optimizer(adapters.expert_parameters() if adapters else [], info.world_size,
+                                            lr=cfg.lr, max_grad_norm=cfg.max_grad_norm)
         g = torch.Generator().manual_seed(1)
         batch = {"input_ids": torch.randint(0, model.config.vocab_size, (micro, seq), generator=g).to(device),
                  "attention_mask": torch.ones(micro, seq, dtype=torch.long, device=device)}
@@ -191,7 +189,8 @@ def bench_train(args, device, info) -> list[dict]:
                         "step_ms_median": round(1000 * s, 2), "tokens_per_s": round(tokens_per_s, 1),
                         "peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if cuda else None,
                         "host_reads_per_step": reads.by_origin(),
-                        "mfu": round(flops_per_token * tokens_per_s / (peak_tflops * 1e12), 4) if peak_tflops else None})
+                        "mfu": round(flops_per_token * tokens_per_s / (peak_tflops * 1e12), 4) if peak_tflops
+                        else None})
         if adapters is not None:
             adapters.context.pop_stats()
         engine = model = adapters = expert_opt = None  # free before the next system's model

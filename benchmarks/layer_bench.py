@@ -14,21 +14,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from adamole_dist.adapters.inject import adapt_linear  # noqa: E402
-from adamole_dist.config.adapter import AdapterConfig  # noqa: E402
-from adamole_dist.moe.experts import GROUPED_PAIR_COST, choose_compute_path  # noqa: E402
-from adamole_dist.moe.routing_stats import summarize_stats  # noqa: E402
-from adamole_dist.parallel.device_timer import timed  # noqa: E402
-from benchmarks.loop_reference import LoopAdaMoLE  # noqa: E402
-from benchmarks.records import write_records  # noqa: E402
+from adamole_dist.adapters.inject import adapt_linear
+from adamole_dist.config.adapter import AdapterConfig
+from adamole_dist.moe.experts import GROUPED_PAIR_COST, choose_compute_path
+from adamole_dist.moe.routing_stats import summarize_stats
+from adamole_dist.parallel.device_timer import timed
+from benchmarks.loop_reference import LoopAdaMoLE
+from benchmarks.records import write_records
 
 MOE_METHODS = ["mole_topk", "mole_threshold", "sira", "adamole"]
 

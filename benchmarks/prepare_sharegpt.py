@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.sft_throughput import sharegpt_conversations  # noqa: E402
+from benchmarks.sft_throughput import sharegpt_conversations
 
 
 def main() -> None:

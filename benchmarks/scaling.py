@@ -27,9 +27,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from benchmarks.records import write_records  # noqa: E402
+from benchmarks.records import write_records
 
 WORKER = str(REPO / "benchmarks" / "step_worker.py")
 
@@ -94,8 +93,9 @@ def validation(records: list[dict]) -> str:
                 out.append(f"{mode} world {world}: EP minus replicated step time: predicted {predicted:.0f} ms, "
                            f"measured {measured:.0f} ms; all-to-all predicted {ep[-1]['pred_a2a_ms']:.0f} ms, "
                            f"measured {ep[-1]['a2a_ms']:.0f} ms; cost model picks "
-                           f"{'replicated' if ep[-1]['pred_ep_ms'] > ep[-1]['pred_replicated_ms'] else 'expert parallel'}"
-                           f", measurement says {'replicated' if measured > 0 else 'expert parallel'}")
+                           + ('replicated' if ep[-1]['pred_ep_ms'] > ep[-1]['pred_replicated_ms']
+                              else 'expert parallel')
+                           + f", measurement says {'replicated' if measured > 0 else 'expert parallel'}")
     return "\n".join(out)
 
 
@@ -122,8 +122,8 @@ def plot(records: list[dict], path: Path) -> None:
         series = {
             "replicated": [r for r in records if r["mode"] == mode and r["ep_size"] == 1],
             # expert parallel starts from the same single-unit run (ep_size 1 there)
-            "expert parallel": [r for r in records if r["mode"] == mode and (r["ep_size"] > 1 or
-                                                                            (r[unit] == smallest and r["ep_size"] == 1))],
+            "expert parallel": [r for r in records if r["mode"] == mode
+                                and (r["ep_size"] > 1 or (r[unit] == smallest and r["ep_size"] == 1))],
         }
         for kind, rs in series.items():
             rs = sorted(rs, key=lambda r: r[unit])

@@ -24,12 +24,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
+from benchmarks.records import write_records
+from benchmarks.scaling import efficiency, plot, table, validation
 
-from benchmarks.records import write_records  # noqa: E402
-from benchmarks.scaling import efficiency, plot, table, validation  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the cluster harnesses of tests/ (not a package)
 
 
 def main() -> None:

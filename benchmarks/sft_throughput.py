@@ -33,21 +33,19 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from adamole_dist.adapters.inject import inject_adapters  # noqa: E402
-from adamole_dist.base_model.model_loading import load_model_and_tokenizer  # noqa: E402
-from adamole_dist.config.adapter import AdapterConfig  # noqa: E402
-from adamole_dist.data.batching import (  # noqa: E402
+from adamole_dist.adapters.inject import inject_adapters
+from adamole_dist.base_model.model_loading import load_model_and_tokenizer
+from adamole_dist.config.adapter import AdapterConfig
+from adamole_dist.data.batching import (
     check_packing_attention,
     collate_packed,
     collate_padded,
     model_inputs,
     pack_examples,
 )
-from adamole_dist.data.sampler import ShardedBatches  # noqa: E402
-from adamole_dist.data.tasks import IGNORE  # noqa: E402
-from benchmarks.records import write_records  # noqa: E402
+from adamole_dist.data.sampler import ShardedBatches
+from adamole_dist.data.tasks import IGNORE
+from benchmarks.records import write_records
 
 MODES = ("padded", "grouped", "packed")
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}

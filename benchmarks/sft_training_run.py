@@ -152,7 +152,8 @@ def main() -> None:
     print(f"\n{'method':<8} {'steps':>5} {'zero-shot':>9} {'final':>7} {'gain':>7} {'ppl':>7} {'tok/s':>6} {'wall':>7}")
     for r in results:
         print(f"{r['method']:<8} {r['steps']:>5} {r['zero_shot_loss']:>9.4f} {r['final_loss']:>7.4f} "
-              f"{r['gain_over_zero_shot']:>7.4f} {r['final_perplexity']:>7.2f} {r['median_tokens_per_s'] or math.nan:>6.0f}"
+              f"{r['gain_over_zero_shot']:>7.4f} {r['final_perplexity']:>7.2f} "
+              f"{r['median_tokens_per_s'] or math.nan:>6.0f}"
               f" {r['wall_s']:>6.0f}s")
     print(f"zero-shot losses agree across runs: {agree} ({', '.join(f'{z:.5f}' for z in zero)})")
     if args.json:

@@ -36,11 +36,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
+from benchmarks.records import write_records
 
-from benchmarks.records import write_records  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the cluster harnesses of tests/ (not a package)
 
 LAYER = ["--hidden", "1024", "--num_experts", "8", "--rank", "32", "--method", "mole_topk", "--top_k", "1",
          "--tokens_per_rank", "32"]

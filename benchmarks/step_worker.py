@@ -19,43 +19,50 @@ import json
 import os
 import resource
 import statistics
-import sys
 import warnings
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.records import read_records, write_records  # noqa: E402
+from benchmarks.records import read_records, write_records
 
 # DeepSpeed calls torch.distributed functions that torch 2.13 deprecates, once per step.
 warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+.* is deprecated", category=FutureWarning)
 
-from adamole_dist.adapters.inject import inject_adapters, weight_shape  # noqa: E402
-from adamole_dist.base_model.model_loading import load_model_and_tokenizer  # noqa: E402
-from adamole_dist.config.adapter import AdapterConfig  # noqa: E402
-from adamole_dist.data import load_examples  # noqa: E402
-from adamole_dist.data.tasks import build_task  # noqa: E402
-from adamole_dist.moe.routing_stats import summarize_routing  # noqa: E402
-from adamole_dist.ops.host_memory import keep_freed_host_memory  # noqa: E402
-from adamole_dist.parallel import collectives  # noqa: E402
-from adamole_dist.costmodel.calibration import calibrate, calibration_record, parts_ms  # noqa: E402
-from adamole_dist.parallel.device_timer import timed, wall_seconds  # noqa: E402
-from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher, overlap_enabled, wire_dtype  # noqa: E402
-from adamole_dist.parallel.layout import build_layout  # noqa: E402
-from adamole_dist.parallel.local_dispatcher import Dispatcher, LocalDispatcher  # noqa: E402
-from adamole_dist.costmodel.placement import adapter_workload, predict_placement, predict_replicated  # noqa: E402
-from adamole_dist.runtime.process_group import init_distributed  # noqa: E402
-from adamole_dist.train.expert_optimizer import ExpertOptimizer  # noqa: E402
-from adamole_dist.train.reporting import param_bytes  # noqa: E402
-from adamole_dist.train.step import PhaseClock, train_step  # noqa: E402
+from adamole_dist import AdapterConfig, inject_adapters
+from adamole_dist.adapters.inject import weight_shape
+from adamole_dist.base_model.model_loading import load_model_and_tokenizer
+from adamole_dist.config.training import TrainConfig
+from adamole_dist.costmodel.calibration import calibrate, calibration_record, parts_ms
+from adamole_dist.costmodel.placement import adapter_workload, predict_placement, predict_replicated
+from adamole_dist.data import load_examples
+from adamole_dist.moe.routing_stats import summarize_routing
+from adamole_dist.ops.host_memory import keep_freed_host_memory
+from adamole_dist.parallel import collectives
+from adamole_dist.parallel.device_timer import timed, wall_seconds
+from adamole_dist.parallel.layout import build_layout
+from adamole_dist.parallel.local_dispatcher import Dispatcher
+from adamole_dist.runtime.process_group import init_distributed
+from adamole_dist.train.builders import (
+    build_dispatcher,
+    build_engine,
+    build_expert_optimizer,
+    build_task_for,
+    deepspeed_config,
+)
+from adamole_dist.train.reporting import param_bytes
+from adamole_dist.train.step import PhaseClock, train_step
 
 TARGETS = ["query", "key", "value", "attention.output.dense"]
 DECODER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 N, R = 8, 4
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ZERO_OPS = ("all_gather", "allgather", "reduce_scatter")  # ZeRO-3 parameter gathers and gradient reduction
+# The engine's own settings; batch sizes, clipping and AdamW's hyperparameters come from the TrainConfig
+# (config/deepspeed.py, as in training). fp32, torch's AdamW, DeepSpeed's comms logger on.
+DS_BASE = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1e4},
+           "optimizer": {"type": "AdamW", "params": {"torch_adam": True}},
+           "comms_logger": {"enabled": True, "prof_all": True, "verbose": False}}
 
 
 def build(args, layout):
@@ -73,9 +80,7 @@ def build(args, layout):
         kw = {"method": "lora", "rank": N * R} if args.method == "lora" else {"method": args.method, "num_experts": N,
                                                                              "rank": R}
         cfg = AdapterConfig(target_modules=targets, **kw)
-        dispatcher = (ExpertParallelDispatcher(layout, wire_dtype(args.dispatch_dtype),
-                                               overlap=overlap_enabled(args.overlap, DEVICE))
-                      if layout.ep_size > 1 else LocalDispatcher())
+        dispatcher = build_dispatcher(layout, args.dispatch_dtype, args.overlap, DEVICE)
         adapters = inject_adapters(model, cfg, trainable_modules=head, dispatcher=dispatcher,
                                    expert_slice=layout.expert_slice(cfg.num_experts))
         params = adapters.engine_parameters()
@@ -128,7 +133,6 @@ def main() -> None:
         keep_freed_host_memory()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     info = init_distributed()
-    import deepspeed
     from deepspeed.comm.comm import comms_logger
 
     world = info.world_size
@@ -136,17 +140,12 @@ def main() -> None:
     per_rank = args.batch if args.mode == "weak" else max(1, args.batch // world)
     torch.manual_seed(0)
     model, tokenizer, task_type, adapters, params = build(args, layout)
-    ds = {"train_micro_batch_size_per_gpu": per_rank, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
-          "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1e4},
-          "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
-          "comms_logger": {"enabled": True, "prof_all": True, "verbose": False},
-          "steps_per_print": 10**9}
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds)
-    expert_opt = ExpertOptimizer(adapters.expert_parameters() if adapters else [], lr=1e-4, betas=(0.9, 0.999),
-                                 eps=1e-8, weight_decay=0.0, max_grad_norm=1.0, lr_lambda=lambda s: 1.0,
-                                 world_size=world, edp_group=layout.edp_group,
-                                 ep_group=layout.ep_group)
-    task = build_task(task_type, tokenizer, args.max_length, device=engine.device)
+    cfg = TrainConfig(micro_batch_size=per_rank, gradient_accumulation_steps=1, max_grad_norm=1.0, lr=1e-4,
+                      max_length=args.max_length)
+    engine = build_engine(model, params, deepspeed_config(cfg, world, base=DS_BASE))
+    expert_opt = build_expert_optimizer(adapters.expert_parameters() if adapters else [], world, layout, lr=cfg.lr,
+                                        max_grad_norm=cfg.max_grad_norm)
+    task = build_task_for(cfg, task_type, tokenizer, engine.device)
     examples = load_examples("builtin:word_categories", "train")
     dispatcher = next(iter(adapters.layers.values())).dispatcher if adapters else None
     counters = dispatcher.counters if dispatcher is not None else None

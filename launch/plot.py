@@ -1,33 +1,11 @@
-"""Render a run's figures (loss curves, layer x expert load heatmap, active experts per layer).
+"""Render a run's figures: adamole_dist/cli/plot.py.
 
-    python launch/plot.py RUN_DIR [--out DIR]      # default DIR: RUN_DIR/plots
+    python launch/plot.py RUN_DIR [--out DIR]      # or: adamole-plot
 """
 
-import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from adamole_dist.ops.plots import plot_run  # noqa: E402
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run_dir", type=Path, help="an output_dir of launch/train.py (holds metrics.jsonl)")
-    ap.add_argument("--out", type=Path, help="where the PNGs go (default: RUN_DIR/plots)")
-    args = ap.parse_args(argv)
-    if not (args.run_dir / "metrics.jsonl").is_file():
-        print(f"error: {args.run_dir / 'metrics.jsonl'} not found", file=sys.stderr)
-        return 2
-    try:
-        for path in plot_run(args.run_dir, args.out):
-            print(f"wrote {path}")
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
+from adamole_dist.cli.plot import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -48,7 +48,8 @@ def run(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, (f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\n"
+                                  f"STDERR:\n{proc.stderr[-4000:]}")
     return proc
 
 

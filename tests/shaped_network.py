@@ -12,7 +12,8 @@ Only the rate can be set. Latency would need ``tc netem``, and this machine's ke
 have it ("Specified qdisc kind is unknown"). ``has_netem()`` says whether it is there.
 
 A token bucket lets a transfer smaller than its bucket (``burst_bytes``) through at once after a
-pause, so bandwidth is measured with transfers much larger than that. The tbf rate counts whole frames (Ethernet, IP and TCP headers included), so TCP payload moves at
+pause, so bandwidth is measured with transfers much larger than that.
+The tbf rate counts whole frames (Ethernet, IP and TCP headers included), so TCP payload moves at
 about 1448/1514 = 0.956 of it with 1500-byte frames (``payload_rate``).
 
 Needs root and iproute2 (``ip``, ``tc``). Processes run in a node with ``command(node, argv)``;
@@ -131,7 +132,8 @@ class ShapedNetwork:
                 # the rate below the one set (measured: 4 KiB gives 0.7 of it at 50 MB/s); the
                 # price is that a transfer smaller than the bucket, after a pause, passes at once
                 subprocess.run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf",
-                                "rate", f"{int(rate_Bps)}bps", "burst", str(burst_bytes(rate_Bps)), "latency", f"{queue_s * 1e3:g}ms"],
+                                "rate", f"{int(rate_Bps)}bps", "burst", str(burst_bytes(rate_Bps)),
+                                "latency", f"{queue_s * 1e3:g}ms"],
                                check=True, capture_output=True, text=True)
         self.rate_Bps = rate_Bps
 

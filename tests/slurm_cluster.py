@@ -94,8 +94,8 @@ SlurmctldTimeout=30
 SlurmdTimeout=30
 MinJobAge=600
 """ + "".join(f"NodeName={node} NodeHostname={self.host} NodeAddr={self.host} Port={free_port()} "
-              f"CPUs={self.cpus_per_node} State=UNKNOWN\n" for node in self.nodes) + """PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
-""")
+              f"CPUs={self.cpus_per_node} State=UNKNOWN\n" for node in self.nodes)
+            + "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES\n")
 
     def start(self) -> "SlurmCluster":
         self.write_config()

@@ -91,7 +91,8 @@ def test_shaped_link_rates_parse_as_tc_writes_them_and_rows_compare_with_the_pay
     unshaped = summarise(None, probe, [link_record(1, 10.0, 9.0, 1), link_record(2, 16.0, 17.0, 1)])
     assert unshaped["beta_error"] is None and unshaped["measured_winner"] == 1
     text = table([unshaped, row])
-    assert "unshaped" in text and "+0.0%" not in text.splitlines()[1] and text.splitlines()[2].split()[-2:] == ["EP", "EP"]
+    assert ("unshaped" in text and "+0.0%" not in text.splitlines()[1]
+            and text.splitlines()[2].split()[-2:] == ["EP", "EP"])
 
 
 def test_sft_training_run_reads_curves_against_the_step0_evaluation(tmp_path):

@@ -201,8 +201,10 @@ def test_gloo_all_to_all_posts_every_receive_before_any_send(monkeypatch):
     calls = []
     monkeypatch.setattr(collectives, "world_size", lambda group=None: 4)
     monkeypatch.setattr(collectives, "rank", lambda group=None: 1)
-    monkeypatch.setattr(collectives.dist, "irecv", lambda t, group=None, group_src=None: calls.append(("recv", group_src)))
-    monkeypatch.setattr(collectives.dist, "isend", lambda t, group=None, group_dst=None: calls.append(("send", group_dst)))
+    monkeypatch.setattr(collectives.dist, "irecv",
+                        lambda t, group=None, group_src=None: calls.append(("recv", group_src)))
+    monkeypatch.setattr(collectives.dist, "isend",
+                        lambda t, group=None, group_dst=None: calls.append(("send", group_dst)))
     inp = torch.arange(6.0).unsqueeze(1)  # rows for ranks 0, 1, 2, 3: 2, 1, 3, 0
     out = torch.zeros(5, 1)  # rows from ranks 0, 1, 2, 3: 1, 1, 0, 3
     collectives._receives_first(out, inp, out_splits=[1, 1, 0, 3], in_splits=[2, 1, 3, 0], group=None)

@@ -214,6 +214,7 @@ def test_a_live_run_holds_the_output_dir_and_a_dead_ones_lock_is_taken_over(tmp_
     import subprocess
     import sys
 
+    from adamole_dist.cli.console import configure_logging
     from adamole_dist.ops.run_lock import LOCK_FILE, RunLock
 
     out = tmp_path / "run"
@@ -234,6 +235,8 @@ def test_a_live_run_holds_the_output_dir_and_a_dead_ones_lock_is_taken_over(tmp_
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (out / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout)}))
     check_output_dir(out, config, overwrite=False, resume="")  # a killed run's lock holds nothing
+    configure_logging()  # the commands' console lines (a library caller configures its own logging)
+    capsys.readouterr()
     lock = RunLock.take(out)
     assert f"took over the lock of pid {int(dead.stdout)}" in capsys.readouterr().out
     assert json.loads((out / LOCK_FILE).read_text()) == {"host": socket.gethostname(), "pid": os.getpid()}

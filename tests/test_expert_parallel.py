@@ -375,7 +375,8 @@ def test_bf16_activations_with_fp32_experts_match_the_local_path(bf16_results, c
     last = list(adapters.expert_banks)[-1]
     assert rel[last] <= 1e-3, rel
     print(f"bf16 {case}: logits max|d| {(ep_logits - logits.float()).abs().max().item():.1e} (1 ulp {one_ulp:.1e}); "
-          f"expert-grad relative max|d| per layer: " + ", ".join(f"{n.split('layers.')[-1]} {v:.1e}" for n, v in rel.items()))
+          f"expert-grad relative max|d| per layer: "
+          + ", ".join(f"{n.split('layers.')[-1]} {v:.1e}" for n, v in rel.items()))
 
 
 # -- dense routing: every token to the other rank, x itself on the wire -----------------------------
@@ -458,6 +459,7 @@ def test_dense_routing_sends_x_itself_and_equals_the_local_path(tmp_path):
             assert r["sent"] == DENSE_T * (row_bytes + 2 * (N // 2) * 4)  # every token on the wire
         for rank in range(2):  # each owner's expert gradients sum both ranks' tokens
             first = rank * N // 2
-            for got, ref in ((ranks[rank][only_local, overlap]["dA"], dA), (ranks[rank][only_local, overlap]["dB"], dB)):
+            for got, ref in ((ranks[rank][only_local, overlap]["dA"], dA),
+                             (ranks[rank][only_local, overlap]["dB"], dB)):
                 ref = ref[first:first + N // 2]  # summed in another order: fp32 rounding of the largest terms
                 torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())

@@ -18,7 +18,6 @@ from adamole_dist.adapters.inject import inject_adapters
 from adamole_dist.config.adapter import AdapterConfig
 from tests.tiny_models import write_tiny_llama
 
-REPO = Path(__file__).resolve().parents[1]
 ATOL = 1e-5  # fp32; the merged weights are W + s*B*A rounded once to fp32 (the adapter adds s*B*(A x))
 IDS = torch.tensor([[101, 2054, 2003, 1996, 3437, 1029, 102, 2748]])
 
@@ -56,12 +55,9 @@ def trained_adapter(tmp_path: Path, method: str, run_files: bool = False) -> tup
 
 
 def export(*args: str) -> int:
-    sys.path.insert(0, str(REPO / "launch"))
-    try:
-        import export as export_cli  # launch/export.py
-    finally:
-        sys.path.pop(0)
-    return export_cli.main([str(a) for a in args])
+    from adamole_dist.cli.export import main  # launch/export.py, adamole-export
+
+    return main([str(a) for a in args])
 
 
 def test_peft_export_gives_our_logits(tmp_path):

@@ -111,7 +111,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("path", ["dense", "grouped"])
-@pytest.mark.parametrize("method, kw", CASES, ids=[f"{m}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for m, kw in CASES])
+@pytest.mark.parametrize("method, kw", CASES,
+                         ids=[f"{m}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for m, kw in CASES])
 def test_fast_path_equals_per_expert_loop(method, kw, path):
     layer = make_layer(method, path, **kw)
     x = torch.randn(3, 7, D_IN)

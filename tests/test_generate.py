@@ -5,7 +5,6 @@ rendered, bad input exits 2 naming it)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 
@@ -27,10 +26,9 @@ ATOL, RTOL = 1e-5, 1e-4
 
 
 def generate_module():
-    spec = importlib.util.spec_from_file_location("generate_script", GENERATE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from adamole_dist.cli import generate  # launch/generate.py, adamole-generate
+
+    return generate
 
 
 @pytest.fixture(scope="module")

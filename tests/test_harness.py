@@ -5,7 +5,6 @@ question_answer framing), directly and through launch/eval.py --harness with the
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -155,11 +154,8 @@ def test_harness_scores_equal_ours_question_by_question(model_dir, data_dir, tmp
 
 
 def test_launch_eval_harness_with_the_shipped_task(model_dir, data_dir, tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "launch"))
-    try:
-        import eval as eval_cli  # launch/eval.py
-    finally:
-        sys.path.pop(0)
+    from adamole_dist.cli import eval as eval_cli  # launch/eval.py, adamole-eval
+
     out = tmp_path / "res.json"
     code = eval_cli.main(["--model", str(model_dir), "--dataset", str(data_dir / "ARC-Easy"),
                           "--lm_framing", "question_answer", "--max_examples", "8", "--batch_size", "4",
@@ -176,11 +172,8 @@ def test_launch_eval_harness_with_the_shipped_task(model_dir, data_dir, tmp_path
 
 
 def test_missing_harness_data_exits_2_before_loading(tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "launch"))
-    try:
-        import eval as eval_cli
-    finally:
-        sys.path.pop(0)
+    from adamole_dist.cli import eval as eval_cli  # launch/eval.py, adamole-eval
+
     code = eval_cli.main(["--model", str(tmp_path / "no_model"), "--harness", "arc_easy_local",
                           "--harness_data", str(tmp_path / "nowhere")])
     err = capsys.readouterr().err
@@ -206,11 +199,8 @@ def test_adamole_adapter_through_the_harness_scores_as_ours(model_dir, data_dir,
     meta = {"base_model": str(model_dir), "base_model_path": str(model_dir), "task_type": "causal_lm",
             "pooling": "cls", "trainable_modules": [], "step": 1}
     save_adapter(tmp_path / "run" / "adapter", adapter_state(adapters), cfg, meta)
-    sys.path.insert(0, str(REPO / "launch"))
-    try:
-        import eval as eval_cli
-    finally:
-        sys.path.pop(0)
+    from adamole_dist.cli import eval as eval_cli  # launch/eval.py, adamole-eval
+
     out = tmp_path / "res.json"
     assert eval_cli.main(["--adapter", str(tmp_path / "run" / "adapter"), "--dataset", str(data_dir / "ARC-Easy"),
                           "--lm_framing", "question_answer", "--batch_size", "4", "--json", str(out),

@@ -5,15 +5,13 @@ adapted layer's forward under expert parallelism (the split sizes), one more wit
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.host_syncs import HostReads  # noqa: E402
-from benchmarks.local_engine import LocalEngine  # noqa: E402
+from benchmarks.host_syncs import HostReads
+from benchmarks.local_engine import LocalEngine
 
 MODULES_PER_LAYER = 4  # q, k, v, o
 

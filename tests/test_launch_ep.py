@@ -1,5 +1,6 @@
 """launch/train.py --ep_size 2 with every routing method, under the deepspeed launcher and torchrun
-(2 gloo ranks, ZeRO-3): trains, logs traffic close to the minimum, exports all experts (one run under bf16 autocast, one with a bf16 wire)."""
+(2 gloo ranks, ZeRO-3): trains, logs traffic close to the minimum, exports all experts (one run under bf16
+autocast, one with a bf16 wire)."""
 
 import json
 

@@ -39,6 +39,9 @@ LAYERS: dict[str, set[str]] = {
     # training: assembly, the step, the loop, checkpoints
     "train": {"config", "glossary", "atomic_files", "moe", "base_model", "runtime", "ops", "parallel", "adapters",
               "data", "costmodel"},
+    # the command-line entry points (console scripts, python -m, launch/*.py): the top floor
+    "cli": {"config", "glossary", "atomic_files", "moe", "base_model", "runtime", "ops", "parallel", "adapters",
+            "data", "costmodel", "train"},
     # the package's public names
     "__init__": {"config", "adapters"},
 }

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from launch_utils import REPO, check, run
+from launch_utils import check, run
 from saved_adapters import CHAT_TEMPLATE, randomize_adapters
 from tiny_models import write_tiny_llama
 
@@ -186,7 +186,6 @@ def test_import_stays_light():
 EP_DRIVER = """
 import sys
 import torch
-sys.path.insert(0, {repo!r})
 from adamole_dist.config.cli import parse_train_config
 from adamole_dist.runtime.process_group import init_distributed, shutdown_distributed
 from adamole_dist.train.assembly import build_run
@@ -218,7 +217,7 @@ def test_an_adapter_trained_at_ep_size_2_gives_the_training_logits(tmp_path):
 
     model_dir = write_tiny_llama(tmp_path / "tiny_llama")
     driver = tmp_path / "ep_driver.py"
-    driver.write_text(EP_DRIVER.format(repo=str(REPO), ids=INPUT_IDS.tolist()))
+    driver.write_text(EP_DRIVER.format(ids=INPUT_IDS.tolist()))
     out, logits_file = tmp_path / "run", tmp_path / "train_logits.pt"
     args = ["--model", str(model_dir), "--task_type", "causal_lm", "--ds_config", "ds_configs/zero3.json",
             "--output_dir", str(out), "--ep_size", "2", "--max_steps", "4", "--micro_batch_size", "4",

@@ -43,7 +43,8 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path):
     from wandb_log import history
 
     out = tmp_path / "run"
-    check(run([sys.executable, TRAIN, "--output_dir", str(out), "--report_to", "wandb", *SHORT, "--eval_interval", "2"]))
+    check(run([sys.executable, TRAIN, "--output_dir", str(out), "--report_to", "wandb", *SHORT,
+               "--eval_interval", "2"]))
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     rows = history(next(runs[0].glob("run-*.wandb")))

@@ -62,7 +62,8 @@ def test_exactly_one_expert_selected_gets_weight_one():
 
 def test_nothing_selected_when_tau_max_exceeds_every_probability():
     torch.manual_seed(0)
-    layer = adapt_linear(torch.nn.Linear(D, D), AdapterConfig(method="adamole", num_experts=N, tau_max=1.0, dropout=0.0))
+    layer = adapt_linear(torch.nn.Linear(D, D),
+                         AdapterConfig(method="adamole", num_experts=N, tau_max=1.0, dropout=0.0))
     torch.nn.init.normal_(layer.experts.lora_B)
     with torch.no_grad():
         layer.router.threshold_bias.fill_(20.0)  # tau -> 1 > every p_i

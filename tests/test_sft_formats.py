@@ -7,13 +7,7 @@ import pytest
 
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.data.formats import DataError, detect_format, resolve_format
-from adamole_dist.data.sft_render import (
-    IGNORE,
-    RenderSpec,
-    sample_prompt,
-    tokenize_record,
-    tokenize_split,
-)
+from adamole_dist.data.sft_render import IGNORE, RenderSpec, sample_prompt, tokenize_record, tokenize_split
 
 # <|role|> content <|end|> per turn; a user turn after a user turn is refused, like many real templates.
 TEMPLATE = (

@@ -9,9 +9,9 @@ import random
 from pathlib import Path
 
 import pytest
-import yaml
 import torch
 import torch.nn.functional as F
+import yaml
 from launch_utils import check, deepspeed_cmd, python_cmd, records, run, train_losses
 from tiny_models import write_tiny_llama
 
@@ -109,7 +109,8 @@ def test_alpaca_with_packing_trains_and_records_its_prompt_format(work, tmp_path
     assert len(evals) == 2 and all(r["eval_tokens"] > 0 and r["total"] == 8 for r in evals)
     assert evals[-1]["perplexity"] == pytest.approx(2.718281828 ** evals[-1]["eval_loss"], rel=1e-6)
     samples = records(out, "samples")[-1]["samples"]
-    assert len(samples) == 1 and samples[0]["prompt"].endswith("# # # response :")  # the Alpaca prompt (as MiniLM decodes it)
+    # the Alpaca prompt (as MiniLM decodes it)
+    assert len(samples) == 1 and samples[0]["prompt"].endswith("# # # response :")
     meta = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert (meta["prompt_format"], meta["data_format"], meta["chat_template"]) == ("alpaca", "alpaca", None)
     final = json.loads((out / "final_metrics.json").read_text())

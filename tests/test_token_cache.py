@@ -15,8 +15,16 @@ import pytest
 
 from adamole_dist.data.formats import DataError
 from adamole_dist.data.tasks import IGNORE
-from adamole_dist.data.token_cache import (INFO_FILE, cache_info, cache_key, data_fingerprint, default_cache_dir,
-                                           key_digest, tokenized_split, tokenizer_identity)
+from adamole_dist.data.token_cache import (
+    INFO_FILE,
+    cache_info,
+    cache_key,
+    data_fingerprint,
+    default_cache_dir,
+    key_digest,
+    tokenized_split,
+    tokenizer_identity,
+)
 
 
 # -- a toy tokenizer: word lengths as ids, every call counted in a file (works across processes) ---

@@ -4,17 +4,12 @@ engine-shaped object, and its phase clock sees every phase."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 from conftest import make_tiny_llama
 
 from adamole_dist import AdapterConfig, inject_adapters
 from adamole_dist.train.step import PhaseClock, micro_batch_loss, train_step
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.local_engine import LocalEngine  # noqa: E402
+from benchmarks.local_engine import LocalEngine
 
 
 class SquareTask:

@@ -6,8 +6,10 @@ engine's and the experts' norms exceed max_grad_norm at every step), aux-loss-fr
 dropout 0, and capacity drops where the EP group is the whole world (capacity is per EP group).
 
 Layouts: world 4 with ep_size 1, 2, 4 (world > ep_size: the expert-data-parallel reduction runs),
-world 2 with ep_size 2 (overlapped exchanges at world 4 / ep 2 and world 2 / ep 2, waited ones at ep 4); methods adamole and mole_topk; and world 2, ep_size 2 with gradient checkpointing
-(every block replayed in the backward, all-to-alls included) against the plain one-process run. One process runs each configuration with
+world 2 with ep_size 2 (overlapped exchanges at world 4 / ep 2 and world 2 / ep 2, waited ones at ep 4); methods adamole
+and mole_topk; and world 2, ep_size 2 with gradient checkpointing
+(every block replayed in the backward, all-to-alls included) against the plain one-process run. One process runs each
+configuration with
 the global micro batch (W x m examples); W ranks run m each (the sampler gives them, rank-major,
 exactly those examples). ``pytest -s`` prints the measured agreement per case."""
 
@@ -103,7 +105,8 @@ def summary(run: Path) -> dict:
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-@pytest.mark.parametrize("world, ep, capacity", LAYOUTS, ids=[f"w{w}_ep{e}{'_cap' if c else ''}" for w, e, c in LAYOUTS])
+@pytest.mark.parametrize("world, ep, capacity", LAYOUTS,
+                         ids=[f"w{w}_ep{e}{'_cap' if c else ''}" for w, e, c in LAYOUTS])
 def test_world_equals_one_process(runs, method, world, ep, capacity):
     assert_equivalent(runs, method, world, ep, capacity, checkpointing=False)
 
@@ -120,7 +123,8 @@ def assert_equivalent(runs, method, world, ep, capacity, checkpointing):
     diffs = {}
     for key in ("task_loss", "aux_loss", "grad_norm", "expert_grad_norm"):
         diffs[key] = max(abs(a[key] - b[key]) for a, b in zip(got["train"], ref["train"]))
-        assert diffs[key] <= TOL_VALUE * max(1.0, max(abs(b[key]) for b in ref["train"])), (key, got["train"], ref["train"])
+        assert diffs[key] <= TOL_VALUE * max(1.0, max(abs(b[key]) for b in ref["train"])), (
+            key, got["train"], ref["train"])
     for r in ref["train"]:  # clipping was active for both norms at every step
         assert r["grad_norm"] > MAX_NORM and r["expert_grad_norm"] > MAX_NORM, r
         if capacity:

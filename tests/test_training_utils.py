@@ -8,7 +8,7 @@ import torch
 
 from adamole_dist.data.sampler import ShardedBatches
 from adamole_dist.ops.metrics_log import MetricsLogger, read_metrics, truncate_metrics
-from adamole_dist.train.checkpoint import list_checkpoints, resolve_checkpoint, tag_for, write_latest
+from adamole_dist.train.checkpoint import list_checkpoints, resolve_latest, tag_for, write_latest
 from adamole_dist.train.expert_optimizer import ExpertOptimizer
 from adamole_dist.train.schedule import lr_lambda, warmup_steps_for
 
@@ -116,6 +116,9 @@ def test_metrics_logger_writes_jsonl(tmp_path):
 def test_a_cut_short_last_metrics_line_is_skipped_and_damage_named(tmp_path, capsys):
     """A run killed mid-write leaves a partial last line: reading and the resume's truncation skip it
     (saying so); a bad line before the last is damage, named by file and line."""
+    from adamole_dist.cli.console import configure_logging
+
+    configure_logging()  # the commands' console lines: warnings on stderr
     path = tmp_path / "metrics.jsonl"
     whole = [json.dumps({"step": s, "kind": "train", "task_loss": 1.0}) for s in (1, 2, 3)]
     path.write_text("\n".join(whole) + '\n{"step": 4, "ki')
@@ -155,16 +158,33 @@ def test_a_repeated_stop_signal_is_a_note_not_an_interrupt(capfd):
 
 
 def test_checkpoint_pointer_helpers(tmp_path):
-    assert resolve_checkpoint(tmp_path, "latest") is None
+    assert resolve_latest(tmp_path) == (None, None)
     for step in (5, 10):
         (tmp_path / tag_for(step)).mkdir()
         (tmp_path / tag_for(step) / "trainer_state.json").write_text("{}")
     (tmp_path / ".tmp_step_0000015").mkdir()  # an interrupted save is never listed
     write_latest(tmp_path, tag_for(10))
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000005", "step_0000010"]
-    assert resolve_checkpoint(tmp_path, "latest") == tmp_path / "step_0000010"
+    assert resolve_latest(tmp_path) == (tmp_path / "step_0000010", None)
     assert not list(tmp_path.glob(".latest*"))
-    assert json.dumps(str(resolve_checkpoint(tmp_path, str(tmp_path / "step_0000005")))).endswith('05"')
+
+
+def test_plan_resume_takes_latest_or_a_named_checkpoint_of_this_world_size(tmp_path, capsys):
+    from adamole_dist.config.fields import ConfigError
+    from adamole_dist.config.training import TrainConfig
+    from adamole_dist.train.assembly import plan_resume
+
+    assert plan_resume(TrainConfig(resume="latest"), tmp_path, 1) is None  # nothing yet: from scratch
+    assert "starting from scratch" in capsys.readouterr().out
+    for step in (5, 10):
+        (tmp_path / tag_for(step)).mkdir()
+        (tmp_path / tag_for(step) / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": 2}))
+    write_latest(tmp_path, tag_for(10))
+    assert plan_resume(TrainConfig(resume="latest"), tmp_path, 2) == tmp_path / tag_for(10)
+    named = tmp_path / tag_for(5)
+    assert plan_resume(TrainConfig(resume=str(named)), tmp_path, 2) == named
+    with pytest.raises(ConfigError, match="world size 2, this run has 1"):
+        plan_resume(TrainConfig(resume=str(named)), tmp_path, 1)
 
 
 class CrashingEngine:
@@ -197,11 +217,11 @@ def test_crash_mid_save_leaves_the_previous_checkpoint(tmp_path):
     assert (first / "experts_ep0.safetensors").is_file() and (first / "trainer_state.json").is_file()
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(tmp_path, 10, CrashingEngine(True), adapters, opt, {"step": 10}, **kw)
-    assert resolve_checkpoint(tmp_path, "latest") == first
+    assert resolve_latest(tmp_path)[0] == first
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000005"]
     assert not (tmp_path / "step_0000010").exists()
     third = save_checkpoint(tmp_path, 15, CrashingEngine(False), adapters, opt, {"step": 15}, **kw)
-    assert resolve_checkpoint(tmp_path, "latest") == third
+    assert resolve_latest(tmp_path)[0] == third
     assert not (tmp_path / ".tmp_step_0000010").exists()  # the crashed save's leftovers are cleared
 
 
@@ -214,7 +234,7 @@ def test_a_crash_while_re_saving_a_tag_leaves_latest_loadable(tmp_path, monkeypa
     from conftest import make_tiny_llama
 
     from adamole_dist import AdapterConfig, inject_adapters
-    from adamole_dist.train.checkpoint import resolve_latest, save_checkpoint
+    from adamole_dist.train.checkpoint import save_checkpoint
 
     adapters = inject_adapters(make_tiny_llama(), AdapterConfig(num_experts=4, rank=2))
     opt = ExpertOptimizer(adapters.expert_parameters(), lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
@@ -245,8 +265,6 @@ def test_a_crash_while_re_saving_a_tag_leaves_latest_loadable(tmp_path, monkeypa
 
 
 def test_latest_naming_a_missing_checkpoint_falls_back_to_the_newest_complete(tmp_path):
-    from adamole_dist.train.checkpoint import resolve_latest
-
     for step in (5, 10):
         (tmp_path / tag_for(step)).mkdir()
         (tmp_path / tag_for(step) / "trainer_state.json").write_text("{}")

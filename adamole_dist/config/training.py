@@ -92,8 +92,8 @@ class TrainConfig:
                                        "and balance loads still count each token once")
     autocast: str = opt("none", "run forward passes (training and evaluation) under torch.autocast: bf16 = "
                         "matmuls in bfloat16, weights, gradients, optimizer states and losses in fp32 "
-                        "(SmolLM2-135M on this project's AVX512-BF16 CPU: 1.2x faster training steps, 2x faster "
-                        "evaluation); none = fp32", choices=AUTOCASTS)
+                        "(faster where the hardware has bf16 matmuls, e.g. AVX512-BF16 CPUs and GPUs: see "
+                        "benchmarks/README.md); none = fp32", choices=AUTOCASTS)
     ep_size: int = opt(1, "expert parallelism: each group of ep_size consecutive ranks shards every layer's "
                        "experts N/ep_size per rank and exchanges tokens by all-to-all; must divide the world "
                        "size and num_experts; auto (= 0): the placement cost model picks and logs why",
@@ -106,7 +106,7 @@ class TrainConfig:
                           "(launched without waiting, forward and backward); off waits for each exchange. auto = on "
                           "for CUDA tensors (NCCL runs on its own streams), off on CPU: there the exchange is the "
                           "kernel copying through TCP on the same cores as the compute, so nothing is hidden "
-                          "(measured on 2 cores: 219-234 ms per step with it, 205-231 ms without)",
+                          "(see benchmarks/README.md)",
                           choices=EP_OVERLAPS)
     expert_memory_budget_mb: float = opt(0.0, "--ep_size auto: most memory per rank for expert parameters, "
                                          "gradients and AdamW moments (0 = no limit)")
@@ -138,16 +138,17 @@ class TrainConfig:
     report_to: str = opt("jsonl", "metrics sink besides the always-written metrics.jsonl",
                          choices=("none", "jsonl", "wandb", "tensorboard"))
     wandb_project: str = opt("adamole_dist", "wandb project (WANDB_MODE=offline works without network)")
-    ds_config: str = opt("", "DeepSpeed JSON config; 'auto' values are filled from these options; empty = ZeRO-3 defaults")
+    ds_config: str = opt("", "DeepSpeed JSON config; 'auto' values are filled from these options; empty = ZeRO-3 "
+                         "defaults")
     peer_timeout: float = opt(60.0, "a rank whose heartbeat stops for this many seconds ends the run on every "
                               "rank, naming it (0 = off)")
     comm_timeout: float = opt(1800.0, "timeout of one collective operation in seconds")
     dist_backend: str = opt("auto", "torch.distributed backend; auto = cpu:gloo,cuda:nccl with CUDA (NCCL for GPU "
                             "tensors, gloo for host-side values), gloo without", choices=BACKENDS)
     host_memory: str = opt("keep", "keep: freed host memory is reused for the next tensor instead of being "
-                           "returned to the kernel and page-faulted again (ops/host_memory.py; ~2x faster "
-                           "expert-parallel steps on CPU; the process keeps its peak host memory); system: "
-                           "glibc's default", choices=HOST_MEMORY)
+                           "returned to the kernel and page-faulted again (ops/host_memory.py; the page faults "
+                           "dominated expert-parallel steps on CPU, see benchmarks/README.md; the process keeps "
+                           "its peak host memory); system: glibc's default", choices=HOST_MEMORY)
     eval_batch_size: int = opt(16, "examples per rank per evaluation forward")
     debug: bool = opt(False, "on an error, print the full traceback (by default a bad input prints one line)")
     # -- adapter ---------------------------------------------------------------------------
@@ -164,7 +165,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} ({getattr(self, name)}) must be positive")
-        non_negative = ["expert_memory_budget_mb", "peer_timeout", "max_steps", "save_interval", "eval_interval", "max_train_examples", "max_eval_examples",
+        non_negative = ["expert_memory_budget_mb", "peer_timeout", "max_steps", "save_interval", "eval_interval",
+                        "max_train_examples", "max_eval_examples",
                         "weight_decay", "max_grad_norm", "keep_checkpoints", "sample_prompts"]
         if self.tokenize_workers < 1:
             raise ConfigError(f"tokenize_workers ({self.tokenize_workers}) must be >= 1")
@@ -211,3 +213,26 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_record(cls, record: dict, origin: str = "run_config.json") -> "TrainConfig":
+        """The TrainConfig of a recorded run (``to_dict``'s output, its run_config.json), read back to look at
+        the run, not to start it: keys this version does not know (an older or newer version's) are dropped,
+        the options the record predates take TrainConfig's defaults, resume and overwrite are cleared, and
+        ds_config / chat_template are cleared when they no longer name a file (a run folder copied
+        elsewhere). ConfigError, naming ``origin``, for a value that does not validate."""
+        if not isinstance(record, dict):
+            raise ConfigError(f"{origin} must be a JSON object of option names to values")
+        known = {f.name for f in dataclasses.fields(cls)} - {"resume", "overwrite"}
+        kw = {k: v for k, v in record.items() if k in known}
+        for name in ("ds_config", "chat_template"):
+            if not (isinstance(kw.get(name), str) and Path(kw[name]).is_file()):
+                kw.pop(name, None)
+        adapter = kw.pop("adapter", None)
+        try:
+            if isinstance(adapter, dict):
+                names = {f.name for f in dataclasses.fields(AdapterConfig)}
+                kw["adapter"] = AdapterConfig(**{k: v for k, v in adapter.items() if k in names})
+            return cls(**kw)
+        except (ConfigError, TypeError) as e:
+            raise ConfigError(f"{origin}: {e}") from None

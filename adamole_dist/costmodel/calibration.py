@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from adamole_dist.costmodel.placement import CommModel, ComputeModel, Workload, choose_ep_size, rows_sent
+from adamole_dist.costmodel.placement import CommModel, ComputeModel, Workload, choose_ep_size, layer_traffic
 from adamole_dist.parallel import collectives
 from adamole_dist.parallel.device_timer import wall_seconds
 
@@ -34,7 +34,7 @@ def measure_compute(d_in: int, d_out: int, tokens: int, adapter, bank_experts: i
     ``bank_experts`` experts (default: all; expert parallelism runs N/J per rank) on the dense
     path, and an elementwise op into a fresh buffer. With a ``group``, every sample starts after a
     barrier, so the ranks compute side by side as in a step: ranks that share cores or a memory
-    bus (measured here: 2 ranks on 2 vCPUs run these matmuls ~1.5x slower than one alone) are
+    bus (and run these matmuls slower side by side than alone: benchmarks/README.md) are
     calibrated as they will run. Collective then: every rank of the group calls it."""
     from adamole_dist.adapters.inject import adapt_linear
     from adamole_dist.moe.experts import ExpertBank
@@ -191,9 +191,9 @@ def measure_comm(group=None, ranks_per_node: int | None = None, large: int = 4 <
         return timed_collective(op, group, repeats, device)
 
     def latency(op) -> float:
-        # the lower quartile of more samples: a tiny collective here takes ~0.2 ms, or a scheduler
-        # tick (4 ms) more when a woken thread waits for one of 2 busy cores; in runs of such
-        # waits the median is the tick, which the dispatch's exchanges, mostly, do not pay
+        # the lower quartile of more samples: a tiny collective costs its latency, or a scheduler
+        # tick more when a woken thread waits for a busy core; in runs of such waits the median
+        # is the tick, which the dispatch's exchanges, mostly, do not pay
         return max(timed_collective(op, group, max(repeats, 15), device, q=0.25), 1e-7)
 
     small_t = torch.zeros(1, device=device)
@@ -257,7 +257,7 @@ def calibrate(w: Workload, device, adapter=None, max_tokens: int = 4096, ep_size
     comp = measure_compute(d_in, d_out, tokens, adapter, bank, device=device, group=group if many else None)
     comm = CommModel()  # one rank: no communication to price
     if many:
-        S, _ = rows_sent(w, J) if w.num_experts % J == 0 else (w.tokens_per_rank, False)
+        S = layer_traffic(w, J, d_in, d_out).rows_sent if w.num_experts % J == 0 else w.tokens_per_rank
         a2a_bytes = int(S * d_in * w.wire)  # one layer's rows: S out per rank
         # the same exchange on every rank: the group's mean
         a2a_bytes = int(collectives.sum_over_ranks([a2a_bytes], group)[0] / collectives.world_size(group))
@@ -271,7 +271,7 @@ def calibrate(w: Workload, device, adapter=None, max_tokens: int = 4096, ep_size
         x = torch.randn(tokens // 2, d_in, device=device)
         A = torch.randn(d_in, w.num_experts * w.rank // J, device=device)
         # repeated to about the exchange's length: the fraction is a difference of the two divided by
-        # the shorter, so a matmul of 2 ms beside a 20 ms exchange swung it from -1 to +0.3 by noise
+        # the shorter, so a matmul a tenth of the exchange's length swung it from -1 to +0.3 by noise
         once = median_time(lambda: x @ A, 5, device)
         reps = max(1, min(64, round(comm.all_to_all(a2a_bytes, J) / max(once, 1e-9))))
         comp.overlap = measure_overlap(lambda: [x @ A for _ in range(reps)], a2a_bytes, group, device=device)

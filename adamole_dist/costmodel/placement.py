@@ -14,18 +14,14 @@ Per adapted layer (D in, O out), T tokens per rank, N experts of rank r, a activ
 
 * replicated: the router, every expert on the rank's tokens, and one all-reduce of all expert
   gradients over the world (ring: 2 (p-1)/p bytes / beta + 2 (p-1) alpha).
-* expert parallel (ep_size J, L = N/J experts per rank): each token goes once to every OTHER rank
-  of its group that owns one of its kept experts (probability q per rank; all tokens when one
-  other rank needs >= SEND_ALL_FRACTION of them, as with 2 ranks and dense routing), with its
-  routing columns (L fp32 values). The own share computes in place on all T tokens; the S rows
-  received compute on the L local experts. Seven all-to-alls: counts, rows, routing columns and
-  deltas back in the forward; the deltas', rows' and columns' gradients in the backward. The
-  copies each pass makes (dispatch/ep_dispatcher.py): gather (none when every token goes), casts
-  to and from a narrower wire, the combine, and their backward. With overlap, the exposed part of
-  each exchange shrinks by ``overlap`` x the own-share compute that runs while it travels (half
-  the tokens per exchange pair, forward 1/3 and backward 2/3 of the compute), and the halves'
-  deltas and x's gradients are concatenated (two more copies). Expert gradients are
-  all-reduced over the W/J replicas holding the same experts.
+* expert parallel (ep_size J, L = N/J experts per rank): the own share computes in place on all T
+  tokens, the S rows received on the L local experts; the exchanges and the dispatch's copies are
+  what the real dispatcher does, read from a dry run of it (dry_run.py: each all-to-all's bytes in
+  both passes, the rows, the bytes its gathers, casts, routing columns, combine and their backward
+  write), each exchange priced by the all-to-all model. With overlap, the exposed part of each trip
+  shrinks by ``overlap`` x the own-share compute that runs while it travels (half the tokens per
+  trip, forward 1/3 and backward 2/3 of the compute). Expert gradients are all-reduced over the W/J
+  replicas holding the same experts.
 
 No ZeRO-sharded placement is predicted: the trainer keeps the experts outside DeepSpeed's engine
 (docs/zero3_experts.md), so it never runs one.
@@ -39,14 +35,12 @@ memory budget that replicated experts exceed.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
-from adamole_dist.moe.experts import DENSE_ONLY_TOTAL_RANK, choose_compute_path
-from adamole_dist.moe.permute import SEND_ALL_FRACTION
+import torch
 
-ROUTING_COLUMN_BYTES = 4  # routing columns travel in fp32 (permute.routing_columns)
-COUNT_BYTES = 16  # the count exchange: two int64 per destination
+from adamole_dist.costmodel.dry_run import DispatchTraffic, dispatch_traffic
+from adamole_dist.moe.experts import DENSE_ONLY_TOTAL_RANK, choose_compute_path
 
 
 @dataclass
@@ -155,18 +149,6 @@ class Prediction:
         return self.total_s + self.detail.get("route_s", 0.0)
 
 
-def destination_fraction(avg_active: float, num_experts: int, ep_size: int) -> float:
-    """Probability that a token needs a given rank of its EP group, experts chosen uniformly: for a
-    whole number k of them (top-k) 1 - C(N-L, k) / C(N, k) with L = N/J per rank, else (threshold
-    methods, each expert on its own with probability a/N) 1 - (1 - a/N)^L."""
-    per_rank = num_experts // ep_size
-    k = round(avg_active)
-    if abs(avg_active - k) < 1e-6 and 0 <= k <= num_experts:
-        return 1.0 - math.comb(num_experts - per_rank, k) / math.comb(num_experts, k)
-    p_expert = min(max(avg_active / num_experts, 0.0), 1.0)
-    return 1.0 - (1.0 - p_expert) ** per_rank
-
-
 def route_s(w: Workload, comp: ComputeModel) -> float:
     """The router (and AdaMoLE's threshold column) of every layer: the same for every placement."""
     return sum(w.tokens_per_rank * (w.num_experts + 1) * i for i, _ in w.layers) * comp.route_s_per_unit
@@ -187,45 +169,40 @@ def predict_replicated(w: Workload, comm: CommModel, comp: ComputeModel) -> Pred
                        "grad_allreduce_s": reduce, "grad_allreduce_bytes": grad})
 
 
-def rows_sent(w: Workload, J: int) -> tuple[float, bool]:
-    """(rows one rank sends to the other ranks of its group per layer, whether every token goes)."""
-    q = destination_fraction(w.avg_active, w.num_experts, J)
-    send_all = J == 2 and q >= SEND_ALL_FRACTION
-    return (w.tokens_per_rank if send_all else w.tokens_per_rank * q * (J - 1)), send_all
+ACTIVATION_DTYPES = {2: torch.bfloat16, 4: torch.float32}  # Workload.act_bytes / wire_bytes -> the dry run's dtype
+
+
+def layer_traffic(w: Workload, J: int, d_in: int, d_out: int) -> DispatchTraffic:
+    """What the real dispatcher moves for one of ``w``'s layers at EP size ``J`` (dry_run.py)."""
+    act = ACTIVATION_DTYPES.get(w.act_bytes, torch.float32)
+    wire = ACTIVATION_DTYPES.get(w.wire) if w.wire < w.act_bytes else None
+    return dispatch_traffic(w.tokens_per_rank, d_in, d_out, w.num_experts, w.rank, J, w.avg_active, act, wire,
+                            w.overlap)
 
 
 def predict_expert_parallel(w: Workload, J: int, comm: CommModel, comp: ComputeModel) -> Prediction:
     T, N, r = w.tokens_per_rank, w.num_experts, w.rank
     L = N // J
-    S, send_all = rows_sent(w, J)  # rows out per rank; by symmetry as many come in
-    q = destination_fraction(w.avg_active, N, J)
-    ab, wb, cb = w.act_bytes, w.wire, ROUTING_COLUMN_BYTES
-    narrow = wb < ab
     own_active = w.avg_active * L / N
-    remote_active = own_active / max(q, 1e-9) if not send_all else own_active
-    experts = copies = a2a = hidden = 0.0
+    experts = copies = a2a = hidden = sent = 0.0
+    traffic = None
     for D, O in w.layers:
+        traffic = layer_traffic(w, J, D, O)
+        S = traffic.rows_sent  # rows out per rank; by symmetry as many come in
         own = comp.experts_s(T, L, r, own_active, D, O)
-        experts += own + comp.experts_s(S, L, r, remote_active, D, O)
-        moved = 0.0  # bytes the dispatch's elementwise ops write, forward and backward
-        moved += 0 if send_all else S * D * ab  # gather the rows (bwd: zero-filled index_add below)
-        moved += 2 * S * D * (wb + ab) if narrow else 0  # rows to the wire and back, in both passes
-        moved += 2 * S * O * (wb + ab) if narrow else 0  # deltas to the wire and back, in both passes
-        moved += 6 * S * L * cb  # routing columns: indexed, masked, split (fwd), their grads (bwd)
-        # combine: sum, or index_add (a copy); without overlap, when every token went, the own share's
-        # matmul adds the deltas as it writes (ep_dispatcher.fused_combine), measured about as dear
-        moved += T * O * ab + (0 if send_all else S * O * ab)
-        if w.overlap:  # the own share in two halves: their deltas concatenated, x's gradient too (bwd)
-            moved += T * O * ab + T * D * ab
-        moved += 0 if send_all else S * O * ab  # combine's backward: the returned rows' gradient
-        # x's gradient: router + own share + the rows' (a zero-filled index_add unless every token went)
-        moved += 2 * T * D * ab + (0 if send_all else T * D * ab + S * D * ab)
-        copies += moved * comp.copy_s_per_byte
-        rows, cols, deltas = S * D * wb, S * L * cb, S * O * wb
-        fwd_out, fwd_back = comm.all_to_all(rows, J) + comm.all_to_all(cols, J), comm.all_to_all(deltas, J)
-        a2a += comm.all_to_all(COUNT_BYTES * J, J) + 2 * (fwd_out + fwd_back)  # bwd: the same bytes again
-        if w.overlap:  # half the own share runs while each exchange pair travels, fwd (1/3) and bwd (2/3)
-            hidden += comp.overlap * sum(min(t, own * part / 2) for t in (fwd_out, fwd_back) for part in (1 / 3, 2 / 3))
+        experts += own + comp.experts_s(S, L, r, traffic.remote_pairs / S if S else 0.0, D, O)
+        # the dispatch's own copies, and x's gradient from the router added to the experts' (the layer's)
+        copies += (traffic.copy_bytes + T * D * w.act_bytes) * comp.copy_s_per_byte
+        fwd = [comm.all_to_all(b, J) for b in traffic.exchanges_fwd]
+        bwd = [comm.all_to_all(b, J) for b in traffic.exchanges_bwd]
+        a2a += comm.all_to_all(traffic.count_bytes, J) + sum(fwd) + sum(bwd)
+        sent += traffic.bytes_sent
+        if w.overlap and fwd and bwd:
+            # half the own share runs while each trip travels: in the forward (1/3 of the compute) the
+            # rows out and the deltas back (the last exchange), in the backward (2/3) the deltas'
+            # gradients out (the first) and the rows' back
+            trips = ((sum(fwd[:-1]), 1 / 3), (fwd[-1], 1 / 3), (bwd[0], 2 / 3), (sum(bwd[1:]), 2 / 3))
+            hidden += comp.overlap * sum(min(t, own * part / 2) for t, part in trips)
     grad = w.expert_param_count * w.grad_bytes / J
     flatten = 2 * grad * comp.copy_s_per_byte
     # the bank runs twice per layer (own share, received rows; three times with overlap's halves),
@@ -233,14 +210,14 @@ def predict_expert_parallel(w: Workload, J: int, comm: CommModel, comp: ComputeM
     calls = 3 if w.overlap else 2
     optimizer = w.expert_param_count / J * (comp.optimizer_s_per_param + calls * comp.layer_s_per_param)
     reduce = comm.all_reduce(grad, w.world_size // J, stride=J)
-    sent = sum(2 * S * (D * wb + L * cb + O * wb) for D, O in w.layers)
     fixed = len(w.layers) * comp.dispatch_fixed_s
     return Prediction("expert_parallel", J, experts + copies + flatten + optimizer + fixed, a2a - hidden + reduce,
                       {"route_s": route_s(w, comp), "experts_s": experts, "copy_s": copies + flatten,
                        "optimizer_s": optimizer, "dispatch_fixed_s": fixed,
                        "a2a_s": a2a, "hidden_s": hidden, "grad_allreduce_s": reduce,
-                       "a2a_bytes_sent": sent, "grad_allreduce_bytes": grad, "dest_fraction": q,
-                       "rows_sent": S, "send_all": send_all})
+                       "a2a_bytes_sent": sent, "grad_allreduce_bytes": grad,
+                       "rows_sent": traffic.rows_sent if traffic else 0.0,
+                       "send_all": traffic.send_all if traffic else False})
 
 
 def candidate_ep_sizes(world_size: int, num_experts: int) -> list[int]:

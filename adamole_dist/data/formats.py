@@ -58,7 +58,8 @@ SFT_REQUIRED = {"messages": ("messages",), "sharegpt": ("conversations",),
 MC_FORMATS = tuple(REQUIRED)
 SFT_FORMATS = tuple(SFT_REQUIRED)
 DATA_FORMATS = MC_FORMATS + SFT_FORMATS  # config.training's data_format choices (besides auto)
-assert (set(MC_FORMATS), set(SFT_FORMATS)) == (set(MC_DATA_FORMATS), set(SFT_DATA_FORMATS))  # config/ cannot import data/
+assert (set(MC_FORMATS), set(SFT_FORMATS)) == (
+    set(MC_DATA_FORMATS), set(SFT_DATA_FORMATS))  # config/ cannot import data/
 MC_ANSWER_FIELDS = ("answerKey", "answer")
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"

@@ -31,11 +31,7 @@ from dataclasses import dataclass
 
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.config.training import TRUNCATIONS
-from adamole_dist.data.conversations import (
-    CHAT_FORMATS,
-    normalise_records,
-    prompt_format,
-)
+from adamole_dist.data.conversations import CHAT_FORMATS, normalise_records, prompt_format
 from adamole_dist.data.formats import ALPACA, ALPACA_WITH_INPUT, DataError, subsample
 
 IGNORE = -100  # == data.tasks.IGNORE (tasks.py imports torch; this module does not need it)
@@ -170,7 +166,8 @@ def tokenize_plain(record: dict, data_format: str, tokenizer, loss_on: str) -> d
     prompt = special_prefix(tokenizer) + (encode(tokenizer, prompt_text) if prompt_text else [])
     response = encode(tokenizer, response_text) + eos_of(tokenizer)
     everything = loss_on == "all" or data_format == "text"
-    return {"input_ids": prompt + response, "labels": (list(prompt) if everything else [IGNORE] * len(prompt)) + response}
+    return {"input_ids": prompt + response,
+            "labels": (list(prompt) if everything else [IGNORE] * len(prompt)) + response}
 
 
 # -- the interface ------------------------------------------------------------------------------------------

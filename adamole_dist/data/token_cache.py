@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import logging
 import os
 import shutil
 import socket
@@ -41,6 +42,8 @@ from adamole_dist.data.formats import DataError
 from adamole_dist.data.tasks import IGNORE
 from adamole_dist.ops.run_lock import process_alive
 from adamole_dist.parallel import collectives
+
+log = logging.getLogger(__name__)
 
 # Bump when the layout of a cache folder or the meaning of its columns changes.
 CODE_VERSION = "token_cache/1"
@@ -225,15 +228,16 @@ def _build(records, tokenize_fn: Callable, key: dict, dest: Path, num_proc: int,
         source, columns = _as_dataset(records)
         if len(source) == 0:
             raise DataError(f"{origin}: the dataset is empty")
-        print(f"tokenizing {len(source)} records of {origin} into {dest} "
-              f"(once; later runs with the same data and settings reuse it)", flush=True)
+        log.info(f"tokenizing {len(source)} records of {origin} into {dest} "
+                 f"(once; later runs with the same data and settings reuse it)")
         t0 = time.perf_counter()
         (tmp / "map").mkdir()
         workers = max(1, min(int(num_proc), len(source)))
         bars = datasets.utils.logging.is_progress_bar_enabled()
         datasets.disable_progress_bars()  # carriage-return noise in a log file
         try:
-            mapped = source.map(_TokenizeBatch(tokenize_fn, columns, origin, record_indices), batched=True, with_indices=True,
+            mapped = source.map(_TokenizeBatch(tokenize_fn, columns, origin, record_indices),
+                                batched=True, with_indices=True,
                                 remove_columns=columns, features=_features(), num_proc=workers if workers > 1 else None,
                                 cache_file_name=str(tmp / "map" / "tokens.arrow"), load_from_cache_file=False,
                                 new_fingerprint=dest.name[:32])  # no dill hashing of the tokenize function
@@ -256,8 +260,7 @@ def _build(records, tokenize_fn: Callable, key: dict, dest: Path, num_proc: int,
             if not (dest / INFO_FILE).is_file():
                 raise
             # another job built the same key meanwhile: same key, same content; keep theirs
-        print(f"tokenized {examples} examples ({len(source) - examples} dropped) in {info['seconds']:.1f} s",
-              flush=True)
+        log.info(f"tokenized {examples} examples ({len(source) - examples} dropped) in {info['seconds']:.1f} s")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -315,7 +318,8 @@ def tokenized_split(records, tokenize_fn: Callable[[dict], dict | None], *, cach
     records: the split's records (a list of dicts or a Dataset); only rank 0 reads them, so other
         ranks may pass None. Or a function of no arguments that returns them, or ``(records,
         indices)`` for a subsample (the records' indices in ``origin``, which errors then name):
-        rank 0 calls it only on a cache miss, so a hit reads no record at all. tokenize_fn: record -> {"input_ids", "labels"} or None to drop the
+        rank 0 calls it only on a cache miss, so a hit reads no record at all.
+        tokenize_fn: record -> {"input_ids", "labels"} or None to drop the
         record; picklable when num_proc > 1 (a functools.partial of a module-level function); a
         DataError it raises reaches every rank, naming ``origin`` and the record index.
     cache_key: what the tokens depend on (:func:`cache_key`); the tokenize function's code is added.
@@ -329,7 +333,7 @@ def tokenized_split(records, tokenize_fn: Callable[[dict], dict | None], *, cach
         key = {**cache_key, "tokenize_fn": code_identity(tokenize_fn)}
         dest = cache_dir / key_digest(key)
         if _is_complete(dest, key):
-            print(f"token cache hit: {dest}", flush=True)
+            log.info(f"token cache hit: {dest}")
         else:
             loaded = records() if callable(records) else records
             rows, indices = loaded if isinstance(loaded, tuple) else (loaded, None)

@@ -26,11 +26,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-# Measured (benchmarks/layer_bench.py --sweep-paths, 2 CPU threads, d=2048, 4096 tokens,
-# fwd+bwd): dense costs ~0.55 ms per unit of N*R; grouped ~77 ms per active expert per token
-# (gathering D and scattering O values per pair dominates; the matmuls are small). Grouped
-# wins when avg_active * 140 < N * R, e.g. N*R = 256 below ~1.8 active experts per token.
-# See benchmarks/README.md for the table.
+# The dense path's cost grows with N*R, the grouped path's with the active (token, expert) pairs
+# (gathering D and scattering O values per pair dominates; the matmuls are small). Measured by
+# benchmarks/layer_bench.py --sweep-paths (benchmarks/README.md, "Measurements behind the
+# defaults"): grouped wins when avg_active * 140 < N * R, e.g. N*R = 256 below ~1.8 active
+# experts per token.
 GROUPED_PAIR_COST = 140  # one active pair costs about as much as 140 dense rank columns
 DENSE_ONLY_TOTAL_RANK = 128  # at N*R <= 128 grouped would need < 1 active expert per token
 

@@ -57,7 +57,7 @@ def summarize_stats(stats: torch.Tensor, has_tau: bool) -> dict:
 def summarize_routing(stats_by_layer: dict[str, torch.Tensor], has_tau: bool) -> dict:
     """Per-layer summaries (sorted by name) and their token-weighted means over layers: what the
     trainer logs, launch/eval.py prints and the benchmarks record. Sum the statistics over ranks
-    first where there are several (train/reporting.py: reduce_routing_stats)."""
+    first where there are several (train/reporting.py: routing_over_ranks)."""
     layers = {n: summarize_stats(stats_by_layer[n], has_tau) for n in sorted(stats_by_layer)}
     if not layers:
         return {"overall": {}, "layers": {}}

@@ -3,9 +3,9 @@
 glibc serves an allocation above its mmap threshold (which adapts up to 32 MB) with fresh pages
 from the kernel and unmaps them on free, so every large CPU tensor — each all-to-all receive
 buffer, each combined delta, each gradient of an expert-parallel layer — is page-faulted and
-zeroed by the kernel again, every step. Measured on the 2-core CI box: allocating and filling a
-32 MB tensor took 14-21 ms that way and 1.1-1.7 ms from reused memory, and the expert-parallel
-dispatch benchmark (d=2048, 4096 tokens per rank, 2 gloo ranks) went from 430 to 234 ms per step.
+zeroed by the kernel again, every step. On a CPU that costs more than filling the tensor, and it
+dominated an expert-parallel step (the measurements: benchmarks/README.md, "Measurements behind the
+defaults").
 
 ``keep_freed_host_memory`` raises the mmap and trim thresholds with ``mallopt``, so freed blocks
 stay in the heap for the next tensor — what CUDA's caching allocator does for GPU memory. The

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
-import sys
 import time
 from pathlib import Path
 
 from adamole_dist.atomic_files import write_text_atomically
+
+log = logging.getLogger(__name__)
 
 
 def _flatten(prefix: str, value, out: dict) -> None:
@@ -89,8 +91,8 @@ def metric_lines(path: str | Path) -> list[tuple[str, dict]]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             if n == len(lines):
-                print(f"warning: {path} line {n} is cut short (a run still writing, or killed mid-write, leaves "
-                      "one): skipped", file=sys.stderr)
+                log.warning(f"warning: {path} line {n} is cut short (a run still writing, or killed mid-write, leaves "
+                            "one): skipped")
                 break
             raise ValueError(f"{path} line {n} is not valid JSON ({e.msg}, column {e.colno}); "
                              "the file is damaged") from None

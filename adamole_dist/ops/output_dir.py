@@ -20,9 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from adamole_dist.atomic_files import write_text_atomically
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.config.training import TrainConfig
-from adamole_dist.atomic_files import write_text_atomically
 from adamole_dist.ops.run_lock import LOCK_FILE, check_unlocked
 
 RUN_CONFIG = "run_config.json"
@@ -38,7 +38,8 @@ def comparable(config: dict) -> dict:
     """The parts of a run's config that must match to continue it (not bookkeeping options)."""
     skip = {"resume", "overwrite", "output_dir", "max_steps", "epochs", "save_interval", "eval_interval",
             "log_interval", "report_to", "keep_checkpoints", "eval_at_start", "peer_timeout", "comm_timeout",
-            "dist_backend", "debug", "ep_size"}  # experts reshard by global id, so a run may continue at another ep_size
+            "dist_backend", "debug",
+            "ep_size"}  # experts reshard by global id, so a run may continue at another ep_size
     return {k: v for k, v in config.items() if k not in skip}
 
 

@@ -14,11 +14,14 @@ import atexit
 import errno
 import fcntl
 import json
+import logging
 import os
 import socket
 from pathlib import Path
 
 from adamole_dist.config.fields import ConfigError
+
+log = logging.getLogger(__name__)
 
 LOCK_FILE = ".run.lock"
 NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)  # a filesystem without flock
@@ -68,7 +71,8 @@ def _held_by_someone_else(locked: bool | None, owner: dict) -> bool:
         return not locked
     if not owner:
         return False
-    return owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int) or process_alive(owner["pid"])
+    return (owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int)
+            or process_alive(owner["pid"]))
 
 
 def in_use_error(output_dir: Path, owner: dict) -> ConfigError:
@@ -121,8 +125,8 @@ class RunLock:
                 pass
             os.close(fd)
         if owner and owner != me():
-            print(f"output_dir ({output_dir}): took over the lock of {describe(owner)}, which is no longer "
-                  "running", flush=True)
+            log.info(f"output_dir ({output_dir}): took over the lock of {describe(owner)}, which is no longer "
+                     "running")
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me()).encode(), 0)
         os.fsync(fd)

@@ -192,10 +192,9 @@ def _receives_first(out: torch.Tensor, inp: torch.Tensor, out_splits, in_splits,
     """An all-to-all of CPU tensors over gloo as point-to-point messages, every receive posted
     before any send. Why: gloo pairs a send with its receive by a handshake on the same TCP
     connection as the data, so when a rank's "ready to receive" is queued behind its own outgoing
-    rows, the peer cannot start sending until those have drained and the two directions take turns.
-    Measured between two network namespaces on a 400 Mbit/s link: dist.all_to_all_single moved
-    4 MB each way in 88 or 174 ms (both seen, about half the calls each); receives first, 87-92 ms
-    every time. On a fast link it makes no difference."""
+    rows, the peer cannot start sending until those have drained and the two directions take turns:
+    on a slow link about half the calls took twice as long; receives first, none did (measured in
+    benchmarks/README.md, "Measurements behind the defaults"). On a fast link no difference."""
     p, me = world_size(group), rank(group)
     sends, recvs = _rows(inp, in_splits, p), _rows(out, out_splits, p)
     recvs[me].copy_(sends[me])
@@ -386,8 +385,8 @@ class _PendingAllToAll:
     def wait(self) -> torch.Tensor:
         """The received tensor; once only. The handle lets go of every buffer here: it sits in an
         autograd context (Flight) beside the tensor it returns, so a reference kept would close a
-        cycle through the graph's C++ nodes that Python's collector cannot see (measured: 250 MB a
-        second leaked with overlap on, until this let go)."""
+        cycle through the graph's C++ nodes that Python's collector cannot see (with overlap on, memory
+        grew every step until this let go: benchmarks/README.md, "Measurements behind the defaults")."""
         out, staged_out, work = self.out, self.staged_out, self.work
         if out is None or staged_out is None:
             raise RuntimeError("an all-to-all in flight was waited for twice")

@@ -69,8 +69,8 @@ def wire_bytes(dispatch_dtype: str) -> int | None:
 def overlap_enabled(ep_overlap: str, device: torch.device) -> bool:
     """``--ep_overlap``: on, off, or auto = on only for CUDA tensors. NCCL runs an exchange on its
     own stream, so it really overlaps the compute. Under gloo on CPU the exchange is the kernel
-    copying rows through TCP on the same cores as the compute: nothing to hide it behind (measured
-    on 2 cores: 219-234 ms per step with overlap, 205-231 ms without)."""
+    copying rows through TCP on the same cores as the compute: nothing to hide it behind (measured:
+    benchmarks/README.md, "Measurements behind the defaults")."""
     if ep_overlap not in ("auto", "on", "off"):
         raise ValueError(f"ep_overlap ({ep_overlap!r}) must be auto, on or off")
     return ep_overlap == "on" or (ep_overlap == "auto" and torch.device(device).type == "cuda")
@@ -109,15 +109,19 @@ class ExpertParallelDispatcher(Dispatcher):
     activations' dtype on arrival, so the experts compute as they would locally, and the partial
     deltas still sum in fp32. The routing weights travel as fp32 columns beside the rows: exact."""
 
-    def __init__(self, layout: ParallelLayout, wire_dtype: torch.dtype | None = None, overlap: bool = True) -> None:
+    def __init__(self, layout: ParallelLayout, wire_dtype: torch.dtype | None = None, overlap: bool = True,
+                 exchange: Exchange | None = None) -> None:
+        """``exchange``: the transport, when not the layout's EP group (the cost model's dry run passes
+        one that plays a rank of a symmetric group in one process, costmodel/dry_run.py)."""
         self.layout = layout
         self.overlap = overlap  # the schedule: exchanges launched and landed around the own share, or waited for
         self.group = layout.ep_group
         self.size = layout.ep_size
         self.me = layout.ep_rank
         self.wire_dtype = wire_dtype
-        self.counters = TrafficCounters()
-        self.exchange = Exchange(self.group, self.me, self.size, self.counters)
+        self.exchange = exchange or Exchange(self.group, self.me, self.size, TrafficCounters())
+        assert self.exchange.counters is not None
+        self.counters = self.exchange.counters
 
     def wire_for(self, activations: torch.dtype) -> torch.dtype:
         """The narrower of the wire dtype and the activations' dtype."""

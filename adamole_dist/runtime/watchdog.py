@@ -10,13 +10,15 @@ why, then ``os._exit`` s the process even if the main thread is stuck in a colle
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import threading
 import time
 from datetime import timedelta
 
 from adamole_dist.runtime.process_group import release_shm_buffer
+
+log = logging.getLogger(__name__)
 
 EXIT_PEER_LOST = 76
 PREFIX = "adamole_watchdog"
@@ -104,6 +106,6 @@ class PeerWatchdog:
     def _abort(self, reason: str) -> None:
         if self._stop.is_set():
             return
-        print(f"[rank {self.rank}] {reason}; exiting (exit code {EXIT_PEER_LOST})", file=sys.stderr, flush=True)
+        log.error(f"[rank {self.rank}] {reason}; exiting (exit code {EXIT_PEER_LOST})")
         release_shm_buffer()  # os._exit skips atexit
         os._exit(EXIT_PEER_LOST)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import random
 from dataclasses import dataclass
@@ -24,36 +25,57 @@ import torch
 from adamole_dist.adapters.checkpointing import enable_gradient_checkpointing
 from adamole_dist.adapters.handle import Adapters
 from adamole_dist.adapters.inject import default_targets, find_target_modules, inject_adapters, matches, weight_shape
-from adamole_dist.base_model.model_loading import (default_trainable_modules, load_model_and_tokenizer,
-                                                  resolve_model_path, resolve_task_type)
-from adamole_dist.config.deepspeed import build_ds_config, ds_config_source, validate_with_deepspeed, zero_stage
+from adamole_dist.base_model.model_loading import (
+    default_trainable_modules,
+    load_model_and_tokenizer,
+    resolve_model_path,
+    resolve_task_type,
+)
+from adamole_dist.config.deepspeed import ds_config_source, validate_with_deepspeed, zero_stage
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.config.training import TrainConfig
-from adamole_dist.data import DataError, Example, load_examples
+from adamole_dist.costmodel.calibration import calibrated_ep_size
+from adamole_dist.costmodel.placement import adapter_workload
+from adamole_dist.data import DataError, Example, load_examples, token_cache
 from adamole_dist.data.batching import check_packing_attention, pack_examples
+from adamole_dist.data.conversations import normalise_records
 from adamole_dist.data.formats import SFT_FORMATS, load_records, resolve_format, subsample, to_examples
 from adamole_dist.data.sampler import ShardedBatches
-from adamole_dist.data import token_cache
-from adamole_dist.data.conversations import normalise_records
-from adamole_dist.data.sft_render import (RenderSpec, TokenizedSplit, all_dropped, chat_template_of, check_spec,
-                                         sample_prompt, tokenize_split, tokenize_within_length, tokenizer_for)
+from adamole_dist.data.sft_render import (
+    RenderSpec,
+    TokenizedSplit,
+    all_dropped,
+    chat_template_of,
+    check_spec,
+    sample_prompt,
+    tokenize_split,
+    tokenize_within_length,
+    tokenizer_for,
+)
 from adamole_dist.data.sft_task import PackedRows
-from adamole_dist.data.tasks import build_task
 from adamole_dist.ops.metrics_log import MetricsLogger, truncate_metrics
 from adamole_dist.ops.output_dir import check_output_dir, prepare_output_dir
 from adamole_dist.ops.run_lock import RunLock
-from adamole_dist.runtime.stopping import PREEMPTED_MARKER
 from adamole_dist.parallel import collectives
-from adamole_dist.costmodel.calibration import calibrated_ep_size
-from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher, overlap_enabled, wire_bytes, wire_dtype
+from adamole_dist.parallel.ep_dispatcher import overlap_enabled, wire_bytes
 from adamole_dist.parallel.layout import ParallelLayout, build_layout
-from adamole_dist.parallel.local_dispatcher import LocalDispatcher
-from adamole_dist.costmodel.placement import adapter_workload
+from adamole_dist.parallel.local_dispatcher import Dispatcher
 from adamole_dist.runtime.process_group import DistInfo, device_for
+from adamole_dist.runtime.stopping import PREEMPTED_MARKER
 from adamole_dist.train import checkpoint as ckpt_io
+from adamole_dist.train.builders import (
+    build_dispatcher,
+    build_engine,
+    build_expert_optimizer,
+    build_task_for,
+    deepspeed_config,
+    optimizer_settings,
+)
 from adamole_dist.train.expert_optimizer import ExpertOptimizer
 from adamole_dist.train.reporting import memory_per_rank, print_memory
 from adamole_dist.train.schedule import lr_lambda, warmup_steps_for
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -99,7 +121,7 @@ class Run:
     model_path: str
     task: object
     layout: ParallelLayout
-    dispatcher: LocalDispatcher | ExpertParallelDispatcher
+    dispatcher: Dispatcher
     adapters: Adapters
     engine: object  # deepspeed.DeepSpeedEngine
     expert_opt: ExpertOptimizer
@@ -131,9 +153,57 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
     """Validate, then build (collective: every rank calls it). Raises ConfigError, on every rank
     together, for bad input, before the output directory is touched."""
     out = Path(cfg.output_dir)
-    ds_config = build_ds_config(cfg, info.world_size)
+    ds_config = deepspeed_config(cfg, info.world_size)
     validate_with_deepspeed(ds_config, ds_config_source(cfg))
     seed_everything(cfg.seed)
+    data = load_run_data(cfg, info)
+    total_steps = count_total_steps(cfg, data.batches)
+    config_record = cfg.to_dict()
+    resume_from = check_run_target(cfg, info, out, config_record)
+    # The model is loaded and the adapters injected (validating target modules) before anything
+    # is written, so a bad option leaves the output directory untouched.
+    model, tokenizer, task_type, model_path = load_model_and_tokenizer(cfg.model, cfg.task_type, pooling=cfg.pooling)
+    device = device_for(info)
+    if cfg.lm_framing != "instruction" and task_type != "causal_lm":
+        raise ConfigError(f"lm_framing ({cfg.lm_framing!r}) applies to causal_lm models; {model_path} is {task_type}")
+    if cfg.packing:
+        check_packing_attention(model)
+    task = build_task_for(cfg, task_type, tokenizer, device, free_form=data.sft is not None)  # checks max_length
+    layout, dispatcher, adapters = adapt_model(cfg, info, model, task_type, model_path, device)
+    lock = lock_output_dir(cfg, info, out, config_record)
+    adapters.expert_module.to(device)
+    schedule = lr_lambda(cfg.lr_scheduler, total_steps, warmup_steps_for(total_steps, cfg.warmup_steps,
+                                                                          cfg.warmup_ratio))
+    engine = build_engine(model, adapters.engine_parameters(), ds_config, schedule)
+    expert_opt = build_expert_optimizer(adapters.expert_parameters(), info.world_size, layout, lr_lambda=schedule,
+                                        **optimizer_settings(cfg))
+    start = LoopPosition() if resume_from is None else resume(resume_from, engine, adapters, expert_opt, info, out)
+    logger = MetricsLogger(out, cfg.report_to, enabled=info.is_main, run_config=config_record,
+                           project=cfg.wandb_project)
+    run = Run(cfg=cfg, info=info, out=out, ds_config=ds_config, train_examples=data.train_examples,
+              eval_examples=data.eval_examples, batches=data.batches, tokenizer=tokenizer, task_type=task_type,
+              model_path=model_path, task=task, layout=layout, dispatcher=dispatcher, adapters=adapters,
+              engine=engine, expert_opt=expert_opt, total_steps=total_steps, logger=logger, start=start,
+              resumed_from=resume_from, data_format=data.data_format, sft=data.sft, lock=lock)
+    report_memory(run)
+    if data.sft is not None:
+        report_sft_data(run)
+    return run
+
+
+@dataclass
+class RunData:
+    """The examples of a run, validated, and the sampler over the training ones."""
+
+    train_examples: list[Example] | PackedRows
+    eval_examples: list[Example] | list[dict]
+    batches: ShardedBatches
+    data_format: str
+    sft: SFTData | None
+
+
+def load_run_data(cfg: TrainConfig, info: DistInfo) -> RunData:
+    """Both splits read and checked (free-form data rendered and tokenized), the sampler built."""
     train_records, train_origin, data_format = read_train_split(cfg, info)
     sft = None
     if data_format in SFT_FORMATS:
@@ -156,10 +226,21 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
     except ValueError as e:
         raise ConfigError(f"dataset ({cfg.dataset}) split {cfg.train_split!r}: {e}; lower micro_batch_size or "
                           "use more data (max_train_examples)") from None
-    total_steps = count_total_steps(cfg, batches)
-    config_record = cfg.to_dict()
+    return RunData(train_examples, eval_examples, batches, data_format, sft)
+
+
+def stop_together(problem: str | None) -> None:
+    """Rank 0's verdict to every rank (collective): all raise ConfigError(problem), or none does."""
+    problem = collectives.broadcast_object(problem, src=0)
+    if problem:
+        raise ConfigError(problem)
+
+
+def check_run_target(cfg: TrainConfig, info: DistInfo, out: Path, config_record: dict) -> Path | None:
+    """Rank 0 reads the shared output dir and checkpoint for everyone (collective): the checkpoint to
+    resume from (None: start afresh); a problem stops every rank."""
     problem, resume_from = None, None
-    if info.is_main:  # rank 0 reads the shared output dir and checkpoint for everyone
+    if info.is_main:
         try:
             check_output_dir(out, config_record, overwrite=cfg.overwrite, resume=cfg.resume)
             resume_from = plan_resume(cfg, out / "checkpoints", info.world_size) if cfg.resume else None
@@ -168,21 +249,15 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
     problem, resume_from = collectives.broadcast_object((problem, resume_from), src=0)  # all stop, or none
     if problem:
         raise ConfigError(problem)
-    # The model is loaded and the adapters injected (validating target modules) before anything
-    # is written, so a bad option leaves the output directory untouched.
-    model, tokenizer, task_type, model_path = load_model_and_tokenizer(cfg.model, cfg.task_type, pooling=cfg.pooling)
-    device = device_for(info)
-    if cfg.lm_framing != "instruction" and task_type != "causal_lm":
-        raise ConfigError(f"lm_framing ({cfg.lm_framing!r}) applies to causal_lm models; {model_path} is {task_type}")
-    if cfg.packing:
-        check_packing_attention(model)
-    task = build_task(task_type, tokenizer, cfg.max_length, cfg.loss_on, device, lm_framing=cfg.lm_framing,
-                      autocast=cfg.autocast, free_form=sft is not None)  # checks max_length against the tokenizer
+    return resume_from
+
+
+def adapt_model(cfg: TrainConfig, info: DistInfo, model: torch.nn.Module, task_type: str, model_path: str,
+                device: torch.device) -> tuple[ParallelLayout, Dispatcher, Adapters]:
+    """The expert placement (--ep_size, auto: calibrated here, collective) and the adapters injected."""
     ep_size = cfg.ep_size or auto_ep_size(cfg, model, info, device)
     layout = build_layout(ep_size, cfg.adapter.num_experts)
-    dispatcher = (ExpertParallelDispatcher(layout, wire_dtype(cfg.dispatch_dtype),
-                                           overlap=overlap_enabled(cfg.ep_overlap, device))
-                  if ep_size > 1 else LocalDispatcher())
+    dispatcher = build_dispatcher(layout, cfg.dispatch_dtype, cfg.ep_overlap, device)
     trainable = cfg.trainable_modules or default_trainable_modules(task_type, model)
     adapters = inject_adapters(model, cfg.adapter, trainable_modules=trainable, dispatcher=dispatcher,
                                expert_slice=layout.expert_slice(cfg.adapter.num_experts))
@@ -191,12 +266,18 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
     new = getattr(model, "newly_initialized", [])
     if new and info.is_main:
         trained = all(any(matches(n.rpartition(".")[0], t) for t in trainable) for n in new)
-        print(f"newly initialized (not in {model_path}): {', '.join(new)}"
-              + (" -- trained in full" if trained else " -- check --trainable_modules"))
+        log.info(f"newly initialized (not in {model_path}): {', '.join(new)}"
+                 + (" -- trained in full" if trained else " -- check --trainable_modules"))
     if cfg.adapter.aux_loss_scope == "global":
         adapters.context.balance_over_data_parallel(collectives.all_reduce_sum, info.world_size)
-    lock = None
-    if info.is_main:  # checked again under the lock: another run may have started or finished since
+    return layout, dispatcher, adapters
+
+
+def lock_output_dir(cfg: TrainConfig, info: DistInfo, out: Path, config_record: dict) -> RunLock | None:
+    """Rank 0 locks the output dir, checks it again under the lock (another run may have started or
+    finished since) and prepares it (collective: a problem stops every rank). Returns rank 0's lock."""
+    lock, problem = None, None
+    if info.is_main:
         try:
             lock = RunLock.take(out)
             check_output_dir(out, config_record, overwrite=cfg.overwrite, resume=cfg.resume)
@@ -206,44 +287,21 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
             problem = str(e)
         else:
             prepare_output_dir(out, config_record, overwrite=cfg.overwrite)
-    problem = collectives.broadcast_object(problem, src=0)
-    if problem:
-        raise ConfigError(problem)
-    adapters.expert_module.to(device)
+    stop_together(problem)
+    return lock
 
-    schedule = lr_lambda(cfg.lr_scheduler, total_steps, warmup_steps_for(total_steps, cfg.warmup_steps,
-                                                                          cfg.warmup_ratio))
-    import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=adapters.engine_parameters(), config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-    )
-    expert_opt = ExpertOptimizer(
-        adapters.expert_parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, lr_lambda=schedule,
-        world_size=info.world_size, edp_group=layout.edp_group, ep_group=layout.ep_group,
-    )
-    start = LoopPosition()
-    if resume_from is not None:
-        state = ckpt_io.load_checkpoint(resume_from, engine, adapters, expert_opt, rank=info.rank)
-        start = LoopPosition(state["step"], state["epoch"], state["batch_in_epoch"])
-        if info.is_main:
-            # The run continues from this step: records of steps after it were of the discarded future.
-            truncate_metrics(out / "metrics.jsonl", start.step)
-            (out / PREEMPTED_MARKER).unlink(missing_ok=True)
-            print(f"resumed from {resume_from} at step {start.step}")
-    logger = MetricsLogger(out, cfg.report_to, enabled=info.is_main, run_config=config_record,
-                           project=cfg.wandb_project)
-    run = Run(cfg=cfg, info=info, out=out, ds_config=ds_config, train_examples=train_examples,
-              eval_examples=eval_examples, batches=batches, tokenizer=tokenizer, task_type=task_type,
-              model_path=model_path, task=task, layout=layout, dispatcher=dispatcher, adapters=adapters,
-              engine=engine, expert_opt=expert_opt, total_steps=total_steps, logger=logger, start=start,
-              resumed_from=resume_from, data_format=data_format, sft=sft, lock=lock)
-    report_memory(run)
-    if sft is not None:
-        report_sft_data(run)
-    return run
+def resume(resume_from: Path, engine, adapters: Adapters, expert_opt: ExpertOptimizer, info: DistInfo,
+           out: Path) -> LoopPosition:
+    """Load the checkpoint (collective); rank 0 cuts the metrics back to its step."""
+    state = ckpt_io.load_checkpoint(resume_from, engine, adapters, expert_opt, rank=info.rank)
+    start = LoopPosition(state["step"], state["epoch"], state["batch_in_epoch"])
+    if info.is_main:
+        # The run continues from this step: records of steps after it were of the discarded future.
+        truncate_metrics(out / "metrics.jsonl", start.step)
+        (out / PREEMPTED_MARKER).unlink(missing_ok=True)
+        log.info(f"resumed from {resume_from} at step {start.step}")
+    return start
 
 
 # -- free-form (SFT) data ---------------------------------------------------------------------------------
@@ -368,11 +426,11 @@ def report_sft_data(run: Run) -> None:
     summary = run.sft.summary()
     if run.info.is_main:
         dropped = summary["train_dropped_too_long"] + summary["eval_dropped_too_long"]
-        print(f"data: {summary['data_format']} records rendered as {summary['prompt_format']}, loss on "
-              f"{summary['loss_on']}; {summary['train_examples']} training / {summary['eval_examples']} evaluation "
-              f"examples" + (f" in {summary['packed_rows']} packed rows" if run.sft.packed_rows else "")
-              + (f"; dropped {summary['train_dropped_too_long']} training and {summary['eval_dropped_too_long']} "
-                 f"evaluation examples longer than max_length ({summary['max_length']})" if dropped else ""))
+        log.info(f"data: {summary['data_format']} records rendered as {summary['prompt_format']}, loss on "
+                 f"{summary['loss_on']}; {summary['train_examples']} training / {summary['eval_examples']} evaluation "
+                 f"examples" + (f" in {summary['packed_rows']} packed rows" if run.sft.packed_rows else "")
+                 + (f"; dropped {summary['train_dropped_too_long']} training and {summary['eval_dropped_too_long']} "
+                    f"evaluation examples longer than max_length ({summary['max_length']})" if dropped else ""))
         run.logger.log(run.start.step, "data", summary)
 
 
@@ -396,10 +454,10 @@ def plan_resume(cfg: TrainConfig, ckpt_root: Path, world_size: int) -> Path | No
     except FileNotFoundError as e:
         raise ConfigError(f"--resume latest: {e}") from None
     if path is None:
-        print(f"--resume latest: no checkpoint in {ckpt_root} yet, starting from scratch")
+        log.info(f"--resume latest: no checkpoint in {ckpt_root} yet, starting from scratch")
         return None
     if note:
-        print(f"--resume latest: {note}")
+        log.info(f"--resume latest: {note}")
     others = [p for p in ckpt_io.complete_checkpoints(path.parent) if p != path and ckpt_io.check_complete(p) is None]
     older = f"; the newest other complete checkpoint is {others[-1]} (--resume {others[-1]})" if others else ""
     broken = ckpt_io.check_readable(path)
@@ -427,16 +485,16 @@ def auto_ep_size(cfg: TrainConfig, model: torch.nn.Module, info: DistInfo, devic
     ep_size, why = calibrated_ep_size(work, device, adapter=cfg.adapter,
                                       expert_memory_budget_bytes=cfg.expert_memory_budget_mb * 2**20 or None)
     if info.is_main:
-        print(f"--ep_size auto: {why} (assumed {work.avg_active:g} active experts per token, "
-              f"{work.tokens_per_rank} tokens per rank)")
+        log.info(f"--ep_size auto: {why} (assumed {work.avg_active:g} active experts per token, "
+                 f"{work.tokens_per_rank} tokens per rank)")
     return int(ep_size)
 
 
 def report_memory(run: Run) -> None:
     everyone = memory_per_rank(run.engine.module, run.adapters.expert_parameters())
     if run.info.is_main:
-        print(f"ZeRO stage {zero_stage(run.ds_config)}, world {run.info.world_size}, model {run.model_path}, "
-              f"task {run.task_type}, method {run.cfg.adapter.method}")
+        log.info(f"ZeRO stage {zero_stage(run.ds_config)}, world {run.info.world_size}, model {run.model_path}, "
+                 f"task {run.task_type}, method {run.cfg.adapter.method}")
         print_memory(everyone)
         run.logger.log(run.start.step, "memory", {"zero_stage": zero_stage(run.ds_config),
                                                   "per_rank": {str(r): b for r, b in enumerate(everyone)}})

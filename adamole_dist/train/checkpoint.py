@@ -11,7 +11,7 @@ Everything is written under a hidden temporary tag and renamed into place by ran
 barrier; ``latest`` is replaced atomically last. A crash mid-save leaves the previous
 checkpoint and ``latest`` untouched. Re-saving an existing tag moves the old copy aside
 (``.replaced_step_N``) before the new one is renamed in, and deletes it only after: a crash in
-between leaves a complete copy, which ``resolve_checkpoint`` finds (and the next save restores).
+between leaves a complete copy, which ``resolve_latest`` finds (and the next save restores).
 Before loading, rank 0 checks that every file of the checkpoint reads (``check_readable``) and
 that nothing is missing (``check_complete``: every file the manifest names, every expert of every
 layer), so a damaged or incomplete checkpoint is named, with the newest other complete checkpoint,
@@ -33,9 +33,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from adamole_dist.adapters.handle import Adapters
+from adamole_dist.atomic_files import write_text_atomically
 from adamole_dist.config.training import STATE_FILE
 from adamole_dist.moe.experts import EXPERT_KEY_RE, EXPERT_TENSORS, expert_key, file_orientation
-from adamole_dist.atomic_files import write_text_atomically
 from adamole_dist.parallel import collectives
 from adamole_dist.train.expert_optimizer import ExpertOptimizer
 
@@ -172,14 +172,6 @@ def complete_checkpoints(root: Path) -> list[Path]:
     found = [p for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name.removeprefix(REPLACED))
              and is_complete(p)]
     return sorted(found, key=lambda p: (step_of(p), not p.name.startswith(REPLACED)))
-
-
-def resolve_checkpoint(root: Path, resume: str) -> Path | None:
-    """'latest' -> the checkpoint named by root/latest (None if there is none yet); else the path.
-    When ``latest`` names a missing or incomplete checkpoint, see ``resolve_latest``."""
-    if resume != LATEST:
-        return Path(resume)
-    return resolve_latest(root)[0]
 
 
 def resolve_latest(root: Path) -> tuple[Path | None, str | None]:

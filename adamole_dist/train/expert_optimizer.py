@@ -51,9 +51,9 @@ class ExpertOptimizer:
         self.world_size = world_size
         self.edp_group = edp_group
         self.ep_group = ep_group
-        self.optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay) if params else None
+        self.optimizer = (torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+                          if params else None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda) if params else None
-        self.last_grad_norm: float | None = None
 
     def reduce_gradients(self) -> torch.Tensor | None:
         """Sum expert grads over the expert-data-parallel group (one flat buffer), / world size.
@@ -83,7 +83,7 @@ class ExpertOptimizer:
         if self.optimizer is None:
             return None
         flat = self.reduce_gradients()
-        norm = self.last_grad_norm = self.global_grad_norm(flat)
+        norm = self.global_grad_norm(flat)
         if not math.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
             return norm

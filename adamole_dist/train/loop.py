@@ -11,6 +11,7 @@ evaluation is still owed, which the resumed run then does first.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 import time
@@ -18,21 +19,23 @@ from pathlib import Path
 
 from adamole_dist.adapters.files import adapter_state, save_adapter
 from adamole_dist.adapters.model_card import write_model_card
+from adamole_dist.atomic_files import write_text_atomically
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.config.training import TrainConfig
 from adamole_dist.data.conversations import prompt_format
 from adamole_dist.data.evaluate import EvaluationStopped, evaluate_accuracy, evaluate_loss, greedy_samples
-from adamole_dist.atomic_files import write_text_atomically
 from adamole_dist.ops.host_memory import keep_freed_host_memory
 from adamole_dist.ops.metrics_log import read_metrics
-from adamole_dist.runtime.stopping import NonFiniteLoss, Preempted, StopSignal, write_preempted_marker
-from adamole_dist.runtime.watchdog import PeerWatchdog
 from adamole_dist.parallel import collectives
 from adamole_dist.runtime.process_group import DistInfo, init_distributed, shutdown_distributed
+from adamole_dist.runtime.stopping import NonFiniteLoss, Preempted, StopSignal, write_preempted_marker
+from adamole_dist.runtime.watchdog import PeerWatchdog
 from adamole_dist.train import checkpoint as ckpt_io
 from adamole_dist.train.assembly import Run, build_run
 from adamole_dist.train.reporting import fmt_duration, print_routing_table, routing_over_ranks
 from adamole_dist.train.step import train_step
+
+log = logging.getLogger(__name__)
 
 WINDOW_SUMS = ("task_loss", "aux_loss", "grad_norm", "expert_grad_norm")
 
@@ -168,7 +171,7 @@ class Trainer:
             self.save()
         if self.info.is_main:
             write_preempted_marker(self.run.out, self.step, self.last_checkpoint, self.stop_signal.received)
-            print(f"[step {self.step}] stop signal received: checkpoint written, exiting for a requeue", flush=True)
+            log.info(f"[step {self.step}] stop signal received: checkpoint written, exiting for a requeue")
         collectives.barrier()  # the marker exists before any rank exits (and srun kills the rest)
         self.stop_signal.settle()
         raise Preempted(self.step, self.last_checkpoint)
@@ -185,7 +188,8 @@ class Trainer:
                     # the Jinja text when --chat_template gave one; None: the tokenizer's own template
                     "chat_template": run.sft.spec.chat_template if run.sft is not None else None}
             save_adapter(run.out / "adapter", tensors, self.cfg.adapter, meta)
-            numbers = {k: v for k, v in (final or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            numbers = {k: v for k, v in (final or {}).items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
             write_model_card(run.out / "adapter", base_model=self.cfg.model, method=self.cfg.adapter.method,
                              adapter_cfg=self.cfg.adapter.to_dict(), datasets=[self.cfg.dataset], metrics=numbers)
             self.say(f"adapter saved: {run.out / 'adapter'}")
@@ -212,7 +216,8 @@ class Trainer:
             self.say(f"[step {self.step}] eval loss {result['eval_loss']:.4f} perplexity {result['perplexity']:.2f} "
                      f"({result['eval_tokens']} target tokens, {result['total']} examples){active}")
         else:
-            self.say(f"[step {self.step}] eval accuracy {result['accuracy']:.4f} ({result['correct']}/{result['total']})"
+            self.say(f"[step {self.step}] eval accuracy {result['accuracy']:.4f} "
+                     f"({result['correct']}/{result['total']})"
                      + (f" acc_norm {result['acc_norm']:.4f}" if "acc_norm" in result else "") + active)
         if print_layers and self.info.is_main:
             print_routing_table(routing["layers"], self.say)
@@ -299,8 +304,8 @@ class Trainer:
         key, name = ("eval_loss", "held-out loss") if self.run.sft is not None else ("accuracy", "held-out accuracy")
         held_out = f"{start[key]:.4f} -> {final[key]:.4f}" if start else f"{final[key]:.4f}"
         loss = f"{losses[0]:.4f} (first log) -> {losses[-1]:.4f} (last log)" if losses else "n/a"
-        print(f"done: {self.step} steps | task loss {loss} | {name} {held_out} "
-              f"on {final['total']} examples | adapter: {self.run.out / 'adapter'}")
+        log.info(f"done: {self.step} steps | task loss {loss} | {name} {held_out} "
+                 f"on {final['total']} examples | adapter: {self.run.out / 'adapter'}")
 
     def progress_bar(self):
         if not (self.info.is_main and sys.stderr.isatty()):
@@ -310,13 +315,13 @@ class Trainer:
         return tqdm(total=self.run.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
 
     def say(self, message: str) -> None:
-        """Rank 0 prints a line (above the progress bar when there is one, not through it)."""
+        """Rank 0 logs a line (written above the progress bar when there is one, not through it)."""
         if not self.info.is_main:
             return
         if self.progress is not None:
             self.progress.write(message)
         else:
-            print(message, flush=True)
+            log.info(message)
 
     def timing(self) -> str:
         """'elapsed 1m05s eta 3m20s' since the loop started (the log line an operator reads in a file)."""

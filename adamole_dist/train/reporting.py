@@ -3,10 +3,14 @@ per-layer routing table, and durations as an operator reads them in a log file."
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from adamole_dist.moe.routing_stats import summarize_routing
 from adamole_dist.parallel import collectives
+
+log = logging.getLogger(__name__)
 
 
 def routing_over_ranks(stats_by_layer: dict[str, torch.Tensor], has_tau: bool) -> dict:
@@ -39,14 +43,14 @@ def memory_per_rank(module: torch.nn.Module, expert_parameters: list[torch.nn.Pa
     return collectives.all_gather_objects(mine)
 
 
-def print_memory(everyone: list[dict], say=print) -> None:
+def print_memory(everyone: list[dict], say=log.info) -> None:
     mb = 1 / 2**20
     for r, b in enumerate(everyone):
         say(f"  rank {r}: frozen base {b['frozen_local'] * mb:8.2f} MB of {b['frozen_full'] * mb:8.2f} MB"
             f" | trainable (engine) {b['trainable_local'] * mb:6.2f} MB | experts {b['experts_local'] * mb:6.2f} MB")
 
 
-def print_routing_table(layers: dict, say=print) -> None:
+def print_routing_table(layers: dict, say=log.info) -> None:
     if not layers:
         return
     say(f"  {'layer':<52}{'active':>8}{'tau':>8}{'none%':>7}{'drop%':>7}  load min/max")

@@ -1,0 +1,53 @@
+"""Fine-tune with AdaMoLE / LoRA-MoE adapters under DeepSpeed.
+
+    deepspeed launch/train.py --ds_config ds_configs/zero3.json [options]
+    torchrun --nproc_per_node 2 launch/train.py --ds_config ds_configs/zero3.json [options]
+    mpirun -n 2 python launch/train.py [options]
+    python launch/train.py [options]                      # one process
+
+Options come from flags and/or a YAML recipe (--config); flags win. --help lists them all.
+Exit codes of each rank: 0 done, 2 bad input (one line naming the option or file; nothing
+written; --debug adds the traceback), 3 non-finite loss or gradient, 75 stopped by SIGTERM,
+SIGINT or SIGUSR1 (or the launcher going away) after writing a checkpoint (requeue and
+--resume latest), 76 another rank died. README "Exit codes" says what each launcher returns.
+"""
+
+import sys
+import traceback
+import warnings
+
+# DeepSpeed calls torch.distributed functions that torch 2.13 deprecates, once per step.
+warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+.* is deprecated", category=FutureWarning)
+
+from adamole_dist.cli.console import configure_logging
+from adamole_dist.config.cli import parse_train_config
+from adamole_dist.config.fields import ConfigError
+from adamole_dist.data import DataError
+from adamole_dist.runtime.stopping import EXIT_BAD_INPUT, EXIT_NON_FINITE, EXIT_PREEMPTED, NonFiniteLoss, Preempted
+
+
+def main(argv=None) -> int:
+    configure_logging()
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv  # known before the options parse, so a parse error can show its traceback too
+    try:
+        cfg = parse_train_config(argv)
+        from adamole_dist.train.loop import run_training
+
+        run_training(cfg)
+    except (ConfigError, DataError) as e:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_NON_FINITE
+    except Preempted as e:
+        print(f"stopped: {e}", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
