@@ -28,10 +28,11 @@ import torch.nn as nn
 
 from adamole_dist import AdapterConfig, inject_adapters
 from adamole_dist.adapters.inject import adapt_linear
+from adamole_dist.config.deepspeed import build_ds_config
 from adamole_dist.config.training import TrainConfig
 from adamole_dist.parallel.device_timer import synchronize, wall_seconds
 from adamole_dist.runtime.process_group import init_distributed, resolve_backend
-from adamole_dist.train.builders import build_engine, build_expert_optimizer, deepspeed_config
+from adamole_dist.train.builders import build_engine, build_expert_optimizer
 from adamole_dist.train.step import train_step
 from benchmarks.host_syncs import HostReads
 from benchmarks.records import write_records
@@ -163,7 +164,7 @@ def bench_train(args, device, info) -> list[dict]:
         cfg = TrainConfig(micro_batch_size=micro, gradient_accumulation_steps=1, max_grad_norm=1.0, lr=1e-4)
         base = {"zero_optimization": {"stage": 3}, "bf16": {"enabled": cuda},
                 "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}
-        engine = build_engine(model, params, deepspeed_config(cfg, info.world_size, base=base))
+        engine = build_engine(model, params, build_ds_config(cfg, info.world_size, base=base))
         expert_opt = build_expert_optimizer(adapters.expert_parameters() if adapters else [], info.world_size,
                                             lr=cfg.lr, max_grad_norm=cfg.max_grad_norm)
         g = torch.Generator().manual_seed(1)

@@ -32,6 +32,7 @@ warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+.* is depre
 from adamole_dist import AdapterConfig, inject_adapters
 from adamole_dist.adapters.inject import weight_shape
 from adamole_dist.base_model.model_loading import load_model_and_tokenizer
+from adamole_dist.config.deepspeed import build_ds_config
 from adamole_dist.config.training import TrainConfig
 from adamole_dist.costmodel.calibration import calibrate, calibration_record, parts_ms
 from adamole_dist.costmodel.placement import adapter_workload, predict_placement, predict_replicated
@@ -43,13 +44,7 @@ from adamole_dist.parallel.device_timer import timed, wall_seconds
 from adamole_dist.parallel.layout import build_layout
 from adamole_dist.parallel.local_dispatcher import Dispatcher
 from adamole_dist.runtime.process_group import init_distributed
-from adamole_dist.train.builders import (
-    build_dispatcher,
-    build_engine,
-    build_expert_optimizer,
-    build_task_for,
-    deepspeed_config,
-)
+from adamole_dist.train.builders import build_dispatcher, build_engine, build_expert_optimizer, build_task_for
 from adamole_dist.train.reporting import param_bytes
 from adamole_dist.train.step import PhaseClock, train_step
 
@@ -142,7 +137,7 @@ def main() -> None:
     model, tokenizer, task_type, adapters, params = build(args, layout)
     cfg = TrainConfig(micro_batch_size=per_rank, gradient_accumulation_steps=1, max_grad_norm=1.0, lr=1e-4,
                       max_length=args.max_length)
-    engine = build_engine(model, params, deepspeed_config(cfg, world, base=DS_BASE))
+    engine = build_engine(model, params, build_ds_config(cfg, world, base=DS_BASE))
     expert_opt = build_expert_optimizer(adapters.expert_parameters() if adapters else [], world, layout, lr=cfg.lr,
                                         max_grad_norm=cfg.max_grad_norm)
     task = build_task_for(cfg, task_type, tokenizer, engine.device)

@@ -227,15 +227,12 @@ def _dry_run(tokens: int, d_in: int, d_out: int, num_experts: int, rank: int, ep
     layout = ParallelLayout(rank=0, world_size=ep_size, ep_size=ep_size)
     dispatcher = ExpertParallelDispatcher(layout, wire_dtype=wire_dtype, overlap=overlap, exchange=exchange)
     x_TD, w_TN = x.clone().requires_grad_(), weights.clone().requires_grad_()
-    with counter:
-        plan = dispatcher.plan(mask, x_TD, bank)
-    counter.bytes = 0  # planning is the dispatcher's fixed host work (calibrated apart), not per byte
+    plan = dispatcher.plan(mask, x_TD, bank)  # uncounted: the dispatch's fixed host work, calibrated apart
     seed_TO = torch.ones(tokens, d_out, dtype=act_dtype)  # the backward's seed, written outside the count
     with counter:
-        y_TO = dispatcher(x_TD, w_TN, mask, bank, "auto")
+        y_TO = dispatcher.run(plan, x_TD, w_TN, mask, bank, "auto")
         forward_calls = len(exchange.sent)
         y_TO.backward(seed_TO.to(y_TO.dtype))
-    plan_calls = 1  # the plan above ran its count exchange once more
     dispatch_bytes = counter.bytes
 
     # The same bank on the same rows alone: what the experts write, forward and backward.
@@ -252,6 +249,6 @@ def _dry_run(tokens: int, d_in: int, d_out: int, num_experts: int, rank: int, ep
     sent = exchange.sent
     return DispatchTraffic(
         exchanges_fwd=tuple(sent[:forward_calls]), exchanges_bwd=tuple(sent[forward_calls:]),
-        count_bytes=exchange.counted[plan_calls] if len(exchange.counted) > plan_calls else 0,
+        count_bytes=exchange.counted[0],
         copy_bytes=max(dispatch_bytes - alone.bytes, 0), rows_sent=sum(plan.send),
         remote_pairs=float(remote_m.sum()), send_all=plan.once)

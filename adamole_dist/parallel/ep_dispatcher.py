@@ -210,7 +210,10 @@ class ExpertParallelDispatcher(Dispatcher):
 
     # -- the schedule ----------------------------------------------------------------------------
     def __call__(self, x_TD, weights_TN, mask_TN, bank: ExpertBank, path):
-        plan = self.plan(mask_TN, x_TD, bank)
+        return self.run(self.plan(mask_TN, x_TD, bank), x_TD, weights_TN, mask_TN, bank, path)
+
+    def run(self, plan: ExchangePlan, x_TD, weights_TN, mask_TN, bank: ExpertBank, path):
+        """Every phase after ``plan``: dispatch, the exchanges and expert compute by the schedule, combine."""
         sent = self.dispatch(x_TD, weights_TN, mask_TN, plan)
         schedule = self._overlapped if self.overlap else self._waited
         return schedule(x_TD, weights_TN, mask_TN, sent, plan, bank, path)

@@ -31,7 +31,7 @@ from adamole_dist.base_model.model_loading import (
     resolve_model_path,
     resolve_task_type,
 )
-from adamole_dist.config.deepspeed import ds_config_source, validate_with_deepspeed, zero_stage
+from adamole_dist.config.deepspeed import build_ds_config, ds_config_source, validate_with_deepspeed, zero_stage
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.config.training import TrainConfig
 from adamole_dist.costmodel.calibration import calibrated_ep_size
@@ -68,7 +68,6 @@ from adamole_dist.train.builders import (
     build_engine,
     build_expert_optimizer,
     build_task_for,
-    deepspeed_config,
     optimizer_settings,
 )
 from adamole_dist.train.expert_optimizer import ExpertOptimizer
@@ -153,7 +152,7 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
     """Validate, then build (collective: every rank calls it). Raises ConfigError, on every rank
     together, for bad input, before the output directory is touched."""
     out = Path(cfg.output_dir)
-    ds_config = deepspeed_config(cfg, info.world_size)
+    ds_config = build_ds_config(cfg, info.world_size)
     validate_with_deepspeed(ds_config, ds_config_source(cfg))
     seed_everything(cfg.seed)
     data = load_run_data(cfg, info)

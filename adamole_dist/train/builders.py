@@ -1,10 +1,11 @@
 """The pieces a run is built from, each in one place: the trainer's assembly (assembly.py), the
-evaluation CLI and the benchmarks build their dispatcher, expert optimizer, DeepSpeed engine and
-task through these, so a benchmark measures what a training run executes.
+evaluation CLI and the benchmarks build their dispatcher, expert optimizer, DeepSpeed engine (its
+config from config/deepspeed.py's build_ds_config) and task through these, so a benchmark measures
+what a training run executes.
 
     layout = build_layout(ep_size, num_experts)
     dispatcher = build_dispatcher(layout, cfg.dispatch_dtype, cfg.ep_overlap, device)
-    engine = build_engine(model, adapters.engine_parameters(), deepspeed_config(cfg, world_size), schedule)
+    engine = build_engine(model, adapters.engine_parameters(), build_ds_config(cfg, world_size), schedule)
     expert_opt = build_expert_optimizer(adapters.expert_parameters(), world_size, layout, lr_lambda=schedule,
                                         **optimizer_settings(cfg))
     task = build_task_for(cfg, task_type, tokenizer, device)
@@ -16,7 +17,6 @@ import dataclasses
 
 import torch
 
-from adamole_dist.config.deepspeed import build_ds_config
 from adamole_dist.config.training import TrainConfig
 from adamole_dist.data.tasks import Task, build_task
 from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher, overlap_enabled, wire_dtype
@@ -59,14 +59,6 @@ def build_expert_optimizer(params: list[torch.nn.Parameter], world_size: int, la
                            max_grad_norm=max_grad_norm, lr_lambda=lr_lambda, world_size=world_size,
                            edp_group=layout.edp_group if layout is not None else None,
                            ep_group=layout.ep_group if layout is not None else None)
-
-
-def deepspeed_config(cfg: TrainConfig, world_size: int, base: dict | None = None) -> dict:
-    """The DeepSpeed config of a run (config/deepspeed.py's build_ds_config: batch sizes, clipping and
-    AdamW from ``cfg``). ``base``: the sections to start from instead of cfg.ds_config / the default
-    ZeRO-3 config (a benchmark's own ZeRO settings, comms logger ...); its "auto" values and the keys it
-    leaves out are filled in the same way, and a value that disagrees with ``cfg`` is a ConfigError."""
-    return build_ds_config(cfg, world_size, base=base)
 
 
 def build_engine(model: torch.nn.Module, parameters, ds_config: dict, lr_lambda=None):
