@@ -158,6 +158,9 @@ MinJobAge=600
         logs = "\n".join(p.read_text()[-2000:] for p in (self.root / "log").glob("*.log"))
         raise TimeoutError(f"timed out after {timeout} s waiting for {what}\n{logs}")
 
+    def controller_log(self) -> str:
+        return (self.root / "log" / "slurmctld.log").read_text()
+
     def job(self, job_id: str) -> dict:
         out = self.run("scontrol", "show", "job", "-o", job_id).stdout
         return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
