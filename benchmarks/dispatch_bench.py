@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from adamole_dist import AdapterConfig
 from adamole_dist.adapters.inject import adapt_linear
+from adamole_dist.config.training import TrainConfig
 from adamole_dist.costmodel.calibration import calibrate, calibrated_ep_size, calibration_record, parts_ms
 from adamole_dist.costmodel.placement import Workload, predict_placement
 from adamole_dist.ops.host_memory import keep_freed_host_memory
@@ -73,7 +74,7 @@ def bench(args, ep_size: int) -> dict:
     x = torch.randn(args.tokens_per_rank, args.hidden)
     grad = torch.randn(args.tokens_per_rank, args.hidden)
     counters = dispatcher.counters
-    expert_opt = build_expert_optimizer(list(layer.experts.parameters()), world, layout, lr=1e-4)
+    expert_opt = build_expert_optimizer(list(layer.experts.parameters()), world, TrainConfig(lr=1e-4), layout)
     steps, a2a, phases, sent, minimum = [], [], {}, [], []
     for it in range(args.warmup + args.steps):
         xx = x.clone().requires_grad_(True)

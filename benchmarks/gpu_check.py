@@ -165,8 +165,7 @@ def bench_train(args, device, info) -> list[dict]:
         base = {"zero_optimization": {"stage": 3}, "bf16": {"enabled": cuda},
                 "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}
         engine = build_engine(model, params, build_ds_config(cfg, info.world_size, base=base))
-        expert_opt = build_expert_optimizer(adapters.expert_parameters() if adapters else [], info.world_size,
-                                            lr=cfg.lr, max_grad_norm=cfg.max_grad_norm)
+        expert_opt = build_expert_optimizer(adapters.expert_parameters() if adapters else [], info.world_size, cfg)
         g = torch.Generator().manual_seed(1)
         batch = {"input_ids": torch.randint(0, model.config.vocab_size, (micro, seq), generator=g).to(device),
                  "attention_mask": torch.ones(micro, seq, dtype=torch.long, device=device)}

@@ -138,8 +138,7 @@ def main() -> None:
     cfg = TrainConfig(micro_batch_size=per_rank, gradient_accumulation_steps=1, max_grad_norm=1.0, lr=1e-4,
                       max_length=args.max_length)
     engine = build_engine(model, params, build_ds_config(cfg, world, base=DS_BASE))
-    expert_opt = build_expert_optimizer(adapters.expert_parameters() if adapters else [], world, layout, lr=cfg.lr,
-                                        max_grad_norm=cfg.max_grad_norm)
+    expert_opt = build_expert_optimizer(adapters.expert_parameters() if adapters else [], world, cfg, layout)
     task = build_task_for(cfg, task_type, tokenizer, engine.device)
     examples = load_examples("builtin:word_categories", "train")
     dispatcher = next(iter(adapters.layers.values())).dispatcher if adapters else None

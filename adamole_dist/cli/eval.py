@@ -44,6 +44,7 @@ from adamole_dist.data import DataError, load_examples, load_records
 from adamole_dist.data.evaluate import evaluate_accuracy
 from adamole_dist.data.formats import subsample
 from adamole_dist.moe.routing_stats import summarize_routing
+from adamole_dist.ops.output_dir import RUN_CONFIG
 from adamole_dist.runtime.stopping import EXIT_BAD_INPUT
 from adamole_dist.train.builders import build_task_for
 from adamole_dist.train.reporting import print_routing_table
@@ -103,13 +104,12 @@ def run_harness(plan: HarnessPlan, model, tokenizer, *, batch_size: int, autocas
     """lm_eval.simple_evaluate on the adapted model (HFLM over the instance), zero-shot; writes the
     results and per-question samples; returns {task: {metric: value}}."""
     import lm_eval
-    import torch as _torch
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import handle_non_serializable
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-              mixed_precision_dtype=_torch.bfloat16 if autocast == "bf16" else None)
+              mixed_precision_dtype=torch.bfloat16 if autocast == "bf16" else None)
     samples = plan.samples(limit, seed)
     unlimited = [t for t in plan.tasks if t not in plan.local]
     out = lm_eval.simple_evaluate(
@@ -238,7 +238,7 @@ def recorded_run(adapter: Path) -> TrainConfig | None:
     """The options of the run that trained ``adapter`` (its run_config.json beside it) as a TrainConfig:
     what the record lacks takes TrainConfig's defaults, keys this version does not know are ignored;
     None without a record."""
-    run_config = adapter.parent / "run_config.json"
+    run_config = adapter.parent / RUN_CONFIG
     if not run_config.is_file():
         return None
     try:

@@ -63,13 +63,7 @@ from adamole_dist.parallel.local_dispatcher import Dispatcher
 from adamole_dist.runtime.process_group import DistInfo, device_for
 from adamole_dist.runtime.stopping import PREEMPTED_MARKER
 from adamole_dist.train import checkpoint as ckpt_io
-from adamole_dist.train.builders import (
-    build_dispatcher,
-    build_engine,
-    build_expert_optimizer,
-    build_task_for,
-    optimizer_settings,
-)
+from adamole_dist.train.builders import build_dispatcher, build_engine, build_expert_optimizer, build_task_for
 from adamole_dist.train.expert_optimizer import ExpertOptimizer
 from adamole_dist.train.reporting import memory_per_rank, print_memory
 from adamole_dist.train.schedule import lr_lambda, warmup_steps_for
@@ -174,8 +168,7 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
     schedule = lr_lambda(cfg.lr_scheduler, total_steps, warmup_steps_for(total_steps, cfg.warmup_steps,
                                                                           cfg.warmup_ratio))
     engine = build_engine(model, adapters.engine_parameters(), ds_config, schedule)
-    expert_opt = build_expert_optimizer(adapters.expert_parameters(), info.world_size, layout, lr_lambda=schedule,
-                                        **optimizer_settings(cfg))
+    expert_opt = build_expert_optimizer(adapters.expert_parameters(), info.world_size, cfg, layout, lr_lambda=schedule)
     start = LoopPosition() if resume_from is None else resume(resume_from, engine, adapters, expert_opt, info, out)
     logger = MetricsLogger(out, cfg.report_to, enabled=info.is_main, run_config=config_record,
                            project=cfg.wandb_project)

@@ -6,14 +6,11 @@ what a training run executes.
     layout = build_layout(ep_size, num_experts)
     dispatcher = build_dispatcher(layout, cfg.dispatch_dtype, cfg.ep_overlap, device)
     engine = build_engine(model, adapters.engine_parameters(), build_ds_config(cfg, world_size), schedule)
-    expert_opt = build_expert_optimizer(adapters.expert_parameters(), world_size, layout, lr_lambda=schedule,
-                                        **optimizer_settings(cfg))
+    expert_opt = build_expert_optimizer(adapters.expert_parameters(), world_size, cfg, layout, lr_lambda=schedule)
     task = build_task_for(cfg, task_type, tokenizer, device)
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import torch
 
@@ -23,8 +20,6 @@ from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher, overla
 from adamole_dist.parallel.layout import ParallelLayout
 from adamole_dist.parallel.local_dispatcher import Dispatcher, LocalDispatcher
 from adamole_dist.train.expert_optimizer import ExpertOptimizer
-
-_DEFAULT = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # the optimizer defaults below
 
 
 def build_dispatcher(layout: ParallelLayout, dispatch_dtype: str = "fp32", ep_overlap: str = "auto",
@@ -40,23 +35,15 @@ def constant_lr(step: int) -> float:
     return 1.0
 
 
-def optimizer_settings(cfg: TrainConfig) -> dict:
-    """``build_expert_optimizer``'s hyperparameters from a TrainConfig (the engine's AdamW gets the same
-    ones through config/deepspeed.py)."""
-    return {"lr": cfg.lr, "betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_eps,
-            "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm}
-
-
-def build_expert_optimizer(params: list[torch.nn.Parameter], world_size: int, layout: ParallelLayout | None = None,
-                           *, lr: float = _DEFAULT["lr"],
-                           betas: tuple[float, float] = (_DEFAULT["adam_beta1"], _DEFAULT["adam_beta2"]),
-                           eps: float = _DEFAULT["adam_eps"], weight_decay: float = _DEFAULT["weight_decay"],
-                           max_grad_norm: float = _DEFAULT["max_grad_norm"], lr_lambda=constant_lr) -> ExpertOptimizer:
-    """The optimizer of the expert banks (outside the engine): its gradients reduced over ``layout``'s
-    expert-data-parallel group and clipped over its expert-parallel group (no layout: the experts
-    replicated over the whole world). Defaults: TrainConfig's; ``**optimizer_settings(cfg)`` passes a run's."""
-    return ExpertOptimizer(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                           max_grad_norm=max_grad_norm, lr_lambda=lr_lambda, world_size=world_size,
+def build_expert_optimizer(params: list[torch.nn.Parameter], world_size: int, cfg: TrainConfig,
+                           layout: ParallelLayout | None = None, lr_lambda=constant_lr) -> ExpertOptimizer:
+    """The optimizer of the expert banks (outside the engine), with ``cfg``'s AdamW hyperparameters and
+    clipping (the engine's AdamW gets the same ones through config/deepspeed.py): its gradients reduced
+    over ``layout``'s expert-data-parallel group and clipped over its expert-parallel group (no layout:
+    the experts replicated over the whole world)."""
+    return ExpertOptimizer(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                           weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, lr_lambda=lr_lambda,
+                           world_size=world_size,
                            edp_group=layout.edp_group if layout is not None else None,
                            ep_group=layout.ep_group if layout is not None else None)
 
