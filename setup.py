@@ -16,7 +16,9 @@ setup(
     # benchmarks/ too: its scripts import each other (benchmarks.records, ...) and run by path from a
     # checkout (`python benchmarks/layer_bench.py`, torchrun, srun); the editable install resolves them.
     packages=find_packages(include=["adamole_dist", "adamole_dist.*", "benchmarks"]),
-    package_data={"adamole_dist.data": ["*.json"]},
+    # the built-in task's words, and the local lm-evaluation-harness tasks (read with importlib.resources)
+    package_data={"adamole_dist.data": ["*.json"],
+                  "adamole_dist.evaluation": ["harness_tasks/*.yaml", "harness_tasks/*.py"]},
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.17",

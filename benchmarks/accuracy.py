@@ -35,7 +35,7 @@ from adamole_dist.base_model.model_loading import load_model_and_tokenizer
 from adamole_dist.config.adapter import AdapterConfig
 from adamole_dist.data import load_examples
 from adamole_dist.data.evaluate import evaluate_accuracy, majority_class_accuracy
-from adamole_dist.data.tasks import build_task
+from adamole_dist.data.task_factory import build_task
 from adamole_dist.moe.routing_stats import summarize_routing
 from adamole_dist.train.schedule import lr_lambda, warmup_steps_for
 from adamole_dist.train.step import train_step
@@ -212,7 +212,7 @@ def plot_layers(records: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from adamole_dist.ops.plots import block_index, short_name
+    from adamole_dist.run_files.plots import block_index, short_name
 
     fig, ax = plt.subplots(figsize=(9, 4))
     for d in sorted({r["dataset"] for r in records}):

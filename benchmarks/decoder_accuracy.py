@@ -45,7 +45,7 @@ from adamole_dist.config.adapter import AdapterConfig
 from adamole_dist.config.training import AUTOCASTS
 from adamole_dist.data import load_examples
 from adamole_dist.data.evaluate import evaluate_accuracy
-from adamole_dist.data.tasks import build_task
+from adamole_dist.data.task_factory import build_task
 from adamole_dist.moe.routing_stats import summarize_routing
 from adamole_dist.train.schedule import lr_lambda, warmup_steps_for
 from adamole_dist.train.step import train_step
@@ -215,7 +215,7 @@ def report(records: list[dict]) -> str:
 
 def active_by_block(record: dict) -> dict[int, float]:
     """Mean active experts per transformer block (averaged over its adapted projections)."""
-    from adamole_dist.ops.plots import block_index
+    from adamole_dist.run_files.plots import block_index
 
     blocks: dict[int, list[float]] = {}
     for name, value in record["active_by_layer"].items():

@@ -34,11 +34,11 @@ from adamole_dist.adapters.inject import adapt_linear
 from adamole_dist.config.training import TrainConfig
 from adamole_dist.costmodel.calibration import calibrate, calibrated_ep_size, calibration_record, parts_ms
 from adamole_dist.costmodel.placement import Workload, predict_placement
-from adamole_dist.ops.host_memory import keep_freed_host_memory
 from adamole_dist.parallel import collectives
 from adamole_dist.parallel.device_timer import timed
 from adamole_dist.parallel.ep_dispatcher import overlap_enabled, wire_bytes
 from adamole_dist.parallel.layout import build_layout
+from adamole_dist.runtime.host_memory import keep_freed_host_memory
 from adamole_dist.train.builders import build_dispatcher, build_expert_optimizer
 from adamole_dist.train.reporting import routing_over_ranks
 from benchmarks.records import write_records

@@ -43,8 +43,8 @@ from adamole_dist.data.batching import (
     model_inputs,
     pack_examples,
 )
+from adamole_dist.data.examples import IGNORE
 from adamole_dist.data.sampler import ShardedBatches
-from adamole_dist.data.tasks import IGNORE
 from benchmarks.records import write_records
 
 MODES = ("padded", "grouped", "packed")

@@ -38,11 +38,11 @@ from adamole_dist.costmodel.calibration import calibrate, calibration_record, pa
 from adamole_dist.costmodel.placement import adapter_workload, predict_placement, predict_replicated
 from adamole_dist.data import load_examples
 from adamole_dist.moe.routing_stats import summarize_routing
-from adamole_dist.ops.host_memory import keep_freed_host_memory
 from adamole_dist.parallel import collectives
 from adamole_dist.parallel.device_timer import timed, wall_seconds
 from adamole_dist.parallel.layout import build_layout
 from adamole_dist.parallel.local_dispatcher import Dispatcher
+from adamole_dist.runtime.host_memory import keep_freed_host_memory
 from adamole_dist.runtime.process_group import init_distributed
 from adamole_dist.train.builders import build_dispatcher, build_engine, build_expert_optimizer, build_task_for
 from adamole_dist.train.reporting import param_bytes

@@ -272,7 +272,7 @@ def test_an_output_dir_a_live_run_holds_is_refused_naming_it(tmp_path):
 
     out = tmp_path / "run"
     existing_run(out)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys; from adamole_dist.ops.run_lock import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from adamole_dist.run_files.run_lock import RunLock; "
                                "lock = RunLock.take(sys.argv[1]); print('held', flush=True); sys.stdin.read()",
                                str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                               cwd=Path(__file__).resolve().parents[1])

@@ -1,5 +1,5 @@
-"""One home for collectives (adamole_dist/parallel/collectives.py): no other module of the project calls a
-torch.distributed collective, and tensors go to the device the process group's backend serves
+"""One home for collectives (adamole_dist/parallel/collectives.py and all_to_all.py): no other module of
+the project calls a torch.distributed collective, and tensors go to the device the process group's backend serves
 (CUDA under NCCL alone, where a CPU tensor raises 'No backend type associated with device type cpu').
 
 CI has no GPU: the device rule is pinned here as a pure function, and on a real one-process
@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from adamole_dist.parallel import collectives
+from adamole_dist.parallel import all_to_all, collectives
 from adamole_dist.parallel.collectives import COLLECTIVE_OPS, parse_backend_config, placement
 
 REPO = Path(__file__).resolve().parents[1]
 SCANNED = ["adamole_dist", "launch", "benchmarks"]
-HOME = REPO / "adamole_dist" / "parallel" / "collectives.py"
+HOMES = tuple(REPO / "adamole_dist" / "parallel" / name for name in ("collectives.py", "all_to_all.py"))
 DIST_MODULES = ("torch.distributed", "deepspeed.comm")
 
 
@@ -77,13 +77,14 @@ def test_no_module_but_collectives_py_calls_a_collective():
     offenders = {}
     for folder in SCANNED:
         for path in sorted((REPO / folder).rglob("*.py")):
-            if path == HOME:
+            if path in HOMES:
                 continue
             found = direct_collectives(path.read_text())
             if found:
                 offenders[str(path.relative_to(REPO))] = found
-    assert not offenders, f"collectives outside adamole_dist/parallel/collectives.py: {offenders}"
-    assert direct_collectives(HOME.read_text()), "collectives.py itself must be scanned and found"
+    assert not offenders, f"collectives outside adamole_dist/parallel/collectives.py and all_to_all.py: {offenders}"
+    for home in HOMES:
+        assert direct_collectives(home.read_text()), f"{home.name} itself must be scanned and found"
 
 
 @pytest.mark.parametrize("config, served", [
@@ -139,7 +140,7 @@ except RuntimeError as e:
 print("served:", sorted(collectives.served_device_types()))
 print("comm_device:", collectives.comm_device().type)
 try:
-    print("staged:", collectives._staged(torch.ones(1), None).device)  # what every collective does first
+    print("staged:", collectives.on_served_device(torch.ones(1), None).device)  # what every collective does first
 except (RuntimeError, AssertionError) as e:
     print("staged:", e)
 dist.destroy_process_group()
@@ -169,24 +170,24 @@ def a2a_worker(rank, world):
     out_splits = [(j + rank) % 3 for j in range(world)]
     inp = torch.cat([torch.full((n, 2), 100.0 * rank + j) for j, n in enumerate(in_splits)])
     out = torch.empty(sum(out_splits), 2)
-    collectives.all_to_all_single(out, inp, out_splits, in_splits)
+    all_to_all.all_to_all_single(out, inp, out_splits, in_splits)
     expected = torch.cat([torch.full((n, 2), 100.0 * j + rank) for j, n in enumerate(out_splits)])
     assert torch.equal(out, expected), (rank, out, expected)
 
     eq = torch.arange(world, dtype=torch.float32) + 10 * rank  # one element to each rank
     got = torch.empty(world)
-    collectives.all_to_all_single(got, eq)
+    all_to_all.all_to_all_single(got, eq)
     assert got.tolist() == [10.0 * j + rank for j in range(world)]
 
     evens = collectives.new_group([0, 2])
     if rank in (0, 2):
         mine = torch.tensor([rank + 0.5, rank + 0.25])
         theirs = torch.empty(2)
-        collectives.all_to_all_single(theirs, mine, group=evens)
+        all_to_all.all_to_all_single(theirs, mine, group=evens)
         assert theirs.tolist() == [0.5, 2.5] if rank == 0 else [0.25, 2.25]
 
-    first = collectives.start_all_to_all(inp, out_splits, in_splits)
-    second = collectives.start_all_to_all(inp * 2, out_splits, in_splits)
+    first = all_to_all.start_all_to_all(inp, out_splits, in_splits)
+    second = all_to_all.start_all_to_all(inp * 2, out_splits, in_splits)
     assert torch.equal(second.wait(), expected * 2) and torch.equal(first.wait(), expected)
 
 
@@ -199,15 +200,15 @@ def test_gloo_all_to_all_delivers_every_row_across_four_ranks():
 
 def test_gloo_all_to_all_posts_every_receive_before_any_send(monkeypatch):
     calls = []
-    monkeypatch.setattr(collectives, "world_size", lambda group=None: 4)
-    monkeypatch.setattr(collectives, "rank", lambda group=None: 1)
+    monkeypatch.setattr(all_to_all, "world_size", lambda group=None: 4)
+    monkeypatch.setattr(all_to_all, "rank", lambda group=None: 1)
     monkeypatch.setattr(collectives.dist, "irecv",
                         lambda t, group=None, group_src=None: calls.append(("recv", group_src)))
     monkeypatch.setattr(collectives.dist, "isend",
                         lambda t, group=None, group_dst=None: calls.append(("send", group_dst)))
     inp = torch.arange(6.0).unsqueeze(1)  # rows for ranks 0, 1, 2, 3: 2, 1, 3, 0
     out = torch.zeros(5, 1)  # rows from ranks 0, 1, 2, 3: 1, 1, 0, 3
-    collectives._receives_first(out, inp, out_splits=[1, 1, 0, 3], in_splits=[2, 1, 3, 0], group=None)
+    all_to_all._receives_first(out, inp, out_splits=[1, 1, 0, 3], in_splits=[2, 1, 3, 0], group=None)
     # rank 1's peers in turn 2, 3, 0: receives from 3 and 0 (2 sends nothing), then sends to 2 and 0
     assert calls == [("recv", 3), ("recv", 0), ("send", 2), ("send", 0)]
     assert out[1].item() == 2.0  # its own row copied, never sent
@@ -221,7 +222,7 @@ def test_an_all_to_all_in_flight_lets_go_of_its_rows_once_landed():
     import weakref
 
     x = torch.randn(6, 4, requires_grad=True)
-    exchange = collectives.Exchange()
+    exchange = all_to_all.Exchange()
     flight = exchange.launch(x, [6], [6])
     rows = exchange.land(flight)
     (2 * rows).sum().backward()

@@ -10,7 +10,7 @@ from adamole_dist import AdapterConfig, ConfigError
 from adamole_dist.config.cli import parse_train_config
 from adamole_dist.config.deepspeed import build_ds_config
 from adamole_dist.config.training import TrainConfig
-from adamole_dist.ops.output_dir import check_output_dir, prepare_output_dir
+from adamole_dist.run_files.output_dir import check_output_dir, prepare_output_dir
 
 
 @pytest.mark.parametrize(
@@ -200,7 +200,7 @@ def test_a_recipe_giving_a_key_twice_is_refused(tmp_path):
 # -- the output dir's lock (ops/run_lock.py) ------------------------------------------------------------
 HOLDER = """
 import sys, time
-from adamole_dist.ops.run_lock import RunLock
+from adamole_dist.run_files.run_lock import RunLock
 lock = RunLock.take(sys.argv[1])
 print("held", flush=True)
 sys.stdin.read()  # until the test closes our stdin
@@ -215,7 +215,7 @@ def test_a_live_run_holds_the_output_dir_and_a_dead_ones_lock_is_taken_over(tmp_
     import sys
 
     from adamole_dist.cli.console import configure_logging
-    from adamole_dist.ops.run_lock import LOCK_FILE, RunLock
+    from adamole_dist.run_files.run_lock import LOCK_FILE, RunLock
 
     out = tmp_path / "run"
     config = TrainConfig(output_dir=str(out)).to_dict()

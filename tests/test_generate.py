@@ -26,9 +26,16 @@ ATOL, RTOL = 1e-5, 1e-4
 
 
 def generate_module():
-    from adamole_dist.cli import generate  # launch/generate.py, adamole-generate
+    """launch/generate.py's command (adamole-generate: ``main``) and the generation library it runs on
+    (adamole_dist/generation/)."""
+    from types import SimpleNamespace
 
-    return generate
+    from adamole_dist.cli.generate import main
+    from adamole_dist.generation.batched import generate_batch
+    from adamole_dist.generation.prompts import PromptRenderer, prompt_format_for
+
+    return SimpleNamespace(main=main, PromptRenderer=PromptRenderer, resolve_format=prompt_format_for,
+                           generate_batch=generate_batch)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install -e '.[harness]'")
 
 from adamole_dist.data import to_examples  # noqa: E402
-from adamole_dist.data.tasks import CausalLMTask  # noqa: E402
+from adamole_dist.data.choice_tasks import CausalLMTask  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTIONS = [  # choice texts of different lengths, so that acc and acc_norm (and its divisor) matter
@@ -131,7 +131,7 @@ def test_harness_scores_equal_ours_question_by_question(model_dir, data_dir, tmp
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     (tasks / "tiny_local.yaml").write_text(TASK_YAML.format(data_dir=json.dumps(str(data_dir))))
-    shutil.copy2(REPO / "eval_tasks" / "utils.py", tasks / "utils.py")
+    shutil.copy2(REPO / "adamole_dist" / "evaluation" / "harness_tasks" / "utils.py", tasks / "utils.py")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     records = json.loads((data_dir / "ARC-Easy" / "test.json").read_text())

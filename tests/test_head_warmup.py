@@ -8,7 +8,7 @@ from adamole_dist.adapters.inject import inject_adapters
 from adamole_dist.base_model.pooling import apply_pooling
 from adamole_dist.config.adapter import AdapterConfig
 from adamole_dist.data import Example
-from adamole_dist.data.tasks import build_task
+from adamole_dist.data.task_factory import build_task
 from benchmarks.head_warmup import extract_head_inputs, fit_head, head_accuracy, head_scores, validation_curve
 from tests.conftest import make_tiny_bert
 

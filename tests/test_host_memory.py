@@ -1,4 +1,4 @@
-"""ops/host_memory.py: freed host memory stays with the process (so the next large tensor is not
+"""runtime/host_memory.py: freed host memory stays with the process (so the next large tensor is not
 page-faulted again), and only when asked."""
 
 import subprocess
@@ -9,7 +9,7 @@ import pytest
 
 PROBE = textwrap.dedent("""
     import sys
-    from adamole_dist.ops.host_memory import keep_freed_host_memory
+    from adamole_dist.runtime.host_memory import keep_freed_host_memory
     took = keep_freed_host_memory() if sys.argv[1] == "keep" else None
     import torch
 

@@ -22,26 +22,30 @@ LAYERS: dict[str, set[str]] = {
     # ground floor: nothing of the project
     "glossary": set(),
     "atomic_files": set(),
+    "local_host": set(),
+    "model_kwargs": set(),
     "config": set(),
-    # tensor maths, the base model, the process runtime, a run's files
+    # tensor maths, the base model, the process runtime, a run's files, data: each on the ground floor only
     "moe": {"config", "glossary"},
-    "base_model": {"config"},
+    "base_model": {"config", "local_host"},
     "runtime": {"config", "atomic_files"},
-    "ops": {"config", "atomic_files"},
+    "run_files": {"config", "atomic_files", "local_host"},
+    "data": {"config", "glossary", "atomic_files", "local_host", "model_kwargs"},
     # across ranks: collectives, groups, dispatchers
     "parallel": {"config", "glossary", "moe"},
     # the adapter on a model
-    "adapters": {"config", "glossary", "atomic_files", "moe", "base_model", "parallel"},
-    # data, tasks and evaluation
-    "data": {"config", "glossary", "adapters", "base_model", "ops", "parallel"},
+    "adapters": {"config", "glossary", "atomic_files", "model_kwargs", "moe", "base_model", "parallel"},
+    # generation with an adapted model; evaluation outside training (accuracy, lm-evaluation-harness)
+    "generation": {"config", "glossary", "moe", "base_model", "data", "adapters"},
+    "evaluation": {"config", "glossary", "moe", "base_model", "data", "adapters", "generation"},
     # the placement cost model: read by run assembly and the benchmarks only
     "costmodel": {"config", "glossary", "moe", "parallel", "adapters"},
     # training: assembly, the step, the loop, checkpoints
-    "train": {"config", "glossary", "atomic_files", "moe", "base_model", "runtime", "ops", "parallel", "adapters",
-              "data", "costmodel"},
+    "train": {"config", "glossary", "atomic_files", "local_host", "model_kwargs", "moe", "base_model", "runtime",
+              "run_files", "data", "parallel", "adapters", "generation", "evaluation", "costmodel"},
     # the command-line entry points (console scripts, python -m, launch/*.py): the top floor
-    "cli": {"config", "glossary", "atomic_files", "moe", "base_model", "runtime", "ops", "parallel", "adapters",
-            "data", "costmodel", "train"},
+    "cli": {"config", "glossary", "atomic_files", "local_host", "model_kwargs", "moe", "base_model", "runtime",
+            "run_files", "data", "parallel", "adapters", "generation", "evaluation", "costmodel", "train"},
     # the package's public names
     "__init__": {"config", "adapters"},
 }
@@ -104,6 +108,84 @@ def test_every_module_has_a_floor_and_floors_only_look_down():
     order = list(LAYERS)
     for folder, below in LAYERS.items():
         assert all(order.index(b) < order.index(folder) for b in below), folder
+
+
+def module_name(path: Path, package: Path) -> str:
+    rel = path.relative_to(package.parent).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def import_graph(package: Path) -> dict[str, set[str]]:
+    """Module -> the project modules it imports, at any depth (function-level imports included). ``from
+    P import name`` is an edge to the submodule P.name where that is a module, else to P."""
+    paths = {module_name(p, package): p for p in package.rglob("*.py") if "harness_tasks" not in p.parts}
+    graph: dict[str, set[str]] = {m: set() for m in paths}
+    for mod, path in paths.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in paths else node.module
+                           for a in node.names]
+            else:
+                continue
+            graph[mod] |= {t for t in targets if t in paths and t != mod}
+    return graph
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected group of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    circles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                circles.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return circles
+
+
+def test_no_import_circle_among_the_modules():
+    graph = import_graph(PACKAGE)
+    assert len(graph) > 50 and graph["adamole_dist.data.run_data"] >= {"adamole_dist.data.token_cache"}
+    assert import_circles(graph) == []
+
+
+def test_the_circle_scan_finds_a_circle_through_a_function_level_import(tmp_path):
+    fake = tmp_path / "adamole_dist"
+    (fake / "data").mkdir(parents=True)
+    (fake / "data" / "__init__.py").write_text("")
+    (fake / "data" / "tasks.py").write_text("def build():\n    from adamole_dist.data.sft_task import SFTTask\n")
+    (fake / "data" / "sft_task.py").write_text("from adamole_dist.data.tasks import IGNORE, Task\n")
+    (fake / "data" / "batching.py").write_text("from adamole_dist.data import tasks\n")
+    graph = import_graph(fake)
+    assert graph["adamole_dist.data.batching"] == {"adamole_dist.data.tasks"}
+    assert import_circles(graph) == [["adamole_dist.data.sft_task", "adamole_dist.data.tasks"]]
+    assert import_circles({"a.x": {"a.y"}, "a.y": {"a.z"}, "a.z": {"a.x"}, "a.w": {"a.x"}}) == [["a.x", "a.y", "a.z"]]
 
 
 def test_the_scans_catch_a_forbidden_import_and_an_unknown_letter(tmp_path, monkeypatch):

@@ -2,7 +2,7 @@
 
 import json
 
-from adamole_dist.ops.metrics_log import MetricsLogger, read_metrics
+from adamole_dist.run_files.metrics_log import MetricsLogger, read_metrics
 
 
 def test_samples_are_a_wandb_table_and_a_jsonl_record(tmp_path, monkeypatch):

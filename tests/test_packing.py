@@ -25,7 +25,7 @@ from adamole_dist.data.batching import (
     pack_examples,
     padding_fraction,
 )
-from adamole_dist.data.tasks import IGNORE
+from adamole_dist.data.examples import IGNORE
 from tests.conftest import make_tiny_bert, make_tiny_llama
 
 PAD = 0

@@ -38,7 +38,7 @@ def test_each_token_sent_once_per_destination():
 
 def test_the_senders_own_experts_get_no_rows():
     kept = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 1], [0, 0, 0, 0], [0, 0, 1, 1]], dtype=torch.bool)
-    plan = plan_dispatch(kept, num_ranks=2, me=0)
+    plan = plan_dispatch(kept, num_ranks=2, my_rank=0)
     assert plan.send_counts_J.tolist() == [0, 2]
     assert plan.token_S.tolist() == [1, 3] and plan.dest_S.tolist() == [1, 1]
     assert not plan.sends_every_token_once(plan.send_counts_J.tolist())
@@ -48,7 +48,7 @@ def test_every_token_once_in_order_sends_x_itself_and_sums_without_scatter():
     torch.manual_seed(0)
     T, D, N = 5, 3, 4
     kept = torch.ones(T, N, dtype=torch.bool)
-    plan = plan_dispatch(kept, num_ranks=2, me=1)
+    plan = plan_dispatch(kept, num_ranks=2, my_rank=1)
     assert plan.sends_every_token_once(plan.send_counts_J.tolist())
     x = torch.randn(T, D)
     assert gather_rows(x, plan, True) is x  # no copy
@@ -59,7 +59,7 @@ def test_every_token_once_in_order_sends_x_itself_and_sums_without_scatter():
 
 def test_zero_tokens():
     kept = torch.zeros(0, 4, dtype=torch.bool)
-    plan = plan_dispatch(kept, num_ranks=2, me=0)
+    plan = plan_dispatch(kept, num_ranks=2, my_rank=0)
     assert plan.send_counts_J.tolist() == [0, 0]
     assert not plan.sends_every_token_once([0, 0])
     assert gather_rows(torch.zeros(0, 3), plan, False).shape == (0, 3)
@@ -100,7 +100,7 @@ def test_two_rank_exchange_matches_local_sum():
     xs = [torch.randn(T, D), torch.randn(T, D)]
     kepts = [torch.rand(T, N) > 0.5, torch.rand(T, N) > 0.5]
     ws = [torch.rand(T, N) * k for k in kepts]
-    plans = [plan_dispatch(k, J, me) for me, k in enumerate(kepts)]
+    plans = [plan_dispatch(k, J, my_rank) for my_rank, k in enumerate(kepts)]
     rows = [gather_rows(x, p, False) for x, p in zip(xs, plans)]
     cols = [routing_columns(w, k, p, J) for w, k, p in zip(ws, kepts, plans)]
 

@@ -15,7 +15,7 @@ import yaml
 from launch_utils import check, deepspeed_cmd, python_cmd, records, run, train_losses
 from tiny_models import write_tiny_llama
 
-from adamole_dist.data.tasks import IGNORE
+from adamole_dist.data.examples import IGNORE
 
 # Plain words around the MiniLM tokenizer's [SEP] as the end of a turn.
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} [SEP] {% endfor %}"
@@ -203,19 +203,21 @@ def read_and_tokenize(rank, world, work, cache, out, limit):
 
     os.environ["ADAMOLE_DIST_CACHE"] = str(cache)
     from adamole_dist.config.training import TrainConfig
-    from adamole_dist.data.formats import DataError
-    from adamole_dist.runtime.process_group import DistInfo
-    from adamole_dist.train import assembly
+    from adamole_dist.data import run_data
+    from adamole_dist.data.examples import DataError
+    from adamole_dist.parallel.rank_zero import CollectiveRanks
+    from adamole_dist.train.assembly import resolved_model
 
     reads = []
-    real = assembly.load_records
-    assembly.load_records = lambda source, split: (reads.append(split), real(source, split))[1]
+    real = run_data.load_records
+    run_data.load_records = lambda source, split: (reads.append(split), real(source, split))[1]
     cfg = TrainConfig(model=str(work / "model"), dataset=str(out / "data"), chat_template=str(work / "chat.jinja"),
                       max_length=64, max_train_examples=limit)
-    info = DistInfo(rank, world, rank)
+    ranks = CollectiveRanks(rank, world)
     try:
-        records, origin, fmt = assembly.read_train_split(cfg, info)
-        split = assembly.tokenized(records, assembly.render_spec(cfg, fmt), origin, cfg, limit, info=info)
+        records, origin, fmt = run_data.read_train_split(cfg, ranks)
+        spec = run_data.render_spec(cfg, fmt, lambda: resolved_model(cfg))
+        split = run_data.tokenize_training_split(records, spec, origin, cfg, ranks)
     except DataError as e:
         (out / f"rank{rank}.json").write_text(json.dumps({"error": str(e), "reads": reads}))
         return
@@ -232,8 +234,9 @@ def test_only_rank0_reads_the_training_split(work, tmp_path):
 
     from adamole_dist.config.training import TrainConfig
     from adamole_dist.data.formats import load_records
+    from adamole_dist.data.run_data import render_spec
     from adamole_dist.data.sft_render import tokenize_split
-    from adamole_dist.train.assembly import render_spec
+    from adamole_dist.train.assembly import resolved_model
 
     rng = random.Random(1)
     rows = [conversation(rng) for _ in range(30)]
@@ -243,7 +246,8 @@ def test_only_rank0_reads_the_training_split(work, tmp_path):
         run_ranks(read_and_tokenize, 2, work, tmp_path / "cache", out, limit, timeout=300)
         cfg = TrainConfig(model=str(work / "model"), dataset=str(out / "data"),
                           chat_template=str(work / "chat.jinja"), max_length=64)
-        reference = tokenize_split(load_records(cfg.dataset, "train")[0], render_spec(cfg, "messages"), "train",
+        spec = render_spec(cfg, "messages", lambda: resolved_model(cfg))
+        reference = tokenize_split(load_records(cfg.dataset, "train")[0], spec, "train",
                                    limit=limit or None, seed=cfg.seed)
         expected = [{"input_ids": ex["input_ids"], "labels": ex["labels"], "length": len(ex["input_ids"])}
                     for ex in reference.examples]

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.data import Example, to_examples
-from adamole_dist.data.tasks import IGNORE, CausalLMTask, ChoiceScoringTask, build_task
+from adamole_dist.data.choice_tasks import CausalLMTask, ChoiceScoringTask
+from adamole_dist.data.examples import IGNORE
+from adamole_dist.data.task_factory import build_task
 
 MC_LEAD = "Please choose the correct answer to the question: "
 
@@ -190,7 +192,7 @@ def test_prediction_equals_brute_force(tokenizer, llama, make, path):
 def test_question_answer_framing_scores_choice_texts_as_the_harness_does(tokenizer, llama):
     """lm-evaluation-harness's ARC/OpenBookQA: 'Question: q\nAnswer:' + ' <choice text>', acc = argmax of
     the summed log-likelihood, acc_norm = argmax of it per character; training on the correct text."""
-    from adamole_dist.data.tasks import question_answer
+    from adamole_dist.data.choice_tasks import question_answer
 
     exs = distinct_first_examples() + instruction_examples()
     task = CausalLMTask(tokenizer, max_length=256, framing="question_answer")

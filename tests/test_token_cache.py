@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from adamole_dist.data.examples import IGNORE
 from adamole_dist.data.formats import DataError
-from adamole_dist.data.tasks import IGNORE
 from adamole_dist.data.token_cache import (
     INFO_FILE,
     cache_info,
@@ -65,7 +65,7 @@ KEY = {"data": "toy", "max_length": 8}
 
 def build(records, tmp_path, key=KEY, num_proc=1, **kw):
     fn = functools.partial(toy_tokenize, calls=str(tmp_path / "calls"), **kw)
-    return tokenized_split(records, fn, cache_key=key, cache_dir=tmp_path / "cache", rank=0, world_size=1,
+    return tokenized_split(records, fn, cache_key=key, cache_dir=tmp_path / "cache",
                            num_proc=num_proc, origin="toy.jsonl")
 
 
@@ -123,7 +123,7 @@ def test_records_reach_the_tokenizer_as_given(tmp_path):
     seen = tmp_path / "seen.jsonl"
     records = [{"text": "a b"}, {"text": "c d e", "extra": {"k": [1, 2]}}]
     tokenized_split(records, functools.partial(_record_echo, seen=str(seen)), cache_key=KEY,
-                    cache_dir=tmp_path / "cache", rank=0, world_size=1)
+                    cache_dir=tmp_path / "cache")
     assert [json.loads(line) for line in seen.read_text().splitlines()] == records
 
 
@@ -147,7 +147,7 @@ def test_data_error_surfaces_and_leaves_no_cache(tmp_path, num_proc):
 def test_tokenizer_contract_is_checked(tmp_path):
     bad = functools.partial(_labels_too_short)
     with pytest.raises(ValueError, match=r"record 0: .*2 input_ids and 1 labels"):
-        tokenized_split([{"text": "a"}], bad, cache_key=KEY, cache_dir=tmp_path / "cache", rank=0, world_size=1)
+        tokenized_split([{"text": "a"}], bad, cache_key=KEY, cache_dir=tmp_path / "cache")
     assert cache_entries(tmp_path) == []
 
 
@@ -230,7 +230,9 @@ def test_cache_json_is_written_inside_the_folder(tmp_path):
 # -- slow: 2 gloo ranks -------------------------------------------------------------------------------
 def _two_ranks(rank: int, world: int, tmp_path: Path, records: list[dict], bad: bool) -> None:
     fn = functools.partial(toy_tokenize, calls=str(tmp_path / "calls"), delay_s=0.02)  # outlasts a few polls
-    common = {"cache_key": KEY, "cache_dir": tmp_path / "cache", "rank": rank, "world_size": world, "num_proc": 2,
+    from adamole_dist.parallel.rank_zero import CollectiveRanks
+
+    common = {"cache_key": KEY, "cache_dir": tmp_path / "cache", "ranks": CollectiveRanks(rank, world), "num_proc": 2,
               "origin": "toy.jsonl", "poll_s": 0.2}
     if bad:
         with pytest.raises(DataError, match=r"toy\.jsonl record 5: field 'text'"):
@@ -266,7 +268,9 @@ def _long_build(rank: int, world: int, tmp_path: Path, records: list[dict]) -> N
 
     c10d._set_pg_timeout(timedelta(seconds=2))  # one collective waiting out the whole build would fail
     fn = functools.partial(toy_tokenize, calls=str(tmp_path / "calls"), delay_s=0.25)  # about 5 s
-    ds = tokenized_split(records, fn, cache_key=KEY, cache_dir=tmp_path / "cache", rank=rank, world_size=world,
+    from adamole_dist.parallel.rank_zero import CollectiveRanks
+
+    ds = tokenized_split(records, fn, cache_key=KEY, cache_dir=tmp_path / "cache", ranks=CollectiveRanks(rank, world),
                          num_proc=1, poll_s=0.5)
     assert len(ds) == len(records)
 

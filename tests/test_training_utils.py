@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from adamole_dist.data.sampler import ShardedBatches
-from adamole_dist.ops.metrics_log import MetricsLogger, read_metrics, truncate_metrics
+from adamole_dist.run_files.metrics_log import MetricsLogger, read_metrics, truncate_metrics
 from adamole_dist.train.checkpoint import list_checkpoints, resolve_latest, tag_for, write_latest
 from adamole_dist.train.expert_optimizer import ExpertOptimizer
 from adamole_dist.train.schedule import lr_lambda, warmup_steps_for

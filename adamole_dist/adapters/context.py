@@ -19,10 +19,6 @@ from contextlib import contextmanager
 
 import torch
 
-# Keyword argument carrying the valid-token mask [B, S] when the model gets no 2-D attention mask
-# (packed rows, data/batching.py): the adapters' forward pre-hook takes it out of the call.
-TOKEN_MASK_KWARG = "adapter_token_mask"
-
 
 class RoutingContext:
     def __init__(self) -> None:

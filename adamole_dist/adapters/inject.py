@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from adamole_dist.adapters.context import TOKEN_MASK_KWARG, RoutingContext
+from adamole_dist.adapters.context import RoutingContext
 from adamole_dist.adapters.handle import Adapters
 from adamole_dist.adapters.layer import AdaptedLinear
 from adamole_dist.config.adapter import AdapterConfig
 from adamole_dist.config.fields import ConfigError
+from adamole_dist.model_kwargs import TOKEN_MASK_KWARG
 from adamole_dist.moe.experts import ExpertBank
 from adamole_dist.parallel.local_dispatcher import Dispatcher, LocalDispatcher
 

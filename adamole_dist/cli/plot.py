@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from adamole_dist.cli.console import configure_logging
-from adamole_dist.ops.plots import plot_run
+from adamole_dist.run_files.plots import plot_run
 
 
 def main(argv=None) -> int:

@@ -160,6 +160,11 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        """ConfigError naming the field and the problem: numbers first, then files and combinations."""
+        self._check_numbers()
+        self._check_files_and_combinations()
+
+    def _check_numbers(self) -> None:
         check_choices(self, "")
         positive = ["micro_batch_size", "gradient_accumulation_steps", "max_length", "eval_batch_size", "log_interval"]
         for name in positive:
@@ -183,6 +188,8 @@ class TrainConfig:
             raise ConfigError(f"warmup_ratio ({self.warmup_ratio}) must be in [0, 1)")
         if self.max_new_tokens_eval <= 0:
             raise ConfigError(f"max_new_tokens_eval ({self.max_new_tokens_eval}) must be positive")
+
+    def _check_files_and_combinations(self) -> None:
         if self.chat_template and not Path(self.chat_template).is_file():
             raise ConfigError(f"chat_template ({self.chat_template}) is not a file (a Jinja chat template)")
         if self.ds_config and not Path(self.ds_config).is_file():

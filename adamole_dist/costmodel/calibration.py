@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from adamole_dist.costmodel.placement import CommModel, ComputeModel, Workload, choose_ep_size, layer_traffic
-from adamole_dist.parallel import collectives
+from adamole_dist.parallel import all_to_all, collectives
 from adamole_dist.parallel.device_timer import wall_seconds
 
 
@@ -42,40 +42,22 @@ def measure_compute(d_in: int, d_out: int, tokens: int, adapter, bank_experts: i
     aligned = (lambda: collectives.barrier(group)) if collectives.is_distributed(group) else None
     device = torch.device(device or "cpu")
     kw = {"device": device, "dtype": dtype}
-    base = torch.nn.Linear(d_in, d_out, bias=False, **kw).requires_grad_(False)
-    layer = adapt_linear(base, adapter)
-    layer.train()
+    layer = adapt_linear(torch.nn.Linear(d_in, d_out, bias=False, **kw).requires_grad_(False), adapter)
     x = torch.randn(tokens, d_in, **kw, requires_grad=True)
-
-    def route():
-        weights_TN, _ = layer.route(x, None)
-        loss = weights_TN.sum() + sum(layer.context.take_aux_losses())
-        loss.backward()
-
-    t_route = median_time(route, repeats, device, aligned)
-    layer.context.pop_stats()
+    t_route = route_seconds(layer, x, repeats, aligned)
     L = bank_experts or adapter.num_experts
     bank = ExpertBank(L, adapter.rank, d_in, d_out, adapter.scaling, **kw)
     torch.nn.init.normal_(bank.lora_B, std=0.01)
-
-    def bank_time(n: int, path: str) -> float:
-        """The bank on ``n`` tokens, forward and backward (one active expert each on the grouped path)."""
-        w_nL = torch.rand(n, L, **kw, requires_grad=True)
-        if path == "dense":
-            m_nL = torch.ones(n, L, dtype=torch.bool, device=device)
-        else:
-            m_nL = torch.zeros(n, L, dtype=torch.bool, device=device)
-            m_nL[torch.arange(n), torch.randint(0, L, (n,))] = True
-        g_nO = torch.ones(n, d_out, **kw)
-        x_nD = x[:n].detach().requires_grad_(True)  # a leaf: a slice's backward would add a zero-filled copy of x
-        return median_time(lambda: bank(x_nD, w_nL, m_nL, path).backward(g_nO), repeats, device, aligned)
-
     # Per token: the difference to a handful of tokens, whose cost (the weights' gradients written
     # whatever the tokens) the model prices per parameter (ComputeModel.layer_s_per_param).
     few = min(8, tokens - 1) if tokens > 1 else 0
     per_token = max(tokens - few, 1)
-    t_dense = max(bank_time(tokens, "dense") - (bank_time(few, "dense") if few else 0.0), 1e-9)
-    t_grouped = max(bank_time(tokens, "grouped") - (bank_time(few, "grouped") if few else 0.0), 1e-9)
+
+    def per_token_seconds(path: str) -> float:
+        return max(bank_seconds(bank, x, tokens, path, repeats, aligned)
+                   - (bank_seconds(bank, x, few, path, repeats, aligned) if few else 0.0), 1e-9)
+
+    t_dense, t_grouped = per_token_seconds("dense"), per_token_seconds("grouped")
     a, b = torch.randn(tokens, d_in, **kw), torch.randn(tokens, d_in, **kw)
     t_copy = median_time(lambda: a + b, repeats, device, aligned)
     return ComputeModel(dense_s_per_unit=t_dense / (per_token * L * adapter.rank * (d_in + d_out)),
@@ -83,6 +65,36 @@ def measure_compute(d_in: int, d_out: int, tokens: int, adapter, bank_experts: i
                         route_s_per_unit=t_route / (tokens * (adapter.num_experts + 1) * d_in),
                         copy_s_per_byte=t_copy / a.nbytes,
                         optimizer_s_per_param=measure_optimizer(bank, device, repeats))
+
+
+def route_seconds(layer, x: torch.Tensor, repeats: int, aligned) -> float:
+    """The router of the adapted ``layer`` on the tokens ``x``, forward and backward with its aux loss
+    (median)."""
+    layer.train()
+
+    def route():
+        weights_TN, _ = layer.route(x, None)
+        loss = weights_TN.sum() + sum(layer.context.take_aux_losses())
+        loss.backward()
+
+    seconds = median_time(route, repeats, x.device, aligned)
+    layer.context.pop_stats()
+    return seconds
+
+
+def bank_seconds(bank, x: torch.Tensor, n: int, path: str, repeats: int, aligned) -> float:
+    """``bank`` on the first ``n`` tokens of ``x``, forward and backward (median): every expert active on
+    the dense path, one active expert per token on the grouped path."""
+    L, device, kw = bank.num_experts, x.device, {"device": x.device, "dtype": x.dtype}
+    w_nL = torch.rand(n, L, **kw, requires_grad=True)
+    if path == "dense":
+        m_nL = torch.ones(n, L, dtype=torch.bool, device=device)
+    else:
+        m_nL = torch.zeros(n, L, dtype=torch.bool, device=device)
+        m_nL[torch.arange(n), torch.randint(0, L, (n,))] = True
+    g_nO = torch.ones(n, bank.lora_B.shape[-1], **kw)
+    x_nD = x[:n].detach().requires_grad_(True)  # a leaf: a slice's backward would add a zero-filled copy of x
+    return median_time(lambda: bank(x_nD, w_nL, m_nL, path).backward(g_nO), repeats, device, aligned)
 
 
 def measure_optimizer(bank, device: torch.device, repeats: int) -> float:
@@ -172,9 +184,9 @@ def timed_collective(op, group, repeats: int, device: torch.device, q: float = 0
 def peer_rows(sent_bytes: int, group, device: torch.device) -> tuple[torch.Tensor, list[int]]:
     """Rows for an all-to-all like the dispatch's: about ``sent_bytes`` (fp32) from this rank split
     evenly over the OTHER ranks, nothing to itself; (rows, splits)."""
-    p, me = collectives.world_size(group), collectives.rank(group)
+    p, my_rank = collectives.world_size(group), collectives.rank(group)
     per_peer = max(sent_bytes // (4 * max(p - 1, 1)), 1024)
-    splits = [0 if j == me else per_peer for j in range(p)]
+    splits = [0 if j == my_rank else per_peer for j in range(p)]
     return torch.zeros(sum(splits), device=device), splits
 
 
@@ -204,10 +216,10 @@ def measure_comm(group=None, ranks_per_node: int | None = None, large: int = 4 <
     beta = (2 * (p - 1) / p * large) / max(t_large - 2 * (p - 1) * alpha, 1e-9)
 
     tiny = torch.zeros(p, device=device)
-    a2a_alpha = latency(lambda: collectives.all_to_all_single(torch.empty_like(tiny), tiny, group=group))
+    a2a_alpha = latency(lambda: all_to_all.all_to_all_single(torch.empty_like(tiny), tiny, group=group))
     a2a_alpha /= max(p - 1, 1)
     rows, splits = peer_rows(a2a_bytes or large, group, device)  # into a fresh buffer, as the dispatch receives
-    t_a2a = timed(lambda: collectives.all_to_all_single(torch.empty_like(rows), rows, splits, splits, group=group))
+    t_a2a = timed(lambda: all_to_all.all_to_all_single(torch.empty_like(rows), rows, splits, splits, group=group))
     a2a_beta = rows.nbytes / max(t_a2a - (p - 1) * a2a_alpha, 1e-9)
     return CommModel(alpha_intra=alpha, beta_intra=beta, alpha_inter=alpha, beta_inter=beta,
                      ranks_per_node=ranks_per_node or p, a2a_beta_scale=a2a_beta / beta,
@@ -222,7 +234,7 @@ def measure_overlap(compute, a2a_bytes: int, group=None, repeats: int = 9, devic
     rows, splits = peer_rows(a2a_bytes, group, device)
 
     def exchange(wait: bool = True):
-        pending = collectives.start_all_to_all(rows, splits, splits, group)
+        pending = all_to_all.start_all_to_all(rows, splits, splits, group)
         if not wait:
             return pending
         pending.wait()

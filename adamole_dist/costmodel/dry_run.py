@@ -31,7 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from adamole_dist.moe.experts import ExpertBank
 from adamole_dist.moe.permute import local_columns
-from adamole_dist.parallel.collectives import EVERY_BYTE, Exchange, MinBytes, TrafficCounters
+from adamole_dist.parallel.all_to_all import EVERY_BYTE, Exchange, MinBytes, TrafficCounters
 from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher
 from adamole_dist.parallel.layout import ParallelLayout
 from adamole_dist.parallel.local_dispatcher import resolve_path
@@ -119,7 +119,7 @@ class _Landed:
 
 @dataclass(frozen=True, eq=False)
 class LoopbackExchange(Exchange):
-    """Rank ``me`` of a symmetric group of ``size`` ranks, in one process, talking to no one (whatever
+    """Rank ``my_rank`` of a symmetric group of ``size`` ranks, in one process, talking to no one (whatever
     process group is up): the counts that come in are the ones that go out, so every exchange's rows
     arrive as sent. Records each all-to-all's bytes to other ranks, in order, in both passes."""
 

@@ -31,9 +31,9 @@ from collections.abc import Sequence
 
 import torch
 
-from adamole_dist.adapters.context import TOKEN_MASK_KWARG
 from adamole_dist.config.fields import ConfigError
-from adamole_dist.data.tasks import IGNORE
+from adamole_dist.data.examples import IGNORE
+from adamole_dist.model_kwargs import TOKEN_MASK_KWARG
 
 # attn_implementation values whose transformers kernels honour the packed-sequence format above:
 # sdpa, eager and flex_attention through the packed mask (checked on CPU, tests/test_packing.py),

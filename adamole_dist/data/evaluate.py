@@ -1,13 +1,13 @@
 """Evaluation sharded over ranks (routing statistics are merged in by the trainer): multiple-choice
-accuracy, and for free-form (SFT) data the held-out loss and perplexity per target token plus a few
-greedy samples.
+accuracy, and for free-form (SFT) data the held-out loss and perplexity per target token (the greedy
+samples beside them are train/held_out.py's).
 
 Under ZeRO-3 every forward gathers parameters collectively, so every rank must run the same
 number of forward passes: shards are padded to equal length by repeating an example, and the
 repeats are not counted. Each ``task.predict`` call is one forward, so equal shards and equal
 batch sizes mean equal forwards.
 
-``stop``, where given, is asked after every batch (and sample) whether to give up: a collective
+``stop``, where given, is asked after every batch whether to give up: a collective
 the caller makes agree across ranks (the trainer's stop-signal flag), so every rank leaves at the
 same batch, raising EvaluationStopped. A preemption warning is shorter than a long evaluation.
 """
@@ -20,8 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from adamole_dist.adapters.files import gathered
-from adamole_dist.data import Example
+from adamole_dist.data.examples import Example
 
 
 class EvaluationStopped(Exception):
@@ -170,26 +169,3 @@ def evaluate_loss(
     loss = loss_sum / tokens if tokens else float("nan")
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 700.0)) if tokens else float("nan"),
             "eval_tokens": int(tokens), "total": int(total)}
-
-
-@torch.no_grad()
-def greedy_samples(model, task, prompts: list[tuple[list[int], str]], max_new_tokens: int, *,
-                   world_size: int = 1, stop: Callable[[], bool] | None = None) -> list[dict]:
-    """{"prompt", "completion", "reference"} texts of each (prompt ids, reference) greedy continuation.
-    Collective under ZeRO-3: every rank calls it with the same prompts. ``stop`` is asked after each."""
-    was_training = model.training
-    model.eval()
-    out = []
-    # Under ZeRO-3 every decoding step would gather each layer's partitions again: gathered once for
-    # all the prompts instead (the whole frozen base on every rank for this while; collective).
-    net = getattr(model, "module", model)
-    try:
-        with gathered(list(net.parameters())):
-            for ids, reference in prompts:
-                new = task.greedy_completion(model, ids, max_new_tokens, synced=world_size > 1)
-                out.append({"prompt": task.tokenizer.decode(ids), "completion": task.tokenizer.decode(new,
-                            skip_special_tokens=False), "reference": reference})
-                check_stop(stop, len(out), len(prompts))
-    finally:
-        model.train(was_training)
-    return out

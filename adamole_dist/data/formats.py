@@ -30,11 +30,11 @@ import os
 import random
 import re
 import socket
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 from adamole_dist.config.training import MC_DATA_FORMATS, SFT_DATA_FORMATS
+from adamole_dist.data.examples import DataError, Example
 
 ALPACA = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -67,20 +67,6 @@ BUILTIN_PREFIX = "builtin:"
 
 _FORMAT_LINE = re.compile(r"^\s*Answer format:\s*(\S.*?)\s*$", re.MULTILINE)
 _ANSWER_SEGMENT = re.compile(r"Answer(\d+):\s*(.*?)(?=\s+Answer\d+:|\s*\n|\s*$)")
-
-
-class DataError(ValueError):
-    """A dataset is missing, malformed or lacks a field; the message names the file and the field."""
-
-
-@dataclass
-class Example:
-    context: str  # the bare question, which an encoder scores each choice text against
-    choice_texts: list[str]  # the choices' texts, for encoder pair scoring
-    prompt: str  # causal-LM text up to the answer (no trailing space)
-    candidates: list[str]  # causal-LM continuations, one per choice (see the joining rule above)
-    label: int  # index of the correct choice
-    target: str  # causal-LM training target appended to prompt: the correct candidate
 
 
 # -- loading ------------------------------------------------------------------------------------

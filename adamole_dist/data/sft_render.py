@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.config.training import TRUNCATIONS
 from adamole_dist.data.conversations import CHAT_FORMATS, normalise_records, prompt_format
+from adamole_dist.data.examples import IGNORE
 from adamole_dist.data.formats import ALPACA, ALPACA_WITH_INPUT, DataError, subsample
 
-IGNORE = -100  # == data.tasks.IGNORE (tasks.py imports torch; this module does not need it)
 LOSS_ON = ("assistant", "all")  # config.training.LOSS_ON's free-form values
 SAMPLE_TEXT_PROMPT_TOKENS = 32  # a text example's sample prompt: at most this many of its first tokens
 
@@ -107,6 +107,8 @@ def special_prefix(tokenizer) -> list[int]:
 
 
 def eos_of(tokenizer) -> list[int]:
+    """The tokenizer's eos as a list (empty without one): what a target ends with. Generation's stop
+    tokens (generation/stops.py) start from it."""
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 

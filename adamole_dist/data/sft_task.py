@@ -1,5 +1,5 @@
 """The task of free-form (SFT) data: tokenized examples {"input_ids", "labels"} -> batches, the
-per-token loss, held-out token losses and greedy samples.
+per-token loss and held-out token losses (greedy samples are generation/'s).
 
 Batches come from data/batching.py: a list of examples is padded (one example per row), a list of
 packed rows (each a list of examples, ``PackedRows``) is packed. ``model_inputs`` says what the
@@ -9,7 +9,8 @@ Loss normalisation: the loss of an optimizer step is the summed cross entropy of
 tokens divided by the number of target tokens of the WHOLE step -- every micro batch on every
 rank -- so W ranks give the same loss and gradients as one process on the same global batch, and
 a long example weighs by its tokens, not by the batch it fell in. ``prepare_step`` counts the
-step's target tokens from the CPU labels (no device sync) in one ``collectives.sum_over_ranks``
+step's target tokens from the CPU labels (no device sync) in one ``sum_over_ranks`` (the caller's
+collective)
 and stamps each micro batch with its denominator ``N / (W * A)`` (N target tokens of the step, W
 ranks, A micro batches): DeepSpeed's backward divides every micro loss by A and averages the
 gradients over W (the expert optimizer divides its sum by W the same way), which leaves
@@ -26,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from adamole_dist.data.batching import collate_packed, collate_padded, model_inputs
-from adamole_dist.data.tasks import IGNORE, Task
-from adamole_dist.parallel import collectives
+from adamole_dist.data.examples import IGNORE
+from adamole_dist.data.task import SumOverRanks, Task, one_process_sum
 
 DENOMINATOR = "loss_denominator"  # batch key set by prepare_step (a float: not moved to a device)
 TARGETS = "target_tokens"  # batch key: this batch's target tokens (counted from the CPU labels)
@@ -75,9 +76,15 @@ class SFTTask(Task):
         batch[TARGETS] = target_count(batch["labels"])
         return batch
 
-    def prepare_step(self, micro_batches: list[dict], world_size: int) -> None:
-        """Stamp each micro batch with the step's loss denominator (one collective, host numbers)."""
-        (total,) = collectives.sum_over_ranks([float(sum(b[TARGETS] for b in micro_batches))])
+    def prepare_step(self, micro_batches: list[dict], world_size: int,
+                     sum_over_ranks: SumOverRanks | None = None) -> None:
+        """Stamp each micro batch with the step's loss denominator (one ``sum_over_ranks``, host numbers;
+        it must be given for more than one rank)."""
+        if sum_over_ranks is None:
+            if world_size > 1:
+                raise ValueError(f"prepare_step: world_size {world_size} needs sum_over_ranks (a collective)")
+            sum_over_ranks = one_process_sum
+        (total,) = sum_over_ranks([float(sum(b[TARGETS] for b in micro_batches))])
         denominator = max(total, 1.0) / (world_size * len(micro_batches))
         for b in micro_batches:
             b[DENOMINATOR] = denominator
@@ -106,32 +113,3 @@ class SFTTask(Task):
         losses = self.token_losses(model, batch).double().sum(-1).cpu()
         counts = (batch["labels"][:, 1:] != IGNORE).sum(-1).double()
         return losses, counts
-
-    @torch.no_grad()
-    def greedy_completion(self, model, prompt_ids: list[int], max_new_tokens: int, synced: bool) -> list[int]:
-        """Greedy continuation of one prompt (KV cache), without the prompt; cut after the first eos.
-        ``synced``: every rank runs it (ZeRO-3 gathers parameters collectively), transformers keeps
-        the ranks in step until all have finished (its ``synced_gpus``)."""
-        net = getattr(model, "module", model)  # a DeepSpeed engine's module generates
-        device = self.device_for(net)
-        ids = torch.tensor([prompt_ids[-self.max_length:]], dtype=torch.long, device=device)
-        eos = self.tokenizer.eos_token_id  # else the model's generation config decides where to stop
-        with torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
-            out = net.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                               do_sample=False, use_cache=True, pad_token_id=self.pad_id, synced_gpus=synced,
-                               **({"eos_token_id": eos} if eos is not None else {}))
-        new = out[0, ids.shape[1]:].tolist()
-        stops = {eos} if eos is not None else set(stop_ids(net))
-        first = next((i for i, t in enumerate(new) if t in stops), None)
-        return new if first is None else new[: first + 1]  # synced ranks pad finished rows after the stop
-
-
-def stop_ids(model) -> list[int]:
-    """The eos ids of a model's generation config (one id or a list), none when it has none."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-
-
-def build_sft_task(tokenizer, max_length: int, device=None, autocast: str = "none") -> SFTTask:
-    return SFTTask(tokenizer, max_length, device, autocast)

@@ -14,10 +14,10 @@ it into place once ``cache.json`` is written, so a cache folder either is comple
 exist; a killed build leaves only a ``.<key>.tmp-<host>-<pid>-*`` folder that no run reads, and
 the next build of that key on the same host removes it once its process is gone.
 
-Waiting ranks: rank 0 tokenises in a thread while its main thread broadcasts "still working"
-every ``poll_s`` seconds, so the other ranks wait in short collectives instead of one barrier that
-a long tokenisation would time out (the process group's timeout is 10 minutes). The outcome
-(the cache folder, or the DataError a record raised) reaches every rank the same way.
+Waiting ranks: rank 0 tokenises while the others wait in short collectives of ``poll_s`` seconds
+instead of one barrier that a long tokenisation would time out (the process group's timeout is 10
+minutes): ``ranks.rank0_decides`` (data/ranks.py; parallel/rank_zero.py in a distributed job). The
+outcome (the cache folder, or the DataError a record raised) reaches every rank the same way.
 """
 
 from __future__ import annotations
@@ -30,18 +30,15 @@ import os
 import shutil
 import socket
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from adamole_dist.base_model.gguf_cache import cache_home
 from adamole_dist.config.fields import ConfigError
-from adamole_dist.data.formats import DataError
-from adamole_dist.data.tasks import IGNORE
-from adamole_dist.ops.run_lock import process_alive
-from adamole_dist.parallel import collectives
+from adamole_dist.data.examples import IGNORE, DataError
+from adamole_dist.data.ranks import INPUT_ERRORS, ONE_PROCESS, Ranks
+from adamole_dist.local_host import cache_home, process_alive
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +47,6 @@ CODE_VERSION = "token_cache/1"
 INFO_FILE = "cache.json"  # inside the cache folder; written before the folder is renamed into place
 DATA_DIR = "data"  # save_to_disk output
 RECORD_COLUMN = "record_json"  # list input: one JSON string a record (Arrow would fill missing keys with None)
-_ERRORS = {"DataError": DataError, "ConfigError": ConfigError}
 
 
 def default_cache_dir() -> Path:
@@ -212,18 +208,60 @@ def _remove_dead_builds(dest: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _build(records, tokenize_fn: Callable, key: dict, dest: Path, num_proc: int, origin: str,
-           record_indices: list[int] | None = None) -> None:
-    """Tokenise ``records`` into ``dest`` (see the module docstring for the atomic protocol)."""
-    import datasets
-
+def _build_folder(dest: Path) -> Path:
+    """A fresh hidden temporary beside ``dest``, named for this host and process (after removing the
+    temporaries of killed builds); ConfigError when the cache folder is not writable."""
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         _remove_dead_builds(dest)
         owner = f"{socket.gethostname()}-{os.getpid()}-"
-        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=_tmp_prefix(dest) + owner))
+        return Path(tempfile.mkdtemp(dir=dest.parent, prefix=_tmp_prefix(dest) + owner))
     except OSError as e:
         raise ConfigError(f"token cache ({dest.parent}) is not writable: {e}; set ADAMOLE_DIST_CACHE") from None
+
+
+def _tokenize_into(tmp: Path, source, columns: list[str], tokenize_fn: Callable, num_proc: int, origin: str,
+                   record_indices: list[int] | None, fingerprint: str) -> tuple[int, int]:
+    """``source`` tokenized and saved into ``tmp/DATA_DIR``; (examples, map workers)."""
+    import datasets
+
+    (tmp / "map").mkdir()
+    workers = max(1, min(int(num_proc), len(source)))
+    bars = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # carriage-return noise in a log file
+    try:
+        mapped = source.map(_TokenizeBatch(tokenize_fn, columns, origin, record_indices),
+                            batched=True, with_indices=True,
+                            remove_columns=columns, features=_features(), num_proc=workers if workers > 1 else None,
+                            cache_file_name=str(tmp / "map" / "tokens.arrow"), load_from_cache_file=False,
+                            new_fingerprint=fingerprint)  # no dill hashing of the tokenize function
+        mapped.save_to_disk(str(tmp / DATA_DIR))
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+    examples = len(mapped)
+    del mapped  # let go of the map's files before removing them
+    shutil.rmtree(tmp / "map")
+    return examples, workers
+
+
+def _put_in_place(tmp: Path, dest: Path) -> None:
+    """Rename the finished ``tmp`` to ``dest``: a folder there without cache.json is not ours to trust
+    (never produced by a completed build) and goes; one with it is another job's build of the same key."""
+    if dest.exists() and not (dest / INFO_FILE).is_file():
+        shutil.rmtree(dest)
+    try:
+        os.replace(tmp, dest)
+    except OSError:
+        if not (dest / INFO_FILE).is_file():
+            raise
+        # another job built the same key meanwhile: same key, same content; keep theirs
+
+
+def _build(records, tokenize_fn: Callable, key: dict, dest: Path, num_proc: int, origin: str,
+           record_indices: list[int] | None = None) -> None:
+    """Tokenise ``records`` into ``dest`` (see the module docstring for the atomic protocol)."""
+    tmp = _build_folder(dest)
     try:
         source, columns = _as_dataset(records)
         if len(source) == 0:
@@ -231,35 +269,13 @@ def _build(records, tokenize_fn: Callable, key: dict, dest: Path, num_proc: int,
         log.info(f"tokenizing {len(source)} records of {origin} into {dest} "
                  f"(once; later runs with the same data and settings reuse it)")
         t0 = time.perf_counter()
-        (tmp / "map").mkdir()
-        workers = max(1, min(int(num_proc), len(source)))
-        bars = datasets.utils.logging.is_progress_bar_enabled()
-        datasets.disable_progress_bars()  # carriage-return noise in a log file
-        try:
-            mapped = source.map(_TokenizeBatch(tokenize_fn, columns, origin, record_indices),
-                                batched=True, with_indices=True,
-                                remove_columns=columns, features=_features(), num_proc=workers if workers > 1 else None,
-                                cache_file_name=str(tmp / "map" / "tokens.arrow"), load_from_cache_file=False,
-                                new_fingerprint=dest.name[:32])  # no dill hashing of the tokenize function
-            mapped.save_to_disk(str(tmp / DATA_DIR))
-        finally:
-            if bars:
-                datasets.enable_progress_bars()
-        examples = len(mapped)
-        del mapped  # let go of the map's files before removing them
-        shutil.rmtree(tmp / "map")
+        examples, workers = _tokenize_into(tmp, source, columns, tokenize_fn, num_proc, origin, record_indices,
+                                           dest.name[:32])
         info = {"key": key, "origin": origin, "records": len(source), "examples": examples,
                 "dropped": len(source) - examples, "seconds": round(time.perf_counter() - t0, 3),
                 "num_proc": workers, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        if dest.exists() and not (dest / INFO_FILE).is_file():
-            shutil.rmtree(dest)  # not ours to trust: never produced by a completed build
-        try:
-            os.replace(tmp, dest)
-        except OSError:
-            if not (dest / INFO_FILE).is_file():
-                raise
-            # another job built the same key meanwhile: same key, same content; keep theirs
+        _put_in_place(tmp, dest)
         log.info(f"tokenized {examples} examples ({len(source) - examples} dropped) in {info['seconds']:.1f} s")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -272,45 +288,9 @@ def _is_complete(dest: Path, key: dict) -> bool:
         return False
 
 
-# -- ranks ----------------------------------------------------------------------------------------
-def _outcome(work: Callable[[], Any]) -> tuple:
-    """("ok", result) or (error class name, message, the exception) from calling ``work``."""
-    try:
-        return ("ok", work())
-    except (DataError, ConfigError) as e:
-        return (type(e).__name__, str(e), e)
-    except Exception as e:  # any other failure must still reach the waiting ranks
-        return ("error", f"{type(e).__name__}: {e}", e)
-
-
-def _on_rank0_while_others_wait(work: Callable[[], Any], rank: int, world_size: int, poll_s: float) -> Any:
-    """``work()``'s result on every rank, run by rank 0 alone; its error raised on every rank."""
-    if world_size == 1:
-        state = _outcome(work)
-    elif not collectives.is_distributed():
-        raise RuntimeError(f"tokenized_split: world_size {world_size} without an initialised process group")
-    elif rank == 0:
-        box: dict = {}
-        worker = threading.Thread(target=lambda: box.update(state=_outcome(work)), name="tokenize", daemon=True)
-        worker.start()
-        while worker.is_alive():
-            collectives.broadcast_object(None)  # "still working": the others wait in short collectives
-            worker.join(poll_s)
-        state = box.get("state", ("error", "the tokenize thread stopped without a result"))
-        collectives.broadcast_object(state[:2])  # strings only: the exception itself may not pickle
-    else:
-        while (sent := collectives.broadcast_object(None)) is None:
-            pass
-        state = sent
-    if state[0] == "ok":
-        return state[1]
-    if len(state) == 3:  # rank 0: the original exception, traceback and all
-        raise state[2]
-    raise _ERRORS.get(state[0], RuntimeError)(state[1] if state[0] in _ERRORS else f"rank 0: {state[1]}")
-
-
+# -- the split, on every rank -------------------------------------------------------------------
 def tokenized_split(records, tokenize_fn: Callable[[dict], dict | None], *, cache_key: dict,
-                    cache_dir: str | os.PathLike | None = None, rank: int = 0, world_size: int = 1,
+                    cache_dir: str | os.PathLike | None = None, ranks: Ranks = ONE_PROCESS,
                     num_proc: int = 1, origin: str = "<records>", poll_s: float = 2.0):
     """The tokenized examples of one split, as a memory-mapped ``datasets.Dataset`` (columns
     input_ids, labels, length; ``ds[i]`` is a dict), the same on every rank.
@@ -324,7 +304,7 @@ def tokenized_split(records, tokenize_fn: Callable[[dict], dict | None], *, cach
         DataError it raises reaches every rank, naming ``origin`` and the record index.
     cache_key: what the tokens depend on (:func:`cache_key`); the tokenize function's code is added.
     cache_dir: default ``$ADAMOLE_DIST_CACHE/tokenized``; it must be one filesystem all ranks see.
-    Every rank must call this (collective when world_size > 1)."""
+    ranks: the job's ranks (data/ranks.py); every rank must call this (collective with more than one)."""
     import datasets
 
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -342,8 +322,8 @@ def tokenized_split(records, tokenize_fn: Callable[[dict], dict | None], *, cach
             _build(rows, tokenize_fn, key, dest, num_proc, origin, indices)
         return str(dest)
 
-    dest = Path(_on_rank0_while_others_wait(ensure_built, rank, world_size, poll_s))
-    seen = collectives.all_gather_objects((dest / INFO_FILE).is_file()) if world_size > 1 else [True]
+    dest = Path(ranks.rank0_decides(ensure_built, expected=INPUT_ERRORS, poll_s=poll_s))
+    seen = ranks.all_gather_objects((dest / INFO_FILE).is_file()) if ranks.world_size > 1 else [True]
     if not all(seen):
         missing = [r for r, ok in enumerate(seen) if not ok]
         raise ConfigError(f"token cache ({dest}): ranks {missing} cannot see the cache rank 0 built; "

@@ -64,9 +64,9 @@ def apply_capacity(mask_TN: torch.Tensor, probs_TN: torch.Tensor, capacity: int 
 # Each rank offers Q candidates per expert (its best `capacity` by probability); G = J * Q.
 
 
-def position_quota(counts_JN: torch.Tensor, me: int, capacity: int) -> torch.Tensor:
+def position_quota(counts_JN: torch.Tensor, my_rank: int, capacity: int) -> torch.Tensor:
     """Pairs this rank may keep per expert under the position policy: what ranks before it left."""
-    before_N = counts_JN[:me].sum(0)
+    before_N = counts_JN[:my_rank].sum(0)
     return (capacity - before_N).clamp(min=0)
 
 
@@ -114,9 +114,9 @@ def probs_cutoff(vals_JQN: torch.Tensor, pos_JQN: torch.Tensor, capacity: int, s
 
 
 def keep_by_cutoff(mask_TN: torch.Tensor, probs_TN: torch.Tensor, p_N: torch.Tensor, g_N: torch.Tensor,
-                   me: int, stride: int) -> torch.Tensor:
+                   my_rank: int, stride: int) -> torch.Tensor:
     """Keep pairs ranked at or above the cut-off (probability desc, global position asc)."""
     T = mask_TN.shape[0]
-    g_T1 = (me * stride + torch.arange(T, device=mask_TN.device)).unsqueeze(1)
+    g_T1 = (my_rank * stride + torch.arange(T, device=mask_TN.device)).unsqueeze(1)
     p = probs_TN.float()
     return mask_TN & ((p > p_N) | ((p == p_N) & (g_T1 <= g_N)))

@@ -50,9 +50,9 @@ class DispatchPlan:
         return len(busy) == 1 and busy[0] == self.num_tokens
 
 
-def plan_dispatch(kept_TN: torch.Tensor, num_ranks: int, me: int | None = None,
+def plan_dispatch(kept_TN: torch.Tensor, num_ranks: int, my_rank: int | None = None,
                   send_all_fraction: float | None = None) -> DispatchPlan:
-    """Rows to send: token t to rank j once if one of t's kept experts lives on j. ``me``: this
+    """Rows to send: token t to rank j once if one of t's kept experts lives on j. ``my_rank``: this
     rank, whose experts are computed in place and get no rows (None: every rank gets rows).
     ``send_all_fraction``: when only one other rank gets rows and it needs at least this fraction
     of the tokens, send it every token (``SEND_ALL_FRACTION``; None: never)."""
@@ -60,8 +60,8 @@ def plan_dispatch(kept_TN: torch.Tensor, num_ranks: int, me: int | None = None,
     if N % num_ranks:
         raise ValueError(f"num_experts ({N}) is not divisible by the EP group size ({num_ranks})")
     send_TJ = kept_TN.view(T, num_ranks, N // num_ranks).any(-1)
-    if me is not None:
-        send_TJ[:, me] = False
+    if my_rank is not None:
+        send_TJ[:, my_rank] = False
     needed_J = send_TJ.sum(0)
     if send_all_fraction is not None and T:
         busy_J = needed_J > 0
@@ -72,9 +72,9 @@ def plan_dispatch(kept_TN: torch.Tensor, num_ranks: int, me: int | None = None,
     return DispatchPlan(token_S, dest_S, torch.bincount(dest_S, minlength=num_ranks), needed_J, T)
 
 
-def local_columns(t_TN: torch.Tensor, me: int, experts_per_rank: int) -> torch.Tensor:
-    """The columns of rank ``me``'s experts (a view)."""
-    return t_TN[:, me * experts_per_rank : (me + 1) * experts_per_rank]
+def local_columns(t_TN: torch.Tensor, my_rank: int, experts_per_rank: int) -> torch.Tensor:
+    """The columns of rank ``my_rank``'s experts (a view)."""
+    return t_TN[:, my_rank * experts_per_rank : (my_rank + 1) * experts_per_rank]
 
 
 def gather_rows(x_TD: torch.Tensor, plan: DispatchPlan, every_token_once: bool) -> torch.Tensor:

@@ -1,14 +1,18 @@
 """Routing statistics: what each adapted layer accumulates per forward (one float64 vector), its
-per-layer summary, and the token-weighted summary over layers that the trainer logs, launch/eval.py
-prints and the benchmarks record. Pure functions; sum the vectors over ranks before summarizing
-(train/reporting.py: routing_over_ranks).
+per-layer summary, the token-weighted summary over layers that the trainer logs, launch/eval.py
+prints and the benchmarks record, and the per-layer table both print. Pure functions; sum the vectors
+over ranks before summarizing (train/reporting.py: routing_over_ranks).
 
 Tensor-name suffixes (T tokens, N experts, ...): adamole_dist/glossary.py.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger(__name__)
 
 # Layout of the per-layer statistics vector accumulated during training and evaluation.
 STAT_TOKENS, STAT_ACTIVE, STAT_TAU, STAT_NONE, STAT_DROPPED, STAT_ROUTED = range(6)
@@ -72,3 +76,15 @@ def summarize_routing(stats_by_layer: dict[str, torch.Tensor], has_tau: bool) ->
     if has_tau:
         overall["mean_tau"] = weighted("mean_tau")
     return {"overall": overall, "layers": layers}
+
+
+def print_routing_table(layers: dict, say=log.info) -> None:
+    """One line per layer of a summary's "layers": active experts, tau, tokens with none, dropped pairs, load."""
+    if not layers:
+        return
+    say(f"  {'layer':<52}{'active':>8}{'tau':>8}{'none%':>7}{'drop%':>7}  load min/max")
+    for name, s in layers.items():
+        tau = f"{s['mean_tau']:.4f}" if s["mean_tau"] is not None else "-"
+        load = s["expert_load"]
+        say(f"  {name[-52:]:<52}{s['mean_active_experts']:>8.2f}{tau:>8}{100 * s['no_active_fraction']:>7.1f}"
+            f"{100 * s['dropped_fraction']:>7.1f}  {min(load):.3f}/{max(load):.3f}")

@@ -46,7 +46,7 @@ from adamole_dist.moe.permute import (
     split_routing_columns,
 )
 from adamole_dist.moe.permute import combine as add_returned_rows
-from adamole_dist.parallel.collectives import Exchange, MinBytes, TrafficCounters, remote_rows
+from adamole_dist.parallel.all_to_all import Exchange, MinBytes, TrafficCounters, remote_rows
 from adamole_dist.parallel.layout import ParallelLayout
 from adamole_dist.parallel.local_dispatcher import Dispatcher, resolve_path
 
@@ -117,9 +117,9 @@ class ExpertParallelDispatcher(Dispatcher):
         self.overlap = overlap  # the schedule: exchanges launched and landed around the own share, or waited for
         self.group = layout.ep_group
         self.size = layout.ep_size
-        self.me = layout.ep_rank
+        self.my_rank = layout.ep_rank
         self.wire_dtype = wire_dtype
-        self.exchange = exchange or Exchange(self.group, self.me, self.size, TrafficCounters())
+        self.exchange = exchange or Exchange(self.group, self.my_rank, self.size, TrafficCounters())
         assert self.exchange.counters is not None
         self.counters = self.exchange.counters
 
@@ -147,13 +147,13 @@ class ExpertParallelDispatcher(Dispatcher):
             # every rank sees the same gathered counts, so all of them take this branch together.
             return torch.zeros_like(mask_TN)
         if policy == "position":
-            return keep_within_quota(mask_TN, position_quota(counts_JN, self.me, capacity))
+            return keep_within_quota(mask_TN, position_quota(counts_JN, self.my_rank, capacity))
         stride = most_tokens + 1
         vals_QN, pos_QN = probs_candidates(mask_TN, probs_TN, capacity)
         vals = self.exchange.all_gather_stack(vals_QN)
         pos = self.exchange.all_gather_stack(pos_QN)
         p_N, g_N = probs_cutoff(vals, pos, capacity, stride)
-        return keep_by_cutoff(mask_TN, probs_TN, p_N, g_N, self.me, stride)
+        return keep_by_cutoff(mask_TN, probs_TN, p_N, g_N, self.my_rank, stride)
 
     # -- the phases ------------------------------------------------------------------------------
     def plan(self, mask_TN: torch.Tensor, x_TD: torch.Tensor, bank: ExpertBank) -> ExchangePlan:
@@ -163,14 +163,14 @@ class ExpertParallelDispatcher(Dispatcher):
             D, O = x_TD.shape[1], bank.lora_B.shape[-1]
             es = x_TD.element_size()  # the uncompressed minimum counts values in the activations' dtype
             rows_wire = self.wire_for(x_TD.dtype)
-            plan = plan_dispatch(mask_TN, self.size, self.me, SEND_ALL_FRACTION)  # rows for the other ranks only
+            plan = plan_dispatch(mask_TN, self.size, self.my_rank, SEND_ALL_FRACTION)  # rows for the other ranks only
             # One exchange carries both counts: rows sent, and of those the ones with a kept expert there.
             counts_in = self.exchange.counts(torch.stack([plan.send_counts_J, plan.needed_counts_J], 1))
             # NOTE: the one device sync of the forward: the split sizes (and the traffic minimum), read together
             J = self.size
             host = torch.cat([plan.send_counts_J, plan.needed_counts_J, counts_in.t().reshape(-1)]).tolist()
             send, needed_send, recv, needed_recv = (host[i * J:(i + 1) * J] for i in range(4))
-            needed_out, needed_in = remote_rows(needed_send, self.me), remote_rows(needed_recv, self.me)
+            needed_out, needed_in = remote_rows(needed_send, self.my_rank), remote_rows(needed_recv, self.my_rank)
             once = plan.sends_every_token_once(send)
             es_y = bank.lora_A.element_size()  # the deltas return in the experts' dtype
         # Traffic minimum (summed over ranks): each needed row once, D values out and O back, both passes.
@@ -200,8 +200,8 @@ class ExpertParallelDispatcher(Dispatcher):
         pairs); ``add_to`` (the returned deltas, when ``plan.fused``) is added inside the matmul."""
         with self.counters.span("expert_compute", x_TD.device):
             L = bank.num_experts
-            m_TL = local_columns(mask_TN, self.me, L)
-            return bank(x_TD, local_columns(weights_TN, self.me, L), m_TL, resolve_path(path, m_TL, bank), add_to)
+            m_TL = local_columns(mask_TN, self.my_rank, L)
+            return bank(x_TD, local_columns(weights_TN, self.my_rank, L), m_TL, resolve_path(path, m_TL, bank), add_to)
 
     def combine(self, local_TO: torch.Tensor, returned_SO: torch.Tensor, plan: ExchangePlan) -> torch.Tensor:
         """The own share plus every returned delta added to its token, in fp32 (at least)."""

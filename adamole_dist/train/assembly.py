@@ -1,9 +1,11 @@
 """Run assembly: everything a training run needs, built in order, before the loop starts.
 
 Everything is validated before anything in the output directory is touched: the DeepSpeed config
-(against DeepSpeed's own model), data (free-form data is also rendered and tokenized here, so
-every bad record fails first), output dir, resume target, model and adapter targets. Then
-rank 0 locks the output dir (ops/run_lock.py; held until Run.close), checks it again under the
+(against DeepSpeed's own model), data (data/run_data.py: free-form data is also rendered and tokenized
+there, so every bad record fails first), output dir, resume target, model and adapter targets.
+Rank 0 reads the shared output dir for everyone, and a problem stops every rank together
+(parallel/rank_zero.py). Then
+rank 0 locks the output dir (run_files/run_lock.py; held until Run.close), checks it again under the
 lock and prepares it, the engine and expert optimizer are built, a checkpoint is loaded
 when resuming, and the metrics sinks are opened. The Trainer (loop.py) gets the finished Run and
 holds only loop state.
@@ -11,7 +13,6 @@ holds only loop state.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -36,30 +37,19 @@ from adamole_dist.config.fields import ConfigError
 from adamole_dist.config.training import TrainConfig
 from adamole_dist.costmodel.calibration import calibrated_ep_size
 from adamole_dist.costmodel.placement import adapter_workload
-from adamole_dist.data import DataError, Example, load_examples, token_cache
-from adamole_dist.data.batching import check_packing_attention, pack_examples
-from adamole_dist.data.conversations import normalise_records
-from adamole_dist.data.formats import SFT_FORMATS, load_records, resolve_format, subsample, to_examples
+from adamole_dist.data.batching import check_packing_attention
+from adamole_dist.data.examples import Example
+from adamole_dist.data.run_data import SFTData, load_run_data
 from adamole_dist.data.sampler import ShardedBatches
-from adamole_dist.data.sft_render import (
-    RenderSpec,
-    TokenizedSplit,
-    all_dropped,
-    chat_template_of,
-    check_spec,
-    sample_prompt,
-    tokenize_split,
-    tokenize_within_length,
-    tokenizer_for,
-)
 from adamole_dist.data.sft_task import PackedRows
-from adamole_dist.ops.metrics_log import MetricsLogger, truncate_metrics
-from adamole_dist.ops.output_dir import check_output_dir, prepare_output_dir
-from adamole_dist.ops.run_lock import RunLock
 from adamole_dist.parallel import collectives
 from adamole_dist.parallel.ep_dispatcher import overlap_enabled, wire_bytes
 from adamole_dist.parallel.layout import ParallelLayout, build_layout
 from adamole_dist.parallel.local_dispatcher import Dispatcher
+from adamole_dist.parallel.rank_zero import CollectiveRanks, rank0_decides
+from adamole_dist.run_files.metrics_log import MetricsLogger, truncate_metrics
+from adamole_dist.run_files.output_dir import check_output_dir, prepare_output_dir
+from adamole_dist.run_files.run_lock import RunLock
 from adamole_dist.runtime.process_group import DistInfo, device_for
 from adamole_dist.runtime.stopping import PREEMPTED_MARKER
 from adamole_dist.train import checkpoint as ckpt_io
@@ -81,29 +71,11 @@ class LoopPosition:
 
 
 @dataclass
-class SFTData:
-    """Free-form data of a run: how it was rendered, the tokenized splits, the sample prompts."""
-
-    spec: RenderSpec
-    train: TokenizedSplit
-    eval: TokenizedSplit
-    sample_prompts: list[tuple[list[int], str]]  # (prompt ids, reference reply) of the first eval examples
-    packed_rows: int = 0  # rows the training examples were packed into (0: not packed)
-
-    def summary(self) -> dict:
-        return {"data_format": self.spec.data_format, "prompt_format": self.spec.prompt_format,
-                "loss_on": self.spec.loss_on, "train_examples": len(self.train.examples),
-                "train_dropped_too_long": self.train.dropped, "eval_examples": len(self.eval.examples),
-                "eval_dropped_too_long": self.eval.dropped, "max_length": self.spec.max_length,
-                **({"packed_rows": self.packed_rows} if self.packed_rows else {})}
-
-
-@dataclass
 class Run:
     """The built pieces of one training run (see the module docstring for the order)."""
 
     cfg: TrainConfig
-    info: DistInfo
+    dist_info: DistInfo
     out: Path
     ds_config: dict
     train_examples: list[Example] | list[dict] | PackedRows  # SFT: tokenized examples (or packed rows of them)
@@ -142,37 +114,38 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
+def build_run(cfg: TrainConfig, dist_info: DistInfo) -> Run:
     """Validate, then build (collective: every rank calls it). Raises ConfigError, on every rank
     together, for bad input, before the output directory is touched."""
     out = Path(cfg.output_dir)
-    ds_config = build_ds_config(cfg, info.world_size)
+    ds_config = build_ds_config(cfg, dist_info.world_size)
     validate_with_deepspeed(ds_config, ds_config_source(cfg))
     seed_everything(cfg.seed)
-    data = load_run_data(cfg, info)
+    data = load_run_data(cfg, CollectiveRanks(dist_info.rank, dist_info.world_size), lambda: resolved_model(cfg))
     total_steps = count_total_steps(cfg, data.batches)
     config_record = cfg.to_dict()
-    resume_from = check_run_target(cfg, info, out, config_record)
+    resume_from = check_run_target(cfg, dist_info, out, config_record)
     # The model is loaded and the adapters injected (validating target modules) before anything
     # is written, so a bad option leaves the output directory untouched.
     model, tokenizer, task_type, model_path = load_model_and_tokenizer(cfg.model, cfg.task_type, pooling=cfg.pooling)
-    device = device_for(info)
+    device = device_for(dist_info)
     if cfg.lm_framing != "instruction" and task_type != "causal_lm":
         raise ConfigError(f"lm_framing ({cfg.lm_framing!r}) applies to causal_lm models; {model_path} is {task_type}")
     if cfg.packing:
         check_packing_attention(model)
     task = build_task_for(cfg, task_type, tokenizer, device, free_form=data.sft is not None)  # checks max_length
-    layout, dispatcher, adapters = adapt_model(cfg, info, model, task_type, model_path, device)
-    lock = lock_output_dir(cfg, info, out, config_record)
+    layout, dispatcher, adapters = adapt_model(cfg, dist_info, model, task_type, model_path, device)
+    lock = lock_output_dir(cfg, out, config_record)
     adapters.expert_module.to(device)
     schedule = lr_lambda(cfg.lr_scheduler, total_steps, warmup_steps_for(total_steps, cfg.warmup_steps,
                                                                           cfg.warmup_ratio))
     engine = build_engine(model, adapters.engine_parameters(), ds_config, schedule)
-    expert_opt = build_expert_optimizer(adapters.expert_parameters(), info.world_size, cfg, layout, lr_lambda=schedule)
-    start = LoopPosition() if resume_from is None else resume(resume_from, engine, adapters, expert_opt, info, out)
-    logger = MetricsLogger(out, cfg.report_to, enabled=info.is_main, run_config=config_record,
+    expert_opt = build_expert_optimizer(adapters.expert_parameters(), dist_info.world_size, cfg, layout,
+                                        lr_lambda=schedule)
+    start = LoopPosition() if resume_from is None else resume(resume_from, engine, adapters, expert_opt, dist_info, out)
+    logger = MetricsLogger(out, cfg.report_to, enabled=dist_info.is_main, run_config=config_record,
                            project=cfg.wandb_project)
-    run = Run(cfg=cfg, info=info, out=out, ds_config=ds_config, train_examples=data.train_examples,
+    run = Run(cfg=cfg, dist_info=dist_info, out=out, ds_config=ds_config, train_examples=data.train_examples,
               eval_examples=data.eval_examples, batches=data.batches, tokenizer=tokenizer, task_type=task_type,
               model_path=model_path, task=task, layout=layout, dispatcher=dispatcher, adapters=adapters,
               engine=engine, expert_opt=expert_opt, total_steps=total_steps, logger=logger, start=start,
@@ -183,71 +156,27 @@ def build_run(cfg: TrainConfig, info: DistInfo) -> Run:
     return run
 
 
-@dataclass
-class RunData:
-    """The examples of a run, validated, and the sampler over the training ones."""
-
-    train_examples: list[Example] | PackedRows
-    eval_examples: list[Example] | list[dict]
-    batches: ShardedBatches
-    data_format: str
-    sft: SFTData | None
+def resolved_model(cfg: TrainConfig) -> tuple[str, str]:
+    """(the model's local path, its task type): a GGUF converted into the cache, a hub id fetched."""
+    model_path = resolve_model_path(cfg.model)
+    return model_path, resolve_task_type(cfg.task_type, model_path)
 
 
-def load_run_data(cfg: TrainConfig, info: DistInfo) -> RunData:
-    """Both splits read and checked (free-form data rendered and tokenized), the sampler built."""
-    train_records, train_origin, data_format = read_train_split(cfg, info)
-    sft = None
-    if data_format in SFT_FORMATS:
-        sft = load_sft_data(cfg, data_format, train_records, train_origin, info)
-        train_examples, eval_examples = sft_training_items(cfg, sft), sft.eval.examples
-    else:
-        check_multiple_choice_options(cfg, data_format)
-        train_examples = subsample(to_examples(train_records, data_format, train_origin),
-                                   cfg.max_train_examples or None, cfg.seed)
-        eval_examples = load_examples(cfg.dataset, cfg.eval_split, cfg.data_format,
-                                      limit=cfg.max_eval_examples or None, seed=cfg.seed)
-    del train_records
-    if not eval_examples:
-        raise ConfigError(f"dataset ({cfg.dataset}): the evaluation split {cfg.eval_split!r} has no examples")
-    try:
-        grouped = sft is not None and cfg.group_by_length and not cfg.packing
-        batches = ShardedBatches(len(train_examples), cfg.micro_batch_size, rank=info.rank,
-                                 world_size=info.world_size, seed=cfg.seed,
-                                 lengths=sft.train.lengths if grouped else None)
-    except ValueError as e:
-        raise ConfigError(f"dataset ({cfg.dataset}) split {cfg.train_split!r}: {e}; lower micro_batch_size or "
-                          "use more data (max_train_examples)") from None
-    return RunData(train_examples, eval_examples, batches, data_format, sft)
-
-
-def stop_together(problem: str | None) -> None:
-    """Rank 0's verdict to every rank (collective): all raise ConfigError(problem), or none does."""
-    problem = collectives.broadcast_object(problem, src=0)
-    if problem:
-        raise ConfigError(problem)
-
-
-def check_run_target(cfg: TrainConfig, info: DistInfo, out: Path, config_record: dict) -> Path | None:
+def check_run_target(cfg: TrainConfig, dist_info: DistInfo, out: Path, config_record: dict) -> Path | None:
     """Rank 0 reads the shared output dir and checkpoint for everyone (collective): the checkpoint to
     resume from (None: start afresh); a problem stops every rank."""
-    problem, resume_from = None, None
-    if info.is_main:
-        try:
-            check_output_dir(out, config_record, overwrite=cfg.overwrite, resume=cfg.resume)
-            resume_from = plan_resume(cfg, out / "checkpoints", info.world_size) if cfg.resume else None
-        except ConfigError as e:
-            problem = str(e)
-    problem, resume_from = collectives.broadcast_object((problem, resume_from), src=0)  # all stop, or none
-    if problem:
-        raise ConfigError(problem)
-    return resume_from
+
+    def check() -> Path | None:
+        check_output_dir(out, config_record, overwrite=cfg.overwrite, resume=cfg.resume)
+        return plan_resume(cfg, out / "checkpoints", dist_info.world_size) if cfg.resume else None
+
+    return rank0_decides(check, expected=(ConfigError,))
 
 
-def adapt_model(cfg: TrainConfig, info: DistInfo, model: torch.nn.Module, task_type: str, model_path: str,
+def adapt_model(cfg: TrainConfig, dist_info: DistInfo, model: torch.nn.Module, task_type: str, model_path: str,
                 device: torch.device) -> tuple[ParallelLayout, Dispatcher, Adapters]:
     """The expert placement (--ep_size, auto: calibrated here, collective) and the adapters injected."""
-    ep_size = cfg.ep_size or auto_ep_size(cfg, model, info, device)
+    ep_size = cfg.ep_size or auto_ep_size(cfg, model, dist_info, device)
     layout = build_layout(ep_size, cfg.adapter.num_experts)
     dispatcher = build_dispatcher(layout, cfg.dispatch_dtype, cfg.ep_overlap, device)
     trainable = cfg.trainable_modules or default_trainable_modules(task_type, model)
@@ -256,39 +185,39 @@ def adapt_model(cfg: TrainConfig, info: DistInfo, model: torch.nn.Module, task_t
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model, adapters.context)
     new = getattr(model, "newly_initialized", [])
-    if new and info.is_main:
+    if new and dist_info.is_main:
         trained = all(any(matches(n.rpartition(".")[0], t) for t in trainable) for n in new)
         log.info(f"newly initialized (not in {model_path}): {', '.join(new)}"
                  + (" -- trained in full" if trained else " -- check --trainable_modules"))
     if cfg.adapter.aux_loss_scope == "global":
-        adapters.context.balance_over_data_parallel(collectives.all_reduce_sum, info.world_size)
+        adapters.context.balance_over_data_parallel(collectives.all_reduce_sum, dist_info.world_size)
     return layout, dispatcher, adapters
 
 
-def lock_output_dir(cfg: TrainConfig, info: DistInfo, out: Path, config_record: dict) -> RunLock | None:
+def lock_output_dir(cfg: TrainConfig, out: Path, config_record: dict) -> RunLock | None:
     """Rank 0 locks the output dir, checks it again under the lock (another run may have started or
     finished since) and prepares it (collective: a problem stops every rank). Returns rank 0's lock."""
-    lock, problem = None, None
-    if info.is_main:
+    taken: dict[str, RunLock] = {}
+
+    def lock_check_prepare() -> None:
+        taken["lock"] = RunLock.take(out)
         try:
-            lock = RunLock.take(out)
             check_output_dir(out, config_record, overwrite=cfg.overwrite, resume=cfg.resume)
-        except ConfigError as e:
-            if lock is not None:
-                lock.release()
-            problem = str(e)
-        else:
-            prepare_output_dir(out, config_record, overwrite=cfg.overwrite)
-    stop_together(problem)
-    return lock
+        except ConfigError:
+            taken.pop("lock").release()
+            raise
+        prepare_output_dir(out, config_record, overwrite=cfg.overwrite)
+
+    rank0_decides(lock_check_prepare, expected=(ConfigError,))
+    return taken.get("lock")
 
 
-def resume(resume_from: Path, engine, adapters: Adapters, expert_opt: ExpertOptimizer, info: DistInfo,
+def resume(resume_from: Path, engine, adapters: Adapters, expert_opt: ExpertOptimizer, dist_info: DistInfo,
            out: Path) -> LoopPosition:
     """Load the checkpoint (collective); rank 0 cuts the metrics back to its step."""
-    state = ckpt_io.load_checkpoint(resume_from, engine, adapters, expert_opt, rank=info.rank)
+    state = ckpt_io.load_checkpoint(resume_from, engine, adapters, expert_opt, rank=dist_info.rank)
     start = LoopPosition(state["step"], state["epoch"], state["batch_in_epoch"])
-    if info.is_main:
+    if dist_info.is_main:
         # The run continues from this step: records of steps after it were of the discarded future.
         truncate_metrics(out / "metrics.jsonl", start.step)
         (out / PREEMPTED_MARKER).unlink(missing_ok=True)
@@ -296,127 +225,9 @@ def resume(resume_from: Path, engine, adapters: Adapters, expert_opt: ExpertOpti
     return start
 
 
-# -- free-form (SFT) data ---------------------------------------------------------------------------------
-def check_multiple_choice_options(cfg: TrainConfig, data_format: str) -> None:
-    if cfg.loss_on not in ("auto", "answer", "full"):
-        raise ConfigError(f"loss_on ({cfg.loss_on!r}) applies to free-form data; dataset ({cfg.dataset}) is "
-                          f"multiple choice ({data_format}): use answer or full")
-    if cfg.packing:
-        raise ConfigError(f"packing applies to free-form data; dataset ({cfg.dataset}) is multiple choice "
-                          f"({data_format})")
-
-
-def sft_loss_on(cfg: TrainConfig, data_format: str) -> str:
-    """config's loss_on resolved for free-form data (ConfigError when it does not fit the format)."""
-    if cfg.loss_on in ("answer", "full"):
-        raise ConfigError(f"loss_on ({cfg.loss_on!r}) applies to multiple-choice data; dataset ({cfg.dataset}) is "
-                          f"free-form ({data_format}): use assistant (the responses) or all (every token)")
-    if data_format == "text":
-        if cfg.loss_on == "assistant":
-            raise ConfigError(f"loss_on ('assistant'): dataset ({cfg.dataset}) is text (continued pre-training), "
-                              "which has no responses; the loss is on every token (loss_on all or auto)")
-        return "all"
-    return "assistant" if cfg.loss_on == "auto" else cfg.loss_on
-
-
-def render_spec(cfg: TrainConfig, data_format: str) -> RenderSpec:
-    if cfg.lm_framing != "instruction":
-        raise ConfigError(f"lm_framing ({cfg.lm_framing!r}) applies to multiple-choice data; dataset "
-                          f"({cfg.dataset}) is free-form ({data_format})")
-    model_path = resolve_model_path(cfg.model)
-    task_type = resolve_task_type(cfg.task_type, model_path)
-    if task_type != "causal_lm":
-        raise ConfigError(f"dataset ({cfg.dataset}) is free-form ({data_format}): it trains decoder models "
-                          f"(task_type causal_lm); {cfg.model} is {task_type}")
-    template = None
-    if cfg.chat_template:
-        try:
-            template = Path(cfg.chat_template).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"chat_template ({cfg.chat_template}) cannot be read: {e}") from None
-    return RenderSpec(tokenizer=model_path, data_format=data_format, max_length=cfg.max_length,
-                      loss_on=sft_loss_on(cfg, data_format), chat_template=template,
-                      alpaca_as_chat=cfg.alpaca_as_chat)
-
-
-def read_train_split(cfg: TrainConfig, info: DistInfo) -> tuple[list | None, str, str]:
-    """(records, origin, data_format) of the training split. Free-form data through the token cache
-    is read by rank 0 alone (it tokenizes; the other ranks memory-map the cache: records None there);
-    multiple-choice data, or --no-token_cache, is read by every rank. A bad file stops every rank."""
-    if info.world_size == 1 or not cfg.token_cache:
-        records, origin = load_records(cfg.dataset, cfg.train_split)
-        return records, origin, resolve_format(records, cfg.data_format, origin)
-    records, state = None, None
-    if info.is_main:
-        try:
-            records, origin = load_records(cfg.dataset, cfg.train_split)
-            state = ("ok", origin, resolve_format(records, cfg.data_format, origin))
-        except (DataError, ConfigError) as e:
-            state = (type(e).__name__, str(e), None)
-    kind, origin, data_format = collectives.broadcast_object(state, src=0)
-    if kind != "ok":
-        raise (DataError if kind == "DataError" else ConfigError)(origin)
-    if data_format not in SFT_FORMATS and not info.is_main:
-        records, _ = load_records(cfg.dataset, cfg.train_split)
-    return records, origin, data_format
-
-
-def tokenized(records: list | None, spec: RenderSpec, origin: str, cfg: TrainConfig, limit: int,
-              keep_records: bool = False, info: DistInfo | None = None) -> TokenizedSplit:
-    """The one place a split is tokenized: the training split (or its seeded subsample) through the
-    on-disk token cache (built once by rank 0, the only rank that holds ``records``; memory-mapped
-    by every rank), the kept evaluation records in memory."""
-    if not (cfg.token_cache and not keep_records and info is not None):
-        return tokenize_split(records, spec, origin, truncation=cfg.truncation, limit=limit or None, seed=cfg.seed,
-                              keep_records=keep_records)
-    check_spec(spec)
-    tokenizer = tokenizer_for(spec)
-    # Only rank 0's key counts (it alone looks the cache up): it alone knows whether limit cuts the split.
-    cut = bool(limit) and records is not None and limit < len(records)
-    key = token_cache.cache_key(
-        data_fingerprint=token_cache.data_fingerprint(origin), tokenizer=tokenizer,
-        chat_template=chat_template_of(spec, tokenizer) if spec.is_chat else None, max_length=spec.max_length,
-        packing=False,  # the cache holds examples; packed rows are planned from their lengths at start-up
-        data_format=spec.data_format, loss_on=spec.loss_on, truncation=cfg.truncation,
-        alpaca_as_chat=spec.alpaca_as_chat, **({"subsample": [int(limit), int(cfg.seed)]} if cut else {}))
-
-    def validated_records():  # rank 0, on a cache miss: every record checked, then the seeded subsample
-        normalised = normalise_records(records, spec.data_format, origin, alpaca_as_chat=spec.alpaca_as_chat)
-        indices = subsample(list(range(len(normalised))), limit or None, cfg.seed)
-        return [normalised[i] for i in indices], indices
-
-    examples = token_cache.tokenized_split(
-        validated_records, functools.partial(tokenize_within_length, spec=spec, truncation=cfg.truncation),
-        cache_key=key, rank=info.rank, world_size=info.world_size, num_proc=cfg.tokenize_workers, origin=origin)
-    info_record = token_cache.cache_info(examples)
-    if len(examples) == 0:
-        raise all_dropped(origin, info_record["records"], spec.max_length)
-    return TokenizedSplit(examples, [], info_record["dropped"], origin)
-
-
-def load_sft_data(cfg: TrainConfig, data_format: str, train_records: list, train_origin: str,
-                  info: DistInfo | None = None) -> SFTData:
-    """Both splits validated, rendered and tokenized (every bad record raises DataError here)."""
-    spec = render_spec(cfg, data_format)
-    train = tokenized(train_records, spec, train_origin, cfg, cfg.max_train_examples, info=info)
-    eval_records, eval_origin = load_records(cfg.dataset, cfg.eval_split)
-    evaluation = tokenized(eval_records, spec, eval_origin, cfg, cfg.max_eval_examples, keep_records=True)
-    prompts = [sample_prompt(rec, spec) for rec in evaluation.records[: cfg.sample_prompts]]
-    return SFTData(spec, train, evaluation, prompts)
-
-
-def sft_training_items(cfg: TrainConfig, sft: SFTData):
-    """What the sampler indexes: the tokenized examples, or rows packed from them."""
-    if not cfg.packing:
-        return sft.train.examples
-    rows = pack_examples(sft.train.lengths, cfg.max_length)
-    sft.packed_rows = len(rows)
-    return PackedRows(sft.train.examples, rows)
-
-
 def report_sft_data(run: Run) -> None:
     summary = run.sft.summary()
-    if run.info.is_main:
+    if run.dist_info.is_main:
         dropped = summary["train_dropped_too_long"] + summary["eval_dropped_too_long"]
         log.info(f"data: {summary['data_format']} records rendered as {summary['prompt_format']}, loss on "
                  f"{summary['loss_on']}; {summary['train_examples']} training / {summary['eval_examples']} evaluation "
@@ -466,17 +277,17 @@ def plan_resume(cfg: TrainConfig, ckpt_root: Path, world_size: int) -> Path | No
     return path
 
 
-def auto_ep_size(cfg: TrainConfig, model: torch.nn.Module, info: DistInfo, device: torch.device) -> int:
+def auto_ep_size(cfg: TrainConfig, model: torch.nn.Module, dist_info: DistInfo, device: torch.device) -> int:
     """--ep_size auto: calibrate the cost model here (collective) and take the cheapest placement."""
     targets = cfg.adapter.target_modules or default_targets(model)
     layers = [weight_shape(m)[::-1] for _, m in find_target_modules(model, targets)]
     act_bytes = 2 if device.type == "cuda" or cfg.autocast == "bf16" else 4
-    work = adapter_workload(layers, cfg.adapter, cfg.micro_batch_size * cfg.max_length, info.world_size,
+    work = adapter_workload(layers, cfg.adapter, cfg.micro_batch_size * cfg.max_length, dist_info.world_size,
                             act_bytes=act_bytes, wire_bytes=wire_bytes(cfg.dispatch_dtype),
                             overlap=overlap_enabled(cfg.ep_overlap, device))
     ep_size, why = calibrated_ep_size(work, device, adapter=cfg.adapter,
                                       expert_memory_budget_bytes=cfg.expert_memory_budget_mb * 2**20 or None)
-    if info.is_main:
+    if dist_info.is_main:
         log.info(f"--ep_size auto: {why} (assumed {work.avg_active:g} active experts per token, "
                  f"{work.tokens_per_rank} tokens per rank)")
     return int(ep_size)
@@ -484,8 +295,8 @@ def auto_ep_size(cfg: TrainConfig, model: torch.nn.Module, info: DistInfo, devic
 
 def report_memory(run: Run) -> None:
     everyone = memory_per_rank(run.engine.module, run.adapters.expert_parameters())
-    if run.info.is_main:
-        log.info(f"ZeRO stage {zero_stage(run.ds_config)}, world {run.info.world_size}, model {run.model_path}, "
+    if run.dist_info.is_main:
+        log.info(f"ZeRO stage {zero_stage(run.ds_config)}, world {run.dist_info.world_size}, model {run.model_path}, "
                  f"task {run.task_type}, method {run.cfg.adapter.method}")
         print_memory(everyone)
         run.logger.log(run.start.step, "memory", {"zero_stage": zero_stage(run.ds_config),

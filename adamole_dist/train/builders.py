@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from adamole_dist.config.training import TrainConfig
-from adamole_dist.data.tasks import Task, build_task
+from adamole_dist.data.task import Task
+from adamole_dist.data.task_factory import build_task
 from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher, overlap_enabled, wire_dtype
 from adamole_dist.parallel.layout import ParallelLayout
 from adamole_dist.parallel.local_dispatcher import Dispatcher, LocalDispatcher

@@ -309,6 +309,14 @@ def restore_replaced(root: Path) -> None:
             shutil.rmtree(aside, ignore_errors=True)
 
 
+def owes_evaluation(ckpt: Path | None) -> bool:
+    """The checkpoint was written by a stop during its step's evaluation (its state says
+    "evaluation_owed"): the resumed run evaluates first. False for None (no checkpoint)."""
+    if ckpt is None:
+        return False
+    return bool(json.loads((ckpt / STATE_FILE).read_text()).get("evaluation_owed"))
+
+
 def load_checkpoint(ckpt: Path, engine, adapters: Adapters, expert_opt: ExpertOptimizer, *, rank: int) -> dict:
     """Restore engine, experts, RNG; returns the trainer state saved with the checkpoint."""
     ckpt = Path(ckpt)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from adamole_dist.ops.metrics_log import read_metrics
+from adamole_dist.run_files.metrics_log import read_metrics
 
 
 def block_index(name: str) -> tuple[int, str]:
@@ -37,22 +37,39 @@ def routing_layers(records: list[dict]) -> tuple[dict, str]:
 
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """The run's figures (loss curves; with routing statistics, the layer x expert load heatmap and the
+    active experts per layer) as PNGs in ``out_dir`` (default RUN_DIR/plots); their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir else run_dir / "plots"
     records = read_metrics(run_dir / "metrics.jsonl")
-    written = []
-
     train = [r for r in records if r["kind"] == "train"]
-    evals = [r for r in records if r["kind"] == "eval"]
     if not train:
         raise ValueError(f"{run_dir / 'metrics.jsonl'} has no training records")
     out.mkdir(parents=True, exist_ok=True)  # after the checks: a refused run dir gets no empty plots/
+    written = [save_figure(plt, plot_losses(plt, train, [r for r in records if r["kind"] == "eval"]),
+                           out / "loss.png")]
+    layers, source = routing_layers(records)
+    if layers:
+        names = sorted(layers, key=block_index)
+        written.append(save_figure(plt, plot_expert_load(plt, layers, names, source), out / "expert_load.png"))
+        written.append(save_figure(plt, plot_active_experts(plt, layers, names, source), out / "active_experts.png"))
+    return written
+
+
+def save_figure(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_losses(plt, train: list[dict], evals: list[dict]):
+    """Task and aux loss over the steps (two axes); beside them, the held-out accuracy where evaluated."""
     fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 4), squeeze=False)
     ax = axes[0, 0]
     steps = [r["step"] for r in train]
@@ -71,35 +88,30 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         axes[0, 1].set_ylabel("held-out accuracy")
         axes[0, 1].set_ylim(0, 1)
         axes[0, 1].set_title("evaluation")
-    fig.tight_layout()
-    written.append(out / "loss.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    return fig
 
-    layers, source = routing_layers(records)
-    if layers:
-        names = sorted(layers, key=block_index)
-        load = np.array([layers[n]["expert_load"] for n in names])
-        fig, ax = plt.subplots(figsize=(1.2 + 0.45 * load.shape[1], 1.5 + 0.28 * len(names)))
-        im = ax.imshow(load, aspect="auto", cmap="viridis")
-        ax.set_yticks(range(len(names)), [short_name(n) for n in names], fontsize=7)
-        ax.set_xticks(range(load.shape[1]))
-        ax.set_xlabel("expert")
-        ax.set_title(f"expert load share per layer ({source})", fontsize=9)
-        fig.colorbar(im, ax=ax, label="share of routed pairs")
-        fig.tight_layout()
-        written.append(out / "expert_load.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
 
-        active = [layers[n]["mean_active_experts"] for n in names]
-        fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(names)), 4))
-        ax.bar(range(len(names)), active, color="tab:blue")
-        ax.set_xticks(range(len(names)), [short_name(n) for n in names], rotation=90, fontsize=7)
-        ax.set_ylabel("mean active experts per token")
-        ax.set_title(f"active experts by layer ({source})", fontsize=9)
-        fig.tight_layout()
-        written.append(out / "active_experts.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
-    return written
+def plot_expert_load(plt, layers: dict, names: list[str], source: str):
+    """Each layer's share of routed pairs per expert, as a heatmap."""
+    import numpy as np
+
+    load = np.array([layers[n]["expert_load"] for n in names])
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * load.shape[1], 1.5 + 0.28 * len(names)))
+    im = ax.imshow(load, aspect="auto", cmap="viridis")
+    ax.set_yticks(range(len(names)), [short_name(n) for n in names], fontsize=7)
+    ax.set_xticks(range(load.shape[1]))
+    ax.set_xlabel("expert")
+    ax.set_title(f"expert load share per layer ({source})", fontsize=9)
+    fig.colorbar(im, ax=ax, label="share of routed pairs")
+    return fig
+
+
+def plot_active_experts(plt, layers: dict, names: list[str], source: str):
+    """Mean active experts per token, one bar per layer in model order."""
+    active = [layers[n]["mean_active_experts"] for n in names]
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(names)), 4))
+    ax.bar(range(len(names)), active, color="tab:blue")
+    ax.set_xticks(range(len(names)), [short_name(n) for n in names], rotation=90, fontsize=7)
+    ax.set_ylabel("mean active experts per token")
+    ax.set_title(f"active experts by layer ({source})", fontsize=9)
+    return fig

@@ -23,7 +23,7 @@ from pathlib import Path
 from adamole_dist.atomic_files import write_text_atomically
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.config.training import TrainConfig
-from adamole_dist.ops.run_lock import LOCK_FILE, check_unlocked
+from adamole_dist.run_files.run_lock import LOCK_FILE, check_unlocked
 
 RUN_CONFIG = "run_config.json"
 # What the trainer (and launch/plot.py's default --out) writes into an output dir; --overwrite
@@ -135,3 +135,17 @@ def prepare_output_dir(output_dir: Path, config: dict, *, overwrite: bool) -> No
     write_text_atomically(output_dir / RUN_CONFIG, json.dumps(config, indent=1, default=str))
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def recorded_run(adapter_dir: Path) -> TrainConfig | None:
+    """The options of the run that trained ``adapter_dir`` (the run_config.json of its output dir, beside
+    it) as a TrainConfig: what the record lacks takes TrainConfig's defaults, keys this version does not
+    know are ignored; None without a record. ConfigError for a record that is not JSON."""
+    run_config = Path(adapter_dir).parent / RUN_CONFIG
+    if not run_config.is_file():
+        return None
+    try:
+        record = json.loads(run_config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{run_config} is not valid JSON ({e})") from None
+    return TrainConfig.from_record(record, origin=str(run_config))

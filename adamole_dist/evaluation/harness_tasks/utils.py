@@ -12,7 +12,7 @@ from __future__ import annotations
 try:
     from adamole_dist.data import to_examples
 except ImportError as e:  # the harness imports this file by path, outside the project
-    raise ImportError("eval_tasks/utils.py parses records with adamole_dist: pip install -e <checkout>, "
+    raise ImportError("harness_tasks/utils.py parses records with adamole_dist: pip install -e <checkout>, "
                       "or run the tasks through launch/eval.py --harness") from e
 
 

@@ -20,22 +20,12 @@ import socket
 from pathlib import Path
 
 from adamole_dist.config.fields import ConfigError
+from adamole_dist.local_host import process_alive
 
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".run.lock"
 NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)  # a filesystem without flock
-
-
-def process_alive(pid: int) -> bool:
-    """Whether a process of this host has the pid (one of another user counts as alive)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def _owner(fd: int) -> dict:
@@ -65,7 +55,7 @@ def _flock(fd: int) -> bool | None:
 
 
 def _held_by_someone_else(locked: bool | None, owner: dict) -> bool:
-    if owner == me():  # this process's own lock (checked again under it)
+    if owner == this_process():  # this process's own lock (checked again under it)
         return False
     if locked is not None:
         return not locked
@@ -81,7 +71,7 @@ def in_use_error(output_dir: Path, owner: dict) -> ConfigError:
                        "(delete the lock file only if that process is gone)")
 
 
-def me() -> dict:
+def this_process() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid()}
 
 
@@ -124,11 +114,11 @@ class RunLock:
             except FileNotFoundError:
                 pass
             os.close(fd)
-        if owner and owner != me():
+        if owner and owner != this_process():
             log.info(f"output_dir ({output_dir}): took over the lock of {describe(owner)}, which is no longer "
                      "running")
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(me()).encode(), 0)
+        os.pwrite(fd, json.dumps(this_process()).encode(), 0)
         os.fsync(fd)
         lock = cls(path, fd)
         atexit.register(lock.release)

@@ -1,4 +1,4 @@
-"""Task types: how examples become batches, losses and predictions.
+"""The multiple-choice task types: how examples are trained on and scored.
 
 * ``causal_lm`` (:class:`CausalLMTask`) — decoder LMs. Train on prompt + target (+ eos), the
   loss on the target tokens only (``loss_on="answer"``, default) or on every non-padding token
@@ -9,17 +9,8 @@
 * ``seq_cls`` (:class:`ChoiceScoringTask`) — encoders with a 1-logit sequence-classification
   head: each (context, choice text) pair gets a score; cross entropy over an example's choices.
 
-Models are always called with keyword arguments, ``attention_mask=`` included: the model may be
-a DeepSpeed engine, and the adapters' forward hook reads the mask to keep padding out of
-routing. Every ``predict`` call is exactly one forward pass, so ranks that evaluate the same
-number of batches run the same number of ZeRO-3 parameter gathers.
-
-``collate`` / ``eval_batch`` return CPU tensors; ``loss`` / ``predict`` move them to the task's
-device (the constructor's ``device``, else the device of the model's first parameter).
-
-Every model call goes through :meth:`Task.forward`, which runs it under ``torch.autocast`` when the
-task has an ``autocast`` dtype (``"bf16"``): matmuls in bf16, parameters, gradients, optimizer
-states and the loss's softmax in fp32. The backward follows the forward's dtypes.
+The interface and its conventions (keyword calls, one forward per ``predict``, autocast) are in
+data/task.py.
 """
 
 from __future__ import annotations
@@ -28,84 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from adamole_dist.config.fields import ConfigError
-from adamole_dist.config.training import AUTOCASTS, LM_FRAMINGS
-from adamole_dist.data import Example
+from adamole_dist.config.training import LM_FRAMINGS
+from adamole_dist.data.examples import IGNORE, Example
+from adamole_dist.data.sft_render import eos_of, special_prefix
+from adamole_dist.data.task import Task, mask_of, pad_right, tail
 
-AUTOCAST_DTYPES = {"none": None, "bf16": torch.bfloat16}  # config.training.AUTOCASTS
-assert set(AUTOCAST_DTYPES) == set(AUTOCASTS)
-IGNORE = -100  # label of positions that do not count in the loss (cross_entropy's ignore_index)
 ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-
-
-class Task:
-    """Common interface; see the module docstring."""
-
-    def __init__(self, tokenizer, max_length: int, device: torch.device | str | None = None,
-                 autocast: str = "none") -> None:
-        if autocast not in AUTOCAST_DTYPES:
-            raise ValueError(f"autocast ({autocast!r}) must be one of {', '.join(AUTOCAST_DTYPES)}")
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.device = torch.device(device) if device is not None else None
-        self.autocast = autocast
-        self.autocast_dtype = AUTOCAST_DTYPES[autocast]
-
-    def forward(self, model, **inputs):
-        """``model(**inputs)``, under autocast when the task has an autocast dtype."""
-        device = next(iter(inputs.values())).device
-        with torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
-            return model(**inputs)
-
-    def device_for(self, model) -> torch.device:
-        if self.device is not None:
-            return self.device
-        param = next(iter(model.parameters()), None)
-        return param.device if param is not None else torch.device("cpu")
-
-    @staticmethod
-    def to_device(batch: dict, device: torch.device) -> dict:
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-    def collate(self, examples: list[Example]) -> dict:
-        """Training batch (CPU tensors)."""
-        raise NotImplementedError
-
-    def loss(self, model, batch: dict) -> torch.Tensor:
-        """Mean task loss of a ``collate`` batch."""
-        raise NotImplementedError
-
-    def eval_batch(self, examples: list[Example]) -> dict:
-        """Evaluation inputs (CPU tensors and plain data)."""
-        raise NotImplementedError
-
-    def predict(self, model, batch: dict) -> torch.Tensor:
-        """Predicted choice index per example: CPU LongTensor [B]."""
-        raise NotImplementedError
-
-    metrics = ("acc",)
-
-    def prepare_step(self, micro_batches: list[dict], world_size: int) -> None:
-        """Called once per optimizer step with its collated micro batches (SFT: the loss normaliser)."""
-
-    def predictions(self, model, batch: dict) -> dict[str, torch.Tensor]:
-        """Predicted choice indices by metric (``metrics``), from one forward: {"acc": [B], ...}."""
-        return {"acc": self.predict(model, batch)}
-
-
-def pad_right(seqs: list[list[int]], value: int) -> torch.Tensor:
-    width = max(len(s) for s in seqs)
-    return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
-
-
-def mask_of(seqs: list[list[int]]) -> torch.Tensor:
-    return pad_right([[1] * len(s) for s in seqs], 0)
-
-
-def tail(ids: list[int], n: int) -> list[int]:
-    """The last ``n`` ids: all of them when there are fewer, none for n <= 0 (``ids[-0:]`` would be
-    all of them, and a negative start would keep only the last n - len(ids))."""
-    return ids[max(len(ids) - n, 0):] if n > 0 else []
 
 
 # -- causal LM --------------------------------------------------------------------------------------
@@ -138,21 +57,11 @@ class CausalLMTask(Task):
             tokenizer.pad_token = tokenizer.eos_token  # padding never counts: labels and mask come from lengths
         self.loss_on = loss_on
         self.pad_id = tokenizer.pad_token_id
-        self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        self.prefix = self._special_prefix()
+        self.eos = eos_of(tokenizer)
+        self.prefix = special_prefix(tokenizer)  # BOS (or [CLS]); what the tokenizer appends is left out
         if max_length < len(self.prefix) + 2:
             raise ConfigError(f"max_length ({max_length}) leaves no room for a prompt token and an answer token; "
                               f"it must be at least {len(self.prefix) + 2}")
-
-    def _special_prefix(self) -> list[int]:
-        """Special ids the tokenizer puts before the text (BOS, or BERT's [CLS]); any it appends
-        after the text (EOS, [SEP]) are left out, since the prompt is continued by the answer."""
-        with_special = self.tokenizer("a", add_special_tokens=True)["input_ids"]
-        plain = self.tokenizer("a", add_special_tokens=False)["input_ids"]
-        for k in range(len(with_special) - len(plain) + 1):
-            if with_special[k : k + len(plain)] == plain:
-                return with_special[:k]
-        return []
 
     def encode_prompt(self, prompt: str, room: int) -> list[int]:
         """Special prefix + prompt ids, cut from the LEFT to ``room`` ids so the end (the answer
@@ -325,23 +234,3 @@ class ChoiceScoringTask(Task):
     @torch.no_grad()
     def predict(self, model, batch: dict) -> torch.Tensor:
         return self.scores(model, batch).argmax(-1).cpu()
-
-
-TASK_TYPES = ("causal_lm", "seq_cls")
-
-
-def build_task(task_type: str, tokenizer, max_length: int, loss_on: str = "answer", device=None,
-               lm_framing: str = "instruction", autocast: str = "none", free_form: bool = False) -> Task:
-    """``free_form``: tokenized SFT examples (data/sft_task.py; loss_on is then the renderer's business)."""
-    if free_form:
-        if task_type != "causal_lm":
-            raise ValueError(f"free-form (SFT) data trains causal_lm models, not {task_type}")
-        from adamole_dist.data.sft_task import SFTTask  # it builds on Task: imported here, not at the top
-
-        return SFTTask(tokenizer, max_length, device, autocast=autocast)
-    loss_on = "answer" if loss_on == "auto" else loss_on  # config.training's default: the answer for choices
-    if task_type == "causal_lm":
-        return CausalLMTask(tokenizer, max_length, loss_on, device, framing=lm_framing, autocast=autocast)
-    if task_type == "seq_cls":
-        return ChoiceScoringTask(tokenizer, max_length, device, autocast=autocast)
-    raise ValueError(f"task_type ({task_type!r}) must be one of {', '.join(TASK_TYPES)}")

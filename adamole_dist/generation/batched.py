@@ -1,0 +1,79 @@
+"""Batched generation through the KV cache: prompts left-padded (padding is masked, so it is never
+attended to, and the adapters' forward hook keeps it out of routing), a reply cut at its first stop
+token (stops.py), and with ``show_routing`` the experts fired per generated token (routing_view.py).
+
+``greedy_completion`` is the trainer's evaluation sample: one prompt, greedy, every rank in step (under
+ZeRO-3 a forward gathers parameters collectively, so ranks that finished keep stepping until all have:
+transformers' ``synced_gpus``)."""
+
+from __future__ import annotations
+
+import torch
+
+from adamole_dist.data.sft_task import SFTTask
+from adamole_dist.generation.routing_view import experts_fired, token_routing
+from adamole_dist.generation.stops import cut_at_stop, stop_ids
+
+
+def left_padded(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask) of prompts of different lengths, padded on the left: every row's next
+    token comes from its last position."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def sampling_options(max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0) -> dict:
+    """``generate`` keyword arguments: greedy at temperature 0 (the model's own sampling defaults off),
+    else sampling at ``temperature`` with nucleus ``top_p``."""
+    if temperature > 0:
+        return {"max_new_tokens": max_new_tokens, "do_sample": True, "temperature": temperature, "top_p": top_p}
+    return {"max_new_tokens": max_new_tokens, "do_sample": False, "temperature": None, "top_p": None,
+            "top_k": None}
+
+
+def generate_batch(model, tokenizer, rows: list[list[int]], options: dict, *, adapters=None,
+                   show_routing: bool = False, streamer=None) -> list[dict]:
+    """Generate for a batch of prompt ids (left-padded); per row {"ids", "text"} (without the stop token)
+    and, with show_routing, "routing": per generated token {"token", "mean_active", "per_layer"}."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids, attention_mask = left_padded(rows, pad, next(model.parameters()).device)
+    stops = stop_ids(model, tokenizer)
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, pad_token_id=pad, streamer=streamer,
+                  **({"eos_token_id": stops} if stops else {}), **options)
+    with torch.no_grad():
+        if show_routing:
+            with adapters.context.recording_active_experts() as active_log:
+                sequences = model.generate(**kwargs)
+            fired = experts_fired(active_log, list(adapters.layers))
+        else:
+            sequences = model.generate(**kwargs)
+    out = []
+    for b, row in enumerate(sequences[:, input_ids.shape[1]:].cpu().tolist()):
+        kept = cut_at_stop(row, stops, keep_stop=False)
+        item = {"ids": kept, "text": tokenizer.decode(kept, skip_special_tokens=True)}
+        if show_routing:
+            item["routing"] = token_routing(tokenizer, kept, fired[b, :len(kept)])
+        out.append(item)
+    return out
+
+
+@torch.no_grad()
+def greedy_completion(model, task: SFTTask, prompt_ids: list[int], max_new_tokens: int, synced: bool) -> list[int]:
+    """Greedy continuation of one prompt (KV cache, the task's autocast), without the prompt, cut after
+    its first stop token. ``model`` may be a DeepSpeed engine (its module generates); ``synced``: every
+    rank runs it (see the module docstring)."""
+    net = getattr(model, "module", model)
+    device = task.device_for(net)
+    ids = torch.tensor([prompt_ids[-task.max_length:]], dtype=torch.long, device=device)
+    stops = stop_ids(net, task.tokenizer)
+    with torch.autocast(device.type, dtype=task.autocast_dtype or torch.float32,
+                        enabled=task.autocast_dtype is not None):
+        out = net.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                           do_sample=False, use_cache=True, pad_token_id=task.pad_id, synced_gpus=synced,
+                           **({"eos_token_id": stops} if stops else {}))
+    return cut_at_stop(out[0, ids.shape[1]:].tolist(), stops, keep_stop=True)

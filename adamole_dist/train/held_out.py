@@ -1,0 +1,94 @@
+"""The trainer's held-out evaluation: accuracy (multiple choice) or loss and perplexity (free-form data)
+over every rank's shard with the routing it took, logged; then, for free-form data, greedy samples of
+the fixed evaluation prompts.
+
+Collective: every rank calls each function with the same arguments. ``stop`` is asked after every
+batch and sample (the trainer's agreed stop flag); a yes raises data/evaluate.py's EvaluationStopped on
+every rank at the same point, for the trainer to checkpoint and exit.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from adamole_dist.adapters.files import gathered
+from adamole_dist.data.evaluate import check_stop, evaluate_accuracy, evaluate_loss
+from adamole_dist.generation.batched import greedy_completion
+from adamole_dist.moe.routing_stats import print_routing_table
+from adamole_dist.parallel import collectives
+from adamole_dist.train.reporting import fmt_duration, routing_over_ranks
+
+Say = Callable[[str], None]
+
+
+def evaluate_held_out(run, step: int, say: Say, stop: Callable[[], bool], print_layers: bool = True) -> dict:
+    """The held-out metrics with the routing overall and per layer ("layers"), logged as "eval"."""
+    run.adapters.context.pop_stats()  # drop partial training statistics
+    score = evaluate_loss if run.sft is not None else evaluate_accuracy
+    result = score(run.engine, run.task, run.eval_examples, run.cfg.eval_batch_size, rank=run.dist_info.rank,
+                   world_size=run.dist_info.world_size, all_reduce=collectives.all_reduce_sum,
+                   progress=progress_lines(run.dist_info.is_main, step, say), stop=stop)
+    routing = routing_over_ranks(run.adapters.context.pop_stats(), run.cfg.adapter.has_tau)
+    active = f" mean active experts {routing['overall']['mean_active_experts']:.2f}" if routing["layers"] else ""
+    if run.sft is not None:
+        say(f"[step {step}] eval loss {result['eval_loss']:.4f} perplexity {result['perplexity']:.2f} "
+            f"({result['eval_tokens']} target tokens, {result['total']} examples){active}")
+    else:
+        say(f"[step {step}] eval accuracy {result['accuracy']:.4f} ({result['correct']}/{result['total']})"
+            + (f" acc_norm {result['acc_norm']:.4f}" if "acc_norm" in result else "") + active)
+    if print_layers and run.dist_info.is_main:
+        print_routing_table(routing["layers"], say)
+    run.logger.log(step, "eval", {**result, **routing["overall"], "layers": routing["layers"]})
+    return {**result, **routing["overall"], "layers": routing["layers"]}
+
+
+def progress_lines(is_main: bool, step: int, say: Say, every_s: float = 30.0):
+    """Rank 0: a line every ``every_s`` seconds through a long evaluation (batches are equal on all ranks)."""
+    if not is_main:
+        return None
+    t0 = last = time.perf_counter()
+
+    def report(done: int, total: int) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        if now - last >= every_s and done < total:
+            last = now
+            say(f"[step {step}] evaluating: batch {done}/{total} ({fmt_duration(now - t0)})")
+    return report
+
+
+@torch.no_grad()
+def greedy_samples(model, task, prompts: list[tuple[list[int], str]], max_new_tokens: int, *,
+                   world_size: int = 1, stop: Callable[[], bool] | None = None) -> list[dict]:
+    """{"prompt", "completion", "reference"} texts of each (prompt ids, reference) greedy continuation.
+    Collective under ZeRO-3: every rank calls it with the same prompts. ``stop`` is asked after each."""
+    was_training = model.training
+    model.eval()
+    out = []
+    # Under ZeRO-3 every decoding step would gather each layer's partitions again: gathered once for
+    # all the prompts instead (the whole frozen base on every rank for this while; collective).
+    net = getattr(model, "module", model)
+    try:
+        with gathered(list(net.parameters())):
+            for ids, reference in prompts:
+                new = greedy_completion(model, task, ids, max_new_tokens, synced=world_size > 1)
+                out.append({"prompt": task.tokenizer.decode(ids), "completion": task.tokenizer.decode(new,
+                            skip_special_tokens=False), "reference": reference})
+                check_stop(stop, len(out), len(prompts))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def log_samples(run, step: int, say: Say, stop: Callable[[], bool]) -> None:
+    """Greedy completions of the fixed evaluation prompts, printed and logged by rank 0 (every rank
+    generates: ZeRO-3 gathers are collective); their routing is not evaluation's."""
+    samples = greedy_samples(run.engine, run.task, run.sft.sample_prompts, run.cfg.max_new_tokens_eval,
+                             world_size=run.dist_info.world_size, stop=stop)
+    run.adapters.context.pop_stats()
+    for k, s in enumerate(samples):
+        say(f"[step {step}] sample {k}: {s['prompt'][-200:]!r} -> {s['completion']!r}")
+    run.logger.log(step, "samples", {"samples": samples})
