@@ -95,10 +95,10 @@ def load_model_and_tokenizer(model: str, task_type: str, dtype: torch.dtype = to
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         with quiet_transformers():  # its load report is per rank, colour-coded, and wrong where an adapter follows
-            net, info = auto.from_pretrained(path, dtype=dtype, output_loading_info=True, **extra)
+            net, loading_info = auto.from_pretrained(path, dtype=dtype, output_loading_info=True, **extra)
     except (OSError, ValueError) as e:  # no weights or tokenizer files, an unknown architecture, no hub
         raise ConfigError(f"model ({path}) cannot be loaded: {one_line(e)}") from e
-    net.newly_initialized = sorted(info.get("missing_keys", []))  # the caller decides whether to say so
+    net.newly_initialized = sorted(loading_info.get("missing_keys", []))  # the caller decides whether to say so
     if task_type == "seq_cls":
         net = apply_pooling(net, pooling)
     elif tokenizer.pad_token is None:

@@ -150,5 +150,5 @@ def shutdown_distributed() -> None:
         torch.distributed.destroy_process_group()
 
 
-def device_for(info: DistInfo) -> torch.device:
-    return torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+def device_for(dist_info: DistInfo) -> torch.device:
+    return torch.device("cuda", dist_info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
