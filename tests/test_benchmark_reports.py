@@ -2,8 +2,8 @@
 
 import pytest
 
-from benchmarks.accuracy import merge_records, report
-from benchmarks.scaling import efficiency
+from benchmarks.accuracy.accuracy import merge_records, report
+from benchmarks.scaling.scaling import efficiency
 
 
 def rec(world, ep, tps, mode="weak"):
@@ -50,7 +50,7 @@ def dec(dataset, method, seed, accuracy, acc_norm, tau=None, active=None):
 def test_decoder_grid_reports_against_zero_shot_and_runs_baselines_first():
     from argparse import Namespace
 
-    from benchmarks import decoder_accuracy as grid
+    from benchmarks.accuracy import decoder_accuracy as grid
 
     zero = dec("ARC-Easy", "zero_shot", 0, 0.50, 0.46)
     loras = [dec("ARC-Easy", "lora", s, a, a, active=1.0) for s, a in enumerate([0.60, 0.62, 0.64])]
@@ -76,7 +76,7 @@ def link_record(ep_size, ms, predicted, auto):
 
 
 def test_shaped_link_rates_parse_as_tc_writes_them_and_rows_compare_with_the_payload_rate():
-    from benchmarks.shaped_links import parse_rate, summarise, table
+    from benchmarks.placement.shaped_links import parse_rate, summarise, table
 
     assert parse_rate("none") is None
     assert parse_rate("400mbit") == pytest.approx(50e6)  # tc: bits per second
@@ -98,7 +98,7 @@ def test_shaped_link_rates_parse_as_tc_writes_them_and_rows_compare_with_the_pay
 def test_sft_training_run_reads_curves_against_the_step0_evaluation(tmp_path):
     import json
 
-    from benchmarks.sft_training_run import finished, summarise
+    from benchmarks.sft.sft_training_run import finished, summarise
 
     run = tmp_path / "adamole"
     run.mkdir()

@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.py --smoke: the GPU acceptance script's own code, run on the CPU with tiny shapes
+"""benchmarks/gpu/gpu_check.py --smoke: the GPU acceptance script's own code, run on the CPU with tiny shapes
 so it never rots between the GPUs that run it for real."""
 
 import json
@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+GPU_CHECK = REPO / "benchmarks" / "gpu" / "gpu_check.py"
 
 
 @pytest.mark.slow
 def test_gpu_check_smoke_writes_every_section(tmp_path):
     out = tmp_path / "gpu_check.json"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--smoke", "--json", str(out)],
+    proc = subprocess.run([sys.executable, str(GPU_CHECK), "--smoke", "--json", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = json.loads(out.read_text())

@@ -9,7 +9,7 @@ from adamole_dist.base_model.pooling import apply_pooling
 from adamole_dist.config.adapter import AdapterConfig
 from adamole_dist.data import Example
 from adamole_dist.data.tasks import build_task
-from benchmarks.head_warmup import extract_head_inputs, fit_head, head_accuracy, head_scores, validation_curve
+from benchmarks.accuracy.head_warmup import extract_head_inputs, fit_head, head_accuracy, head_scores, validation_curve
 from tests.conftest import make_tiny_bert
 
 

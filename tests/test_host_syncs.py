@@ -1,5 +1,5 @@
 """Host reads of tensors computed in the training step (each one stalls a GPU's launch queue), counted
-on the CPU around ``train_step`` (benchmarks/host_syncs.py): the project's own are a constant per
+on the CPU around ``train_step`` (benchmarks/common/host_syncs.py): the project's own are a constant per
 optimizer step locally -- whatever the depth, the micro batches and capacity -- and add one per
 adapted layer's forward under expert parallelism (the split sizes), one more with capacity."""
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.host_syncs import HostReads
-from benchmarks.local_engine import LocalEngine
+from benchmarks.common.host_syncs import HostReads
+from benchmarks.common.local_engine import LocalEngine
 
 MODULES_PER_LAYER = 4  # q, k, v, o
 

@@ -1,7 +1,7 @@
 """Emulated nodes in their own network namespaces, joined by rate-limited links (tc tbf): the
 network is built and removed without touching the host's interfaces, a gloo job runs across it,
 and its traffic goes over the shaped links. (The bandwidth it recovers and the placement choice
-on it are benchmarks: benchmarks/shaped_links.py.)"""
+on it are benchmarks: benchmarks/placement/shaped_links.py.)"""
 
 import json
 import subprocess
@@ -30,7 +30,7 @@ def our_namespaces(net: ShapedNetwork) -> list[str]:
 
 
 def test_a_job_runs_across_shaped_links_and_the_network_leaves_no_trace():
-    from benchmarks.shaped_links import probe
+    from benchmarks.placement.shaped_links import probe
 
     before = host_links()
     net = ShapedNetwork(nodes=2, prefix="adt", subnet="10.232.0")

@@ -9,7 +9,7 @@ from conftest import make_tiny_llama
 
 from adamole_dist import AdapterConfig, inject_adapters
 from adamole_dist.train.step import PhaseClock, micro_batch_loss, train_step
-from benchmarks.local_engine import LocalEngine
+from benchmarks.common.local_engine import LocalEngine
 
 
 class SquareTask:

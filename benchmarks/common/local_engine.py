@@ -1,4 +1,4 @@
-"""A one-process stand-in for DeepSpeed's engine, so benchmarks/accuracy.py trains through the
+"""A one-process stand-in for DeepSpeed's engine, so benchmarks/accuracy/accuracy.py trains through the
 trainer's own step (adamole_dist/train/step.py) without DeepSpeed: torch AdamW over the given
 parameters, gradient clipping over all of them, a LambdaLR schedule, gradient accumulation with
 the loss scaled by 1/accumulation as DeepSpeed does."""

@@ -1,15 +1,15 @@
 """The GPU acceptance run: one command, one JSON and a table, no downloads (random-initialised models of
 real shapes), meant to finish in under 8 minutes on one GPU.
 
-    python benchmarks/gpu_check.py --json benchmarks/results/gpu_check.json      # on a GPU node
-    python benchmarks/gpu_check.py --smoke --json /tmp/gpu_check.json             # the same code, tiny, on a CPU
+    python benchmarks/gpu/gpu_check.py --json benchmarks/results/gpu_check.json      # on a GPU node
+    python benchmarks/gpu/gpu_check.py --smoke --json /tmp/gpu_check.json             # the same code, tiny, on a CPU
 
 1. layer: one adapted linear, fwd+bwd of base + adapter, d = 4096, 4096 tokens, bf16 and fp32: every
    method (dense and grouped paths where they differ) against PEFT LoRA r=32 on the same device;
 2. train: a ~1.1B-parameter Llama (a config written here) through the trainer's own step under
    DeepSpeed ZeRO-3 at world 1 with the default backend choice, adamole 8 x r=4 against our lora r=32
    against PEFT LoRA r=32: tokens/s, peak device memory, host reads of tensors per step (each a
-   device sync on a GPU; benchmarks/host_syncs.py) and model FLOPs utilisation;
+   device sync on a GPU; benchmarks/common/host_syncs.py) and model FLOPs utilisation;
 3. generate: greedy generation tokens/s with the adapters in the model against the bare model;
 4. what one GPU cannot show, said in the output.
 Every timed region synchronises the device (parallel/device_timer.py) after a warm-up.
@@ -34,8 +34,8 @@ from adamole_dist.parallel.device_timer import synchronize, wall_seconds
 from adamole_dist.runtime.process_group import init_distributed, resolve_backend
 from adamole_dist.train.builders import build_engine, build_expert_optimizer
 from adamole_dist.train.step import train_step
-from benchmarks.host_syncs import HostReads
-from benchmarks.records import write_records
+from benchmarks.common.host_syncs import HostReads
+from benchmarks.common.records import write_records
 
 LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                 num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)  # TinyLlama's shape
@@ -141,59 +141,74 @@ def model_flops_per_token(model, seq: int) -> float:
     return 4 * params + 12 * cfg.num_hidden_layers * seq * cfg.hidden_size
 
 
+def train_system(args, device, info, system: str, method: str, micro: int, seq: int):
+    """A fresh Llama with ``system``'s adapters in a ZeRO-3 engine: (model, adapters or None, engine,
+    expert optimizer, model FLOPs per token, counted before ZeRO-3 partitions the parameters)."""
+    cuda = device.type == "cuda"
+    model = llama(args, device)
+    adapters = None
+    if system == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=32, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS))
+        params = [p for p in model.parameters() if p.requires_grad]
+    else:
+        kw = dict(method="lora", rank=32) if method == "lora" else dict(method="adamole", num_experts=8, rank=4)
+        adapters = inject_adapters(model, AdapterConfig(target_modules=TARGETS, **kw))
+        adapters.expert_module.to(device)
+        params = adapters.engine_parameters()
+    flops_per_token = model_flops_per_token(model, seq)
+    # batch sizes, clipping and AdamW's hyperparameters from a TrainConfig (config/deepspeed.py, as in
+    # training); ZeRO-3 with DeepSpeed's own defaults, bf16 on a GPU, torch's AdamW
+    cfg = TrainConfig(micro_batch_size=micro, gradient_accumulation_steps=1, max_grad_norm=1.0, lr=1e-4)
+    base = {"zero_optimization": {"stage": 3}, "bf16": {"enabled": cuda},
+            "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}
+    engine = build_engine(model, params, build_ds_config(cfg, info.world_size, base=base))
+    expert_opt = build_expert_optimizer(adapters.expert_parameters() if adapters else [], info.world_size, cfg)
+    return model, adapters, engine, expert_opt, flops_per_token
+
+
+def time_train(args, device, info, system: str, method: str, micro: int, seq: int) -> dict:
+    """``system``'s training step timed after --warmup steps: one record. Everything it built is
+    freed when it returns, before the next system's model."""
+    cuda = device.type == "cuda"
+    model, adapters, engine, expert_opt, flops_per_token = train_system(
+        args, device, info, system, method, micro, seq)
+    g = torch.Generator().manual_seed(1)
+    batch = {"input_ids": torch.randint(0, model.config.vocab_size, (micro, seq), generator=g).to(device),
+             "attention_mask": torch.ones(micro, seq, dtype=torch.long, device=device)}
+    coeff = adapters.cfg.aux_loss_coeff if adapters is not None else 0.0
+
+    def step():
+        train_step(engine, RandomTokensLM(), adapters, expert_opt, [batch], coeff)
+
+    for _ in range(args.warmup):
+        step()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    with HostReads() as reads:
+        step()
+    seconds = [wall_seconds(step, device) for _ in range(args.repeats)]
+    s = statistics.median(seconds)
+    tokens_per_s = micro * seq / s
+    peak_tflops = args.peak_tflops or PEAK_TFLOPS.get(device_family(device), (0.0, 0.0))[0 if cuda else 1]
+    record = {"section": "train", "system": system, "method": method, "micro_batch": micro, "seq": seq,
+              "params_total": sum(p.numel() for p in model.parameters()),
+              "step_ms_median": round(1000 * s, 2), "tokens_per_s": round(tokens_per_s, 1),
+              "peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if cuda else None,
+              "host_reads_per_step": reads.by_origin(),
+              "mfu": round(flops_per_token * tokens_per_s / (peak_tflops * 1e12), 4) if peak_tflops else None}
+    if adapters is not None:
+        adapters.context.pop_stats()
+    return record
+
+
 def bench_train(args, device, info) -> list[dict]:
     micro, seq = (2, 16) if args.smoke else (4, 1024)
     cuda = device.type == "cuda"
     records = []
     for system, method in (("adamole_dist", "adamole"), ("adamole_dist", "lora"), ("peft", "lora")):
-        model = llama(args, device)
-        adapters = None
-        if system == "peft":
-            from peft import LoraConfig, get_peft_model
-
-            model = get_peft_model(model, LoraConfig(r=32, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS))
-            params = [p for p in model.parameters() if p.requires_grad]
-        else:
-            kw = dict(method="lora", rank=32) if method == "lora" else dict(method="adamole", num_experts=8, rank=4)
-            adapters = inject_adapters(model, AdapterConfig(target_modules=TARGETS, **kw))
-            adapters.expert_module.to(device)
-            params = adapters.engine_parameters()
-        flops_per_token = model_flops_per_token(model, seq)
-        # batch sizes, clipping and AdamW's hyperparameters from a TrainConfig (config/deepspeed.py, as in
-        # training); ZeRO-3 with DeepSpeed's own defaults, bf16 on a GPU, torch's AdamW
-        cfg = TrainConfig(micro_batch_size=micro, gradient_accumulation_steps=1, max_grad_norm=1.0, lr=1e-4)
-        base = {"zero_optimization": {"stage": 3}, "bf16": {"enabled": cuda},
-                "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}
-        engine = build_engine(model, params, build_ds_config(cfg, info.world_size, base=base))
-        expert_opt = build_expert_optimizer(adapters.expert_parameters() if adapters else [], info.world_size, cfg)
-        g = torch.Generator().manual_seed(1)
-        batch = {"input_ids": torch.randint(0, model.config.vocab_size, (micro, seq), generator=g).to(device),
-                 "attention_mask": torch.ones(micro, seq, dtype=torch.long, device=device)}
-        coeff = adapters.cfg.aux_loss_coeff if adapters is not None else 0.0
-
-        def step():
-            train_step(engine, RandomTokensLM(), adapters, expert_opt, [batch], coeff)
-
-        for _ in range(args.warmup):
-            step()
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        with HostReads() as reads:
-            step()
-        seconds = [wall_seconds(step, device) for _ in range(args.repeats)]
-        s = statistics.median(seconds)
-        tokens_per_s = micro * seq / s
-        peak_tflops = args.peak_tflops or PEAK_TFLOPS.get(device_family(device), (0.0, 0.0))[0 if cuda else 1]
-        records.append({"section": "train", "system": system, "method": method, "micro_batch": micro, "seq": seq,
-                        "params_total": sum(p.numel() for p in model.parameters()),
-                        "step_ms_median": round(1000 * s, 2), "tokens_per_s": round(tokens_per_s, 1),
-                        "peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if cuda else None,
-                        "host_reads_per_step": reads.by_origin(),
-                        "mfu": round(flops_per_token * tokens_per_s / (peak_tflops * 1e12), 4) if peak_tflops
-                        else None})
-        if adapters is not None:
-            adapters.context.pop_stats()
-        engine = model = adapters = expert_opt = None  # free before the next system's model
+        records.append(time_train(args, device, info, system, method, micro, seq))
         if cuda:
             torch.cuda.empty_cache()
     peft = next(r for r in records if r["system"] == "peft")
@@ -256,7 +271,7 @@ def print_table(records: list[dict]) -> None:
             print("  ".join(f"{str(r.get(c)):>14}" for c in columns))
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, the same code (runs on a CPU in seconds)")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default 10, smoke 2)")
@@ -267,6 +282,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.repeats = args.repeats or (2 if args.smoke else 10)
     args.warmup = args.warmup or (1 if args.smoke else 3)
+    return args
+
+
+def run(args) -> list[dict]:
+    """The device record (with the seconds it all took) and every --sections record."""
     t0 = time.perf_counter()
     info = init_distributed()
     device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
@@ -284,11 +304,21 @@ def main(argv=None) -> int:
             synchronize(device)
             print(f"{name}: done at {time.perf_counter() - t0:.0f} s", flush=True)
     head["seconds"] = round(time.perf_counter() - t0, 1)
+    return records
+
+
+def report(records: list[dict], args) -> None:
+    head = records[0]
     print(f"device: {head['device']} ({head['backend']}), {head['seconds']} s")
     print_table(records)
     print("\nnot shown by one GPU:\n" + "\n".join(f"  - {c}" for c in CANNOT_SHOW))
     if args.json:
         write_records(args.json, records, announce=True)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    report(run(args), args)
     return 0
 
 

@@ -1,8 +1,8 @@
 """Forward+backward time of one adapted linear layer's adapter, per method, on the same inputs.
 
-    python benchmarks/layer_bench.py                      # d=2048, N=8, r=4, 4096 tokens, 2 threads
-    python benchmarks/layer_bench.py --json out.json      # also write the records
-    python benchmarks/layer_bench.py --sweep-paths        # dense vs grouped crossover (backs experts.py's rule)
+    python benchmarks/layer/layer_bench.py                      # d=2048, N=8, r=4, 4096 tokens, 2 threads
+    python benchmarks/layer/layer_bench.py --json out.json      # also write the records
+    python benchmarks/layer/layer_bench.py --sweep-paths        # dense vs grouped crossover (backs experts.py's rule)
 
 Times the adapter's contribution (routing, experts, combine, aux loss; the frozen base matmul
 is reported once as ``base_linear`` for scale). ``lora`` has rank N*r. ``loop_reference`` is a
@@ -24,8 +24,8 @@ from adamole_dist.config.adapter import AdapterConfig
 from adamole_dist.moe.experts import GROUPED_PAIR_COST, choose_compute_path
 from adamole_dist.moe.routing_stats import summarize_stats
 from adamole_dist.parallel.device_timer import timed
-from benchmarks.loop_reference import LoopAdaMoLE
-from benchmarks.records import write_records
+from benchmarks.common.records import write_records
+from benchmarks.layer.loop_reference import LoopAdaMoLE
 
 MOE_METHODS = ["mole_topk", "mole_threshold", "sira", "adamole"]
 
@@ -185,7 +185,7 @@ def sweep_paths(args) -> list[dict]:
     return recs
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--d", type=int, default=2048, help="input = output features of the layer")
     ap.add_argument("--num_experts", type=int, default=8)
@@ -198,11 +198,23 @@ def main() -> None:
     ap.add_argument("--sweep-paths", action="store_true", help="time dense vs grouped over N, r, k instead")
     ap.add_argument("--sweep-repeats", type=int, default=5)
     ap.add_argument("--json", type=Path, help="write the records to this JSON file")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def run(args) -> list[dict]:
+    """Every method on the same inputs (its table printed), or with --sweep-paths the path sweep."""
     torch.set_num_threads(args.threads)
-    recs = sweep_paths(args) if args.sweep_paths else main_methods(args)
+    return sweep_paths(args) if args.sweep_paths else main_methods(args)
+
+
+def report(recs: list[dict], args) -> None:
     if args.json:
         write_records(args.json, recs, announce=True)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    report(run(args), args)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 has not seen, across expert count, rank per expert, tokens per rank, node count and an expert
 memory budget.
 
-    python benchmarks/crossover.py                 # markdown tables (benchmarks/README.md has them)
-    python benchmarks/crossover.py --json crossover.json
+    python benchmarks/placement/crossover.py                 # markdown tables (benchmarks/README.md has them)
+    python benchmarks/placement/crossover.py --json crossover.json
 
 The model is costmodel/placement.py's, with rates from published figures instead of a calibration
 (stated in CLUSTER and gpu_compute below): H100 SXM nodes of 8 GPUs, NVLink 4 inside a node,
@@ -17,7 +17,7 @@ import argparse
 from pathlib import Path
 
 from adamole_dist.costmodel.placement import CommModel, ComputeModel, Workload, choose_ep_size, predict_replicated
-from benchmarks.records import write_records
+from benchmarks.common.records import write_records
 
 GPUS_PER_NODE = 8
 # Published figures: NVLink 4 is 900 GB/s per H100, 450 GB/s each way; a ConnectX-7 NDR port is
@@ -81,7 +81,7 @@ def tables(records: list[dict]) -> str:
     return "\n".join(out)
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experts", default="8,64,256")
     ap.add_argument("--ranks", default="4,64")
@@ -89,7 +89,11 @@ def main() -> None:
     ap.add_argument("--nodes", default="1,8,64")
     ap.add_argument("--budgets_gb", default="0,20", help="expert memory per GPU (0 = none)")
     ap.add_argument("--json", type=Path)
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def run(args) -> list[dict]:
+    """The cost model's decision for every combination of the grid's values."""
     records = []
     for n in map(int, args.experts.split(",")):
         for label, active in (("top-2 routing", 2.0), ("AdaMoLE-like dense routing (N/2 active)", n / 2)):
@@ -99,9 +103,18 @@ def main() -> None:
                         for b in map(float, args.budgets_gb.split(",")):
                             d = decide(n, r, t, nodes, active, b or None)
                             records.append({**d, "avg_active_label": label})
+    return records
+
+
+def report(records: list[dict], args) -> None:
     print(tables(records))
     if args.json:
         write_records(args.json, records, announce=True)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    report(run(args), args)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Launch on 2 CPU ranks (gloo):
 
-    torchrun --nproc_per_node 2 benchmarks/dispatch_bench.py --json dispatch.json
+    torchrun --nproc_per_node 2 benchmarks/placement/dispatch_bench.py --json dispatch.json
 
 Per training step of one adapted linear with tokens_per_rank tokens on every rank (route,
 experts, dispatch, backward, and the trainer's expert optimizer step: gradients all-reduced over
@@ -41,7 +41,7 @@ from adamole_dist.parallel.ep_dispatcher import overlap_enabled, wire_bytes
 from adamole_dist.parallel.layout import build_layout
 from adamole_dist.train.builders import build_dispatcher, build_expert_optimizer
 from adamole_dist.train.reporting import routing_over_ranks
-from benchmarks.records import write_records
+from benchmarks.common.records import write_records
 
 DEVICE = torch.device("cpu")  # gloo, CPU tensors
 
@@ -60,11 +60,9 @@ def all_sum(value: float) -> float:
     return collectives.sum_over_ranks([value])[0]
 
 
-def bench(args, ep_size: int) -> dict:
-    rank, world = dist.get_rank(), dist.get_world_size()
-    layout = build_layout(ep_size, args.num_experts)
-    dispatcher = build_dispatcher(layout, args.dispatch_dtype, args.overlap, DEVICE)
-    cfg = adapter_config(args)
+def adapted_layer(args, cfg: AdapterConfig, layout, dispatcher, rank: int):
+    """The adapted linear (its experts this rank's slice, B non-zero) and this rank's own tokens and
+    output gradient."""
     torch.manual_seed(0)
     base = nn.Linear(args.hidden, args.hidden, bias=False).requires_grad_(False)
     layer = adapt_linear(base, cfg, dispatcher=dispatcher, expert_slice=layout.expert_slice(args.num_experts))
@@ -73,8 +71,13 @@ def bench(args, ep_size: int) -> dict:
     torch.manual_seed(100 + rank)  # every rank its own tokens
     x = torch.randn(args.tokens_per_rank, args.hidden)
     grad = torch.randn(args.tokens_per_rank, args.hidden)
+    return layer, x, grad
+
+
+def time_steps(args, ep_size: int, layer, dispatcher, cfg: AdapterConfig, expert_opt, x, grad, layout) -> dict:
+    """--warmup untimed steps, then --steps timed ones: per timed step the step and all-to-all
+    seconds, the forward phases, the bytes sent to other ranks and their minimum (summed over ranks)."""
     counters = dispatcher.counters
-    expert_opt = build_expert_optimizer(list(layer.experts.parameters()), world, TrainConfig(lr=1e-4), layout)
     steps, a2a, phases, sent, minimum = [], [], {}, [], []
     for it in range(args.warmup + args.steps):
         xx = x.clone().requires_grad_(True)
@@ -104,6 +107,18 @@ def bench(args, ep_size: int) -> dict:
         fwd_min = expected_min_bytes(kept, ep_size, layout.ep_rank, args.hidden, args.hidden, x.element_size()) \
             if ep_size > 1 else 0
         minimum.append(all_sum(2 * fwd_min))
+    return {"steps": steps, "a2a": a2a, "phases": phases, "sent": sent, "minimum": minimum}
+
+
+def bench(args, ep_size: int) -> dict:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    layout = build_layout(ep_size, args.num_experts)
+    dispatcher = build_dispatcher(layout, args.dispatch_dtype, args.overlap, DEVICE)
+    cfg = adapter_config(args)
+    layer, x, grad = adapted_layer(args, cfg, layout, dispatcher, rank)
+    expert_opt = build_expert_optimizer(list(layer.experts.parameters()), world, TrainConfig(lr=1e-4), layout)
+    t = time_steps(args, ep_size, layer, dispatcher, cfg, expert_opt, x, grad, layout)
+    steps, a2a, phases, sent, minimum = t["steps"], t["a2a"], t["phases"], t["sent"], t["minimum"]
     overall = routing_over_ranks(layer.context.pop_stats(), has_tau=False)["layers"][layer.adapter_name]
     dropped, active = overall["dropped_fraction"], overall["mean_active_experts"]
     med = lambda v: 1000 * statistics.median(v)  # noqa: E731
@@ -150,7 +165,7 @@ def predict(args, cfg, ep_size: int, world: int, active: float, dispatcher) -> d
             "calibration": calibration_record(comm, comp)}
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--tokens_per_rank", type=int, default=4096)
@@ -172,32 +187,48 @@ def main() -> None:
                     help="keep: reuse freed host memory (ops/host_memory.py, as the trainer does); "
                          "system: glibc's default")
     ap.add_argument("--json", type=Path)
-    args = ap.parse_args()
-    if args.host_memory == "keep":
-        keep_freed_host_memory()
-    torch.set_num_threads(args.threads)
-    dist.init_process_group("gloo")
+    return ap.parse_args(argv)
+
+
+def run(args) -> tuple[list[dict], str | None]:
+    """One record per --ep_sizes entry (collective: every rank), each with what --ep_size auto picks
+    here when the world has 2+ ranks; and why it picks it."""
     world = dist.get_world_size()
     sizes = [world if s == "world" else int(s) for s in args.ep_sizes.split(",")]
     records = [bench(args, ep) for ep in sizes]
+    why = None
     if world > 1:
         auto_ep_size, why = auto_choice(args, world, max(r["avg_active_experts"] for r in records))
         for r in records:
             r["auto_ep_size"] = auto_ep_size
+    return records, why
+
+
+def report(records: list[dict], why: str | None, args) -> None:
+    print(f"{'ep':>3}{'world':>6}{'tokens':>8}{'active':>8}{'MB sent':>10}{'MB min':>9}{'sent/min':>9}"
+          f"{'step ms':>9}{'pred ms':>9}{'err%':>6}{'a2a ms':>8}{'drop%':>7}   forward phases (ms)")
+    for r in records:
+        ratio = r["bytes_sent"] / r["bytes_min"] if r["bytes_min"] else float("nan")
+        phases = " ".join(f"{k} {v:.1f}" for k, v in r["ms_phase_median"].items())
+        print(f"{r['ep_size']:>3}{r['world']:>6}{r['tokens_per_rank']:>8}{r['avg_active_experts']:>8.2f}"
+              f"{r['bytes_sent'] / 1e6:>10.2f}{r['bytes_min'] / 1e6:>9.2f}{ratio:>9.4f}"
+              f"{r['ms_step_median']:>9.1f}{r['predicted_ms_step']:>9.1f}{100 * r['prediction_error']:>6.1f}"
+              f"{r['ms_a2a_median']:>8.1f}{100 * r['dropped_fraction']:>7.2f}   {phases}")
+    if why is not None:
+        print(f"--ep_size auto: {why}")
+    if args.json:
+        write_records(args.json, records, announce=True)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.host_memory == "keep":
+        keep_freed_host_memory()
+    torch.set_num_threads(args.threads)
+    dist.init_process_group("gloo")
+    records, why = run(args)
     if dist.get_rank() == 0:
-        print(f"{'ep':>3}{'world':>6}{'tokens':>8}{'active':>8}{'MB sent':>10}{'MB min':>9}{'sent/min':>9}"
-              f"{'step ms':>9}{'pred ms':>9}{'err%':>6}{'a2a ms':>8}{'drop%':>7}   forward phases (ms)")
-        for r in records:
-            ratio = r["bytes_sent"] / r["bytes_min"] if r["bytes_min"] else float("nan")
-            phases = " ".join(f"{k} {v:.1f}" for k, v in r["ms_phase_median"].items())
-            print(f"{r['ep_size']:>3}{r['world']:>6}{r['tokens_per_rank']:>8}{r['avg_active_experts']:>8.2f}"
-                  f"{r['bytes_sent'] / 1e6:>10.2f}{r['bytes_min'] / 1e6:>9.2f}{ratio:>9.4f}"
-                  f"{r['ms_step_median']:>9.1f}{r['predicted_ms_step']:>9.1f}{100 * r['prediction_error']:>6.1f}"
-                  f"{r['ms_a2a_median']:>8.1f}{100 * r['dropped_fraction']:>7.2f}   {phases}")
-        if world > 1:
-            print(f"--ep_size auto: {why}")
-        if args.json:
-            write_records(args.json, records, announce=True)
+        report(records, why, args)
     collectives.barrier()
     dist.destroy_process_group()
 

@@ -1,6 +1,6 @@
 """The placement cost model against links of a known speed.
 
-    python benchmarks/shaped_links.py --rates none,400mbit,100mbit --json results/shaped_links.json
+    python benchmarks/placement/shaped_links.py --rates none,400mbit,100mbit --json results/shaped_links.json
 
 Two emulated nodes, each its own network namespace joined through a switch namespace
 (tests/shaped_network.py; needs root and iproute2), one rank per node. For every link rate it
@@ -36,10 +36,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.records import write_records
+from benchmarks.common.records import write_records
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # the cluster harnesses of tests/ (not a package)
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))  # the test suite's network harness (tests.helpers), from a checkout
+DISPATCH_BENCH = str(REPO / "benchmarks" / "placement" / "dispatch_bench.py")
 
 LAYER = ["--hidden", "1024", "--num_experts", "8", "--rank", "32", "--method", "mole_topk", "--top_k", "1",
          "--tokens_per_rank", "32"]
@@ -102,7 +103,7 @@ def probe(net, nbytes: int, port: int, timeout: float) -> dict:
 
 
 def summarise(rate: float | None, link: dict, records: list[dict]) -> dict:
-    from shaped_network import payload_rate
+    from tests.helpers.shaped_network import payload_rate
 
     by_ep = {r["ep_size"]: r for r in records}
     rep, ep = by_ep[1], by_ep[max(by_ep)]
@@ -139,7 +140,8 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
+    """The options, and the rest: extra dispatch_bench flags for the layer."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rates", default="none,400mbit,100mbit",
                     help="link rates, comma separated: none (unshaped), <n>mbit/<n>gbit, or bytes/s")
@@ -150,10 +152,12 @@ def main() -> None:
                     help="bytes of the link probe's all-reduce and all-to-all (well above the token bucket)")
     ap.add_argument("--probe_worker", type=int, help=argparse.SUPPRESS)  # one rank of the probe
     ap.add_argument("--json", type=Path)
-    args, layer = ap.parse_known_args()
-    if args.probe_worker:
-        return probe_worker(args.probe_worker)
-    from shaped_network import ShapedNetwork, has_netem, missing_tools
+    return ap.parse_known_args(argv)
+
+
+def run(args, layer: list[str]) -> list[dict]:
+    """One row per --rates entry: the link probed, then dispatch_bench across it."""
+    from tests.helpers.shaped_network import ShapedNetwork, missing_tools
 
     missing = missing_tools()
     if missing:
@@ -168,13 +172,26 @@ def main() -> None:
             print(f"== link {text}: probe of {args.probe_bytes} bytes", flush=True)
             link = probe(net, args.probe_bytes, args.port + 2 * i, args.timeout)
             print(f"== link {text}: dispatch_bench {' '.join(bench_args)}", flush=True)
-            run_across(net, [sys.executable, str(REPO / "benchmarks" / "dispatch_bench.py"), *bench_args,
-                             "--json", str(out)], args.port + 2 * i + 1, args.timeout)
+            run_across(net, [sys.executable, DISPATCH_BENCH, *bench_args, "--json", str(out)], args.port + 2 * i + 1,
+                       args.timeout)
             rows.append(summarise(rate, link, json.loads(out.read_text())))
+    return rows
+
+
+def report(rows: list[dict], args) -> None:
+    from tests.helpers.shaped_network import has_netem
+
     print(table(rows))
     print(f"netem (latency) available: {has_netem()}")
     if args.json:
         write_records(args.json, rows, announce=True)
+
+
+def main(argv=None) -> None:
+    args, layer = parse_args(argv)
+    if args.probe_worker:
+        return probe_worker(args.probe_worker)
+    report(run(args, layer), args)
 
 
 if __name__ == "__main__":

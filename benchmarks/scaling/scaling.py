@@ -1,13 +1,13 @@
 """Scaling: training throughput and step breakdown over world sizes, ep_size in {1, world}.
 
-Local (one machine; launches benchmarks/step_worker.py with torchrun per configuration):
+Local (one machine; launches benchmarks/scaling/step_worker.py with torchrun per configuration):
 
-    python benchmarks/scaling.py --worlds 1,2 --json benchmarks/results/scaling.json
+    python benchmarks/scaling/scaling.py --worlds 1,2 --json benchmarks/results/scaling.json
 
 On a cluster (one allocation per node count, appending to one JSON/CSV; see benchmarks/README.md):
 
     for n in 1 2 4 8; do sbatch --nodes $n --ntasks-per-node 8 --gpus-per-node 8 launch/slurm/scaling.sbatch; done
-    python benchmarks/scaling.py --report runs/scaling.json --plot scaling.png
+    python benchmarks/scaling/scaling.py --report runs/scaling.json --plot scaling.png
 
 Each configuration runs weak scaling (fixed examples per rank) and strong scaling (fixed global
 batch). Efficiency compares tokens/s with world w against w times the world-1 (or fewest-nodes)
@@ -26,11 +26,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
-from benchmarks.records import write_records
+from benchmarks.common.records import write_records
 
-WORKER = str(REPO / "benchmarks" / "step_worker.py")
+WORKER = str(REPO / "benchmarks" / "scaling" / "step_worker.py")
 
 
 def run_config(world: int, ep: int, mode: str, args, out: Path) -> None:
@@ -144,7 +144,7 @@ def plot(records: list[dict], path: Path) -> None:
     print(f"wrote {path}")
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worlds", default="1,2")
     ap.add_argument("--modes", default="weak,strong")
@@ -157,7 +157,12 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=REPO / "runs" / "scaling.json")
     ap.add_argument("--report", type=Path, help="only print the tables (and --plot) of an existing JSON")
     ap.add_argument("--plot", type=Path)
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def run(args) -> list[dict]:
+    """Every configuration run into --json (unless --report), then the records with their
+    efficiency, written back."""
     if not args.report:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.unlink(missing_ok=True)
@@ -168,11 +173,20 @@ def main() -> None:
                     run_config(world, ep, mode, args, args.json)
     records = efficiency(json.loads((args.report or args.json).read_text()))
     write_records(args.report or args.json, records)
+    return records
+
+
+def report(records: list[dict], args) -> None:
     print(table(records))
     print(validation(records))
     print(zero3_memory(records))
     if args.plot:
         plot(records, args.plot)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    report(run(args), args)
 
 
 if __name__ == "__main__":

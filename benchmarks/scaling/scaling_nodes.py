@@ -1,6 +1,6 @@
 """The scaling series by node count, on SLURM nodes emulated on this machine.
 
-    python benchmarks/scaling_nodes.py --nodes 1,2,4 --json results/scaling_nodes.json \
+    python benchmarks/scaling/scaling_nodes.py --nodes 1,2,4 --json results/scaling_nodes.json \
         --plot results/scaling_nodes.png
 
 Starts the test suite's SLURM cluster (tests/slurm_cluster.py: munged, slurmctld and one
@@ -24,14 +24,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.records import write_records
-from benchmarks.scaling import efficiency, plot, table, validation
+from benchmarks.common.records import write_records
+from benchmarks.scaling.scaling import efficiency, plot, table, validation
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # the cluster harnesses of tests/ (not a package)
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))  # the test suite's cluster harness (tests.helpers), from a checkout
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nodes", default="1,2,4", help="node counts, one job each")
     ap.add_argument("--batch", type=int, default=4, help="examples per rank (weak); strong uses 8x that in all")
@@ -39,8 +39,13 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=1800, help="seconds to wait for each job")
     ap.add_argument("--json", type=Path, default=REPO / "runs" / "scaling_nodes.json")
     ap.add_argument("--plot", type=Path)
-    args = ap.parse_args()
-    from slurm_cluster import SlurmCluster, missing_tools
+    return ap.parse_args(argv)
+
+
+def run(args) -> list[dict]:
+    """One sbatch job per node count on the emulated cluster, appending to --json; the records with
+    their efficiency, written back."""
+    from tests.helpers.slurm_cluster import SlurmCluster, missing_tools
 
     missing = missing_tools()
     if missing:
@@ -71,10 +76,19 @@ def main() -> None:
             cluster.stop()
     records = efficiency(json.loads(args.json.read_text()))
     write_records(args.json, records)
+    return records
+
+
+def report(records: list[dict], args) -> None:
     print(table(records))
     print(validation(records))
     if args.plot:
         plot(records, args.plot)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    report(run(args), args)
 
 
 if __name__ == "__main__":

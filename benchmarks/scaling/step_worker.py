@@ -1,8 +1,8 @@
 """One measured training run (under any launcher): the worker behind scaling.py and e2e_compare.py.
 
-    torchrun --nproc_per_node 2 benchmarks/step_worker.py --system adamole_dist --method adamole \
+    torchrun --nproc_per_node 2 benchmarks/scaling/step_worker.py --system adamole_dist --method adamole \
         --ep_size 2 --json out.json
-    srun python benchmarks/step_worker.py ...          # inside launch/slurm/scaling.sbatch
+    srun python benchmarks/scaling/step_worker.py ...          # inside launch/slurm/scaling.sbatch
 
 Builds MiniLM-L6 (offline) with adapters — ours (`adamole_dist`) or Hugging Face PEFT's LoRA
 (`peft`, same rank and targets) — wraps it in a DeepSpeed ZeRO-3 engine and runs the same
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.records import read_records, write_records
+from benchmarks.common.records import read_records, write_records
 
 # DeepSpeed calls torch.distributed functions that torch 2.13 deprecates, once per step.
 warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+.* is deprecated", category=FutureWarning)
@@ -100,7 +100,7 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--system", choices=("adamole_dist", "peft"), default="adamole_dist")
     ap.add_argument("--method", default="adamole", help="adamole_dist: any method; peft: lora")
@@ -123,50 +123,58 @@ def main() -> None:
                     help="keep: reuse freed host memory, as the trainer does (--host_memory)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--csv", type=Path)
-    args = ap.parse_args()
-    if args.host_memory == "keep":
-        keep_freed_host_memory()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    info = init_distributed()
-    from deepspeed.comm.comm import comms_logger
+    return ap.parse_args(argv)
 
-    world = info.world_size
-    layout = build_layout(args.ep_size, N)
-    per_rank = args.batch if args.mode == "weak" else max(1, args.batch // world)
-    torch.manual_seed(0)
-    model, tokenizer, task_type, adapters, params = build(args, layout)
-    cfg = TrainConfig(micro_batch_size=per_rank, gradient_accumulation_steps=1, max_grad_norm=1.0, lr=1e-4,
-                      max_length=args.max_length)
-    engine = build_engine(model, params, build_ds_config(cfg, world, base=DS_BASE))
-    expert_opt = build_expert_optimizer(adapters.expert_parameters() if adapters else [], world, cfg, layout)
-    task = build_task_for(cfg, task_type, tokenizer, engine.device)
-    examples = load_examples("builtin:word_categories", "train")
-    dispatcher = next(iter(adapters.layers.values())).dispatcher if adapters else None
-    counters = dispatcher.counters if dispatcher is not None else None
-    aux_loss_coeff = adapters.cfg.aux_loss_coeff if adapters is not None else 0.0
 
-    def batch_at(it: int) -> dict:
-        start = (it * world + info.rank) * per_rank
-        return task.collate([examples[(start + i) % len(examples)] for i in range(per_rank)])
+class Job:
+    """This rank's part of the run: the model with its adapters in a DeepSpeed engine, the expert
+    optimizer, the task and the examples every step draws from."""
 
-    predicting = args.predict and adapters is not None and adapters.cfg.is_moe
+    def __init__(self, args, info) -> None:
+        self.world, self.rank = info.world_size, info.rank
+        self.layout = build_layout(args.ep_size, N)
+        self.per_rank = args.batch if args.mode == "weak" else max(1, args.batch // self.world)
+        torch.manual_seed(0)
+        model, tokenizer, task_type, adapters, params = build(args, self.layout)
+        cfg = TrainConfig(micro_batch_size=self.per_rank, gradient_accumulation_steps=1, max_grad_norm=1.0, lr=1e-4,
+                          max_length=args.max_length)
+        self.adapters = adapters
+        self.engine = build_engine(model, params, build_ds_config(cfg, self.world, base=DS_BASE))
+        self.expert_opt = build_expert_optimizer(adapters.expert_parameters() if adapters else [], self.world, cfg,
+                                                 self.layout)
+        self.task = build_task_for(cfg, task_type, tokenizer, self.engine.device)
+        self.examples = load_examples("builtin:word_categories", "train")
+        self.dispatcher = next(iter(adapters.layers.values())).dispatcher if adapters else None
+        self.counters = self.dispatcher.counters if self.dispatcher is not None else None
+        self.aux_loss_coeff = adapters.cfg.aux_loss_coeff if adapters is not None else 0.0
+        self.predicting = args.predict and adapters is not None and adapters.cfg.is_moe
+
+    def batch_at(self, it: int) -> dict:
+        start = (it * self.world + self.rank) * self.per_rank
+        return self.task.collate([self.examples[(start + i) % len(self.examples)] for i in range(self.per_rank)])
+
+
+def measure(args, job: Job, comms_logger) -> tuple[dict[str, list[float]], list[float], int, float | None]:
+    """--warmup untimed steps, then --steps timed ones: seconds per phase and real tokens of every
+    timed step, the positions of a batch, and (predicting) the median step with the experts off in ms."""
+    engine, task, adapters, counters = job.engine, job.task, job.adapters, job.counters
     base_ms = None
     clock = PhaseClock(engine.device)
     phases: dict[str, list[float]] = {k: [] for k in ("step", "forward", "backward", "optimizer", "a2a", "zero_comm")}
     tokens = []
     engine.train()
     for it in range(args.warmup + args.steps):
-        if predicting and it == args.warmup:  # warm now: the measured steps' batches with the experts off
-            base_ms = time_without_experts(engine, task, adapters, lambda i: batch_at(args.warmup + i), aux_loss_coeff,
-                                           args.steps)
-        batch = batch_at(it)
+        if job.predicting and it == args.warmup:  # warm now: the measured steps' batches with the experts off
+            base_ms = time_without_experts(engine, task, adapters, lambda i: job.batch_at(args.warmup + i),
+                                           job.aux_loss_coeff, args.steps)
+        batch = job.batch_at(it)
         zero_before = comm_ms_total(comms_logger.comms_dict, ZERO_OPS)
         if counters is not None:
             counters.reset()
         collectives.barrier()
         clock.reset()
         with timed(engine.device) as elapsed:
-            train_step(engine, task, adapters, expert_opt, [batch], aux_loss_coeff, clock)  # the trainer's step
+            train_step(engine, task, adapters, job.expert_opt, [batch], job.aux_loss_coeff, clock)  # the trainer's step
         step_s = elapsed.seconds
         if it < args.warmup:
             continue
@@ -177,37 +185,68 @@ def main() -> None:
         phases["zero_comm"].append((comm_ms_total(comms_logger.comms_dict, ZERO_OPS) - zero_before) / 1000)
         tokens.append(float(batch["attention_mask"].sum()))
         positions = batch["attention_mask"].numel()  # the experts run on every position, padding too
+    return phases, tokens, positions, base_ms
+
+
+def summarise(args, job: Job, phases: dict[str, list[float]], tokens: list[float], positions: int,
+              base_ms: float | None) -> dict:
+    """The run's record (collective: every rank computes the same one)."""
+    world = job.world
     # Totals over ranks: tokens per step; per rank: the breakdown of rank 0, memory of every rank.
     tokens_per_step = collectives.sum_over_ranks([statistics.mean(tokens)])[0]
-    mine = {"peak_mem_mb": peak_memory_mb(), **param_bytes(engine.module)}
+    mine = {"peak_mem_mb": peak_memory_mb(), **param_bytes(job.engine.module)}
     everyone = collectives.all_gather_objects(mine)
     record = {
         "system": args.system, "method": args.method if args.system == "adamole_dist" else "lora",
         "world": world, "nodes": args.nodes, "ep_size": args.ep_size, "mode": args.mode,
-        "examples_per_rank": per_rank, "tokens_per_step": tokens_per_step,
+        "examples_per_rank": job.per_rank, "tokens_per_step": tokens_per_step,
         "tokens_per_s": tokens_per_step / statistics.median(phases["step"]),
         **{f"{k}_ms": 1000 * statistics.median(v) for k, v in phases.items()},
         "peak_mem_mb_max": max(e["peak_mem_mb"] for e in everyone),
         "frozen_bytes_local_max": max(e["frozen_local"] for e in everyone),
         "frozen_bytes_full": everyone[0]["frozen_full"],
         "device": DEVICE.type, "threads": torch.get_num_threads(), "host_memory": args.host_memory,
-        "overlap": getattr(dispatcher, "overlap", None),
+        "overlap": getattr(job.dispatcher, "overlap", None),
     }
-    if predicting:
-        record.update(predict_this_run(adapters, positions, tokens_per_step / world / positions, layout, world,
+    if job.predicting:
+        record.update(predict_this_run(job.adapters, positions, tokens_per_step / world / positions, job.layout, world,
                                        base_ms))
         record["prediction_error"] = round(record["predicted_ms_step"] / record["step_ms"] - 1, 4)
+    return record
+
+
+def run(args, info) -> dict:
+    """The measured run on this rank (collective: every rank calls it); returns the run's record."""
+    from deepspeed.comm.comm import comms_logger
+
+    job = Job(args, info)
+    phases, tokens, positions, base_ms = measure(args, job, comms_logger)
+    return summarise(args, job, phases, tokens, positions, base_ms)
+
+
+def report(record: dict, args) -> None:
+    """Rank 0: the record printed as JSON, appended to --json and --csv."""
+    print(json.dumps(record))
+    if args.json:
+        write_records(args.json, read_records(args.json) + [record])
+    if args.csv:
+        new_file = not args.csv.exists()
+        with args.csv.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(record))
+            if new_file:
+                writer.writeheader()
+            writer.writerow(record)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.host_memory == "keep":
+        keep_freed_host_memory()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    info = init_distributed()
+    record = run(args, info)
     if info.is_main:
-        print(json.dumps(record))
-        if args.json:
-            write_records(args.json, read_records(args.json) + [record])
-        if args.csv:
-            new_file = not args.csv.exists()
-            with args.csv.open("a", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(record))
-                if new_file:
-                    writer.writeheader()
-                writer.writerow(record)
+        report(record, args)
     collectives.barrier()
 
 

