@@ -3,7 +3,7 @@
     python benchmarks/placement/shaped_links.py --rates none,400mbit,100mbit --json results/shaped_links.json
 
 Two emulated nodes, each its own network namespace joined through a switch namespace
-(tests/shaped_network.py; needs root and iproute2), one rank per node. For every link rate it
+(tests/helpers/shaped_network.py; needs root and iproute2), one rank per node. For every link rate it
 shapes both directions of both links with ``tc tbf`` and runs ``dispatch_bench.py`` across the two
 nodes: the replicated step and the expert-parallel one, each with the cost model calibrated on the
 shaped group at start-up, and what ``--ep_size auto`` would choose there. The table shows, per

@@ -3,7 +3,7 @@
     python benchmarks/scaling/scaling_nodes.py --nodes 1,2,4 --json results/scaling_nodes.json \
         --plot results/scaling_nodes.png
 
-Starts the test suite's SLURM cluster (tests/slurm_cluster.py: munged, slurmctld and one
+Starts the test suite's SLURM cluster (tests/helpers/slurm_cluster.py: munged, slurmctld and one
 ``slurmd -N`` per emulated node, all on this host; needs root and Debian's slurm-wlm and munge),
 submits ``launch/slurm/scaling.sbatch`` once per node count with one task per node (weak and
 strong, replicated and expert parallel over every rank), waits for each, and prints

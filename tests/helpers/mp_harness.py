@@ -6,7 +6,8 @@ import os
 import traceback
 
 import torch.multiprocessing as mp
-from launch_utils import free_port
+
+from tests.helpers.launch_utils import free_port
 
 
 def _entry(fn, rank, world, port, args, errors):

@@ -1,4 +1,4 @@
-"""Adapter directories for loader and generation tests: a tiny Llama folder (tests/tiny_models.py)
+"""Adapter directories for loader and generation tests: a tiny Llama folder (tests/helpers/tiny_models.py)
 with an adapter injected, its weights randomised (a fresh adapter's lora_B is zero, so it would
 change nothing), and saved as training saves it (files.save_adapter)."""
 

@@ -22,9 +22,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from launch_utils import free_port
-
 from adamole_dist.runtime.stopping import parent_pid, process_cmdline
+from tests.helpers.launch_utils import free_port
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "sinfo")
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from mp_harness import run_ranks
-from test_expert_parallel import tiny_llama
 
 from adamole_dist import AdapterConfig
 from adamole_dist.adapters.inject import inject_adapters
 from adamole_dist.moe.routing_stats import STAT_ACTIVE, STAT_ROUTED
 from adamole_dist.parallel.local_dispatcher import LocalDispatcher
+from tests.helpers.mp_harness import run_ranks
+from tests.integration.test_expert_parallel import tiny_llama
 
 pytestmark = pytest.mark.slow
 

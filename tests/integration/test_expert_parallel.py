@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from mp_harness import run_ranks
 
 from adamole_dist import AdapterConfig
 from adamole_dist.adapters.inject import inject_adapters
 from adamole_dist.parallel.local_dispatcher import LocalDispatcher
 from adamole_dist.train.expert_optimizer import ExpertOptimizer
+from tests.helpers.mp_harness import run_ranks
 
 pytestmark = pytest.mark.slow
 

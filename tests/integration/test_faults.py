@@ -25,8 +25,19 @@ from pathlib import Path
 
 import psutil
 import pytest
-from launch_utils import REPO, check, deepspeed_cmd, launch_env, python_cmd, records, run, torchrun_cmd, train_losses
-from tiny_models import write_tiny_bert
+
+from tests.helpers.launch_utils import (
+    REPO,
+    check,
+    deepspeed_cmd,
+    launch_env,
+    python_cmd,
+    records,
+    run,
+    torchrun_cmd,
+    train_losses,
+)
+from tests.helpers.tiny_models import write_tiny_bert
 
 pytestmark = pytest.mark.slow
 
@@ -194,7 +205,7 @@ def has_train_record(out: Path, step: int = 1):
 def test_a_second_ctrl_c_still_checkpoints_quietly(tmp_path):
     """Two SIGINTs 0.2 s apart (an impatient operator; torchrun also forwards the terminal's one to ranks
     that got it already): exit 75 with a checkpoint and the marker, no KeyboardInterrupt, whether the
-    second lands during the stop (a note: tests/test_training_utils.py) or after it, as the interpreter
+    second lands during the stop (a note: tests/unit/train/test_training_utils.py) or after it, as the interpreter
     shuts down (ignored; it used to kill the process or raise in an exit hook)."""
     model = write_tiny_bert(tmp_path / "tiny_bert")
     out, log_path = tmp_path / "run", tmp_path / "run.log"

@@ -4,7 +4,17 @@ import json
 import shutil
 
 import pytest
-from launch_utils import SMALL_RUN, check, copy_run_at, deepspeed_cmd, records, run, torchrun_cmd, train_losses
+
+from tests.helpers.launch_utils import (
+    SMALL_RUN,
+    check,
+    copy_run_at,
+    deepspeed_cmd,
+    records,
+    run,
+    torchrun_cmd,
+    train_losses,
+)
 
 pytestmark = pytest.mark.slow
 

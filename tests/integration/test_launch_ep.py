@@ -5,7 +5,8 @@ autocast, one with a bf16 wire)."""
 import json
 
 import pytest
-from launch_utils import SMALL_RUN, check, deepspeed_cmd, records, run, torchrun_cmd
+
+from tests.helpers.launch_utils import SMALL_RUN, check, deepspeed_cmd, records, run, torchrun_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +61,7 @@ def test_world_8_with_ep_size_4_under_the_deepspeed_launcher(tmp_path):
     rank, the expert-data-parallel reduction over pairs of ranks), tiny Llama, ZeRO-3, a few steps with
     clipping and accumulation: it finishes (no hang), trains every step, and writes all 8 expert shards'
     worth of experts (4 shard files, all 8 experts in the adapter)."""
-    from tiny_models import write_tiny_llama
+    from tests.helpers.tiny_models import write_tiny_llama
 
     model = write_tiny_llama(tmp_path / "tiny_llama")
     out = tmp_path / "run"

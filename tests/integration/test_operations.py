@@ -10,7 +10,19 @@ import time
 from pathlib import Path
 
 import pytest
-from launch_utils import BIN, REPO, SMALL_RUN, TRAIN, check, free_port, launch_env, python_cmd, records, run
+
+from tests.helpers.launch_utils import (
+    BIN,
+    REPO,
+    SMALL_RUN,
+    TRAIN,
+    check,
+    free_port,
+    launch_env,
+    python_cmd,
+    records,
+    run,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +52,7 @@ def test_deepspeed_hostfile_on_localhost(tmp_path):
 
 
 def test_wandb_offline_run_holds_the_metrics(tmp_path):
-    from wandb_log import history
+    from tests.helpers.wandb_log import history
 
     out = tmp_path / "run"
     check(run([sys.executable, TRAIN, "--output_dir", str(out), "--report_to", "wandb", *SHORT,

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from launch_utils import check, copy_run_at, run, torchrun_cmd, train_losses
 from safetensors.torch import load_file
-from tiny_models import write_tiny_bert
+
+from tests.helpers.launch_utils import check, copy_run_at, run, torchrun_cmd, train_losses
+from tests.helpers.tiny_models import write_tiny_bert
 
 pytestmark = pytest.mark.slow
 

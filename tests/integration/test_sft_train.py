@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from launch_utils import check, deepspeed_cmd, python_cmd, records, run, train_losses
-from tiny_models import write_tiny_llama
 
 from adamole_dist.data.tasks import IGNORE
+from tests.helpers.launch_utils import check, deepspeed_cmd, python_cmd, records, run, train_losses
+from tests.helpers.tiny_models import write_tiny_llama
 
 # Plain words around the MiniLM tokenizer's [SEP] as the end of a turn.
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} [SEP] {% endfor %}"
@@ -63,9 +63,8 @@ def work(tmp_path_factory):
 def test_step_loss_is_the_per_token_mean_of_the_whole_step(minilm_tokenizer):
     """The micro losses' mean is the step's summed token loss over its target tokens -- not the mean of
     per-batch means, which weighs the 2-token example like the 7-token one."""
-    from conftest import make_tiny_llama
-
     from adamole_dist.data.sft_task import SFTTask
+    from tests.conftest import make_tiny_llama
 
     model = make_tiny_llama()
     task = SFTTask(minilm_tokenizer, max_length=32)
@@ -167,8 +166,9 @@ def train_cases(rank, world, cases):
 def test_two_ranks_equal_one_process(work, tmp_path):
     """Examples of different target counts on each rank: with the per-token normalisation over the whole
     step (both ranks, both micro batches), 2 ranks give one process's losses, norms and parameters."""
-    from mp_harness import run_ranks
     from safetensors.torch import load_file
+
+    from tests.helpers.mp_harness import run_ranks
 
     def config(world: int) -> dict:
         return dict(model=str(work / "model"), dataset=str(work / "chat"), chat_template=str(work / "chat.jinja"),
@@ -228,12 +228,11 @@ def read_and_tokenize(rank, world, work, cache, out, limit):
 def test_only_rank0_reads_the_training_split(work, tmp_path):
     """At 2 gloo ranks rank 1 never opens the training file and gets the examples one process
     tokenizes in memory (whole split and a seeded subsample); a bad record stops both ranks."""
-    from mp_harness import run_ranks
-
     from adamole_dist.config.training import TrainConfig
     from adamole_dist.data.formats import load_records
     from adamole_dist.data.sft_render import tokenize_split
     from adamole_dist.train.assembly import render_spec
+    from tests.helpers.mp_harness import run_ranks
 
     rng = random.Random(1)
     rows = [conversation(rng) for _ in range(30)]

@@ -7,7 +7,8 @@ import json
 import subprocess
 
 import pytest
-from shaped_network import ShapedNetwork, burst_bytes, missing_tools
+
+from tests.helpers.shaped_network import ShapedNetwork, burst_bytes, missing_tools
 
 pytestmark = pytest.mark.slow
 

@@ -1,5 +1,5 @@
 """The project's sbatch scripts on a real SLURM cluster started here (munged, slurmctld and one
-slurmd per emulated node, 4 nodes on this machine: tests/slurm_cluster.py): a 2-task CPU run
+slurmd per emulated node, 4 nodes on this machine: tests/helpers/slurm_cluster.py): a 2-task CPU run
 completes with its checkpoint and metrics; a run stopped by SIGTERM checkpoints, requeues itself
 and resumes to the end; a run across 2 nodes splits the experts between them (ep_size 2); the
 scaling script appends its records."""
@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-from launch_utils import REPO, records, train_losses
-from slurm_cluster import SlurmCluster, missing_tools
+
+from tests.helpers.launch_utils import REPO, records, train_losses
+from tests.helpers.slurm_cluster import SlurmCluster, missing_tools
 
 pytestmark = pytest.mark.slow
 NODES = 4  # emulated nodes in the test cluster

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch_utils import records
-from mp_harness import run_ranks
 from safetensors.torch import load_file
-from tiny_models import write_tiny_bert
+
+from tests.helpers.launch_utils import records
+from tests.helpers.mp_harness import run_ranks
+from tests.helpers.tiny_models import write_tiny_bert
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
-from launch_utils import free_port
+
+from tests.helpers.launch_utils import free_port
 
 pytestmark = pytest.mark.slow
 

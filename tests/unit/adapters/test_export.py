@@ -16,7 +16,7 @@ import yaml
 from adamole_dist.adapters.files import adapter_state, save_adapter
 from adamole_dist.adapters.inject import inject_adapters
 from adamole_dist.config.adapter import AdapterConfig
-from tests.tiny_models import write_tiny_llama
+from tests.helpers.tiny_models import write_tiny_llama
 
 ATOL = 1e-5  # fp32; the merged weights are W + s*B*A rounded once to fp32 (the adapter adds s*B*(A x))
 IDS = torch.tensor([[101, 2054, 2003, 1996, 3437, 1029, 102, 2748]])

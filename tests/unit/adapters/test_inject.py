@@ -3,12 +3,12 @@
 import pytest
 import torch
 import torch.nn as nn
-from conftest import make_tiny_bert, make_tiny_llama
 
 from adamole_dist import AdapterConfig, ConfigError, inject_adapters
 from adamole_dist.adapters.files import adapter_state, load_adapter, save_adapter
 from adamole_dist.adapters.inject import weight_shape
 from adamole_dist.adapters.layer import AdaptedLinear
+from tests.conftest import make_tiny_bert, make_tiny_llama
 
 METHODS = ["lora", "mole_topk", "mole_threshold", "sira", "adamole"]
 

@@ -11,9 +11,6 @@ import sys
 
 import pytest
 import torch
-from launch_utils import check, run
-from saved_adapters import CHAT_TEMPLATE, randomize_adapters
-from tiny_models import write_tiny_llama
 
 import adamole_dist
 from adamole_dist.adapters.files import CONFIG_NAME, adapter_state, save_adapter
@@ -21,6 +18,9 @@ from adamole_dist.adapters.inject import inject_adapters
 from adamole_dist.base_model.model_loading import load_model_and_tokenizer
 from adamole_dist.config.adapter import AdapterConfig
 from adamole_dist.config.fields import ConfigError
+from tests.helpers.launch_utils import check, run
+from tests.helpers.saved_adapters import CHAT_TEMPLATE, randomize_adapters
+from tests.helpers.tiny_models import write_tiny_llama
 
 INPUT_IDS = torch.tensor([[101, 1996, 4937, 2938, 2006, 1996, 13523, 102],
                           [101, 7592, 2088, 102, 2023, 2003, 1037, 3231]])
@@ -65,7 +65,7 @@ def test_a_saved_adapter_loads_with_its_logits(tmp_path, base_dir, method):
 
 def test_an_encoder_adapter_loads_with_its_head_and_pooling(tmp_path):
     """seq_cls: the trained head (modules_to_save) and the pooling recorded in the config come back."""
-    from tiny_models import write_tiny_bert
+    from tests.helpers.tiny_models import write_tiny_bert
 
     base_dir = write_tiny_bert(tmp_path / "tiny_bert")
     model, _, _, path = load_model_and_tokenizer(str(base_dir), "seq_cls", pooling="mean")
@@ -213,7 +213,7 @@ shutdown_distributed()
 
 @pytest.mark.slow
 def test_an_adapter_trained_at_ep_size_2_gives_the_training_logits(tmp_path):
-    from launch_utils import BIN, free_port
+    from tests.helpers.launch_utils import BIN, free_port
 
     model_dir = write_tiny_llama(tmp_path / "tiny_llama")
     driver = tmp_path / "ep_driver.py"

@@ -16,7 +16,7 @@ import pytest
 
 from adamole_dist.glossary import LETTERS
 
-PACKAGE = Path(__file__).resolve().parents[1] / "adamole_dist"
+PACKAGE = Path(__file__).resolve().parents[3] / "adamole_dist"
 # Bottom floor first. Each entry: the floors below it that it may import (itself always allowed).
 LAYERS: dict[str, set[str]] = {
     # ground floor: nothing of the project

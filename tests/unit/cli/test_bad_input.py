@@ -5,7 +5,8 @@ import json
 from pathlib import Path
 
 import pytest
-from launch_utils import python_cmd, run
+
+from tests.helpers.launch_utils import python_cmd, run
 
 BASE = ["--max_steps", "1", "--max_train_examples", "16", "--max_eval_examples", "8"]
 
@@ -238,8 +239,8 @@ def test_resume_with_overwrite_leaves_a_real_run_resumable(tmp_path):
     import subprocess
     import sys
 
-    from launch_utils import check
-    from tiny_models import write_tiny_bert
+    from tests.helpers.launch_utils import check
+    from tests.helpers.tiny_models import write_tiny_bert
 
     model, out = write_tiny_bert(tmp_path / "tiny_bert"), tmp_path / "run"
     dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
@@ -275,7 +276,7 @@ def test_an_output_dir_a_live_run_holds_is_refused_naming_it(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import sys; from adamole_dist.ops.run_lock import RunLock; "
                                "lock = RunLock.take(sys.argv[1]); print('held', flush=True); sys.stdin.read()",
                                str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                              cwd=Path(__file__).resolve().parents[1])
+                              cwd=Path(__file__).resolve().parents[3])
     try:
         assert holder.stdout.readline().strip() == "held"
         before = snapshot(out)
@@ -309,12 +310,11 @@ def test_help_shows_defaults():
 
 def test_eval_with_an_adapter_of_another_model_names_it(tmp_path):
     """launch/eval.py on a base model of another width: exit 2, naming the model the adapter was trained on."""
-    from tiny_models import write_tiny_bert
-
     from adamole_dist import AdapterConfig
     from adamole_dist.adapters.files import adapter_state, save_adapter
     from adamole_dist.adapters.inject import inject_adapters
     from adamole_dist.base_model.model_loading import load_model_and_tokenizer
+    from tests.helpers.tiny_models import write_tiny_bert
 
     narrow, wide = write_tiny_bert(tmp_path / "narrow", hidden=32), write_tiny_bert(tmp_path / "wide", hidden=48)
     model, *_ = load_model_and_tokenizer(str(narrow), "seq_cls")
@@ -322,7 +322,7 @@ def test_eval_with_an_adapter_of_another_model_names_it(tmp_path):
     save_adapter(tmp_path / "adapter", adapter_state(adapters), adapters.cfg,
                  {"base_model": str(narrow), "base_model_path": str(narrow), "task_type": "seq_cls",
                   "trainable_modules": ["classifier"]})
-    from launch_utils import REPO
+    from tests.helpers.launch_utils import REPO
 
     proc = run([python_cmd()[0], str(REPO / "launch" / "eval.py"), "--adapter", str(tmp_path / "adapter"),
                 "--model", str(wide), "--dataset", "builtin:word_categories", "--max_examples", "4"], timeout=300)
@@ -364,7 +364,7 @@ SFT_CASES = {  # name: (bad record at index 5 of train.jsonl, extra args, parts 
 
 @pytest.mark.parametrize("name", list(SFT_CASES))
 def test_bad_sft_record_changes_nothing(tmp_path, name):
-    from tiny_models import write_tiny_llama
+    from tests.helpers.tiny_models import write_tiny_llama
 
     bad, extra, expect = SFT_CASES[name]
     model = write_tiny_llama(tmp_path / "model")
@@ -397,7 +397,7 @@ def script_fails_cleanly(script: str, *args: str, expect: list[str]):
     """launch/<script> with ``args``: exit 2, last stderr line ``error: ...`` holding every part of ``expect``."""
     import sys
 
-    from launch_utils import REPO
+    from tests.helpers.launch_utils import REPO
 
     proc = run([sys.executable, str(REPO / "launch" / script), *args], timeout=300)
     assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
@@ -411,8 +411,8 @@ def script_fails_cleanly(script: str, *args: str, expect: list[str]):
 @pytest.fixture(scope="module")
 def saved_adapter(tmp_path_factory):
     """A lora adapter on a tiny Llama, saved as training saves it."""
-    from saved_adapters import write_adapter_dir
-    from tiny_models import write_tiny_llama
+    from tests.helpers.saved_adapters import write_adapter_dir
+    from tests.helpers.tiny_models import write_tiny_llama
 
     root = tmp_path_factory.mktemp("eval_inputs")
     return write_adapter_dir(root / "adapter", write_tiny_llama(root / "llama"), "lora", rank=2)
@@ -465,7 +465,7 @@ def test_plot_skips_a_cut_short_last_line_naming_it(tmp_path):
     """A run still writing (or killed mid-write) leaves a partial last line: plotted without it, said so."""
     import sys
 
-    from launch_utils import REPO
+    from tests.helpers.launch_utils import REPO
 
     run_dir = metrics_file(tmp_path, TRAIN_RECORDS + ['{"step": 4, "kind": "tr'])
     proc = run([sys.executable, str(REPO / "launch" / "plot.py"), str(run_dir)], timeout=300)
@@ -482,7 +482,7 @@ def test_plot_refuses_a_damaged_line_before_the_last_naming_file_and_line(tmp_pa
 
 
 def tiny_llama(folder: Path) -> str:
-    from tiny_models import write_tiny_llama
+    from tests.helpers.tiny_models import write_tiny_llama
 
     return str(write_tiny_llama(folder))
 

@@ -14,7 +14,7 @@ import pytest
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.config.training import TrainConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def eval_module():
@@ -52,8 +52,8 @@ def test_a_record_reads_back_with_train_config_defaults_and_ignores_unknown_keys
 
 @pytest.mark.parametrize("recorded", [{}, {"max_length": 48, "seed": 7}])
 def test_eval_takes_max_length_and_seed_from_the_record_else_train_config(tmp_path, monkeypatch, recorded):
-    from saved_adapters import write_adapter_dir
-    from tiny_models import write_tiny_llama
+    from tests.helpers.saved_adapters import write_adapter_dir
+    from tests.helpers.tiny_models import write_tiny_llama
 
     base = write_tiny_llama(tmp_path / "llama")
     adapter = write_adapter_dir(tmp_path / "run" / "adapter", base, "lora", rank=2)

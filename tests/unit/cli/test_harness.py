@@ -15,7 +15,7 @@ lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: p
 from adamole_dist.data import to_examples  # noqa: E402
 from adamole_dist.data.tasks import CausalLMTask  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 QUESTIONS = [  # choice texts of different lengths, so that acc and acc_norm (and its divisor) matter
     ("what is the sun", ["a star", "a very large planet", "ice", "the moon of earth"], 0),
     ("which animal barks", ["dog", "a small cat", "fish", "an old horse"], 0),
@@ -46,7 +46,7 @@ def bos_tokenizer():
     from tokenizers.processors import TemplateProcessing
     from transformers import PreTrainedTokenizerFast
 
-    from tests.tiny_models import minilm_tokenizer
+    from tests.helpers.tiny_models import minilm_tokenizer
 
     backend = minilm_tokenizer().backend_tokenizer
     cls = backend.token_to_id("[CLS]")

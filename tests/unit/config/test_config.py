@@ -69,7 +69,7 @@ def test_cli_flags_map_to_both_configs():
         parse_train_config(["--tau_max", "2"])
 
 
-@pytest.mark.parametrize("recipe", sorted(Path(__file__).resolve().parents[1].joinpath("recipes").glob("*.yaml")),
+@pytest.mark.parametrize("recipe", sorted(Path(__file__).resolve().parents[3].joinpath("recipes").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_every_shipped_recipe_parses_and_validates(recipe):
     cfg = parse_train_config(["--config", str(recipe)])
@@ -220,7 +220,7 @@ def test_a_live_run_holds_the_output_dir_and_a_dead_ones_lock_is_taken_over(tmp_
     out = tmp_path / "run"
     config = TrainConfig(output_dir=str(out)).to_dict()
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True, cwd=Path(__file__).resolve().parents[1])
+                              text=True, cwd=Path(__file__).resolve().parents[3])
     try:
         assert holder.stdout.readline().strip() == "held"
         owner = f"pid {holder.pid} on host {socket.gethostname()}"

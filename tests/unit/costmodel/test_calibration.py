@@ -5,7 +5,7 @@ abort gloo or hang)."""
 import json
 import math
 
-from mp_harness import run_ranks
+from tests.helpers.mp_harness import run_ranks
 
 
 def _calibrate(rank, world, out_dir):

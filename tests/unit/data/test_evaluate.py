@@ -188,8 +188,8 @@ def test_eval_script_scores_a_base_model_zero_shot(tmp_path):
     import subprocess
     import sys
 
-    from launch_utils import REPO, launch_env
-    from tiny_models import write_tiny_llama
+    from tests.helpers.launch_utils import REPO, launch_env
+    from tests.helpers.tiny_models import write_tiny_llama
 
     model = write_tiny_llama(tmp_path / "llama")
     out = tmp_path / "zs.json"

@@ -243,7 +243,7 @@ def _two_ranks(rank: int, world: int, tmp_path: Path, records: list[dict], bad: 
 
 @pytest.mark.slow
 def test_two_gloo_ranks_tokenise_once_and_see_the_same_examples(tmp_path):
-    from mp_harness import run_ranks
+    from tests.helpers.mp_harness import run_ranks
 
     records = toy_records(50)
     run_ranks(_two_ranks, 2, tmp_path, records, False, timeout=180)
@@ -273,7 +273,7 @@ def _long_build(rank: int, world: int, tmp_path: Path, records: list[dict]) -> N
 
 @pytest.mark.slow
 def test_waiting_ranks_outlast_the_collective_timeout(tmp_path):
-    from mp_harness import run_ranks
+    from tests.helpers.mp_harness import run_ranks
 
     records = toy_records(20)
     run_ranks(_long_build, 2, tmp_path, records, timeout=120)

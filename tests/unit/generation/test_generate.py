@@ -10,12 +10,12 @@ import sys
 
 import pytest
 import torch
-from launch_utils import REPO, run
-from saved_adapters import CHAT_TEMPLATE, write_adapter_dir
-from tiny_models import write_tiny_llama
 
 import adamole_dist
 from adamole_dist.moe.routing_stats import STAT_TOKENS
+from tests.helpers.launch_utils import REPO, run
+from tests.helpers.saved_adapters import CHAT_TEMPLATE, write_adapter_dir
+from tests.helpers.tiny_models import write_tiny_llama
 
 GENERATE = REPO / "launch" / "generate.py"
 METHODS = ["adamole", "mole_topk", "lora"]
@@ -208,7 +208,7 @@ def test_generate_py_chat_keeps_the_history(base_dir, tmp_path):
     far, rendered with the chat template training used (the adapter's own)."""
     import subprocess
 
-    from launch_utils import launch_env
+    from tests.helpers.launch_utils import launch_env
 
     chat_dir = write_adapter_dir(tmp_path / "chat", base_dir, "adamole",
                                  meta={"prompt_format": "chat", "chat_template": CHAT_TEMPLATE})

@@ -17,7 +17,7 @@ import torch
 from adamole_dist.parallel import collectives
 from adamole_dist.parallel.collectives import COLLECTIVE_OPS, parse_backend_config, placement
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 SCANNED = ["adamole_dist", "launch", "benchmarks"]
 HOME = REPO / "adamole_dist" / "parallel" / "collectives.py"
 DIST_MODULES = ("torch.distributed", "deepspeed.comm")
@@ -147,7 +147,7 @@ dist.destroy_process_group()
 
 
 def test_cpu_tensors_are_moved_off_the_cpu_under_a_cuda_only_backend():
-    from launch_utils import free_port
+    from tests.helpers.launch_utils import free_port
 
     proc = subprocess.run([sys.executable, "-c", CUDA_ONLY_GROUP], capture_output=True, text=True, timeout=120,
                           cwd=REPO, env={**__import__("os").environ, "PORT": str(free_port())})
@@ -192,7 +192,7 @@ def a2a_worker(rank, world):
 
 @pytest.mark.slow
 def test_gloo_all_to_all_delivers_every_row_across_four_ranks():
-    from mp_harness import run_ranks
+    from tests.helpers.mp_harness import run_ranks
 
     run_ranks(a2a_worker, 4, timeout=180)
 

@@ -76,7 +76,7 @@ def ep_worker(rank, world, out):
 
 @pytest.mark.slow
 def test_expert_parallel_reads_only_split_sizes_per_layer(tmp_path):
-    from mp_harness import run_ranks
+    from tests.helpers.mp_harness import run_ranks
 
     run_ranks(ep_worker, 2, str(tmp_path), timeout=600)
     for rank in range(2):

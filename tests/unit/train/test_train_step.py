@@ -5,11 +5,11 @@ engine-shaped object, and its phase clock sees every phase."""
 from __future__ import annotations
 
 import torch
-from conftest import make_tiny_llama
 
 from adamole_dist import AdapterConfig, inject_adapters
 from adamole_dist.train.step import PhaseClock, micro_batch_loss, train_step
 from benchmarks.common.local_engine import LocalEngine
+from tests.conftest import make_tiny_llama
 
 
 class SquareTask:

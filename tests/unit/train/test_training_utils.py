@@ -204,10 +204,9 @@ class CrashingEngine:
 
 
 def test_crash_mid_save_leaves_the_previous_checkpoint(tmp_path):
-    from conftest import make_tiny_llama
-
     from adamole_dist import AdapterConfig, inject_adapters
     from adamole_dist.train.checkpoint import save_checkpoint
+    from tests.conftest import make_tiny_llama
 
     adapters = inject_adapters(make_tiny_llama(), AdapterConfig(num_experts=4, rank=2))
     opt = ExpertOptimizer(adapters.expert_parameters(), lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
@@ -231,10 +230,9 @@ def test_a_crash_while_re_saving_a_tag_leaves_latest_loadable(tmp_path, monkeypa
     The previous complete copy is found (and said so), and the next save puts it back in place."""
     import os
 
-    from conftest import make_tiny_llama
-
     from adamole_dist import AdapterConfig, inject_adapters
     from adamole_dist.train.checkpoint import save_checkpoint
+    from tests.conftest import make_tiny_llama
 
     adapters = inject_adapters(make_tiny_llama(), AdapterConfig(num_experts=4, rank=2))
     opt = ExpertOptimizer(adapters.expert_parameters(), lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
@@ -278,11 +276,10 @@ def test_latest_naming_a_missing_checkpoint_falls_back_to_the_newest_complete(tm
 
 def test_checkpoints_and_adapter_files_store_experts_under_one_key_and_orientation():
     """moe/experts.py's expert_key builds both; lora_B is (O x R) in both (the bank keeps R x O rows)."""
-    from conftest import make_tiny_llama
-
     from adamole_dist import AdapterConfig, inject_adapters
     from adamole_dist.adapters.files import adapter_state
     from adamole_dist.train.checkpoint import expert_state, load_expert_state
+    from tests.conftest import make_tiny_llama
 
     adapters = inject_adapters(make_tiny_llama(), AdapterConfig(num_experts=4, rank=2))
     for bank in adapters.expert_banks.values():
@@ -328,11 +325,11 @@ def test_expert_shards_of_either_orientation_read_in_file_orientation(tmp_path):
 def test_check_complete_names_a_missing_file_or_expert(tmp_path):
     """Every file the manifest names, every expert of every layer; a checkpoint from before manifests
     is checked against the layers and experts its shards hold."""
-    from conftest import make_tiny_llama
     from safetensors.torch import load_file, save_file
 
     from adamole_dist import AdapterConfig, inject_adapters
     from adamole_dist.train.checkpoint import MANIFEST, check_complete, save_checkpoint
+    from tests.conftest import make_tiny_llama
 
     adapters = inject_adapters(make_tiny_llama(), AdapterConfig(num_experts=4, rank=2))
     opt = ExpertOptimizer(adapters.expert_parameters(), lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
