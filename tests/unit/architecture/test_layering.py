@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,7 +113,7 @@ def test_the_scans_catch_a_forbidden_import_and_an_unknown_letter(tmp_path, monk
     (fake / "moe" / "routing.py").write_text(
         "import torch\nfrom adamole_dist.config.adapter import AdapterConfig\n"
         "def f():\n    import torch.distributed as dist\n    from adamole_dist.parallel import collectives\n")
-    monkeypatch.setattr(__import__(__name__), "PACKAGE", fake)
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
     assert violations("moe") == {"moe/routing.py": ["torch.distributed", "adamole_dist.parallel",
                                                     "adamole_dist.parallel.collectives"]}
     (fake / "train").mkdir()
