@@ -13,9 +13,10 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # benchmarks/ too: its scripts import each other (benchmarks.records, ...) and run by path from a
-    # checkout (`python benchmarks/layer_bench.py`, torchrun, srun); the editable install resolves them.
-    packages=find_packages(include=["adamole_dist", "adamole_dist.*", "benchmarks"]),
+    # benchmarks/ too, with its subpackages: its scripts import each other (benchmarks.common.records, ...)
+    # and run by path from a checkout (`python benchmarks/layer/layer_bench.py`, torchrun, srun); the
+    # editable install resolves them.
+    packages=find_packages(include=["adamole_dist", "adamole_dist.*", "benchmarks", "benchmarks.*"]),
     # the built-in task's words, and the local lm-evaluation-harness tasks (read with importlib.resources)
     package_data={"adamole_dist.data": ["*.json"],
                   "adamole_dist.evaluation": ["harness_tasks/*.yaml", "harness_tasks/*.py"]},

@@ -2,7 +2,7 @@
 
 A tensor's name ends in its shape, one letter per axis: ``probs_TN`` is tokens x experts,
 ``A_NRD`` experts x rank x input features. Every letter means one thing everywhere
-(tests/test_layering.py fails on a suffix letter that is not listed here).
+(tests/unit/architecture/test_layering.py fails on a suffix letter that is not listed here).
 """
 
 LETTERS = {

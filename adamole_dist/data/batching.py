@@ -36,7 +36,7 @@ from adamole_dist.data.examples import IGNORE
 from adamole_dist.model_kwargs import TOKEN_MASK_KWARG
 
 # attn_implementation values whose transformers kernels honour the packed-sequence format above:
-# sdpa, eager and flex_attention through the packed mask (checked on CPU, tests/test_packing.py),
+# sdpa, eager and flex_attention through the packed mask (checked on CPU, tests/unit/data/test_packing.py),
 # flash_attention_2/3/4 through the varlen arguments (transformers' _flash_attention_forward).
 # Others (paged|eager, kernels from the Hub) are refused: nothing says they keep examples apart.
 PACKING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3",

@@ -12,7 +12,7 @@ reshape without copies. Saved files use the usual LoRA orientation (A: R x D, B:
            Work ~ P*R*(D+O) plus a gather/scatter of P*(D+O) values. Wins when few of
            many/large experts fire.
 
-``choose_compute_path`` encodes the rule; benchmarks/layer_bench.py --sweep-paths backs it.
+``choose_compute_path`` encodes the rule; benchmarks/layer/layer_bench.py --sweep-paths backs it.
 For the paper's shapes (N=8, R=4) the dense path is always chosen.
 """
 
@@ -28,7 +28,7 @@ import torch.nn as nn
 
 # The dense path's cost grows with N*R, the grouped path's with the active (token, expert) pairs
 # (gathering D and scattering O values per pair dominates; the matmuls are small). Measured by
-# benchmarks/layer_bench.py --sweep-paths (benchmarks/README.md, "Measurements behind the
+# benchmarks/layer/layer_bench.py --sweep-paths (benchmarks/README.md, "Measurements behind the
 # defaults"): grouped wins when avg_active * 140 < N * R, e.g. N*R = 256 below ~1.8 active
 # experts per token.
 GROUPED_PAIR_COST = 140  # one active pair costs about as much as 140 dense rank columns

@@ -1,5 +1,5 @@
 """Every collective the project issues goes through parallel/: the reductions, broadcasts and
-gathers here, the all-to-all machinery of expert parallelism in all_to_all.py (tests/test_collectives.py
+gathers here, the all-to-all machinery of expert parallelism in all_to_all.py (tests/unit/parallel/test_collectives.py
 fails if another module calls a torch.distributed collective directly).
 
 Why one home: a collective only runs on a device its process group has a backend for. Under
@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 
 # torch.distributed functions that communicate (or, like new_group, must be called by every
-# rank): only this module and all_to_all.py may call them. tests/test_collectives.py scans the project for them.
+# rank): only this module and all_to_all.py may call them (tests/unit/parallel/test_collectives.py
+# scans the project for them).
 COLLECTIVE_OPS = frozenset({
     "all_reduce", "all_reduce_coalesced", "all_gather", "all_gather_into_tensor", "all_gather_object",
     "all_gather_coalesced", "_all_gather_base", "all_to_all", "all_to_all_single", "barrier", "monitored_barrier",

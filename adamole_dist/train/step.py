@@ -1,5 +1,5 @@
-"""The training step. Every loop calls it: the Trainer, benchmarks/step_worker.py (timing each
-phase through a PhaseClock) and benchmarks/accuracy.py (through a one-process engine).
+"""The training step. Every loop calls it: the Trainer, benchmarks/scaling/step_worker.py (timing each
+phase through a PhaseClock) and benchmarks/accuracy/accuracy.py (through a one-process engine).
 
 ``engine`` is anything shaped like DeepSpeed's engine: ``engine(**batch)`` through ``task.loss``,
 ``backward(loss)`` and ``step()`` per micro batch (the update applies at the accumulation
@@ -60,7 +60,7 @@ def train_step(engine, task, adapters: Adapters | None, expert_opt, micro_batche
     Host reads of device values (each a sync on a GPU): the losses are summed on the device and read
     once, together with the engine's norm, at the end of the step; the expert optimizer reads its
     norm once (clipping and the non-finite check need it). Two per step, whatever the depth and the
-    number of micro batches (tests/test_host_syncs.py)."""
+    number of micro batches (tests/unit/train/test_host_syncs.py)."""
     phase = clock.phase if clock is not None else _untimed
     task_sum, aux_sum = None, None
     for batch in micro_batches:

@@ -1,0 +1,1 @@
+"""Pieces several benchmarks (and tests) use: JSON records, a one-process engine, the host-read probe."""

@@ -1,0 +1,1 @@
+"""One adapted layer's forward+backward speed against LoRA and a per-expert Python loop."""

@@ -1,0 +1,1 @@
+"""Training throughput over ranks and nodes (and against PEFT), all through one measured worker."""

@@ -1,0 +1,1 @@
+"""SFT on real ShareGPT conversations: the data, packed vs padded throughput, a training run."""

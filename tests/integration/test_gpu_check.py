@@ -1,0 +1,33 @@
+"""benchmarks/gpu/gpu_check.py --smoke: the GPU acceptance script's own code, run on the CPU with tiny shapes
+so it never rots between the GPUs that run it for real."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+GPU_CHECK = REPO / "benchmarks" / "gpu" / "gpu_check.py"
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_writes_every_section(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(GPU_CHECK), "--smoke", "--json", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = json.loads(out.read_text())
+    sections = {r["section"] for r in records}
+    assert sections == {"device", "layer", "train", "generate"}
+    layer = [r for r in records if r["section"] == "layer"]
+    assert {r["method"] for r in layer} >= {"lora", "adamole", "mole_topk", "sira", "mole_threshold", "peft_lora"}
+    assert {r["dtype"] for r in layer} == {"bfloat16", "float32"}
+    train = {(r["system"], r["method"]): r for r in records if r["section"] == "train"}
+    assert set(train) == {("adamole_dist", "adamole"), ("adamole_dist", "lora"), ("peft", "lora")}
+    for r in train.values():
+        assert r["tokens_per_s"] > 0 and r["host_reads_per_step"]["adamole_dist"] <= 2
+    assert "NCCL all-to-all" in proc.stdout and "[train]" in proc.stdout
