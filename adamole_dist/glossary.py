@@ -23,5 +23,6 @@ LETTERS = {
     "V": "rows this rank receives",
     "Q": "candidates per expert one rank offers when capacity is decided by probability",
     "G": "J * Q: the candidates of the whole expert-parallel group",
+    "U": "columns summed over the tokens in one reduction (the fused routing's loss and statistics sums)",
     "1": "a size-1 axis, for broadcasting (last position only)",
 }

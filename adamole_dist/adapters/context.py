@@ -19,12 +19,15 @@ from contextlib import contextmanager
 
 import torch
 
+from adamole_dist.moe.fused_routing import laid_out
+
 
 class RoutingContext:
     def __init__(self) -> None:
         self.attention_mask: torch.Tensor | None = None
         self.aux_losses: list[torch.Tensor] = []
-        self.stats: dict[str, torch.Tensor] = {}
+        self._stats: dict[str, torch.Tensor] = {}  # routing_stats.py's layout (the unfused routing)
+        self.fused_layers: dict = {}  # name -> layer: the fused routing's statistics sums live on each layer
         # Set by the trainer for aux_loss_scope "global": sum over data-parallel ranks, and their count.
         self.dp_all_reduce = None
         self.dp_world_size = 1
@@ -53,6 +56,8 @@ class RoutingContext:
 
     def begin_forward(self, attention_mask: torch.Tensor | None) -> None:
         self.attention_mask = attention_mask
+        if attention_mask is not None and self.fused_layers:
+            self.move_fused_sums(attention_mask.device)
         self.aux_losses = []
         if self.active_log is not None:
             self.active_log.append({})
@@ -96,11 +101,35 @@ class RoutingContext:
         self.dp_all_reduce, self.dp_world_size = all_reduce, world_size
 
     def add_stats(self, name: str, stats: torch.Tensor) -> None:
-        if name in self.stats:
-            self.stats[name] += stats
+        """Accumulate a layer's routing statistics (routing_stats.py's layout), in float64 on the device."""
+        if name in self._stats:
+            self._stats[name] += stats
         else:
-            self.stats[name] = stats.clone()
+            self._stats[name] = stats.to(torch.float64, copy=True)
+
+    def register_fused_layer(self, name: str, layer) -> None:
+        """A layer routing through moe/fused_routing.py: its statistics sums (``layer.routing_sums_U``, a
+        tensor of its own) are read, laid out, here."""
+        self.fused_layers[name] = layer
+
+    @property
+    def stats(self) -> dict[str, torch.Tensor]:
+        """Every layer's statistics since the last pop, in routing_stats.py's layout (float64, on the device;
+        a fused layer that saw no token since has zeros: summaries skip it)."""
+        fused = {name: laid_out(layer.routing_sums_U, layer.fused_rules[False])
+                 for name, layer in self.fused_layers.items() if layer.fused_rules is not None}
+        return {**self._stats, **fused}
 
     def pop_stats(self) -> dict[str, torch.Tensor]:
-        stats, self.stats = self.stats, {}
+        stats = self.stats
+        self._stats = {}
+        for layer in self.fused_layers.values():
+            layer.routing_sums_U.zero_()  # in place: a compiled block keeps reading the same tensor
         return stats
+
+    def move_fused_sums(self, device: torch.device) -> None:
+        """Keep every fused layer's statistics sums on ``device`` (the model's inputs'): they live outside
+        the module tree, so ``model.to()`` does not move them."""
+        for layer in self.fused_layers.values():
+            if layer.routing_sums_U.device != device:
+                object.__setattr__(layer, "routing_sums_U", layer.routing_sums_U.to(device))

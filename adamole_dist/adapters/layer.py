@@ -20,6 +20,7 @@ from adamole_dist.adapters.context import RoutingContext
 from adamole_dist.config.adapter import AdapterConfig
 from adamole_dist.moe.balance import global_load_balancing_loss, load_balancing_loss
 from adamole_dist.moe.experts import ExpertBank
+from adamole_dist.moe.fused_routing import RoutingRule, fused_rule
 from adamole_dist.moe.routing import Router, build_router, renormalize
 from adamole_dist.moe.routing_stats import routing_stats
 from adamole_dist.parallel.local_dispatcher import Dispatcher
@@ -52,10 +53,18 @@ class AdaptedLinear(nn.Module):
             if experts is None or dispatcher is None:
                 raise ValueError(f"{name}: MoE method {cfg.method!r} needs an expert bank and a dispatcher")
             self.router: Router | None = build_router(cfg, in_features, device=w.device, dtype=w.dtype)
+            # The routing in one autograd node where it covers the config (moe/fused_routing.py): per mode
+            # (training computes the aux loss); None where the unfused chain is needed.
+            self.fused_rules: dict[bool, RoutingRule] | None = fused_rule(cfg)
+            if self.fused_rules is not None:  # its statistics sums: a tensor outside the module tree (no dtype casts)
+                object.__setattr__(self, "routing_sums_U", torch.zeros(
+                    self.fused_rules[False].stat_columns, dtype=torch.float64, device=w.device))
+                context.register_fused_layer(name, self)
             object.__setattr__(self, "experts", experts)  # NOT registered: outside ZeRO (docs/zero3_experts.md)
             self.lora = None
         else:
             self.router = None
+            self.fused_rules = None
             self.lora = ExpertBank(1, cfg.rank, in_features, out_features, cfg.scaling, device=w.device, dtype=w.dtype)
 
     def register_experts(self) -> None:
@@ -89,6 +98,8 @@ class AdaptedLinear(nn.Module):
 
     def route(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Router, padding exclusion, capacity, aux loss and statistics -> (weights_TN, kept_TN)."""
+        if self.fused_rules is not None and (self.context.dp_all_reduce is None or self.cfg.aux_loss_scope != "global"):
+            return self.route_fused(x_TD, valid_T)
         cfg = self.cfg
         r = self.router.route(x_TD)
         if valid_T is None:
@@ -112,6 +123,17 @@ class AdaptedLinear(nn.Module):
             self.router.routed_load += routed_TN.sum(0).to(self.router.routed_load.dtype)
         if record:
             self.context.add_stats(self.adapter_name, routing_stats(kept_TN, routed_TN, weights_TN, valid_T, r.tau_T))
+        return weights_TN, kept_TN
+
+    def route_fused(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``route`` in one autograd node (moe/fused_routing.py): no capacity, no balance bias, a local aux loss."""
+        count_T = None if valid_T is None or self.cfg.route_padding else valid_T.to(torch.float32)
+        rule = self.fused_rules[self.training]
+        weights_TN, aux, kept_TN, stat_sums = self.router(x_TD, fused=(rule, valid_T, count_T))
+        if not self.context.recomputing:  # a checkpointed block's replay records nothing a second time
+            if aux is not None:
+                self.context.add_aux_loss(aux)
+            self.routing_sums_U.add_(stat_sums)
         return weights_TN, kept_TN
 
     def aux_loss(self, r, routed_TN: torch.Tensor, valid_T: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from adamole_dist.adapters.files import CONFIG_NAME, load_adapter, read_adapter_config
+from adamole_dist.base_model.attention import check_attn_implementation
 from adamole_dist.base_model.model_loading import load_model_and_tokenizer
 from adamole_dist.config.fields import ConfigError
 
@@ -53,17 +54,26 @@ def _tokenizer_for(model: nn.Module, adapter_dir: Path, doc: dict):
     return tokenizer
 
 
+def attention_kernel(name: str, device: str | torch.device | None) -> str | None:
+    """``name`` checked for generation and evaluation (forward only) on ``device``: what the loader takes."""
+    device_type = torch.device(device).type if device is not None else "cpu"
+    return check_attn_implementation(name, device_type, training=False)
+
+
 def from_pretrained(adapter_dir: str | Path, *, model: str | Path | nn.Module | None = None,
-                    device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+                    device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                    attn_implementation: str | None = None):
     """(model, tokenizer): the base model with the adapter of ``adapter_dir`` injected and loaded,
     in eval mode, every parameter frozen, the experts registered in the module tree.
 
     ``model``: the base model recorded in the adapter config by default; a path (or name) to load
     instead, or an already loaded instance (the adapter is injected into it, in place).
     ``dtype``: the base model's dtype (default float32); the adapter follows it. ``device``: where
-    to move the whole model. The ``Adapters`` handle is ``model.adamole_adapters`` (routing
-    statistics: ``model.adamole_adapters.context.pop_stats()``). Where training rendered prompts
-    with its own chat template (adapter meta "chat_template"), the tokenizer gets it.
+    to move the whole model. ``attn_implementation``: the attention kernel the base loads with (default:
+    the one training recorded; base_model/attention.py checks it). The ``Adapters`` handle is
+    ``model.adamole_adapters`` (routing statistics: ``model.adamole_adapters.context.pop_stats()``).
+    Where training rendered prompts with its own chat template (adapter meta "chat_template"), the
+    tokenizer gets it.
     Bad input (missing directory, no or unreadable adapter_config.json, a base model the adapter
     does not fit): ConfigError naming the path.
     """
@@ -76,9 +86,10 @@ def from_pretrained(adapter_dir: str | Path, *, model: str | Path | nn.Module | 
         tokenizer = _tokenizer_for(net, folder, doc)
     else:
         source = str(model) if model is not None else base_model_of(doc, folder)
+        kernel = attention_kernel(attn_implementation or doc.get("attn_implementation") or "auto", device)
         net, tokenizer, _, _ = load_model_and_tokenizer(source, doc.get("task_type", "auto"),
                                                         dtype=dtype or torch.float32,
-                                                        pooling=doc.get("pooling", "cls"))
+                                                        pooling=doc.get("pooling", "cls"), attn_implementation=kernel)
     net.eval()  # before injection: new adapter modules follow the model's mode (no dropout)
     adapters = load_adapter(net, folder)  # LocalDispatcher, all experts (files key them by global id)
     adapters.register_experts()

@@ -78,10 +78,12 @@ def resolve_task_type(task_type: str, model_path: str) -> str:
     return "seq_cls" if cfg.model_type in ENCODER_TYPES else "causal_lm"
 
 
-def load_model_and_tokenizer(model: str, task_type: str, dtype: torch.dtype = torch.float32, pooling: str = "cls"):
+def load_model_and_tokenizer(model: str, task_type: str, dtype: torch.dtype = torch.float32, pooling: str = "cls",
+                             attn_implementation: str | None = None):
     """(model, tokenizer, task_type, model_path). Encoders get a 1-logit sequence-classification
     head (each (context, choice) pair is scored) reading the [CLS] or the mean-pooled
-    representation (``pooling``, see :mod:`.pooling`); decoders their causal LM head."""
+    representation (``pooling``, see :mod:`.pooling`); decoders their causal LM head.
+    ``attn_implementation``: the attention kernel (attention.py checks it first; None: transformers' choice)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     path = resolve_model_path(model)
@@ -92,11 +94,13 @@ def load_model_and_tokenizer(model: str, task_type: str, dtype: torch.dtype = to
         raise ConfigError(f"pooling ({pooling!r}) applies to seq_cls models; this one is {task_type}")
     auto = AutoModelForSequenceClassification if task_type == "seq_cls" else AutoModelForCausalLM
     extra = {"num_labels": 1} if task_type == "seq_cls" else {}
+    if attn_implementation is not None:
+        extra["attn_implementation"] = attn_implementation
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         with quiet_transformers():  # its load report is per rank, colour-coded, and wrong where an adapter follows
             net, loading_info = auto.from_pretrained(path, dtype=dtype, output_loading_info=True, **extra)
-    except (OSError, ValueError) as e:  # no weights or tokenizer files, an unknown architecture, no hub
+    except (OSError, ValueError, ImportError) as e:  # no weights or tokenizer, an unknown architecture or kernel
         raise ConfigError(f"model ({path}) cannot be loaded: {one_line(e)}") from e
     net.newly_initialized = sorted(loading_info.get("missing_keys", []))  # the caller decides whether to say so
     if task_type == "seq_cls":

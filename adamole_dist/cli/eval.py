@@ -3,20 +3,18 @@ with --lm_framing question_answer) and per-layer routing statistics.
 
     python launch/eval.py --adapter runs/default/adapter [--dataset DIR] [--split test] [--json out.json]
     python launch/eval.py --model smollm2-135m --dataset ../shared/data/ARC-Easy --lm_framing question_answer
-    python launch/eval.py --adapter runs/x/adapter --harness arc_easy_local --harness_data ../shared/data --json r.json
-
-The base model is the one recorded in the adapter's config unless --model names another; without
---adapter the base model is evaluated as it is (zero-shot). Runs in one process (no DeepSpeed
-needed): the adapter is small and the base loads whole.
+    python launch/eval.py --adapter runs/x/adapter --harness arc_easy_local --harness_data ../shared/data
+The base model is the one recorded in the adapter's config unless --model names another (with the
+attention kernel training recorded); without --adapter it is evaluated as it is (zero-shot). One
+process, no DeepSpeed: the adapter is small and the base loads whole.
 
 --harness TASKS (comma-separated) also runs lm-evaluation-harness (pip install -e '.[harness]') on the
 same adapted model through lm_eval's HFLM, zero-shot; results go beside --json (NAME.harness.json,
 per question NAME.harness_samples.jsonl). The local tasks arc_easy_local, openbookqa_local and
 boolq_local read --harness_data DIR (default ../shared/data; adamole_dist/evaluation/harness.py); any
 other name is lm-eval's own task. --max_examples picks the same seeded subsample for both scorers.
-The harness calls the model without an attention mask: its right padding is never seen by a real token,
-but it passes through the routers, so with an expert capacity limit (sira, capacity_factor > 0) padding
-competes for capacity and harness scores can differ from ours there.
+The harness passes no attention mask: its right padding passes through the routers, so under an expert
+capacity limit (sira, capacity_factor > 0) it competes for capacity and harness scores can differ.
 """
 
 import argparse
@@ -28,10 +26,11 @@ from pathlib import Path
 import torch
 
 from adamole_dist.adapters.files import load_adapter, read_adapter_config
+from adamole_dist.adapters.pretrained import attention_kernel
 from adamole_dist.base_model.model_loading import load_model_and_tokenizer
 from adamole_dist.cli.console import configure_logging
 from adamole_dist.config.fields import ConfigError
-from adamole_dist.config.training import AUTOCASTS, LM_FRAMINGS, TrainConfig
+from adamole_dist.config.training import ATTN_IMPLEMENTATIONS, AUTOCASTS, LM_FRAMINGS, TrainConfig
 from adamole_dist.data import DataError, load_examples
 from adamole_dist.evaluation.choice_accuracy import accuracy_record, choice_accuracy
 from adamole_dist.evaluation.harness import HarnessPlan, run_harness
@@ -68,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max_examples", type=int, default=0, help="subsample to this many examples (0 = all)")
     ap.add_argument("--max_length", type=int, default=None)
     ap.add_argument("--batch_size", type=int, default=16)
+    ap.add_argument("--attn_implementation", choices=ATTN_IMPLEMENTATIONS, default=None,
+                    help="attention kernel (default: as the adapter was trained, else auto)")
     ap.add_argument("--json", type=Path, help="write accuracy and routing statistics here")
     ap.add_argument("--harness", metavar="TASKS", help="also run lm-evaluation-harness on these tasks (see above)")
     ap.add_argument("--harness_data", type=Path, default=Path("../shared/data"),
@@ -97,8 +98,10 @@ def prepare(args):
     base = args.model or doc.get("base_model")
     if not base:
         raise ConfigError(f"{args.adapter} records no base_model; name it with --model")
+    kernel = attention_kernel(args.attn_implementation or doc.get("attn_implementation") or "auto", "cpu")
     model, tokenizer, task_type, _ = load_model_and_tokenizer(base, doc.get("task_type", "auto"),
-                                                              pooling=doc.get("pooling", "cls"))
+                                                              pooling=doc.get("pooling", "cls"),
+                                                              attn_implementation=kernel)
     adapters = load_adapter(model, args.adapter) if args.adapter is not None else None
     framing = args.lm_framing or run.lm_framing
     if framing != "instruction" and task_type != "causal_lm":

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from adamole_dist.cli.console import configure_logging
 from adamole_dist.config.fields import ConfigError
+from adamole_dist.config.training import ATTN_IMPLEMENTATIONS
 from adamole_dist.data.examples import DataError
 from adamole_dist.generation.batched import generate_batch, sampling_options
 from adamole_dist.generation.chat import chat_session
@@ -53,6 +54,8 @@ def parse_args(argv):
     ap.add_argument("--show_routing", action="store_true", help="experts fired per generated token and layer")
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     ap.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    ap.add_argument("--attn_implementation", choices=ATTN_IMPLEMENTATIONS, default=None,
+                    help="attention kernel (default: as the adapter was trained, else auto)")
     return ap.parse_args(argv)
 
 
@@ -82,7 +85,8 @@ def prepare(args):
         records, places = [], []
     from adamole_dist.generation.loading import load_for_generation
 
-    model, tokenizer, adapters = load_for_generation(args.adapter, args.model, args.device, args.dtype)
+    model, tokenizer, adapters = load_for_generation(args.adapter, args.model, args.device, args.dtype,
+                                                     args.attn_implementation)
     if args.show_routing and (adapters is None or not adapters.cfg.is_moe):
         raise ConfigError("--show_routing needs an adapter with experts (" + (
             f"method {adapters.cfg.method!r} routes nothing)" if adapters else "no --adapter given)"))

@@ -13,11 +13,13 @@ from adamole_dist.config.fields import ConfigError, check_choices, opt
 
 DEFAULT_MODEL = "minilm-l6"
 POOLINGS = ("cls", "mean")  # base_model/pooling.py
-LM_FRAMINGS = ("instruction", "question_answer")  # data/tasks.py
+LM_FRAMINGS = ("instruction", "question_answer")  # data/choice_tasks.py
 AUTOCASTS = ("none", "bf16")
+# base_model/attention.py checks that the kernel can run here; auto = transformers' own choice
+ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 DISPATCH_DTYPES = ("fp32", "bf16")  # parallel/ep_dispatcher.py: the all-to-all wire
 EP_OVERLAPS = ("auto", "on", "off")  # parallel/ep_dispatcher.py: overlap_enabled
-HOST_MEMORY = ("keep", "system")  # ops/host_memory.py
+HOST_MEMORY = ("keep", "system")  # runtime/host_memory.py
 STATE_FILE = "trainer_state.json"  # what makes a directory a complete checkpoint (train/checkpoint.py)
 BACKENDS = ("auto", "gloo", "nccl", "cpu:gloo,cuda:nccl")  # runtime/process_group.py
 MC_DATA_FORMATS = ("instruction", "mc")  # data/formats.py: multiple choice
@@ -90,6 +92,13 @@ class TrainConfig:
                                        "instead of keeping them (Hugging Face models; about one extra forward "
                                        "for activation memory of one block); routing statistics, aux losses "
                                        "and balance loads still count each token once")
+    attn_implementation: str = opt("auto", "the attention kernel the model loads with (recorded in the adapter; "
+                                   "generate and eval load it the same way): auto = transformers' choice (sdpa where "
+                                   "supported); flash_attention_2/3 need their package and a CUDA GPU; flex_attention "
+                                   "trains on GPUs only", choices=ATTN_IMPLEMENTATIONS)
+    compile: bool = opt(False, "torch.compile each transformer block (regional compilation, the adapters included) "
+                        "with dynamic shapes, so batches of other lengths (packing) do not recompile; the "
+                        "expert-parallel all-to-all stays outside the compiled code; compile time is logged once")
     autocast: str = opt("none", "run forward passes (training and evaluation) under torch.autocast: bf16 = "
                         "matmuls in bfloat16, weights, gradients, optimizer states and losses in fp32 "
                         "(faster where the hardware has bf16 matmuls, e.g. AVX512-BF16 CPUs and GPUs: see "

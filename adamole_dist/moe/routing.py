@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from adamole_dist.config.adapter import AdapterConfig
+from adamole_dist.moe.fused_routing import FusedRouting
 
 
 @dataclass
@@ -104,12 +105,23 @@ class Router(nn.Module):
         """Gate logits (fp32) and, for routers that have one, the threshold pre-activation."""
         return F.linear(x_TD, self.gate_weight).float(), None
 
+    def fused_logits(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the fused node takes: the logits (adamole: with the threshold logit, without its bias, as a
+        last column) and the threshold bias (None without a threshold)."""
+        return self.logits(x_TD)
+
     def select(self, probs_TN: torch.Tensor, extra_T: torch.Tensor | None) -> Routing:
         raise NotImplementedError
 
-    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x_TD: torch.Tensor, fused: tuple | None = None):
         """(probs_TN, threshold pre-activation or None). Tensors only, so ZeRO-3's hooks see them;
-        ``route`` applies the selection rule."""
+        ``route`` applies the selection rule. ``fused`` = (RoutingRule, valid_T, count_T): the whole routing
+        in one autograd node instead (fused_routing.py), inside this call, where ZeRO-3 has gathered the
+        parameters: (weights_TN, aux or None, mask_TN, statistics sums)."""
+        if fused is not None:
+            rule, valid_T, count_T = fused
+            logits_TM, bias = self.fused_logits(x_TD)
+            return FusedRouting.apply(logits_TM, bias, valid_T, count_T, rule)
         logits_TN, extra_T = self.logits(x_TD)
         if self.cfg.has_gate_dropout and self.training and self.cfg.gate_dropout > 0:
             logits_TN = F.dropout(logits_TN, p=self.cfg.gate_dropout)
@@ -131,9 +143,13 @@ class AdaMoLERouter(Router):
         kaiming_linear_init_(self.threshold_weight, self.threshold_bias)
 
     def logits(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        both_TM, bias = self.fused_logits(x_TD)
+        return both_TM[:, :-1], both_TM[:, -1] + bias
+
+    def fused_logits(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # One matmul for gate and threshold: x is read once (it is the big operand).
         both_TM = F.linear(x_TD, torch.cat([self.gate_weight, self.threshold_weight], dim=0)).float()
-        return both_TM[:, :-1], both_TM[:, -1] + self.threshold_bias.float()
+        return both_TM, self.threshold_bias.float()
 
     def select(self, probs_TN: torch.Tensor, threshold_logit_T: torch.Tensor) -> Routing:
         tau_T = self.tau_max * torch.sigmoid(threshold_logit_T)

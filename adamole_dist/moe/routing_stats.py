@@ -61,8 +61,10 @@ def summarize_stats(stats: torch.Tensor, has_tau: bool) -> dict:
 def summarize_routing(stats_by_layer: dict[str, torch.Tensor], has_tau: bool) -> dict:
     """Per-layer summaries (sorted by name) and their token-weighted means over layers: what the
     trainer logs, launch/eval.py prints and the benchmarks record. Sum the statistics over ranks
-    first where there are several (train/reporting.py: routing_over_ranks)."""
+    first where there are several (train/reporting.py: routing_over_ranks). A layer that saw no token
+    since the statistics were last read is left out."""
     layers = {n: summarize_stats(stats_by_layer[n], has_tau) for n in sorted(stats_by_layer)}
+    layers = {n: summary for n, summary in layers.items() if summary["tokens"] > 0}  # layers that saw no token
     if not layers:
         return {"overall": {}, "layers": {}}
     tokens = sum(v["tokens"] for v in layers.values()) or 1

@@ -130,6 +130,8 @@ class ExpertParallelDispatcher(Dispatcher):
         return self.wire_dtype
 
     # -- capacity over the group --------------------------------------------------------------
+    # Collectives stay outside compiled code (--compile, train/compile.py): a graph break here.
+    @torch.compiler.disable
     def capacity_keep(self, mask_TN, probs_TN, capacity_factor, policy):
         if capacity_factor <= 0:
             return mask_TN
@@ -209,6 +211,7 @@ class ExpertParallelDispatcher(Dispatcher):
             return add_returned_rows(local_TO, returned_SO, plan.permute, plan.once)
 
     # -- the schedule ----------------------------------------------------------------------------
+    @torch.compiler.disable  # the all-to-alls stay outside compiled code (--compile): a graph break here
     def __call__(self, x_TD, weights_TN, mask_TN, bank: ExpertBank, path):
         return self.run(self.plan(mask_TN, x_TD, bank), x_TD, weights_TN, mask_TN, bank, path)
 

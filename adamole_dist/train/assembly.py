@@ -26,6 +26,7 @@ import torch
 from adamole_dist.adapters.checkpointing import enable_gradient_checkpointing
 from adamole_dist.adapters.handle import Adapters
 from adamole_dist.adapters.inject import default_targets, find_target_modules, inject_adapters, matches, weight_shape
+from adamole_dist.base_model.attention import check_attn_implementation
 from adamole_dist.base_model.model_loading import (
     default_trainable_modules,
     load_model_and_tokenizer,
@@ -54,6 +55,7 @@ from adamole_dist.runtime.process_group import DistInfo, device_for
 from adamole_dist.runtime.stopping import PREEMPTED_MARKER
 from adamole_dist.train import checkpoint as ckpt_io
 from adamole_dist.train.builders import build_dispatcher, build_engine, build_expert_optimizer, build_task_for
+from adamole_dist.train.compile import CompileReport, check_compile, compile_blocks
 from adamole_dist.train.expert_optimizer import ExpertOptimizer
 from adamole_dist.train.reporting import memory_per_rank, print_memory
 from adamole_dist.train.schedule import lr_lambda, warmup_steps_for
@@ -97,6 +99,7 @@ class Run:
     data_format: str = "auto"  # the detected (or forced) record format
     sft: SFTData | None = None  # free-form data; None for multiple choice
     lock: RunLock | None = None  # rank 0: the output dir's lock, held until close
+    compiled: CompileReport | None = None  # --compile: what torch.compile did (logged with the training windows)
 
     @property
     def ckpt_root(self) -> Path:
@@ -125,16 +128,21 @@ def build_run(cfg: TrainConfig, dist_info: DistInfo) -> Run:
     total_steps = count_total_steps(cfg, data.batches)
     config_record = cfg.to_dict()
     resume_from = check_run_target(cfg, dist_info, out, config_record)
+    device = device_for(dist_info)
+    attn_implementation = check_attn_implementation(cfg.attn_implementation, device.type, training=True)
+    if cfg.compile:
+        check_compile(device)
     # The model is loaded and the adapters injected (validating target modules) before anything
     # is written, so a bad option leaves the output directory untouched.
-    model, tokenizer, task_type, model_path = load_model_and_tokenizer(cfg.model, cfg.task_type, pooling=cfg.pooling)
-    device = device_for(dist_info)
+    model, tokenizer, task_type, model_path = load_model_and_tokenizer(cfg.model, cfg.task_type, pooling=cfg.pooling,
+                                                                       attn_implementation=attn_implementation)
     if cfg.lm_framing != "instruction" and task_type != "causal_lm":
         raise ConfigError(f"lm_framing ({cfg.lm_framing!r}) applies to causal_lm models; {model_path} is {task_type}")
     if cfg.packing:
         check_packing_attention(model)
     task = build_task_for(cfg, task_type, tokenizer, device, free_form=data.sft is not None)  # checks max_length
     layout, dispatcher, adapters = adapt_model(cfg, dist_info, model, task_type, model_path, device)
+    compiled = CompileReport(compile_blocks(model, cfg.gradient_checkpointing)) if cfg.compile else None
     lock = lock_output_dir(cfg, out, config_record)
     adapters.expert_module.to(device)
     schedule = lr_lambda(cfg.lr_scheduler, total_steps, warmup_steps_for(total_steps, cfg.warmup_steps,
@@ -149,7 +157,7 @@ def build_run(cfg: TrainConfig, dist_info: DistInfo) -> Run:
               eval_examples=data.eval_examples, batches=data.batches, tokenizer=tokenizer, task_type=task_type,
               model_path=model_path, task=task, layout=layout, dispatcher=dispatcher, adapters=adapters,
               engine=engine, expert_opt=expert_opt, total_steps=total_steps, logger=logger, start=start,
-              resumed_from=resume_from, data_format=data.data_format, sft=data.sft, lock=lock)
+              resumed_from=resume_from, data_format=data.data_format, sft=data.sft, lock=lock, compiled=compiled)
     report_memory(run)
     if data.sft is not None:
         report_sft_data(run)
@@ -182,7 +190,7 @@ def adapt_model(cfg: TrainConfig, dist_info: DistInfo, model: torch.nn.Module, t
     trainable = cfg.trainable_modules or default_trainable_modules(task_type, model)
     adapters = inject_adapters(model, cfg.adapter, trainable_modules=trainable, dispatcher=dispatcher,
                                expert_slice=layout.expert_slice(cfg.adapter.num_experts))
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing and not cfg.compile:  # with --compile the compiler recomputes (train/compile.py)
         enable_gradient_checkpointing(model, adapters.context)
     new = getattr(model, "newly_initialized", [])
     if new and dist_info.is_main:
@@ -190,7 +198,9 @@ def adapt_model(cfg: TrainConfig, dist_info: DistInfo, model: torch.nn.Module, t
         log.info(f"newly initialized (not in {model_path}): {', '.join(new)}"
                  + (" -- trained in full" if trained else " -- check --trainable_modules"))
     if cfg.adapter.aux_loss_scope == "global":
-        adapters.context.balance_over_data_parallel(collectives.all_reduce_sum, dist_info.world_size)
+        # the all-reduce stays outside compiled code (--compile): a graph break there
+        adapters.context.balance_over_data_parallel(torch.compiler.disable(collectives.all_reduce_sum),
+                                                    dist_info.world_size)
     return layout, dispatcher, adapters
 
 

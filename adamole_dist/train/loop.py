@@ -209,7 +209,8 @@ class Trainer:
         metrics = window_metrics(window, world_size=self.dist_info.world_size, lr=run.engine.get_lr()[0],
                                  has_experts=bool(run.adapters.expert_banks), epoch=self.epoch)
         routing = routing_over_ranks(run.adapters.context.pop_stats(), self.cfg.adapter.has_tau)
-        metrics.update(**routing["overall"], **dispatch_metrics(run.dispatcher.counters, max(window.steps, 1)))
+        metrics.update(**routing["overall"], **dispatch_metrics(run.dispatcher.counters, max(window.steps, 1)),
+                       **(run.compiled.metrics() if run.compiled is not None else {}))
         timing = loop_timing(self.loop_t0, self.loop_start_step, self.step, run.total_steps)
         self.say(window_line(self.step, run.total_steps, metrics, timing))
         run.logger.log(self.step, "train", {**metrics, "layers": routing["layers"]})
@@ -230,6 +231,7 @@ def adapter_meta(run: Run, step: int) -> dict:
     cfg = run.cfg
     return {"base_model": cfg.model, "base_model_path": run.model_path, "task_type": run.task_type,
             "pooling": cfg.pooling, "trainable_modules": run.adapters.trainable_modules, "step": step,
+            "attn_implementation": cfg.attn_implementation,
             "data_format": run.data_format, "prompt_format": prompt_format(run.data_format, cfg.alpaca_as_chat),
             # the Jinja text when --chat_template gave one; None: the tokenizer's own template
             "chat_template": run.sft.spec.chat_template if run.sft is not None else None}

@@ -10,8 +10,11 @@ real shapes), meant to finish in under 8 minutes on one GPU.
    DeepSpeed ZeRO-3 at world 1 with the default backend choice, adamole 8 x r=4 against our lora r=32
    against PEFT LoRA r=32: tokens/s, peak device memory, host reads of tensors per step (each a
    device sync on a GPU; benchmarks/common/host_syncs.py) and model FLOPs utilisation;
-3. generate: greedy generation tokens/s with the adapters in the model against the bare model;
-4. what one GPU cannot show, said in the output.
+3. levers: adamole's training step with each speed lever alone and together: torch.compile per block
+   (train/compile.py, the trainer's --compile) and every attention kernel installed (sdpa; flash
+   attention 2/3 where their package is), tokens/s against eager sdpa;
+4. generate: greedy generation tokens/s with the adapters in the model against the bare model;
+5. what one GPU cannot show, said in the output.
 Every timed region synchronises the device (parallel/device_timer.py) after a warm-up.
 """
 
@@ -28,11 +31,13 @@ import torch.nn as nn
 
 from adamole_dist import AdapterConfig, inject_adapters
 from adamole_dist.adapters.inject import adapt_linear
+from adamole_dist.base_model.attention import available_kernels
 from adamole_dist.config.deepspeed import build_ds_config
 from adamole_dist.config.training import TrainConfig
 from adamole_dist.parallel.device_timer import synchronize, wall_seconds
 from adamole_dist.runtime.process_group import init_distributed, resolve_backend
 from adamole_dist.train.builders import build_engine, build_expert_optimizer
+from adamole_dist.train.compile import compile_blocks
 from adamole_dist.train.step import train_step
 from benchmarks.common.host_syncs import HostReads
 from benchmarks.common.records import write_records
@@ -124,11 +129,11 @@ class RandomTokensLM:
                      labels=batch["input_ids"]).loss
 
 
-def llama(args, device):
+def llama(args, device, attn: str = "sdpa"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(**(LLAMA_SMOKE if args.smoke else LLAMA_1B), attn_implementation="sdpa")
+    cfg = LlamaConfig(**(LLAMA_SMOKE if args.smoke else LLAMA_1B), attn_implementation=attn)
     return LlamaForCausalLM(cfg).to(device)
 
 
@@ -141,11 +146,13 @@ def model_flops_per_token(model, seq: int) -> float:
     return 4 * params + 12 * cfg.num_hidden_layers * seq * cfg.hidden_size
 
 
-def train_system(args, device, info, system: str, method: str, micro: int, seq: int):
+def train_system(args, device, info, system: str, method: str, micro: int, seq: int, attn: str = "sdpa",
+                 compiled: bool = False):
     """A fresh Llama with ``system``'s adapters in a ZeRO-3 engine: (model, adapters or None, engine,
-    expert optimizer, model FLOPs per token, counted before ZeRO-3 partitions the parameters)."""
+    expert optimizer, model FLOPs per token, counted before ZeRO-3 partitions the parameters).
+    ``attn``: the attention kernel; ``compiled``: every block compiled (the trainer's --compile)."""
     cuda = device.type == "cuda"
-    model = llama(args, device)
+    model = llama(args, device, attn)
     adapters = None
     if system == "peft":
         from peft import LoraConfig, get_peft_model
@@ -157,6 +164,8 @@ def train_system(args, device, info, system: str, method: str, micro: int, seq: 
         adapters = inject_adapters(model, AdapterConfig(target_modules=TARGETS, **kw))
         adapters.expert_module.to(device)
         params = adapters.engine_parameters()
+    if compiled:
+        compile_blocks(model)
     flops_per_token = model_flops_per_token(model, seq)
     # batch sizes, clipping and AdamW's hyperparameters from a TrainConfig (config/deepspeed.py, as in
     # training); ZeRO-3 with DeepSpeed's own defaults, bf16 on a GPU, torch's AdamW
@@ -168,12 +177,13 @@ def train_system(args, device, info, system: str, method: str, micro: int, seq: 
     return model, adapters, engine, expert_opt, flops_per_token
 
 
-def time_train(args, device, info, system: str, method: str, micro: int, seq: int) -> dict:
-    """``system``'s training step timed after --warmup steps: one record. Everything it built is
-    freed when it returns, before the next system's model."""
+def time_train(args, device, info, system: str, method: str, micro: int, seq: int, attn: str = "sdpa",
+               compiled: bool = False) -> dict:
+    """``system``'s training step timed after --warmup steps (a compilation falls in them): one record.
+    Everything it built is freed when it returns, before the next system's model."""
     cuda = device.type == "cuda"
     model, adapters, engine, expert_opt, flops_per_token = train_system(
-        args, device, info, system, method, micro, seq)
+        args, device, info, system, method, micro, seq, attn, compiled)
     g = torch.Generator().manual_seed(1)
     batch = {"input_ids": torch.randint(0, model.config.vocab_size, (micro, seq), generator=g).to(device),
              "attention_mask": torch.ones(micro, seq, dtype=torch.long, device=device)}
@@ -214,6 +224,23 @@ def bench_train(args, device, info) -> list[dict]:
     peft = next(r for r in records if r["system"] == "peft")
     for r in records:
         r["vs_peft_lora"] = round(r["tokens_per_s"] / peft["tokens_per_s"], 3)
+    return records
+
+
+def bench_levers(args, device, info) -> list[dict]:
+    """adamole's step with each lever alone and together: torch.compile, every attention kernel installed."""
+    micro, seq = (2, 16) if args.smoke else (4, 1024)
+    kernels = [k for k in available_kernels(device.type) if k in ("sdpa", "flash_attention_2", "flash_attention_3")]
+    records = []
+    for compiled in (False, True):
+        for attn in kernels:
+            record = time_train(args, device, info, "adamole_dist", "adamole", micro, seq, attn, compiled)
+            records.append({**record, "section": "levers", "attn_implementation": attn, "compile": compiled})
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    base = records[0]["tokens_per_s"]  # eager sdpa
+    for r in records:
+        r["vs_eager_sdpa"] = round(r["tokens_per_s"] / base, 3)
     return records
 
 
@@ -261,6 +288,8 @@ def print_table(records: list[dict]) -> None:
     for section, columns in (("layer", ("dtype", "method", "path", "ms_median", "vs_peft_lora")),
                              ("train", ("system", "method", "tokens_per_s", "vs_peft_lora", "peak_memory_mb", "mfu",
                                         "host_reads_per_step")),
+                             ("levers", ("attn_implementation", "compile", "tokens_per_s", "vs_eager_sdpa",
+                                         "peak_memory_mb")),
                              ("generate", ("adapters", "tokens_per_s", "vs_base"))):
         rows = [r for r in records if r.get("section") == section]
         if not rows:
@@ -276,7 +305,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, the same code (runs on a CPU in seconds)")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default 10, smoke 2)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed repeats first (default 3, smoke 1)")
-    ap.add_argument("--sections", default="layer,train,generate")
+    ap.add_argument("--sections", default="layer,train,levers,generate")
     ap.add_argument("--peak_tflops", type=float, default=0.0, help="the device's peak for MFU (default: by name)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
@@ -298,6 +327,7 @@ def run(args) -> list[dict]:
     records = [head]
     sections = args.sections.split(",")
     for name, fn in (("layer", lambda: bench_layers(args, device)), ("train", lambda: bench_train(args, device, info)),
+                     ("levers", lambda: bench_levers(args, device, info)),
                      ("generate", lambda: bench_generate(args, device))):
         if name in sections:
             records += fn()

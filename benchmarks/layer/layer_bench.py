@@ -3,6 +3,7 @@
     python benchmarks/layer/layer_bench.py                      # d=2048, N=8, r=4, 4096 tokens, 2 threads
     python benchmarks/layer/layer_bench.py --json out.json      # also write the records
     python benchmarks/layer/layer_bench.py --sweep-paths        # dense vs grouped crossover (backs experts.py's rule)
+    python benchmarks/layer/layer_bench.py --compile            # also lora and adamole under torch.compile
 
 Times the adapter's contribution (routing, experts, combine, aux loss; the frozen base matmul
 is reported once as ``base_linear`` for scale). ``lora`` has rank N*r. ``loop_reference`` is a
@@ -24,6 +25,7 @@ from adamole_dist.config.adapter import AdapterConfig
 from adamole_dist.moe.experts import GROUPED_PAIR_COST, choose_compute_path
 from adamole_dist.moe.routing_stats import summarize_stats
 from adamole_dist.parallel.device_timer import timed
+from benchmarks.common.operators import ComputingOperators
 from benchmarks.common.records import write_records
 from benchmarks.layer.loop_reference import LoopAdaMoLE
 
@@ -38,7 +40,8 @@ class Case:
         self.times_ms: list[float] = []
 
 
-def adapted_case(method: str, args, d: int, path: str = "auto", top_k: int = 2, label: str | None = None) -> Case:
+def adapted_case(method: str, args, d: int, path: str = "auto", top_k: int = 2, label: str | None = None,
+                 compiled: bool = False) -> Case:
     torch.manual_seed(0)
     base = nn.Linear(d, d, bias=False).requires_grad_(False)
     n, r = (1, args.num_experts * args.rank) if method == "lora" else (args.num_experts, args.rank)
@@ -50,8 +53,10 @@ def adapted_case(method: str, args, d: int, path: str = "auto", top_k: int = 2, 
     else:
         nn.init.normal_(layer.lora.lora_B, std=0.01)
 
+    delta_of = torch.compile(layer.delta) if compiled else layer.delta  # the trainer's --compile, one layer
+
     def run(x):
-        delta = layer.delta(x)
+        delta = delta_of(x)
         losses = layer.context.take_aux_losses()
         aux = torch.stack(losses).sum() if losses else None
         return delta, aux
@@ -67,7 +72,22 @@ def adapted_case(method: str, args, d: int, path: str = "auto", top_k: int = 2, 
         params += list(layer.experts.parameters())
     case = Case(label or method, layer, run, avg_active)
     case.params = params
+    if not compiled:
+        case.operators = count_operators(case, d)
     return case
+
+
+def count_operators(case: Case, d: int, tokens: int = 256) -> int:
+    """The computing operators (views excluded) of the case's forward and backward with its aux loss, on
+    ``tokens`` tokens, counted on the second call (the first creates buffers): one kernel launch each on a GPU."""
+    x = torch.randn(tokens, d)
+    for _ in range(2):
+        with ComputingOperators() as ops:
+            delta, aux = case.run(x.detach().requires_grad_(True))
+            (delta.sum() + (aux if aux is not None else 0)).backward()
+    for p in case.params:
+        p.grad = None
+    return ops.total
 
 
 def loop_case(args, d: int) -> Case:
@@ -127,31 +147,40 @@ def record(case: Case, args, d: int, rank: int, num_experts: int) -> dict:
         "ms_median": round(statistics.median(case.times_ms), 3),
         "ms_min": round(min(case.times_ms), 3),
         "ms_max": round(max(case.times_ms), 3),
+        "operators_fwd_bwd": getattr(case, "operators", None),
     }
 
 
 def main_methods(args) -> list[dict]:
     d = args.d
     cases = [adapted_case("lora", args, d)] + [adapted_case(m, args, d) for m in MOE_METHODS]
+    if args.compile:
+        cases += [adapted_case(m, args, d, label=f"{m}+compile", compiled=True) for m in ("lora", "adamole")]
     cases += [loop_case(args, d), base_case(args, d)]
     x = torch.randn(args.tokens, d)
     grad = torch.randn(args.tokens, d)
     time_cases(cases, x, grad, args.repeats, args.warmup)
     recs = []
     for c in cases:
-        n, r = (1, args.num_experts * args.rank) if c.method == "lora" else (args.num_experts, args.rank)
+        n, r = (1, args.num_experts * args.rank) if c.method.startswith("lora") else (args.num_experts, args.rank)
         if c.method == "base_linear":
             n, r = 0, 0
         recs.append(record(c, args, d, r, n))
     lora = next(r["ms_median"] for r in recs if r["method"] == "lora")
     loop = next(r["ms_median"] for r in recs if r["method"] == "loop_reference")
-    print(f"{'method':<16}{'N':>4}{'r':>5}{'active':>8}{'median ms':>11}{'min':>9}{'max':>9}{'x lora':>8}")
+    print(f"{'method':<16}{'N':>4}{'r':>5}{'active':>8}{'median ms':>11}{'min':>9}{'max':>9}{'x lora':>8}{'ops':>6}")
     for r in recs:
+        ops = r["operators_fwd_bwd"] if r["operators_fwd_bwd"] is not None else "-"
         print(f"{r['method']:<16}{r['num_experts']:>4}{r['rank']:>5}{r['avg_active_experts']:>8.2f}"
-              f"{r['ms_median']:>11.1f}{r['ms_min']:>9.1f}{r['ms_max']:>9.1f}{r['ms_median'] / lora:>8.2f}")
+              f"{r['ms_median']:>11.1f}{r['ms_min']:>9.1f}{r['ms_max']:>9.1f}{r['ms_median'] / lora:>8.2f}{ops:>6}")
     ada = next(r["ms_median"] for r in recs if r["method"] == "adamole")
-    print(f"\nadamole / lora = {ada / lora:.2f} (target <= 1.3); "
+    print(f"\nadamole / lora = {ada / lora:.2f} (target <= 1.08); "
           f"loop_reference / adamole = {loop / ada:.1f} (target >= 5)")
+    if args.compile:
+        ada_c = next(r["ms_median"] for r in recs if r["method"] == "adamole+compile")
+        lora_c = next(r["ms_median"] for r in recs if r["method"] == "lora+compile")
+        print(f"adamole+compile / lora = {ada_c / lora:.2f} (target <= 1.0); "
+              f"adamole+compile / lora+compile = {ada_c / lora_c:.2f}")
     return recs
 
 
@@ -195,6 +224,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="also lora and adamole with torch.compile (the "
+                    "compilation falls in the --warmup rounds)")
     ap.add_argument("--sweep-paths", action="store_true", help="time dense vs grouped over N, r, k instead")
     ap.add_argument("--sweep-repeats", type=int, default=5)
     ap.add_argument("--json", type=Path, help="write the records to this JSON file")

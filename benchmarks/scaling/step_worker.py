@@ -31,9 +31,10 @@ warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+.* is depre
 
 from adamole_dist import AdapterConfig, inject_adapters
 from adamole_dist.adapters.inject import weight_shape
+from adamole_dist.base_model.attention import check_attn_implementation
 from adamole_dist.base_model.model_loading import load_model_and_tokenizer
 from adamole_dist.config.deepspeed import build_ds_config
-from adamole_dist.config.training import TrainConfig
+from adamole_dist.config.training import ATTN_IMPLEMENTATIONS, TrainConfig
 from adamole_dist.costmodel.calibration import calibrate, calibration_record, parts_ms
 from adamole_dist.costmodel.placement import adapter_workload, predict_placement, predict_replicated
 from adamole_dist.data import load_examples
@@ -45,6 +46,7 @@ from adamole_dist.parallel.local_dispatcher import Dispatcher
 from adamole_dist.runtime.host_memory import keep_freed_host_memory
 from adamole_dist.runtime.process_group import init_distributed
 from adamole_dist.train.builders import build_dispatcher, build_engine, build_expert_optimizer, build_task_for
+from adamole_dist.train.compile import compile_blocks
 from adamole_dist.train.reporting import param_bytes
 from adamole_dist.train.step import PhaseClock, train_step
 
@@ -61,7 +63,8 @@ DS_BASE = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold
 
 
 def build(args, layout):
-    model, tokenizer, task_type, _ = load_model_and_tokenizer(args.model, "auto")
+    kernel = check_attn_implementation(args.attn_implementation, DEVICE.type, training=True)
+    model, tokenizer, task_type, _ = load_model_and_tokenizer(args.model, "auto", attn_implementation=kernel)
     # the encoder scores choices with a trained head; a decoder trains its LoRA only
     targets, head = (TARGETS, ["classifier"]) if task_type == "seq_cls" else (DECODER_TARGETS, [])
     adapters = None
@@ -79,6 +82,8 @@ def build(args, layout):
         adapters = inject_adapters(model, cfg, trainable_modules=head, dispatcher=dispatcher,
                                    expert_slice=layout.expert_slice(cfg.num_experts))
         params = adapters.engine_parameters()
+    if args.compile:  # the trainer's --compile: every transformer block, adapters included (train/compile.py)
+        compile_blocks(model)
     return model, tokenizer, task_type, adapters, params
 
 
@@ -121,6 +126,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--predict", action="store_true", help="calibrate the cost model here and predict this run")
     ap.add_argument("--host_memory", default="keep", choices=("keep", "system"),
                     help="keep: reuse freed host memory, as the trainer does (--host_memory)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile every transformer block (the trainer's "
+                    "--compile); the compilation falls in the --warmup steps")
+    ap.add_argument("--attn_implementation", default="auto", choices=ATTN_IMPLEMENTATIONS,
+                    help="the attention kernel (the trainer's --attn_implementation)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--csv", type=Path)
     return ap.parse_args(argv)
@@ -206,7 +215,8 @@ def summarise(args, job: Job, phases: dict[str, list[float]], tokens: list[float
         "frozen_bytes_local_max": max(e["frozen_local"] for e in everyone),
         "frozen_bytes_full": everyone[0]["frozen_full"],
         "device": DEVICE.type, "threads": torch.get_num_threads(), "host_memory": args.host_memory,
-        "overlap": getattr(job.dispatcher, "overlap", None),
+        "overlap": getattr(job.dispatcher, "overlap", None), "compile": args.compile,
+        "attn_implementation": args.attn_implementation,
     }
     if job.predicting:
         record.update(predict_this_run(job.adapters, positions, tokens_per_step / world / positions, job.layout, world,

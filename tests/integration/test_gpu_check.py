@@ -22,7 +22,7 @@ def test_gpu_check_smoke_writes_every_section(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = json.loads(out.read_text())
     sections = {r["section"] for r in records}
-    assert sections == {"device", "layer", "train", "generate"}
+    assert sections == {"device", "layer", "train", "levers", "generate"}
     layer = [r for r in records if r["section"] == "layer"]
     assert {r["method"] for r in layer} >= {"lora", "adamole", "mole_topk", "sira", "mole_threshold", "peft_lora"}
     assert {r["dtype"] for r in layer} == {"bfloat16", "float32"}
@@ -30,4 +30,7 @@ def test_gpu_check_smoke_writes_every_section(tmp_path):
     assert set(train) == {("adamole_dist", "adamole"), ("adamole_dist", "lora"), ("peft", "lora")}
     for r in train.values():
         assert r["tokens_per_s"] > 0 and r["host_reads_per_step"]["adamole_dist"] <= 2
-    assert "NCCL all-to-all" in proc.stdout and "[train]" in proc.stdout
+    levers = {(r["attn_implementation"], r["compile"]): r for r in records if r["section"] == "levers"}
+    assert set(levers) == {("sdpa", False), ("sdpa", True)}  # no flash attention on a CPU
+    assert all(r["tokens_per_s"] > 0 for r in levers.values()) and levers[("sdpa", False)]["vs_eager_sdpa"] == 1.0
+    assert "NCCL all-to-all" in proc.stdout and "[train]" in proc.stdout and "[levers]" in proc.stdout

@@ -7,6 +7,7 @@ itself comes only from the wheel."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -63,10 +64,11 @@ def fresh_env(tmp: Path, wheel: Path) -> Path:
 
 def test_the_wheel_installs_runs_adamole_eval_and_finds_the_harness_tasks(tmp_path):
     env_dir = fresh_env(tmp_path, build_wheel(tmp_path))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # a checkout on the path would shadow the wheel
     elsewhere = tmp_path / "elsewhere"  # no checkout here: nothing to import the project from but the wheel
     elsewhere.mkdir()
-    done = subprocess.run([str(env_dir / "bin" / "adamole-eval"), "--help"], cwd=elsewhere, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run([str(env_dir / "bin" / "adamole-eval"), "--help"], cwd=elsewhere, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("usage:") and "--harness" in done.stdout
 
@@ -74,7 +76,7 @@ def test_the_wheel_installs_runs_adamole_eval_and_finds_the_harness_tasks(tmp_pa
     (data / "ARC-Easy").mkdir(parents=True)
     (data / "ARC-Easy" / "test.json").write_text("[]")
     done = subprocess.run([str(env_dir / "bin" / "python"), "-c", LOOKUP, str(data), str(tmp_path / "out.json")],
-                          cwd=elsewhere, capture_output=True, text=True, timeout=300)
+                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert Path(found["package"]).is_relative_to(env_dir), found["package"]  # the wheel's copy, not the checkout
