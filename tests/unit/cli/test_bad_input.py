@@ -35,6 +35,11 @@ def fails_cleanly(tmp_path, *args, expect: list[str], out_name="run"):
         (["--ep_size", "2"], ["ep_size (2)", "world size (1)"]),
         (["--method", "lora", "--ep_size", "2"], ["ep_size (2)", "MoE method"]),
         (["--pooling", "max"], ["--pooling", "'max'", "'cls', 'mean'"]),
+        (["--attn_implementation", "flash_attention_2"],
+         ["attn_implementation (flash_attention_2)", "flash-attn", "CUDA GPU", "eager, sdpa"]),
+        (["--attn_implementation", "flex_attention"], ["attn_implementation (flex_attention)", "no backward",
+                                                       "eager, sdpa"]),
+        (["--attn_implementation", "paged"], ["--attn_implementation", "'paged'", "'sdpa'"]),
     ],
 )
 def test_bad_adapter_options(tmp_path, args, expect):
