@@ -9,9 +9,22 @@ from pathlib import Path
 import torch
 
 from adamole_dist.adapters.pretrained import attention_kernel, from_pretrained
-from adamole_dist.base_model.model_loading import load_model_and_tokenizer
+from adamole_dist.base_model.model_loading import load_model_and_tokenizer, resolve_model_path, resolve_task_type
+from adamole_dist.config.fields import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_generates(adapter_doc: dict | None, adapter: Path | None, model: str | None) -> None:
+    """ConfigError unless the model generates text (a causal LM): the adapter's recorded task type, else
+    the base model's architecture. An encoder (MiniLM) scores choices; it has no generation head."""
+    if adapter_doc is not None:
+        task_type, what = adapter_doc.get("task_type", "causal_lm"), f"--adapter {adapter} was trained on"
+    else:
+        task_type, what = resolve_task_type("auto", resolve_model_path(str(model))), f"--model {model} is"
+    if task_type != "causal_lm":
+        raise ConfigError(f"{what} an encoder ({task_type}: it scores choices, it has no generation head); "
+                          "generation needs a decoder (causal_lm), e.g. an adapter trained on smollm2-135m")
 
 
 def load_for_generation(adapter: Path | None, model: str | None, device: str | None = None,
