@@ -94,7 +94,7 @@ def prepare(args):
         raise ConfigError("--dataset is required: " + ("the adapter does not record its training dataset"
                                                        if args.adapter else "no adapter names one"))
     harness = HarnessPlan(args.harness, args.harness_data, args.json) if args.harness else None
-    inputs = [p for p in (Path(dataset) if dataset else None, args.adapter) if p is not None and p.exists()]
+    inputs = [(o, Path(p)) for o, p in (("--dataset", dataset), ("--adapter", args.adapter)) if p and Path(p).exists()]
     for path, option in ([(args.json, "--json")] if args.json else []) + (harness.outputs if harness else []):
         check_output_file(path, option, inputs)  # writable, not an input (the dataset, the adapter), not in a run
     split = args.split or run.eval_split

@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = ap.parse_args(argv)
     try:
-        check_output_folder(args.out, "--out", overwrite=args.overwrite, inputs=[args.adapter_dir])
+        check_output_folder(args.out, "--out", overwrite=args.overwrite, inputs=[("adapter", args.adapter_dir)])
         out = export(args.adapter_dir, args.out, fmt=args.format, merge=args.merge, overwrite=args.overwrite)
     except (ConfigError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -2,8 +2,7 @@
 
     python launch/generate.py --adapter runs/default/adapter --prompt "Name three colours."
     python launch/generate.py --adapter DIR --prompts prompts.jsonl --out completions.jsonl --batch_size 8
-    python launch/generate.py --adapter DIR --chat                 # interactive, history kept
-    python launch/generate.py --model smollm2-135m --prompt "..."  # the base model, no adapter
+    python launch/generate.py --adapter DIR --chat     # interactive; or --model smollm2-135m: the base alone
 
 Prompts are rendered exactly as training rendered them (the adapter's "prompt_format": chat template,
 Alpaca template or plain text). A prompt file holds one JSON object per line, {"prompt": "..."} (with
@@ -11,16 +10,14 @@ Alpaca template or plain text). A prompt file holds one JSON object per line, {"
 one JSON object per prompt (the input fields plus "completion"), written to --out whole at the end (a
 temporary renamed into place: a failure or Ctrl-C leaves --out as it was). Greedy by default;
 --temperature > 0 samples (with --top_p): each prompt draws from its own generator, seeded from --seed
-and its index in the file, so a prompt gets the same sample at any --batch_size. Batches are
-left-padded; padding is never routed. On a terminal the tokens of a single prompt stream as they come.
+and its index in the file: the same sample at any --batch_size. Batches are left-padded (never routed);
+on a terminal the tokens of a single prompt stream as they come.
 --show_routing: per generated token, the experts fired in each adapted layer (mean, and a strip of one
 character per layer; "routing" in JSONL). --chat: Ctrl-C stops a reply and keeps the chat.
 
-Exit 2 with one line on bad input, before the model loads where it can be known then (a missing adapter
-directory, a prompt file that is not JSONL or not UTF-8, a record training would refuse, --out that is a
-directory, unwritable, the prompt file itself or inside a training run, an encoder adapter, --chat with
-a tokenizer that has no chat template, ...); Ctrl-C or SIGTERM: one line, exit 130. One process, no
-DeepSpeed.
+Bad input: one line, exit 2, before the model loads where it can be known then (a prompt file that is not
+JSONL or UTF-8, a record training would refuse, --out a directory, unwritable, the prompt file or inside a
+training run, an encoder adapter, ...); Ctrl-C or SIGTERM: one line, exit 130. One process, no DeepSpeed.
 """
 
 from __future__ import annotations
@@ -34,12 +31,12 @@ from pathlib import Path
 from adamole_dist.atomic_files import open_atomically
 from adamole_dist.cli.console import configure_logging, interruptible
 from adamole_dist.config.fields import ConfigError
-from adamole_dist.config.training import ATTN_IMPLEMENTATIONS
+from adamole_dist.config.training import ATTN_IMPLEMENTATIONS, MAX_SEED
 from adamole_dist.data.examples import DataError
 from adamole_dist.generation.batched import completions, sampling_options
 from adamole_dist.generation.chat import chat_session
-from adamole_dist.generation.loading import DTYPES, check_generates
-from adamole_dist.generation.prompts import FORMATS, PromptRenderer, prompt_format_for, read_prompts
+from adamole_dist.generation.loading import DTYPES, check_generates, resolve_device
+from adamole_dist.generation.prompts import FORMATS, PromptRenderer, check_record, prompt_format_for, read_prompts
 from adamole_dist.generation.routing_view import routing_lines
 from adamole_dist.run_files.writable import check_output_file
 
@@ -71,15 +68,18 @@ def parse_args(argv):
 def check_args(args) -> None:
     if args.adapter is None and not args.model:
         raise ConfigError("--adapter or --model is required")
-    for name in ("max_new_tokens", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name} ({getattr(args, name)}) must be >= 1")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise ConfigError(f"--temperature ({args.temperature}) must be >= 0 and --top_p ({args.top_p}) in (0, 1]")
+    limits = {"max_new_tokens": (args.max_new_tokens >= 1, ">= 1"), "batch_size": (args.batch_size >= 1, ">= 1"),
+              "temperature": (args.temperature >= 0, ">= 0"), "top_p": (0 < args.top_p <= 1, "in (0, 1]"),
+              "seed": (0 <= args.seed <= MAX_SEED, f"in [0, {MAX_SEED}]")}
+    for name, (ok, why) in limits.items():
+        if not ok:
+            raise ConfigError(f"--{name} ({getattr(args, name)}) must be {why}")
+    args.device = resolve_device(args.device)
     if args.chat and args.out:
         raise ConfigError("--out applies to --prompt and --prompts, not --chat")
     if args.out is not None:  # the prompt file and the adapter are read; --out must not be either
-        check_output_file(args.out, "--out", inputs=[p for p in (args.prompts, args.adapter) if p is not None])
+        check_output_file(args.out, "--out", [(o, p) for o, p in (("--prompts", args.prompts),
+                                                                   ("--adapter", args.adapter)) if p is not None])
 
 
 def prepare(args):
@@ -92,9 +92,10 @@ def prepare(args):
 
         meta = read_adapter_config(args.adapter)
     check_generates(meta, args.adapter, args.model)
-    records, places = read_prompts(args.prompts) if args.prompts else ([{"prompt": args.prompt}], ["--prompt"])
-    if args.chat:
-        records, places = [], []
+    records, places = [], []  # --chat: none
+    if args.prompts or args.prompt is not None:
+        records, places = read_prompts(args.prompts) if args.prompts else ([check_record(
+            {"prompt": args.prompt}, "--prompt")], ["--prompt"])
     from adamole_dist.generation.loading import load_for_generation
 
     model, tokenizer, adapters = load_for_generation(args.adapter, args.model, args.device, args.dtype,

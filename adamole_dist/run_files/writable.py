@@ -23,6 +23,7 @@ from adamole_dist.atomic_files import WRITTEN_FILES, foreign_entries
 from adamole_dist.config.fields import ConfigError
 
 RUN_CONFIG = "run_config.json"  # the run record: a folder holding it is a training run (output_dir.py)
+Inputs = Iterable[tuple[str, Path]]  # what a command reads: (the option naming it, its path)
 
 
 def enclosing_run(path: Path) -> Path | None:
@@ -73,19 +74,20 @@ def check_creatable_folder(path: Path, option: str) -> None:
         raise ConfigError(f"{option} ({path}) {what} ({e.strerror or e})") from None
 
 
-def check_output_file(path: Path, option: str, inputs: Iterable[Path] = ()) -> None:
+def check_output_file(path: Path, option: str, inputs: Inputs = ()) -> None:
     """A file the command will write (see the module docstring); ConfigError naming ``option``. ``inputs``:
-    the files the command reads, and folders whose existing files it reads (an adapter directory)."""
+    (the option that names it, path) of the files the command reads, and of folders whose existing files
+    it reads (an adapter directory)."""
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{option} ({path}) is a directory; it names the file to write")
-    for source in inputs:
+    for name, source in inputs:
         source = Path(source)
-        same = path.exists() and source.exists() and (os.path.samefile(path, source) or (
-            source.is_dir() and _within(path, source)))
-        if same:
-            raise ConfigError(f"{option} ({path}) is {'the input file' if source.is_file() else 'a file of the input'}"
-                              f" {source}: writing it would destroy what the command reads; write elsewhere")
+        if path.exists() and source.exists() and (os.path.samefile(path, source) or (
+                source.is_dir() and _within(path, source))):
+            what = f"the {name} file {source}" if source.is_file() else f"a file of the {name} folder {source}"
+            raise ConfigError(f"{option} ({path}) is {what}: writing it would destroy what the command reads; "
+                              "write elsewhere")
     run = enclosing_run(path.parent)
     if run is not None:
         raise ConfigError(f"{option} ({path}) is inside the training run {run}, whose folder holds only that run's "
@@ -93,7 +95,7 @@ def check_output_file(path: Path, option: str, inputs: Iterable[Path] = ()) -> N
     check_writable_file(path, option)
 
 
-def check_output_folder(path: Path, option: str, *, overwrite: bool, inputs: Iterable[Path] = (),
+def check_output_folder(path: Path, option: str, *, overwrite: bool, inputs: Inputs = (),
                         writer: str = "export") -> None:
     """A folder the command writes whole (see the module docstring); ConfigError naming ``option``.
     ``writer``: what writes it, as the messages name it ("export")."""
@@ -104,12 +106,13 @@ def check_output_folder(path: Path, option: str, *, overwrite: bool, inputs: Ite
     if run is not None:
         where = "is the training run" if run == path.absolute() else "is inside the training run"
         raise ConfigError(f"{option} ({path}) {where} {run}; its folder holds only that run's files: write elsewhere")
-    for source in inputs:
+    for name, source in inputs:
         if _within(source, path):
-            raise ConfigError(f"{option} ({path}) {'is' if _within(path, source) else 'holds'} the input {source}; "
-                              "write elsewhere")
+            raise ConfigError(f"{option} ({path}) {'is' if _within(path, source) else 'holds'} the {name} folder "
+                              f"{source}, which the command reads; write elsewhere")
         if _within(path, source):
-            raise ConfigError(f"{option} ({path}) is inside the input {source}; write elsewhere")
+            raise ConfigError(f"{option} ({path}) is inside the {name} folder {source}, which the command reads; "
+                              "write elsewhere")
     if path.is_dir() and any(path.iterdir()):
         check_replaceable(path, option, overwrite, writer)
     check_creatable_folder(path, option)
