@@ -15,28 +15,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.helpers.saved_adapters import CHAT_TEMPLATE, write_adapter_dir
-from tests.helpers.tiny_models import write_tiny_bert, write_tiny_llama
+from tests.helpers.saved_adapters import CHAT_TEMPLATE, seq_cls_adapter, write_adapter_dir
+from tests.helpers.tiny_models import write_tiny_llama
 
 UNWRITABLE = "/proc/adamole-no-such-place/out.jsonl"  # not creatable, even by root
 MC = {"question": "Which is a fruit?", "choices": ["apple", "hammer"], "answerKey": "A"}
 CHAT = {"messages": [{"role": "user", "content": "sky?"}, {"role": "assistant", "content": "blue"}]}
-
-
-def seq_cls_adapter(root: Path) -> Path:
-    """An adapter trained on an encoder (MiniLM-like BERT): it scores choices, it cannot generate."""
-    from adamole_dist.adapters.files import adapter_state, save_adapter
-    from adamole_dist.adapters.inject import inject_adapters
-    from adamole_dist.base_model.model_loading import load_model_and_tokenizer
-    from adamole_dist.config.adapter import AdapterConfig
-
-    bert = write_tiny_bert(root / "bert")
-    model, *_ = load_model_and_tokenizer(str(bert), "seq_cls")
-    adapters = inject_adapters(model, AdapterConfig(num_experts=2, rank=2), trainable_modules=["classifier"])
-    save_adapter(root / "bert_adapter", adapter_state(adapters), adapters.cfg,
-                 {"base_model": str(bert), "base_model_path": str(bert), "task_type": "seq_cls",
-                  "trainable_modules": ["classifier"]})
-    return root / "bert_adapter"
 
 
 @pytest.fixture(scope="module")
