@@ -21,7 +21,8 @@ from pathlib import Path
 from adamole_dist.data.examples import DataError
 
 
-def _kind(value) -> str:
+def json_kind(value) -> str:
+    """What a decoded JSON value is, in JSON's words (object, array, string, number, boolean, null)."""
     return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
         type(value), "number")
 
@@ -85,16 +86,16 @@ def read_json_records(path: Path) -> list[dict]:
             if isinstance(whole, dict):
                 return [whole]
             if not isinstance(whole, list):
-                raise DataError(f"{path}: holds a JSON {_kind(whole)}, not records (an array of objects, "
+                raise DataError(f"{path}: holds a JSON {json_kind(whole)}, not records (an array of objects, "
                                 "or one object per line)")
             for i, rec in enumerate(whole):
                 if not isinstance(rec, dict):
                     raise DataError(f"{path} record {i}: expected a JSON object with named fields, got "
-                                    f"{_kind(rec)}")
+                                    f"{json_kind(rec)}")
             return whole
     records = []
     for number, rec in json_lines(path, text):
         if not isinstance(rec, dict):
-            raise DataError(f"{path} line {number}: expected a JSON object with named fields, got {_kind(rec)}")
+            raise DataError(f"{path} line {number}: expected a JSON object with named fields, got {json_kind(rec)}")
         records.append(rec)
     return records

@@ -19,7 +19,7 @@ from pathlib import Path
 from adamole_dist.data.conversations import alpaca_user_content, check_turns
 from adamole_dist.data.examples import DataError
 from adamole_dist.data.formats import ALPACA, ALPACA_WITH_INPUT
-from adamole_dist.data.json_records import json_lines
+from adamole_dist.data.json_records import json_kind, json_lines
 from adamole_dist.data.sft_render import chat_prompt_ids, special_prefix
 
 FORMATS = ("auto", "chat", "alpaca", "text")
@@ -29,7 +29,7 @@ def check_record(rec, where: str) -> dict:
     """The prompt record (see the module docstring) with its messages validated as training validates
     them (roles system, user, assistant; string content); DataError naming ``where`` and the field."""
     if not isinstance(rec, dict):
-        raise DataError(f"{where}: expected an object with \"prompt\" or \"messages\", got {type(rec).__name__}")
+        raise DataError(f"{where}: expected a JSON object with \"prompt\" or \"messages\", got {json_kind(rec)}")
     if "messages" in rec:
         return {**rec, "messages": check_turns(rec["messages"], where, "messages")}
     if not isinstance(rec.get("prompt"), str):

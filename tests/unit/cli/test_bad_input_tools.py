@@ -91,7 +91,7 @@ GENERATE = {  # name: (args after a plain --prompts run, built from (made, tmp);
     "prompts_not_utf8": (lambda m, t: ["--adapter", m.lora, "--prompts", write(t / "p.jsonl", b'{"prompt": "\xff"}\n')],
                          ["p.jsonl line 1, column 13", "byte 0xff at byte offset 12", "not UTF-8"]),
     "prompts_line_an_array": (lambda m, t: ["--adapter", m.lora, "--prompts", write(t / "p.jsonl", "[1, 2, 3]\n")],
-                              ["p.jsonl line 1", "got list"]),
+                              ["p.jsonl line 1", "expected a JSON object", "got array"]),
     "prompts_empty_file": (lambda m, t: ["--adapter", m.lora, "--prompts", write(t / "p.jsonl", "\n")],
                            ["holds no prompts"]),
     "prompts_unknown_role": (lambda m, t: ["--adapter", m.chat, "--prompts", write(
