@@ -15,7 +15,9 @@ A mixture of experts cannot become a PEFT LoRA or be merged: which experts apply
 is decided per token by the router, so there is no single low-rank delta to write.
 
 Every export folder gets a model card (``model_card.py``). Inputs are checked before anything is
-written; the folder appears whole or not at all (``write_dir_atomically``).
+written; the folder appears whole or not at all (``write_dir_atomically``), and records the files it
+holds (``.written_files.json``): ``--overwrite`` replaces only such a folder, never a training run, the
+adapter's own folder or a folder holding anything else.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from safetensors.torch import load_file, save_file
 from adamole_dist.adapters.files import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
 from adamole_dist.adapters.inject import matches
 from adamole_dist.adapters.model_card import card_inputs, write_model_card
-from adamole_dist.atomic_files import write_dir_atomically
+from adamole_dist.adapters.pretrained import base_model_of
+from adamole_dist.atomic_files import WRITTEN_FILES, foreign_entries, write_dir_atomically
 from adamole_dist.config.adapter import AdapterConfig
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.moe.experts import expert_key
@@ -57,9 +60,10 @@ class AdapterSource:
             self.cfg = AdapterConfig.from_dict(self.doc["adapter"])
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ConfigError(f"{self.dir / CONFIG_NAME} is not an adapter config: {type(e).__name__}: {e}") from None
-        self.base_model = self.doc.get("base_model_path") or self.doc.get("base_model")
-        if not self.base_model:
-            raise ConfigError(f"{self.dir / CONFIG_NAME} records no base_model: cannot tell which model it adapts")
+        # The loader's rule (pretrained.base_model_of): the recorded folder while it exists, else the name
+        # training was given (a hub id, smollm2-135m, a path moved since), so export, generate and
+        # from_pretrained find the same base.
+        self.base_model = base_model_of(self.doc, self.dir)
         self.task_type = self.doc.get("task_type", "causal_lm")
         self.trainable_modules = list(self.doc.get("trainable_modules") or [])
 
@@ -95,11 +99,18 @@ class AdapterSource:
 
 
 def check_output_dir(out: str | Path, overwrite: bool) -> Path:
+    """The library's own guard (the command checks more first: run_files/writable.check_output_folder):
+    a non-empty ``out`` is replaced only on ``overwrite`` and only when an earlier export wrote it and
+    it holds nothing else (WRITTEN_FILES)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
+        if foreign_entries(out) != []:
+            raise ConfigError(f"--out {out}: --overwrite replaces only a folder an earlier export wrote and that "
+                              f"holds nothing else ({WRITTEN_FILES} lists its files)")
     return out
 
 
@@ -160,7 +171,7 @@ def export_peft(src: AdapterSource, out: Path) -> None:
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
         _card(src, tmp, library_name="peft", extra="Load with `PeftModel.from_pretrained(base, DIR)`.")
 
-    write_dir_atomically(out, write)
+    write_dir_atomically(out, write, record=_written_by(src))
 
 
 # -- merged -----------------------------------------------------------------------------------------------
@@ -207,7 +218,7 @@ def export_merged(src: AdapterSource, out: Path, model=None, tokenizer=None) -> 
         _card(src, tmp, library_name="transformers",
               extra="The LoRA is merged into the weights: load with `AutoModelForCausalLM.from_pretrained(DIR)`.")
 
-    write_dir_atomically(out, write)
+    write_dir_atomically(out, write, record=_written_by(src))
 
 
 # -- adamole ------------------------------------------------------------------------------------------------
@@ -229,7 +240,7 @@ def export_adamole(src: AdapterSource, out: Path, tokenizer=None) -> None:
         _card(src, tmp, library_name="adamole_dist",
               extra=f"Load with `adamole_dist.from_pretrained(DIR)`; base model: `{src.base_model}`.")
 
-    write_dir_atomically(out, write)
+    write_dir_atomically(out, write, record=_written_by(src))
 
 
 # -- helpers --------------------------------------------------------------------------------------------------
@@ -239,6 +250,11 @@ def _with_training_template(tokenizer, src: AdapterSource):
     if template:
         tokenizer.chat_template = template
     return tokenizer
+
+
+def _written_by(src: AdapterSource) -> dict:
+    """What the export folder records of itself (atomic_files.WRITTEN_FILES): a later --overwrite replaces it."""
+    return {"written_by": "adamole_dist export", "adapter": str(src.dir.resolve())}
 
 
 def _card(src: AdapterSource, folder: Path, *, library_name: str, extra: str) -> None:
@@ -255,8 +271,8 @@ def export(adapter_dir: str | Path, out: str | Path, *, fmt: str = "adamole", me
         raise ConfigError(f"--format ({fmt!r}) must be one of {', '.join(FORMATS)}")
     src = AdapterSource(adapter_dir)
     out = check_output_dir(out, overwrite)
-    if out.resolve() == src.dir.resolve():
-        raise ConfigError(f"--out {out} is the adapter directory itself: export to another folder")
+    if out.resolve() == src.dir.resolve() or out.resolve() in src.dir.resolve().parents:
+        raise ConfigError(f"--out {out} is or holds the adapter directory {src.dir}: export to another folder")
     if merge:
         export_merged(src, out)
     elif fmt == "peft":

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from adamole_dist.base_model.hf_logging import quiet_transformers
 from adamole_dist.config.fields import ConfigError
-from adamole_dist.local_host import cache_home
+from adamole_dist.local_host import cache_home, readable_by_all
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,7 @@ def converted_folder(gguf: Path, name: str | None = None) -> Path:
         try:
             convert(gguf, tmp)
             (tmp / DONE).write_text(json.dumps({"gguf": str(gguf.resolve()), "size": gguf.stat().st_size}))
+            readable_by_all(tmp)  # a cache shared by several users, or mounted read-only, must be readable
             shutil.rmtree(dest, ignore_errors=True)  # an incomplete leftover of an older version
             os.replace(tmp, dest)
         finally:

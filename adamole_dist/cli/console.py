@@ -8,8 +8,12 @@ logging's last-resort handler, and informational lines appear once the caller co
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
+from collections.abc import Callable
+
+from adamole_dist.runtime.stopping import EXIT_INTERRUPTED, Terminated, sigterm_interrupts
 
 PROJECT_LOGGER = "adamole_dist"
 
@@ -46,3 +50,21 @@ def configure_logging(level: int = logging.INFO) -> logging.Logger:
     logger.setLevel(level)
     logger.propagate = False  # not twice, should something configure the root logger too
     return logger
+
+
+def interruptible(main: Callable[..., int]) -> Callable[..., int]:
+    """A one-process command's ``main``: Ctrl-C or SIGTERM ends it with one "stopped:" line and
+    EXIT_INTERRUPTED (130), not a traceback. What the commands write is written atomically (a
+    temporary renamed into place), so the stop leaves no half-written output."""
+
+    @functools.wraps(main)
+    def stoppable(argv=None) -> int:
+        try:
+            with sigterm_interrupts():
+                return main(argv)
+        except (KeyboardInterrupt, Terminated) as e:
+            what = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
+            print(f"stopped: interrupted by {what}; no output was left half-written", file=sys.stderr)
+            return EXIT_INTERRUPTED
+
+    return stoppable

@@ -4,17 +4,17 @@ with --lm_framing question_answer) and per-layer routing statistics.
     python launch/eval.py --adapter runs/default/adapter [--dataset DIR] [--split test] [--json out.json]
     python launch/eval.py --model smollm2-135m --dataset ../shared/data/ARC-Easy --lm_framing question_answer
     python launch/eval.py --adapter runs/x/adapter --harness arc_easy_local --harness_data ../shared/data
-The base model is the one recorded in the adapter's config unless --model names another (with the
-attention kernel training recorded); without --adapter it is evaluated as it is (zero-shot). One
-process, no DeepSpeed: the adapter is small and the base loads whole.
+The base model is the adapter's (its recorded folder while it exists, else the name training was given;
+the kernel training recorded) unless --model names another; without --adapter, zero-shot. One process.
 
 --harness TASKS (comma-separated) also runs lm-evaluation-harness (pip install -e '.[harness]') on the
-same adapted model through lm_eval's HFLM, zero-shot; results go beside --json (NAME.harness.json,
-per question NAME.harness_samples.jsonl). The local tasks arc_easy_local, openbookqa_local and
-boolq_local read --harness_data DIR (default ../shared/data; adamole_dist/evaluation/harness.py); any
-other name is lm-eval's own task. --max_examples picks the same seeded subsample for both scorers.
-The harness passes no attention mask: its right padding passes through the routers, so under an expert
-capacity limit (sira, capacity_factor > 0) it competes for capacity and harness scores can differ.
+same model through lm_eval's HFLM, zero-shot; its results go beside --json (NAME.harness.json, per
+question NAME.harness_samples.jsonl), else are printed only. The local tasks arc_easy_local,
+openbookqa_local and boolq_local read --harness_data DIR (adamole_dist/evaluation/harness.py); any other
+name must be lm-eval's own. With --harness, an adapter trained on free-form data is scored by the harness
+alone unless --dataset names multiple-choice data. --max_examples: the same seeded subsample for both
+(the harness routes its padding: under an expert capacity limit, scores can differ). Bad input: one
+line, exit 2, before the model loads; Ctrl-C or SIGTERM: one line, exit 130.
 """
 
 import argparse
@@ -26,31 +26,29 @@ from pathlib import Path
 import torch
 
 from adamole_dist.adapters.files import load_adapter, read_adapter_config
-from adamole_dist.adapters.pretrained import attention_kernel
+from adamole_dist.adapters.pretrained import attention_kernel, base_model_of
+from adamole_dist.atomic_files import write_text_atomically
 from adamole_dist.base_model.model_loading import load_model_and_tokenizer
-from adamole_dist.cli.console import configure_logging
+from adamole_dist.cli.console import configure_logging, interruptible
 from adamole_dist.config.fields import ConfigError
-from adamole_dist.config.training import ATTN_IMPLEMENTATIONS, AUTOCASTS, LM_FRAMINGS, TrainConfig
+from adamole_dist.config.training import ATTN_IMPLEMENTATIONS, AUTOCASTS, LM_FRAMINGS, SFT_DATA_FORMATS, TrainConfig
 from adamole_dist.data import DataError, load_examples
 from adamole_dist.evaluation.choice_accuracy import accuracy_record, choice_accuracy
 from adamole_dist.evaluation.harness import HarnessPlan, run_harness
 from adamole_dist.moe.routing_stats import print_routing_table
 from adamole_dist.run_files.output_dir import recorded_run
-from adamole_dist.run_files.writable import check_writable_file
+from adamole_dist.run_files.writable import check_output_file
 from adamole_dist.runtime.stopping import EXIT_BAD_INPUT
 from adamole_dist.train.builders import build_task_for
 
 
 def check_options(args) -> None:
-    """The numbers, and that --json can be written: ConfigError now, not after the evaluation ran."""
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch_size ({args.batch_size}) must be >= 1")
-    if args.max_examples < 0:
-        raise ConfigError(f"--max_examples ({args.max_examples}) must be >= 0 (0 = all)")
-    if args.max_length is not None and args.max_length < 1:
-        raise ConfigError(f"--max_length ({args.max_length}) must be >= 1")
-    if args.json is not None:
-        check_writable_file(args.json, "--json")
+    for name, least in (("batch_size", 1), ("max_examples", 0), ("max_length", 1)):
+        value = getattr(args, name)
+        if value is not None and value < least:
+            raise ConfigError(f"--{name} ({value}) must be >= {least}" + (" (0 = all)" if least == 0 else ""))
+    if args.adapter is None and not args.model:
+        raise ConfigError("--model is required without --adapter (zero-shot evaluation of a base model)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,28 +74,33 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def own_dataset(recorded: TrainConfig | None, doc: dict, harness: bool) -> str | None:
+    """The training run's dataset, unless --harness runs and it is free-form (no choices to score)."""
+    if recorded is not None and harness and doc.get("data_format") in SFT_DATA_FORMATS:
+        print(f"note: the run's dataset ({recorded.dataset}) is free-form ({doc['data_format']}): the harness "
+              "alone scores this adapter (--dataset names multiple-choice data to score as well)")
+        return None
+    return recorded.dataset if recorded is not None else None
+
+
 def prepare(args):
     """Every check, then the model: (model, tokenizer, adapters, task, examples, dataset, split, framing,
     the training run's options, the harness plan or None). ConfigError / DataError on bad input."""
     check_options(args)
-    harness = HarnessPlan(args.harness, args.harness_data, args.json) if args.harness else None
-    doc, recorded = {"task_type": "auto"}, None
-    if args.adapter is not None:
-        doc = read_adapter_config(args.adapter)
-        recorded = recorded_run(args.adapter)
-    elif not args.model:
-        raise ConfigError("--model is required without --adapter (zero-shot evaluation of a base model)")
+    doc, recorded = (read_adapter_config(args.adapter), recorded_run(args.adapter)) if args.adapter else ({}, None)
     run = recorded or TrainConfig()  # the training run's options, else a run's defaults
-    dataset = args.dataset or (recorded.dataset if recorded else None)
-    if not dataset and harness is None:
+    dataset = args.dataset or own_dataset(recorded, doc, bool(args.harness))
+    if not dataset and not args.harness:
         raise ConfigError("--dataset is required: " + ("the adapter does not record its training dataset"
                                                        if args.adapter else "no adapter names one"))
+    harness = HarnessPlan(args.harness, args.harness_data, args.json) if args.harness else None
+    inputs = [(o, Path(p)) for o, p in (("--dataset", dataset), ("--adapter", args.adapter)) if p and Path(p).exists()]
+    for path, option in ([(args.json, "--json")] if args.json else []) + (harness.outputs if harness else []):
+        check_output_file(path, option, inputs)  # writable, not an input (the dataset, the adapter), not in a run
     split = args.split or run.eval_split
     examples = load_examples(dataset, split, args.data_format or run.data_format,
                              limit=args.max_examples or None, seed=run.seed) if dataset else []
-    base = args.model or doc.get("base_model")
-    if not base:
-        raise ConfigError(f"{args.adapter} records no base_model; name it with --model")
+    base = args.model or base_model_of(doc, args.adapter)
     kernel = attention_kernel(args.attn_implementation or doc.get("attn_implementation") or "auto", "cpu")
     model, tokenizer, task_type, _ = load_model_and_tokenizer(base, doc.get("task_type", "auto"),
                                                               pooling=doc.get("pooling", "cls"),
@@ -122,25 +125,22 @@ def report_accuracy(model, task, adapters, examples, dataset, split, framing, ar
           + (f" mean active experts {routing['overall']['mean_active_experts']:.2f}" if routing["layers"] else ""))
     print_routing_table(routing["layers"])
     if args.json:
-        args.json.write_text(json.dumps(accuracy_record(result, routing, dataset=dataset, split=split,
-                                                        framing=framing, autocast=task.autocast,
-                                                        zero_shot=adapters is None), indent=1))
+        write_text_atomically(args.json, json.dumps(accuracy_record(
+            result, routing, dataset=dataset, split=split, framing=framing, autocast=task.autocast,
+            zero_shot=adapters is None), indent=1))
 
 
 def report_harness(harness: HarnessPlan, model, tokenizer, adapters, autocast, seed: int, args) -> None:
-    """lm-evaluation-harness on the loaded model, its scores printed and written (``harness``'s paths)."""
-    if adapters is not None and adapters.cfg.effective_capacity_factor > 0:
-        print("note: this adapter caps expert capacity; the harness routes its padding, which competes "
-              "for capacity (see --help)")
-    scores = run_harness(harness, model, tokenizer, batch_size=args.batch_size, autocast=autocast,
+    """lm-evaluation-harness on the loaded model, its scores printed (and written beside --json)."""
+    scores = run_harness(harness, model, tokenizer, adapters, batch_size=args.batch_size, autocast=autocast,
                          limit=args.max_examples, seed=seed)
-    if adapters is not None:
-        adapters.context.pop_stats()  # counts the harness's padding: not reported
     for name, metrics in scores.items():
         print(f"harness {name}: " + " ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
-    print(f"harness results: {harness.results_path} (per question: {harness.samples_path})")
+    if harness.results_path is not None:
+        print(f"harness results: {harness.results_path} (per question: {harness.samples_path})")
 
 
+@interruptible
 def main(argv=None) -> int:
     configure_logging()
     args = build_parser().parse_args(argv)

@@ -12,6 +12,9 @@
                template training used): load it with adamole_dist.from_pretrained(DIR).
 Mixtures of experts (adamole, mole_topk, ...) choose experts per token, so only --format adamole applies.
 Every export folder gets a model card (README.md with the Hub's YAML front matter).
+--out is checked before anything is read: not a training run nor inside one, not the adapter's folder
+nor holding it; --overwrite replaces only a folder an earlier export wrote (it lists its files in
+.written_files.json) and that holds nothing else. Exit 2 with one line on bad input; Ctrl-C: exit 130.
 """
 
 import argparse
@@ -19,10 +22,12 @@ import sys
 from pathlib import Path
 
 from adamole_dist.adapters.export import FORMATS, export
-from adamole_dist.cli.console import configure_logging
+from adamole_dist.cli.console import configure_logging, interruptible
 from adamole_dist.config.fields import ConfigError
+from adamole_dist.run_files.writable import check_output_folder
 
 
+@interruptible
 def main(argv=None) -> int:
     configure_logging()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -33,6 +38,7 @@ def main(argv=None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = ap.parse_args(argv)
     try:
+        check_output_folder(args.out, "--out", overwrite=args.overwrite, inputs=[("adapter", args.adapter_dir)])
         out = export(args.adapter_dir, args.out, fmt=args.format, merge=args.merge, overwrite=args.overwrite)
     except (ConfigError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

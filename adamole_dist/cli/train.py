@@ -7,9 +7,12 @@
 
 Options come from flags and/or a YAML recipe (--config); flags win. --help lists them all.
 Exit codes of each rank: 0 done, 2 bad input (one line naming the option or file; nothing
-written; --debug adds the traceback), 3 non-finite loss or gradient, 75 stopped by SIGTERM,
-SIGINT or SIGUSR1 (or the launcher going away) after writing a checkpoint (requeue and
---resume latest), 76 another rank died. README "Exit codes" says what each launcher returns.
+written; --debug adds the traceback), 3 non-finite loss or gradient, 74 a checkpoint could not be
+written (disk full, quota: one line; its partial folder removed, the previous checkpoint and
+'latest' intact), 75 stopped by SIGTERM, SIGINT or SIGUSR1 (or the launcher going away) after
+writing a checkpoint (requeue and --resume latest) -- or, during set-up (reading and tokenizing the
+data, converting and loading the model), at once, before anything was written (run it again) --,
+76 another rank died. README "Exit codes" says what each launcher returns.
 """
 
 import sys
@@ -23,7 +26,16 @@ from adamole_dist.cli.console import configure_logging
 from adamole_dist.config.cli import parse_train_config
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.data import DataError
-from adamole_dist.runtime.stopping import EXIT_BAD_INPUT, EXIT_NON_FINITE, EXIT_PREEMPTED, NonFiniteLoss, Preempted
+from adamole_dist.runtime.stopping import (
+    EXIT_BAD_INPUT,
+    EXIT_NON_FINITE,
+    EXIT_PREEMPTED,
+    EXIT_WRITE_FAILED,
+    CheckpointWriteError,
+    NonFiniteLoss,
+    Preempted,
+    StoppedBeforeTraining,
+)
 
 
 def main(argv=None) -> int:
@@ -43,7 +55,10 @@ def main(argv=None) -> int:
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_NON_FINITE
-    except Preempted as e:
+    except CheckpointWriteError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_WRITE_FAILED
+    except (Preempted, StoppedBeforeTraining) as e:
         print(f"stopped: {e}", file=sys.stderr, flush=True)
         return EXIT_PREEMPTED
     return 0

@@ -139,6 +139,9 @@ class TrainConfig:
     overwrite: bool = opt(False, "reuse an output_dir that holds a different run, deleting that run (refused "
                           "with resume, and when the directory holds files the trainer did not write)")
     resume: str = opt("", "resume from 'latest' (the newest checkpoint in output_dir) or a checkpoint directory")
+    allow_data_change: bool = opt(False, "resume although the training split's content changed since the run "
+                                  "started (refused by default: the data order would silently differ); logs a "
+                                  "warning")
     save_interval: int = opt(100, "save a checkpoint every N optimizer steps (0 = only at the end)")
     keep_checkpoints: int = opt(2, "newest checkpoints kept on disk")
     eval_interval: int = opt(100, "evaluate every N optimizer steps (0 = only at the end)")

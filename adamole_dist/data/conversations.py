@@ -56,8 +56,26 @@ def _string(rec: dict, field: str, where: str, *, optional: bool = False, allow_
     return value
 
 
-def _turns(rec: dict, where: str, field: str, role_key: str, content_key: str, roles: dict) -> list[dict]:
-    turns = rec.get(field)
+def _content(turn: dict, where: str, at: str, content_key: str) -> str:
+    content = turn.get(content_key)
+    if content is None:
+        raise DataError(f"{where}: field '{at}.{content_key}' is missing")
+    if isinstance(content, list):
+        # Refused, not reduced to its text parts: a reply about an image, trained without the image,
+        # would teach the model to answer what it was never shown.
+        raise DataError(f"{where}: field '{at}.{content_key}' is a list of content parts (OpenAI style: text, "
+                        "images); list content is not supported: give the turn's text as a string")
+    if not isinstance(content, str):
+        raise DataError(f"{where}: field '{at}.{content_key}' must be a string, not {_type(content)}")
+    return content
+
+
+def check_turns(turns, where: str, field: str, role_key: str = "role", content_key: str = "content",
+                roles: dict | None = None) -> list[dict]:
+    """A conversation's turns validated -- a non-empty list of objects with a known role and string
+    content -- as [{"role", "content"}] with the roles mapped by ``roles`` (default: system, user,
+    assistant). Training's records and generation's prompts both go through it."""
+    roles = roles if roles is not None else {r: r for r in ROLES}
     if turns is None:
         raise DataError(f"{where}: missing field {field!r}")
     if not isinstance(turns, list):
@@ -76,21 +94,27 @@ def _turns(rec: dict, where: str, field: str, role_key: str, content_key: str, r
             raise DataError(f"{where}: field '{at}.{role_key}' is missing")
         if not isinstance(role, str) or role not in roles:
             raise DataError(f"{where}: field '{at}.{role_key}' ({role!r}) is not a known role ({known})")
-        content = turn.get(content_key)
-        if content is None:
-            raise DataError(f"{where}: field '{at}.{content_key}' is missing")
-        if not isinstance(content, str):
-            raise DataError(f"{where}: field '{at}.{content_key}' must be a string, not {_type(content)}")
-        out.append({"role": roles[role], "content": content})
+        out.append({"role": roles[role], "content": _content(turn, where, at, content_key)})
+    return out
+
+
+def _turns(rec: dict, where: str, field: str, role_key: str, content_key: str, roles: dict) -> list[dict]:
+    out = check_turns(rec.get(field), where, field, role_key, content_key, roles)
     if not any(t["role"] == "assistant" for t in out):
         raise DataError(f"{where}: field {field!r} has no assistant turn (nothing to train on)")
     return out
 
 
+def alpaca_user_content(instruction: str, inp: str) -> str:
+    """The user turn of an Alpaca record rendered as chat (--alpaca_as_chat): the instruction, then the
+    input after a blank line. Generation renders a chat prompt with an "input" the same way."""
+    return f"{instruction}\n\n{inp}" if inp.strip() else instruction
+
+
 def alpaca_messages(instruction: str, inp: str, output: str) -> list[dict]:
-    """An Alpaca record as one user turn (instruction, then the input after a blank line) and the answer."""
-    user = f"{instruction}\n\n{inp}" if inp.strip() else instruction
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    """An Alpaca record as one user turn (alpaca_user_content) and the answer."""
+    return [{"role": "user", "content": alpaca_user_content(instruction, inp)},
+            {"role": "assistant", "content": output}]
 
 
 def normalise_record(rec, fmt: str, where: str, *, alpaca_as_chat: bool = False) -> dict:

@@ -25,7 +25,6 @@ prompt ending in "### Response:\\n"). So ``prompt + candidate`` is always the fu
 from __future__ import annotations
 
 import csv
-import json
 import os
 import random
 import re
@@ -35,6 +34,7 @@ from urllib.parse import urlparse
 
 from adamole_dist.config.training import MC_DATA_FORMATS, SFT_DATA_FORMATS
 from adamole_dist.data.examples import DataError, Example
+from adamole_dist.data.json_records import read_json_records, read_text
 
 ALPACA = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -82,47 +82,36 @@ def _csv_features(path: Path):
 
 
 def _read_file(path: Path) -> list[dict]:
-    """Records of one local data file, read with the ``datasets`` library."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.utils.logging.set_verbosity(50)  # CRITICAL: its "Failed to load JSON" lines; we say it better
+    """Records of one local data file: JSON and JSON Lines read as JSON (json_records.py: values as
+    written), CSV and Parquet with the ``datasets`` library."""
     suffix = path.suffix.lower()
-    builder = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}[suffix]
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: the file is empty")
-    extra = {"features": _csv_features(path), "keep_default_na": False} if suffix == ".csv" else {}
-    try:
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True, **extra)
-    except Exception as e:  # datasets raises many exception types for a malformed file
-        where = _json_problem(path) if builder == "json" else None
-        if where:
-            raise DataError(f"{path}: not valid JSON{'L' if suffix == '.jsonl' else ''}: {where}") from None
-        if "corresponds to no data" in str(e):
-            raise DataError(f"{path}: the file holds no records") from None
-        raise DataError(f"{path}: could not be read as {builder}: {type(e).__name__}: {str(e)[:300]}") from None
-    records = ds.to_list()
+    if suffix in (".json", ".jsonl"):
+        records = read_json_records(path)
+    else:
+        records = _read_table(path, suffix)
     if not records:
         raise DataError(f"{path}: the file holds no records")
     return records
 
 
-def _json_problem(path: Path) -> str | None:
-    """'line L, column C: what' for the first JSON syntax error in a .json or .jsonl file, else None."""
-    text = path.read_text(encoding="utf-8", errors="replace")
+def _read_table(path: Path, suffix: str) -> list[dict]:
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity(50)  # CRITICAL: its own log lines; we say it better
+    builder = {".csv": "csv", ".parquet": "parquet"}[suffix]
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty")
+    if suffix == ".csv":
+        read_text(path)  # a byte that is not UTF-8 named with its line and offset, not deep inside pyarrow
+    extra = {"features": _csv_features(path), "keep_default_na": False} if suffix == ".csv" else {}
     try:
-        json.loads(text)
-        return None
-    except json.JSONDecodeError as whole:
-        if path.suffix.lower() != ".jsonl" and not text.lstrip().startswith("{"):
-            return f"line {whole.lineno}, column {whole.colno}: {whole.msg}"
-    for number, line in enumerate(text.splitlines(), 1):  # JSON Lines: one document per line
-        if line.strip():
-            try:
-                json.loads(line)
-            except json.JSONDecodeError as e:
-                return f"line {number}, column {e.colno}: {e.msg}"
-    return None
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True, **extra)
+    except Exception as e:  # datasets raises many exception types for a malformed file
+        if "corresponds to no data" in str(e):
+            raise DataError(f"{path}: the file holds no records") from None
+        raise DataError(f"{path}: could not be read as {builder}: {type(e).__name__}: {str(e)[:300]}") from None
+    return ds.to_list()
 
 
 def _hub_reachable(timeout_s: float = 3.0) -> bool:

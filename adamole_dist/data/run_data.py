@@ -32,6 +32,7 @@ from adamole_dist.data.sft_render import (
     all_dropped,
     chat_template_of,
     check_spec,
+    check_template_syntax,
     sample_prompt,
     tokenize_split,
     tokenize_within_length,
@@ -70,6 +71,7 @@ class RunData:
     batches: ShardedBatches
     data_format: str  # the detected (or forced) record format
     sft: SFTData | None  # free-form data; None for multiple choice
+    train_origin: str = ""  # the training split's file (or source name): what --resume's content check hashes
 
 
 def load_run_data(cfg: TrainConfig, ranks: Ranks, model_of: ModelOf) -> RunData:
@@ -97,7 +99,7 @@ def load_run_data(cfg: TrainConfig, ranks: Ranks, model_of: ModelOf) -> RunData:
     except ValueError as e:
         raise ConfigError(f"dataset ({cfg.dataset}) split {cfg.train_split!r}: {e}; lower micro_batch_size or "
                           "use more data (max_train_examples)") from None
-    return RunData(train_examples, eval_examples, batches, data_format, sft)
+    return RunData(train_examples, eval_examples, batches, data_format, sft, train_origin)
 
 
 def read_train_split(cfg: TrainConfig, ranks: Ranks) -> tuple[list | None, str, str]:
@@ -158,6 +160,7 @@ def render_spec(cfg: TrainConfig, data_format: str, model_of: ModelOf) -> Render
             template = Path(cfg.chat_template).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"chat_template ({cfg.chat_template}) cannot be read: {e}") from None
+        check_template_syntax(template, f"chat_template ({cfg.chat_template})")
     return RenderSpec(tokenizer=model_path, data_format=data_format, max_length=cfg.max_length,
                       loss_on=sft_loss_on(cfg, data_format), chat_template=template,
                       alpaca_as_chat=cfg.alpaca_as_chat)
@@ -188,13 +191,13 @@ def tokenize_training_split(records: list | None, spec: RenderSpec, origin: str,
         indices = subsample(list(range(len(normalised))), limit or None, cfg.seed)
         return [normalised[i] for i in indices], indices
 
-    examples = token_cache.tokenized_split(
-        validated_records, functools.partial(tokenize_within_length, spec=spec, truncation=cfg.truncation),
-        cache_key=key, ranks=ranks, num_proc=cfg.tokenize_workers, origin=origin)
-    info_record = token_cache.cache_info(examples)
-    if len(examples) == 0:
-        raise all_dropped(origin, info_record["records"], spec.max_length)
-    return TokenizedSplit(examples, [], info_record["dropped"], origin)
+    try:
+        examples = token_cache.tokenized_split(
+            validated_records, functools.partial(tokenize_within_length, spec=spec, truncation=cfg.truncation),
+            cache_key=key, ranks=ranks, num_proc=cfg.tokenize_workers, origin=origin)
+    except token_cache.NoExamples as e:  # the length policy dropped them all
+        raise all_dropped(origin, e.records, spec.max_length) from None
+    return TokenizedSplit(examples, [], token_cache.cache_info(examples)["dropped"], origin)
 
 
 def load_sft_data(cfg: TrainConfig, data_format: str, train_records: list | None, train_origin: str, ranks: Ranks,

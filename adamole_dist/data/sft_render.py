@@ -84,12 +84,30 @@ def chat_template_of(spec: RenderSpec, tokenizer=None) -> str:
     return template
 
 
+def check_template_syntax(template: str, origin: str) -> None:
+    """Parse ``template`` as transformers will (its sandboxed Jinja environment, with the loop controls and
+    generation tags it allows) before any record renders: a syntax error is named with ``origin`` and its
+    line, not as every record's rendering failure once tokenisation has started."""
+    import jinja2
+    from transformers.utils import chat_template_utils
+
+    compile_template = getattr(chat_template_utils, "_compile_jinja_template", None)
+    try:
+        if compile_template is not None:
+            compile_template(template)
+        else:  # a transformers without the helper: the same parse, minus its generation tags
+            jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise ConfigError(f"{origin} line {e.lineno}: not a valid Jinja template: {e.message}") from None
+
+
 def check_spec(spec: RenderSpec) -> None:
     """ConfigError for a spec that cannot render (before any record is tokenized)."""
     if spec.loss_on not in LOSS_ON:
         raise ConfigError(f"loss_on ({spec.loss_on!r}) must be one of {', '.join(LOSS_ON)} for {spec.data_format} data")
     if spec.is_chat:
-        chat_template_of(spec)
+        origin = "chat_template" if spec.chat_template else f"the chat template of the tokenizer of {spec.tokenizer}"
+        check_template_syntax(chat_template_of(spec), origin)
 
 
 def encode(tokenizer, text: str) -> list[int]:

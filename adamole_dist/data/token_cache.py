@@ -22,6 +22,8 @@ outcome (the cache folder, or the DataError a record raised) reaches every rank 
 
 from __future__ import annotations
 
+import atexit
+import functools
 import hashlib
 import inspect
 import json
@@ -38,9 +40,17 @@ from typing import Any
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.data.examples import IGNORE, DataError
 from adamole_dist.data.ranks import INPUT_ERRORS, ONE_PROCESS, Ranks
-from adamole_dist.local_host import cache_home, process_alive
+from adamole_dist.local_host import cache_home, process_alive, readable_by_all
 
 log = logging.getLogger(__name__)
+
+
+class NoExamples(DataError):
+    """The tokenize function dropped every record of the split (its length policy): nothing to train on."""
+
+    def __init__(self, origin: str, records: int) -> None:
+        super().__init__(f"{origin}: the tokenize function dropped all {records} records")
+        self.origin, self.records = origin, records
 
 # Bump when the layout of a cache folder or the meaning of its columns changes.
 CODE_VERSION = "token_cache/1"
@@ -69,25 +79,34 @@ def data_fingerprint(source: str | os.PathLike) -> str:
                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)]
     else:
         return f"name:{source}"
-    digest, total = hashlib.sha256(), 0
-    for file, name in files:
-        digest.update(name.encode() + b"\0")
-        with file.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-                total += len(chunk)
-    return f"sha256:{digest.hexdigest()}:{total}"
+    # The same files unchanged (size and modification time) hash the same: the token cache and --resume's
+    # data check both ask, and a large split is read once.
+    seen = tuple((str(f.resolve()), name, f.stat().st_size, f.stat().st_mtime_ns) for f, name in files)
+    if seen not in _FINGERPRINTS:
+        digest, total = hashlib.sha256(), 0
+        for file, name in files:
+            digest.update(name.encode() + b"\0")
+            with file.open("rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+                    total += len(chunk)
+        _FINGERPRINTS[seen] = f"sha256:{digest.hexdigest()}:{total}"
+    return _FINGERPRINTS[seen]
+
+
+_FINGERPRINTS: dict[tuple, str] = {}
 
 
 def tokenizer_identity(tokenizer) -> dict:
-    """name_or_path and a hash of what decides the token ids: the fast tokenizer's full
-    serialisation (vocab, merges, normalizer, pre-/post-processor, added tokens) or, for a slow
-    one, its vocabulary, plus the special tokens."""
+    """A hash of what decides the token ids: the fast tokenizer's full serialisation (vocab, merges,
+    normalizer, pre-/post-processor, added tokens) or, for a slow one, its vocabulary, plus the special
+    tokens. Not where the tokenizer lies: a converted model's folder is inside the cache
+    ($ADAMOLE_DIST_CACHE/models), so a cache copied or mounted elsewhere would miss every key."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     content = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     specials = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
     digest = hashlib.sha256(f"{type(tokenizer).__name__}\0{content}\0{specials}".encode()).hexdigest()
-    return {"name_or_path": str(getattr(tokenizer, "name_or_path", "")), "sha256": digest}
+    return {"sha256": digest}
 
 
 def text_hash(text: str | None) -> str | None:
@@ -217,7 +236,8 @@ def _build_folder(dest: Path) -> Path:
         owner = f"{socket.gethostname()}-{os.getpid()}-"
         return Path(tempfile.mkdtemp(dir=dest.parent, prefix=_tmp_prefix(dest) + owner))
     except OSError as e:
-        raise ConfigError(f"token cache ({dest.parent}) is not writable: {e}; set ADAMOLE_DIST_CACHE") from None
+        raise ConfigError(f"token cache ({dest.parent}) is not writable: {e}; set ADAMOLE_DIST_CACHE to a writable "
+                          "folder, or --no-token_cache tokenizes in memory") from None
 
 
 def _tokenize_into(tmp: Path, source, columns: list[str], tokenize_fn: Callable, num_proc: int, origin: str,
@@ -248,6 +268,7 @@ def _tokenize_into(tmp: Path, source, columns: list[str], tokenize_fn: Callable,
 def _put_in_place(tmp: Path, dest: Path) -> None:
     """Rename the finished ``tmp`` to ``dest``: a folder there without cache.json is not ours to trust
     (never produced by a completed build) and goes; one with it is another job's build of the same key."""
+    readable_by_all(tmp)
     if dest.exists() and not (dest / INFO_FILE).is_file():
         shutil.rmtree(dest)
     try:
@@ -262,6 +283,10 @@ def _build(records, tokenize_fn: Callable, key: dict, dest: Path, num_proc: int,
            record_indices: list[int] | None = None) -> None:
     """Tokenise ``records`` into ``dest`` (see the module docstring for the atomic protocol)."""
     tmp = _build_folder(dest)
+    # A stop signal ends the process where it stands; when the build runs in rank 0's worker thread
+    # (ranks.rank0_decides with poll_s), the finally below never runs there, so exit removes it too.
+    remove_at_exit = functools.partial(shutil.rmtree, tmp, ignore_errors=True)
+    atexit.register(remove_at_exit)
     try:
         source, columns = _as_dataset(records)
         if len(source) == 0:
@@ -279,6 +304,7 @@ def _build(records, tokenize_fn: Callable, key: dict, dest: Path, num_proc: int,
         log.info(f"tokenized {examples} examples ({len(source) - examples} dropped) in {info['seconds']:.1f} s")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        atexit.unregister(remove_at_exit)
 
 
 def _is_complete(dest: Path, key: dict) -> bool:
@@ -304,7 +330,9 @@ def tokenized_split(records, tokenize_fn: Callable[[dict], dict | None], *, cach
         DataError it raises reaches every rank, naming ``origin`` and the record index.
     cache_key: what the tokens depend on (:func:`cache_key`); the tokenize function's code is added.
     cache_dir: default ``$ADAMOLE_DIST_CACHE/tokenized``; it must be one filesystem all ranks see.
-    ranks: the job's ranks (data/ranks.py); every rank must call this (collective with more than one)."""
+    ranks: the job's ranks (data/ranks.py); every rank must call this (collective with more than one).
+    NoExamples (a DataError), on every rank, when the tokenize function dropped every record. A hit
+    writes nothing, so a complete cache may be read-only."""
     import datasets
 
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -328,6 +356,9 @@ def tokenized_split(records, tokenize_fn: Callable[[dict], dict | None], *, cach
         missing = [r for r, ok in enumerate(seen) if not ok]
         raise ConfigError(f"token cache ({dest}): ranks {missing} cannot see the cache rank 0 built; "
                           "set ADAMOLE_DIST_CACHE to a folder every node shares")
+    info = json.loads((dest / INFO_FILE).read_text())
+    if info["examples"] == 0:  # saved without a data file (Arrow writes none for no rows): nothing to map
+        raise NoExamples(origin, info["records"])
     return datasets.load_from_disk(str(dest / DATA_DIR))
 
 

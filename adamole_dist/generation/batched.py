@@ -9,9 +9,11 @@ transformers' ``synced_gpus``)."""
 from __future__ import annotations
 
 import torch
+from transformers import LogitsProcessorList
 
 from adamole_dist.data.sft_task import SFTTask
 from adamole_dist.generation.routing_view import experts_fired, token_routing
+from adamole_dist.generation.sampling import PerPromptSampler, prompt_seed
 from adamole_dist.generation.stops import cut_at_stop, stop_ids
 
 
@@ -28,21 +30,26 @@ def left_padded(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
 
 
 def sampling_options(max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0) -> dict:
-    """``generate`` keyword arguments: greedy at temperature 0 (the model's own sampling defaults off),
-    else sampling at ``temperature`` with nucleus ``top_p``."""
-    if temperature > 0:
-        return {"max_new_tokens": max_new_tokens, "do_sample": True, "temperature": temperature, "top_p": top_p}
-    return {"max_new_tokens": max_new_tokens, "do_sample": False, "temperature": None, "top_p": None,
-            "top_k": None}
+    """``generate_batch`` options: greedy at temperature 0 (the model's own sampling defaults off), else
+    "sample": sampling at ``temperature`` with nucleus ``top_p``, one random stream per prompt (sampling.py)."""
+    greedy = {"max_new_tokens": max_new_tokens, "do_sample": False, "temperature": None, "top_p": None,
+              "top_k": None}
+    return {**greedy, "sample": {"temperature": temperature, "top_p": top_p}} if temperature > 0 else greedy
 
 
 def generate_batch(model, tokenizer, rows: list[list[int]], options: dict, *, adapters=None,
-                   show_routing: bool = False, streamer=None) -> list[dict]:
+                   show_routing: bool = False, streamer=None, seeds: list[int] | None = None) -> list[dict]:
     """Generate for a batch of prompt ids (left-padded); per row {"ids", "text"} (without the stop token)
-    and, with show_routing, "routing": per generated token {"token", "mean_active", "per_layer"}."""
+    and, with show_routing, "routing": per generated token {"token", "mean_active", "per_layer"}.
+    ``seeds``: when ``options`` sample, each row's generator seed (sampling.prompt_seed; default 0, 1, ...)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     input_ids, attention_mask = left_padded(rows, pad, next(model.parameters()).device)
     stops = stop_ids(model, tokenizer)
+    options = dict(options)
+    sample = options.pop("sample", None)
+    if sample is not None:
+        options["logits_processor"] = LogitsProcessorList([PerPromptSampler(
+            seeds if seeds is not None else list(range(len(rows))), sample["temperature"], sample["top_p"])])
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, pad_token_id=pad, streamer=streamer,
                   **({"eos_token_id": stops} if stops else {}), **options)
     with torch.no_grad():
@@ -60,6 +67,18 @@ def generate_batch(model, tokenizer, rows: list[list[int]], options: dict, *, ad
             item["routing"] = token_routing(tokenizer, kept, fired[b, :len(kept)])
         out.append(item)
     return out
+
+
+def completions(model, tokenizer, rows: list[list[int]], options: dict, *, batch_size: int, adapters=None,
+                show_routing: bool = False, seed: int = 0, streamer=None):
+    """``generate_batch``'s result for every row, in order, ``batch_size`` rows at a time. A sampled row
+    draws from its own generator, seeded from ``seed`` and the row's index: the same completion at any
+    batch size (sampling.py). ``streamer``: a function of no arguments making one per batch, or None."""
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        yield from generate_batch(model, tokenizer, batch, options, adapters=adapters, show_routing=show_routing,
+                                  streamer=streamer() if streamer else None,
+                                  seeds=[prompt_seed(seed, start + i) for i in range(len(batch))])
 
 
 @torch.no_grad()

@@ -5,50 +5,52 @@ A prompt record is ``{"prompt": "..."}`` (with ``"input"`` for Alpaca's second f
 "prompt_format" (``prompt_format_for``): chat models through the chat template (the adapter's own
 template where training supplied one) with the generation prompt added, Alpaca-trained adapters
 through the Alpaca template, anything else as plain text after the tokenizer's special prefix (BOS).
-The rendering functions are training's own (data/sft_render.py).
+A ``{"prompt", "input"}`` record in chat mode becomes the user turn --alpaca_as_chat trained on (the
+instruction, a blank line, the input: conversations.alpaca_user_content), so an adapter trained on
+Alpaca data rendered as chat is prompted as it was trained. Records are checked as training checks
+its own (conversations.check_turns: known roles, string content). The rendering functions are
+training's own (data/sft_render.py).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from adamole_dist.data.conversations import alpaca_user_content, check_turns
 from adamole_dist.data.examples import DataError
 from adamole_dist.data.formats import ALPACA, ALPACA_WITH_INPUT
+from adamole_dist.data.json_records import json_kind, json_lines
 from adamole_dist.data.sft_render import chat_prompt_ids, special_prefix
 
 FORMATS = ("auto", "chat", "alpaca", "text")
 
 
-def check_record(rec, where: str) -> None:
-    """DataError naming ``where`` unless ``rec`` is a prompt record (see the module docstring)."""
+def check_record(rec, where: str) -> dict:
+    """The prompt record (see the module docstring) with its messages validated as training validates
+    them (roles system, user, assistant; string content); DataError naming ``where`` and the field."""
     if not isinstance(rec, dict):
-        raise DataError(f"{where}: expected an object with \"prompt\" or \"messages\", got {type(rec).__name__}")
+        raise DataError(f"{where}: expected a JSON object with \"prompt\" or \"messages\", got {json_kind(rec)}")
     if "messages" in rec:
-        msgs = rec["messages"]
-        if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and "role" in m and "content" in m
-                                                        for m in msgs)):
-            raise DataError(f"{where}: \"messages\" must be a non-empty list of {{\"role\", \"content\"}} objects")
-    elif not isinstance(rec.get("prompt"), str):
-        raise DataError(f"{where}: needs a \"prompt\" string or a \"messages\" list")
+        return {**rec, "messages": check_turns(rec["messages"], where, "messages")}
+    if not isinstance(rec.get("prompt"), str):
+        what = "missing" if rec.get("prompt") is None else f"a {type(rec['prompt']).__name__}"
+        raise DataError(f"{where}: needs a \"prompt\" string or a \"messages\" list (\"prompt\" is {what})")
+    if not rec["prompt"].strip():
+        raise DataError(f"{where}: field 'prompt' is empty (nothing to continue from)")
+    if rec.get("input") is not None and not isinstance(rec["input"], str):
+        raise DataError(f"{where}: field 'input' must be a string, not {type(rec['input']).__name__}")
+    return rec
 
 
 def read_prompts(path: Path) -> tuple[list[dict], list[str]]:
     """(records of a JSONL prompt file, where each one is: "FILE line N"); DataError naming the file
-    and line otherwise."""
+    and line otherwise. Read as JSON (data/json_records.py): values as written, bytes that are not
+    UTF-8 named with their line and offset."""
     if not path.is_file():
-        raise DataError(f"prompt file {path} not found")
+        raise DataError(f"prompt file {path} not found" + (" (it is a directory)" if path.is_dir() else ""))
     records, places = [], []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {n}: not JSON ({e.msg}); a prompt file holds one JSON object "
-                            "per line") from None
-        check_record(rec, f"{path} line {n}")
-        records.append(rec)
+    for n, rec in json_lines(path):
+        records.append(check_record(rec, f"{path} line {n}"))
         places.append(f"{path} line {n}")
     if not records:
         raise DataError(f"prompt file {path} holds no prompts")
@@ -81,7 +83,9 @@ class PromptRenderer:
         if "messages" in rec or self.fmt == "chat":
             if not tok.chat_template:
                 raise DataError(f"{where}: chat messages need a chat template and this tokenizer has none")
-            messages = rec.get("messages") or [{"role": "user", "content": rec["prompt"]}]
+            # A prompt with an "input" is the user turn --alpaca_as_chat trained on (instruction, input).
+            messages = rec.get("messages") or [{"role": "user",
+                                                "content": alpaca_user_content(rec["prompt"], rec.get("input") or "")}]
             try:
                 return chat_prompt_ids(tok, tok.chat_template, messages)
             except DataError as e:
@@ -91,4 +95,7 @@ class PromptRenderer:
             inp = rec.get("input") or ""
             text = (ALPACA_WITH_INPUT.format(instruction=text, input=inp) if inp.strip()
                     else ALPACA.format(instruction=text))
-        return self.prefix + tok(text, add_special_tokens=False)["input_ids"]
+        ids = self.prefix + tok(text, add_special_tokens=False)["input_ids"]
+        if not ids:  # nothing to continue from (a tokenizer without BOS and an empty prompt)
+            raise DataError(f"{where}: the prompt is empty (no tokens to continue from)")
+        return ids

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,8 +23,9 @@ from adamole_dist.atomic_files import write_text_atomically
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.config.training import TrainConfig
 from adamole_dist.run_files.run_lock import LOCK_FILE, check_unlocked
+from adamole_dist.run_files.writable import RUN_CONFIG, check_creatable_folder, enclosing_run
 
-RUN_CONFIG = "run_config.json"
+TRAIN_DATA = "train_data"  # run_config.json's record of the training split: {"file", "fingerprint"} (content hash)
 # What the trainer (and launch/plot.py's default --out) writes into an output dir; --overwrite
 # replaces a run only when it holds nothing else.
 TRAINER_ENTRIES = {RUN_CONFIG, "metrics.jsonl", "final_metrics.json", "preempted.json", "checkpoints", "adapter",
@@ -38,7 +38,8 @@ def comparable(config: dict) -> dict:
     """The parts of a run's config that must match to continue it (not bookkeeping options)."""
     skip = {"resume", "overwrite", "output_dir", "max_steps", "epochs", "save_interval", "eval_interval",
             "log_interval", "report_to", "keep_checkpoints", "eval_at_start", "peer_timeout", "comm_timeout",
-            "dist_backend", "debug",
+            "dist_backend", "debug", "allow_data_change",
+            TRAIN_DATA,  # compared on its own: changed_training_data
             "ep_size"}  # experts reshard by global id, so a run may continue at another ep_size
     return {k: v for k, v in config.items() if k not in skip}
 
@@ -53,30 +54,16 @@ def with_defaults(record: dict) -> dict:
     return merged
 
 
-def check_writable(output_dir: Path) -> None:
-    """The output dir, or the nearest existing folder above it, must be a directory we can write."""
-    target = output_dir
-    while not target.exists():
-        if target.parent == target:
-            break
-        target = target.parent
-    if not target.is_dir():
-        raise ConfigError(f"output_dir ({output_dir}): {target} exists and is not a directory")
-    try:  # a real probe: permission bits say nothing for root or on read-only mounts
-        fd, probe = tempfile.mkstemp(prefix=".adamole-write-probe-", dir=target)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        what = "is not writable" if target == output_dir else f"cannot be created: {target} is not writable"
-        raise ConfigError(f"output_dir ({output_dir}) {what} ({e.strerror or e})") from None
-
-
 def check_output_dir(output_dir: Path, config: dict, *, overwrite: bool, resume: str) -> None:
     """Refuse an output_dir that holds another run unless --overwrite or --resume says otherwise."""
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"output_dir ({output_dir}) exists and is not a directory")
-    check_writable(output_dir)
+    outer = enclosing_run(output_dir.resolve().parent)
+    if outer is not None:  # a run inside a run: the outer run's --overwrite or a clean-up would take it along
+        raise ConfigError(f"output_dir ({output_dir}) is inside the training run {outer}, whose folder holds only "
+                          "that run's files; choose a folder outside it")
+    check_creatable_folder(output_dir, "output_dir")
     if not output_dir.exists():
         return
     check_unlocked(output_dir)
@@ -135,6 +122,22 @@ def prepare_output_dir(output_dir: Path, config: dict, *, overwrite: bool) -> No
     write_text_atomically(output_dir / RUN_CONFIG, json.dumps(config, indent=1, default=str))
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def changed_training_data(output_dir: Path, config: dict) -> str | None:
+    """--resume: what changed in the training split since the run in ``output_dir`` started ("the training
+    data FILE changed since ..."), None when its content hash is the one recorded (or either side
+    records none: a run from before the record, a hub dataset). The data order is a seeded
+    permutation of the split's records, so an edited file silently trains on another order."""
+    try:
+        before = json.loads((Path(output_dir) / RUN_CONFIG).read_text()).get(TRAIN_DATA)
+    except (OSError, ValueError, AttributeError):
+        return None
+    now = config.get(TRAIN_DATA)
+    if not isinstance(before, dict) or not now or before.get("fingerprint") == now["fingerprint"]:
+        return None
+    return (f"the training data {now['file']} changed since this run started (content hash "
+            f"{str(before.get('fingerprint'))[:19]}... then, {now['fingerprint'][:19]}... now)")
 
 
 def recorded_run(adapter_dir: Path) -> TrainConfig | None:

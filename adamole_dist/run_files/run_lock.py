@@ -75,9 +75,20 @@ def this_process() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid()}
 
 
+def check_lock_file(output_dir: Path) -> Path:
+    """The lock file's path; ConfigError when something other than a file has its name (a directory, a
+    socket): no run of this trainer made it, and opening it would fail deep inside the lock."""
+    path = Path(output_dir) / LOCK_FILE
+    if (path.exists() or path.is_symlink()) and not path.is_file():
+        what = "a directory" if path.is_dir() else "not a regular file"
+        raise ConfigError(f"output_dir ({output_dir}): {path} is {what}, not the lock file this trainer writes; "
+                          "remove it (no run of this trainer made it) or choose another directory")
+    return path
+
+
 def check_unlocked(output_dir: Path) -> None:
     """Read-only (before anything is written): refuse an output dir that a live run holds."""
-    path = Path(output_dir) / LOCK_FILE
+    path = check_lock_file(output_dir)
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
@@ -101,7 +112,7 @@ class RunLock:
         """Create the output dir if needed and lock it; ConfigError naming the owner when a live run holds it."""
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        path = output_dir / LOCK_FILE
+        path = check_lock_file(output_dir)
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             locked, owner = _flock(fd), _owner(fd)

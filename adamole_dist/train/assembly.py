@@ -13,6 +13,7 @@ holds only loop state.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -43,16 +44,17 @@ from adamole_dist.data.examples import Example
 from adamole_dist.data.run_data import SFTData, load_run_data
 from adamole_dist.data.sampler import ShardedBatches
 from adamole_dist.data.sft_task import PackedRows
+from adamole_dist.data.token_cache import data_fingerprint
 from adamole_dist.parallel import collectives
 from adamole_dist.parallel.ep_dispatcher import overlap_enabled, wire_bytes
 from adamole_dist.parallel.layout import ParallelLayout, build_layout
 from adamole_dist.parallel.local_dispatcher import Dispatcher
 from adamole_dist.parallel.rank_zero import CollectiveRanks, rank0_decides
 from adamole_dist.run_files.metrics_log import MetricsLogger, truncate_metrics
-from adamole_dist.run_files.output_dir import check_output_dir, prepare_output_dir
+from adamole_dist.run_files.output_dir import TRAIN_DATA, changed_training_data, check_output_dir, prepare_output_dir
 from adamole_dist.run_files.run_lock import RunLock
 from adamole_dist.runtime.process_group import DistInfo, device_for
-from adamole_dist.runtime.stopping import PREEMPTED_MARKER
+from adamole_dist.runtime.stopping import PREEMPTED_MARKER, StopSignal
 from adamole_dist.train import checkpoint as ckpt_io
 from adamole_dist.train.builders import build_dispatcher, build_engine, build_expert_optimizer, build_task_for
 from adamole_dist.train.compile import CompileReport, check_compile, compile_blocks
@@ -117,16 +119,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_run(cfg: TrainConfig, dist_info: DistInfo) -> Run:
+def build_run(cfg: TrainConfig, dist_info: DistInfo, stop: StopSignal | None = None) -> Run:
     """Validate, then build (collective: every rank calls it). Raises ConfigError, on every rank
-    together, for bad input, before the output directory is touched."""
+    together, for bad input, before the output directory is touched. ``stop``: a stop signal while the
+    data is read and tokenized or the model loads raises StoppedBeforeTraining at once (runtime/stopping.py)."""
     out = Path(cfg.output_dir)
     ds_config = build_ds_config(cfg, dist_info.world_size)
     validate_with_deepspeed(ds_config, ds_config_source(cfg))
     seed_everything(cfg.seed)
-    data = load_run_data(cfg, CollectiveRanks(dist_info.rank, dist_info.world_size), lambda: resolved_model(cfg))
+    with raising_during(stop, "reading and tokenizing the data"):
+        data = load_run_data(cfg, CollectiveRanks(dist_info.rank, dist_info.world_size), lambda: resolved_model(cfg))
     total_steps = count_total_steps(cfg, data.batches)
-    config_record = cfg.to_dict()
+    config_record = run_record(cfg, data.train_origin, dist_info)
     resume_from = check_run_target(cfg, dist_info, out, config_record)
     device = device_for(dist_info)
     attn_implementation = check_attn_implementation(cfg.attn_implementation, device.type, training=True)
@@ -134,15 +138,17 @@ def build_run(cfg: TrainConfig, dist_info: DistInfo) -> Run:
         check_compile(device)
     # The model is loaded and the adapters injected (validating target modules) before anything
     # is written, so a bad option leaves the output directory untouched.
-    model, tokenizer, task_type, model_path = load_model_and_tokenizer(cfg.model, cfg.task_type, pooling=cfg.pooling,
-                                                                       attn_implementation=attn_implementation)
-    if cfg.lm_framing != "instruction" and task_type != "causal_lm":
-        raise ConfigError(f"lm_framing ({cfg.lm_framing!r}) applies to causal_lm models; {model_path} is {task_type}")
-    if cfg.packing:
-        check_packing_attention(model)
-    task = build_task_for(cfg, task_type, tokenizer, device, free_form=data.sft is not None)  # checks max_length
-    layout, dispatcher, adapters = adapt_model(cfg, dist_info, model, task_type, model_path, device)
-    compiled = CompileReport(compile_blocks(model, cfg.gradient_checkpointing)) if cfg.compile else None
+    with raising_during(stop, "loading the model"):
+        model, tokenizer, task_type, model_path = load_model_and_tokenizer(
+            cfg.model, cfg.task_type, pooling=cfg.pooling, attn_implementation=attn_implementation)
+        if cfg.lm_framing != "instruction" and task_type != "causal_lm":
+            raise ConfigError(f"lm_framing ({cfg.lm_framing!r}) applies to causal_lm models; {model_path} is "
+                              f"{task_type}")
+        if cfg.packing:
+            check_packing_attention(model)
+        task = build_task_for(cfg, task_type, tokenizer, device, free_form=data.sft is not None)  # checks max_length
+        layout, dispatcher, adapters = adapt_model(cfg, dist_info, model, task_type, model_path, device)
+        compiled = CompileReport(compile_blocks(model, cfg.gradient_checkpointing)) if cfg.compile else None
     lock = lock_output_dir(cfg, out, config_record)
     adapters.expert_module.to(device)
     schedule = lr_lambda(cfg.lr_scheduler, total_steps, warmup_steps_for(total_steps, cfg.warmup_steps,
@@ -164,6 +170,19 @@ def build_run(cfg: TrainConfig, dist_info: DistInfo) -> Run:
     return run
 
 
+def raising_during(stop: StopSignal | None, phase: str):
+    return stop.raising_during(phase) if stop is not None else contextlib.nullcontext()
+
+
+def run_record(cfg: TrainConfig, train_origin: str, dist_info: DistInfo) -> dict:
+    """What run_config.json records: the options and, on rank 0 (the one that reads the training file
+    and the record), the training split's content hash, which --resume checks (output_dir.changed_training_data)."""
+    record = cfg.to_dict()
+    if dist_info.is_main:
+        record[TRAIN_DATA] = {"file": train_origin, "fingerprint": data_fingerprint(train_origin)}
+    return record
+
+
 def resolved_model(cfg: TrainConfig) -> tuple[str, str]:
     """(the model's local path, its task type): a GGUF converted into the cache, a hub id fetched."""
     model_path = resolve_model_path(cfg.model)
@@ -176,7 +195,17 @@ def check_run_target(cfg: TrainConfig, dist_info: DistInfo, out: Path, config_re
 
     def check() -> Path | None:
         check_output_dir(out, config_record, overwrite=cfg.overwrite, resume=cfg.resume)
-        return plan_resume(cfg, out / "checkpoints", dist_info.world_size) if cfg.resume else None
+        if not cfg.resume:
+            return None
+        changed = changed_training_data(out, config_record)
+        if changed and not cfg.allow_data_change:
+            raise ConfigError(f"--resume: {changed}; resuming would train on another data order than the "
+                              "interrupted run's: restore the file, or pass --allow_data_change to continue on the "
+                              "new data (a warning is logged)")
+        if changed:
+            log.warning(f"warning: --resume with --allow_data_change: {changed}; the data order from here on is "
+                        "not the interrupted run's")
+        return plan_resume(cfg, out / "checkpoints", dist_info.world_size)
 
     return rank0_decides(check, expected=(ConfigError,))
 

@@ -7,8 +7,10 @@ Layout of ``<output_dir>/checkpoints/step_0000100/``:
     balance_bias.safetensors    aux-loss-free balancing biases (when enabled)
     rng_rank<r>.pt              each rank's RNG states (dropout, data order)
     manifest.json               every other file of the checkpoint, the expert layers and count
-Everything is written under a hidden temporary tag and renamed into place by rank 0 after a
-barrier; ``latest`` is replaced atomically last. A crash mid-save leaves the previous
+Everything is written under a hidden temporary tag and renamed into place by rank 0 once every
+rank reports its part written; ``latest`` is replaced atomically last. A part that cannot be
+written (disk full) is reported by every rank together (CheckpointWriteError, exit 74): the
+temporary tag is removed at once, not left to the next save. A crash mid-save leaves the previous
 checkpoint and ``latest`` untouched. Re-saving an existing tag moves the old copy aside
 (``.replaced_step_N``) before the new one is renamed in, and deletes it only after: a crash in
 between leaves a complete copy, which ``resolve_latest`` finds (and the next save restores).
@@ -37,6 +39,7 @@ from adamole_dist.atomic_files import write_text_atomically
 from adamole_dist.config.training import STATE_FILE
 from adamole_dist.moe.experts import EXPERT_KEY_RE, EXPERT_TENSORS, expert_key, file_orientation
 from adamole_dist.parallel import collectives
+from adamole_dist.runtime.stopping import CheckpointWriteError
 from adamole_dist.train.expert_optimizer import ExpertOptimizer
 
 LATEST = "latest"
@@ -260,19 +263,41 @@ def save_checkpoint(
     expert_shard: int,
     keep: int,
 ) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    """Collective: every rank calls it. Returns the final checkpoint directory. CheckpointWriteError on
+    every rank when any rank could not write its part (disk full, quota): the partial folder removed,
+    the previous checkpoint and ``latest`` untouched."""
     root = Path(root)
     tag = tag_for(step)
-    tmp_tag = f".tmp_{tag}"
+    tmp_dir = root / f".tmp_{tag}"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".tmp_step_*"):  # left by a save that crashed
             shutil.rmtree(stale, ignore_errors=True)
         restore_replaced(root)
     collectives.barrier()
-    engine.save_checkpoint(str(root), tag=tmp_tag, client_state={}, save_latest=False,
+    failed = write_failure(lambda: write_parts(tmp_dir, engine, adapters, expert_opt, trainer_state, rank=rank,
+                                               expert_writer=expert_writer, expert_shard=expert_shard))
+    failures = [f for f in collectives.all_gather_objects(failed) if f]  # every rank learns whether all wrote
+    if not failures:  # rank 0 lists what every rank wrote; its verdict reaches everyone
+        listed = write_failure(lambda: write_manifest(tmp_dir, adapters, trainer_state)) if rank == 0 else None
+        failures = [f for f in [collectives.broadcast_object(listed)] if f]
+    if failures:
+        if rank == 0:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        collectives.barrier()
+        raise CheckpointWriteError(write_error_message(root, step, failures[0]))
+    final = root / tag
+    if rank == 0:
+        put_in_place(root, tag, tmp_dir, keep)
+    collectives.barrier()
+    return final
+
+
+def write_parts(tmp_dir: Path, engine, adapters: Adapters, expert_opt: ExpertOptimizer, trainer_state: dict, *,
+                rank: int, expert_writer: bool, expert_shard: int) -> None:
+    """This rank's files of the checkpoint, into the temporary tag."""
+    engine.save_checkpoint(str(tmp_dir.parent), tag=tmp_dir.name, client_state={}, save_latest=False,
                            exclude_frozen_parameters=True)
-    tmp_dir = root / tmp_tag
     if expert_writer and adapters.expert_banks:
         save_file(expert_state(adapters, expert_opt), str(tmp_dir / f"experts_ep{expert_shard}.safetensors"),
                   metadata=EXPERT_SHARD_METADATA)
@@ -282,21 +307,41 @@ def save_checkpoint(
         biases = balance_biases(adapters)
         if biases:
             save_file(biases, str(tmp_dir / BIAS_FILE))
-    collectives.barrier()
-    final = root / tag
-    if rank == 0:
-        write_manifest(tmp_dir, adapters, trainer_state)
-        aside = root / f"{REPLACED}{tag}"
-        if final.exists():  # a re-save: the old copy stays complete until the new one is in place
-            shutil.rmtree(aside, ignore_errors=True)
-            os.replace(final, aside)
-        os.replace(tmp_dir, final)
-        write_latest(root, tag)
+
+
+def write_failure(write) -> str | None:
+    """None when ``write()`` wrote its files, else what went wrong in one line. Every error counts: a full
+    disk surfaces as OSError, safetensors' SafetensorError or torch's RuntimeError from its stream writer."""
+    try:
+        write()
+        return None
+    except Exception as e:
+        return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+
+
+def write_error_message(root: Path, step: int, failure: str) -> str:
+    previous = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+    try:
+        free = f"; {shutil.disk_usage(root).free / 2**20:.0f} MiB free on its filesystem"
+    except OSError:
+        free = ""
+    return (f"the checkpoint of step {step} could not be written to {root} ({failure}{free}); its partial folder "
+            "was removed and " + (f"the previous checkpoint, {root / previous}, and 'latest' are intact: free "
+                                  "space, then --resume latest" if previous else
+                                  "no earlier checkpoint exists: free space and start again"))
+
+
+def put_in_place(root: Path, tag: str, tmp_dir: Path, keep: int) -> None:
+    """Rank 0: rename the complete temporary tag into place, point ``latest`` at it, drop old ones."""
+    final, aside = root / tag, root / f"{REPLACED}{tag}"
+    if final.exists():  # a re-save: the old copy stays complete until the new one is in place
         shutil.rmtree(aside, ignore_errors=True)
-        for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    collectives.barrier()
-    return final
+        os.replace(final, aside)
+    os.replace(tmp_dir, final)
+    write_latest(root, tag)
+    shutil.rmtree(aside, ignore_errors=True)
+    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def restore_replaced(root: Path) -> None:

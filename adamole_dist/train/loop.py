@@ -28,7 +28,14 @@ from adamole_dist.parallel import collectives
 from adamole_dist.run_files.metrics_log import read_metrics
 from adamole_dist.runtime.host_memory import keep_freed_host_memory
 from adamole_dist.runtime.process_group import DistInfo, init_distributed, shutdown_distributed
-from adamole_dist.runtime.stopping import NonFiniteLoss, Preempted, StopSignal, write_preempted_marker
+from adamole_dist.runtime.stopping import (
+    CheckpointWriteError,
+    NonFiniteLoss,
+    Preempted,
+    StoppedBeforeTraining,
+    StopSignal,
+    write_preempted_marker,
+)
 from adamole_dist.runtime.watchdog import PeerWatchdog
 from adamole_dist.train import checkpoint as ckpt_io
 from adamole_dist.train.assembly import Run, build_run
@@ -240,7 +247,7 @@ def adapter_meta(run: Run, step: int) -> dict:
 def train(cfg: TrainConfig, dist_info: DistInfo, stop_signal: StopSignal | None = None) -> dict:
     """Build the run, train it, write final_metrics.json, close its sinks and release its output dir
     (collective: every rank of ``dist_info``'s world)."""
-    run = build_run(cfg, dist_info)
+    run = build_run(cfg, dist_info, stop_signal)
     try:
         result = Trainer(run, stop_signal).train()
         if dist_info.is_main:  # inside the run's life: its output-dir lock still held
@@ -263,8 +270,8 @@ def run_training(cfg: TrainConfig) -> dict:
     stop_signal = StopSignal(announce=dist_info.is_main).install()  # before set-up: a signal during the load is kept
     try:
         result = train(cfg, dist_info, stop_signal)
-    except (ConfigError, NonFiniteLoss, Preempted):
-        watchdog.stop()  # decided by every rank together: nobody needs telling
+    except (ConfigError, NonFiniteLoss, Preempted, CheckpointWriteError, StoppedBeforeTraining):
+        watchdog.stop()  # decided by every rank together (or a stop signal each rank got): nobody needs telling
         shutdown_distributed()
         raise
     except Exception as e:

@@ -1,6 +1,7 @@
 """Adapter directories for loader and generation tests: a tiny Llama folder (tests/helpers/tiny_models.py)
 with an adapter injected, its weights randomised (a fresh adapter's lora_B is zero, so it would
-change nothing), and saved as training saves it (files.save_adapter)."""
+change nothing), and saved as training saves it (files.save_adapter); and an adapter trained on an
+encoder (seq_cls), which scores choices and cannot generate."""
 
 from __future__ import annotations
 
@@ -41,3 +42,16 @@ def write_adapter_dir(folder: Path, base_dir: Path, method: str, *, seed: int = 
            "trainable_modules": [], "step": 0, **(meta or {})}
     save_adapter(folder, adapter_state(adapters), cfg, doc)
     return Path(folder)
+
+
+def seq_cls_adapter(root: Path) -> Path:
+    """An adapter trained on an encoder (MiniLM-like BERT): it scores choices, it cannot generate."""
+    from tests.helpers.tiny_models import write_tiny_bert
+
+    bert = write_tiny_bert(root / "bert")
+    model, *_ = load_model_and_tokenizer(str(bert), "seq_cls")
+    adapters = inject_adapters(model, AdapterConfig(num_experts=2, rank=2), trainable_modules=["classifier"])
+    save_adapter(root / "bert_adapter", adapter_state(adapters), adapters.cfg,
+                 {"base_model": str(bert), "base_model_path": str(bert), "task_type": "seq_cls",
+                  "trainable_modules": ["classifier"]})
+    return root / "bert_adapter"

@@ -10,7 +10,13 @@
   SIGTERM to torchrun does the same;
 * a second Ctrl-C still ends in a checkpoint and exit 75, without a traceback;
 * a stop signal to one rank during a long evaluation: every rank leaves it at the same batch,
-  checkpoints and exits 75; the resumed run does the evaluation it owes first.
+  checkpoints and exits 75; the resumed run does the evaluation it owes first;
+* (issue 40) a stop while the data is tokenized -- by a chat template that loops -- ends the run at once
+  (exit 75, one line, no temporary cache folder); a disk that fills up during a checkpoint ends it with
+  exit 74 and one line, the partial checkpoint removed and the previous one byte for byte intact; a
+  resume on training data edited in place is refused (or allowed, with a warning); Ctrl-C or SIGTERM to
+  eval.py and generate.py ends them with one line and exit 130, nothing half-written, and Ctrl-C during a
+  --chat reply stops the reply, not the chat.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -279,3 +286,219 @@ def test_a_stop_during_a_long_evaluation_checkpoints_at_a_batch_boundary(tmp_pat
     assert [r["step"] for r in records(out, "eval")] == [2, 3]  # the owed one, then the final one
     assert [r["step"] for r in records(out, "train")] == [1, 2, 3]
     assert all(r["total"] == 600 for r in records(out, "eval"))
+
+
+# -- issue 40 ----------------------------------------------------------------------------------------------
+LOOPING_TEMPLATE = ("{% for m in messages %}{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
+                    "{% endfor %}{{ m['role'] }} : {{ m['content'] }} [SEP] {% endfor %}"
+                    "{% if add_generation_prompt %}assistant :{% endif %}")
+CHAT = {"messages": [{"role": "user", "content": "what color is the sky"},
+                     {"role": "assistant", "content": "the sky is blue"}]}
+
+
+def wait_for_text(proc: subprocess.Popen, log: Path, text: str) -> None:
+    wait_for(proc, log, lambda: text in log.read_text(), repr(text))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_while_tokenizing_ends_the_run_at_once(tmp_path, sig):
+    """Case 7: a chat template that loops inside tokenisation never reaches a step boundary, where the stop
+    flag was read: SIGTERM and SIGINT were ignored and a .tmp folder stayed in the cache. Now: exit 75 with
+    one line naming the phase, the cache's temporary folder removed, the output dir never created."""
+    from tests.helpers.tiny_models import write_tiny_llama
+
+    model = write_tiny_llama(tmp_path / "model")
+    (tmp_path / "loop.jinja").write_text(LOOPING_TEMPLATE)
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "test"):
+        (data / f"{split}.jsonl").write_text((json.dumps(CHAT) + "\n") * 8)
+    cache, out, log_path = tmp_path / "cache", tmp_path / "run", tmp_path / "run.log"
+    env = {**launch_env(), "ADAMOLE_DIST_CACHE": str(cache)}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(python_cmd("--model", str(model), "--dataset", str(data), "--output_dir", str(out),
+                                           "--chat_template", str(tmp_path / "loop.jinja"), "--max_steps", "1"),
+                                env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for_text(proc, log_path, "tokenizing 8 records")
+            assert list((cache / "tokenized").glob(".*.tmp-*")), "the build's temporary folder is not there yet"
+            proc.send_signal(sig)
+            code = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log_path.read_text()
+    assert code == 75, text[-3000:]
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+    assert text.strip().splitlines()[-1] == (
+        f"stopped: stop requested by signal ({sig.name}) while reading and tokenizing the data; nothing was written "
+        "to output_dir and no checkpoint exists yet: run the same command again to start")
+    assert [p.name for p in (cache / "tokenized").iterdir()] == [] and not out.exists()
+
+
+def snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size) -> a fresh tmpfs of ``size`` bytes (root only: skipped elsewhere), unmounted afterwards."""
+    mounted = []
+
+    def mount(size: int) -> Path:
+        where = tmp_path / f"disk{len(mounted)}"
+        where.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (root only): {done.stderr.strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", str(where)], check=False)
+
+
+@pytest.mark.parametrize("disk", ["injected", "tmpfs"])
+def test_a_full_disk_during_a_checkpoint(tmp_path, small_disk, disk):
+    """Case 13: the disk fills up while a checkpoint is written: one line naming the step, the error and the
+    intact previous checkpoint, exit 74; the partial checkpoint removed at once (a .tmp_step_* stayed until
+    the next save); the previous checkpoint and 'latest' byte for byte as they were. "tmpfs" fills a real
+    small filesystem (as root); "injected" makes safetensors' writer fail with ENOSPC after half a file
+    (tests/helpers/fault_hooks), which needs no privileges."""
+    from tests.helpers.fault_hooks import env_with
+
+    model = write_tiny_bert(tmp_path / "tiny_bert")
+    out = tmp_path / "run"
+    check(run(python_cmd(*small(model, out, "--max_steps", "2", "--save_interval", "0"))))
+    checkpoint = out / "checkpoints" / "step_0000002"
+    if disk == "tmpfs":  # room for the run and half a checkpoint more (a tmpfs holds files in whole pages)
+        def pages(folder: Path) -> int:
+            return sum(-(-p.stat().st_size // 4096) * 4096 for p in folder.rglob("*") if p.is_file())
+
+        out = small_disk(pages(out) + pages(checkpoint) // 2 + 16 * 1024) / "run"
+        shutil.copytree(tmp_path / "run", out)
+        checkpoint = out / "checkpoints" / "step_0000002"
+    before = {"checkpoint": snapshot(checkpoint), "latest": (out / "checkpoints" / "latest").read_bytes()}
+    env = env_with(ADAMOLE_TEST_ENOSPC_AFTER="0") if disk == "injected" else launch_env()
+    proc = subprocess.run(python_cmd(*small(model, out, "--max_steps", "4", "--save_interval", "1", "--resume",
+                                            "latest")), env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 74, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: the checkpoint of step 3 could not be written to {out / 'checkpoints'} (")
+    # safetensors and DeepSpeed's torch.save word a full disk differently; the free space says it either way
+    assert "No space left on device" in last or " 0 MiB free on its filesystem" in last, last
+    assert f"the previous checkpoint, {checkpoint}, and 'latest' are intact" in last and "--resume latest" in last
+    assert {"checkpoint": snapshot(checkpoint), "latest": (out / "checkpoints" / "latest").read_bytes()} == before
+    assert not list((out / "checkpoints").glob(".tmp_step_*"))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["step_0000002"]
+
+
+def test_resume_on_training_data_edited_in_place(tmp_path):
+    """Case 12: 30 of 40 records edited, and the resume went on with exit 0 and no word (the resume check
+    compared the dataset's path only). Refused by default, naming the file, the run byte for byte as it
+    was; --allow_data_change continues with a warning."""
+    model = write_tiny_bert(tmp_path / "tiny_bert")
+    data = mc_dataset(tmp_path / "data", train=40, test=8)
+    out = tmp_path / "run"
+    args = small(model, out, "--dataset", str(data), "--max_train_examples", "0", "--save_interval", "2")
+    check(run(python_cmd(*args, "--max_steps", "2")))
+    rows = json.loads((data / "train.json").read_text())
+    for row in rows[:30]:
+        row["answerKey"] = "ABCD"[("ABCD".index(row["answerKey"]) + 1) % 4]
+    (data / "train.json").write_text(json.dumps(rows))
+    before = snapshot(out)
+    proc = run(python_cmd(*args, "--max_steps", "4", "--resume", "latest"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: --resume: the training data {data / 'train.json'} changed since this run started")
+    assert "--allow_data_change" in last and snapshot(out) == before
+    proc = check(run(python_cmd(*args, "--max_steps", "4", "--resume", "latest", "--allow_data_change")))
+    assert f"the training data {data / 'train.json'} changed since this run started" in proc.stderr
+    assert [r["step"] for r in records(out, "train")] == [1, 2, 3, 4]
+
+
+def tiny_chat_adapter(tmp_path: Path) -> Path:
+    from tests.helpers.saved_adapters import CHAT_TEMPLATE, write_adapter_dir
+    from tests.helpers.tiny_models import write_tiny_llama
+
+    return write_adapter_dir(tmp_path / "adapter", write_tiny_llama(tmp_path / "llama"), "lora", rank=2,
+                             meta={"prompt_format": "chat", "chat_template": CHAT_TEMPLATE})
+
+
+def interrupted(cmd: list[str], tmp_path: Path, sig: int) -> tuple[int, str]:
+    """``cmd`` run with every causal-LM forward slowed; ``sig`` sent once the first forward began."""
+    from tests.helpers.fault_hooks import env_with
+
+    started, log_path = tmp_path / "started", tmp_path / "cmd.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env_with(ADAMOLE_TEST_SLOW_FORWARD="2", ADAMOLE_TEST_STARTED=str(started)),
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for(proc, log_path, started.exists, "the first forward")
+            proc.send_signal(sig)
+            code = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    return code, log_path.read_text()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_eval_and_generate_stop_with_one_line_and_nothing_half_written(tmp_path, sig):
+    """Cases 1, 8, 11: Ctrl-C in eval.py or generate.py was a traceback, and generate's --out was opened
+    (emptied) before the work: now exit 130, one line, --json not written, an existing --out byte for byte
+    as it was and no temporary file beside it."""
+    adapter = tiny_chat_adapter(tmp_path)
+    what = "Ctrl-C" if sig == signal.SIGINT else "SIGTERM"
+    result = tmp_path / "result.json"
+    code, text = interrupted([sys.executable, str(REPO / "launch" / "eval.py"), "--adapter", str(adapter),
+                              "--dataset", "builtin:word_categories", "--max_examples", "4", "--json", str(result)],
+                             tmp_path, sig)
+    assert code == 130 and "Traceback" not in text, text[-3000:]
+    assert text.strip().splitlines()[-1] == f"stopped: interrupted by {what}; no output was left half-written"
+    assert not result.exists()
+    prompts, out = tmp_path / "p.jsonl", tmp_path / "out.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("one", "two", "three")))
+    out.write_text('{"completion": "from an earlier run"}\n')
+    (tmp_path / "started").unlink()
+    code, text = interrupted([sys.executable, str(REPO / "launch" / "generate.py"), "--adapter", str(adapter),
+                              "--prompts", str(prompts), "--out", str(out), "--batch_size", "1", "--device", "cpu",
+                              "--max_new_tokens", "3"], tmp_path, sig)
+    assert code == 130 and "Traceback" not in text, text[-3000:]
+    assert text.strip().splitlines()[-1] == f"stopped: interrupted by {what}; no output was left half-written"
+    assert out.read_text() == '{"completion": "from an earlier run"}\n'
+    assert sorted(p.name for p in tmp_path.glob("*out.jsonl*")) == ["out.jsonl"]
+
+
+def test_ctrl_c_during_a_chat_reply_stops_the_reply_and_keeps_the_chat(tmp_path):
+    """Case 8: Ctrl-C during a --chat reply was a traceback and the history lost; now the reply stops, that
+    turn is dropped, and the chat answers the next line."""
+    from tests.helpers.fault_hooks import env_with
+
+    adapter = tiny_chat_adapter(tmp_path)
+    started, log_path = tmp_path / "started", tmp_path / "chat.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "generate.py"), "--adapter", str(adapter),
+                                 "--chat", "--max_new_tokens", "2", "--device", "cpu"], stdin=subprocess.PIPE,
+                                env=env_with(ADAMOLE_TEST_SLOW_FORWARD="1", ADAMOLE_TEST_STARTED=str(started)),
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            proc.stdin.write("hi there\n")
+            proc.stdin.flush()
+            wait_for(proc, log_path, started.exists, "the first reply")
+            proc.send_signal(signal.SIGINT)
+            wait_for_text(proc, log_path, "reply stopped")
+            proc.stdin.write("what now\n/exit\n")
+            proc.stdin.close()
+            code = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log_path.read_text()
+    assert code == 0 and "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+    assert "(reply stopped; that turn is not kept in the history)" in text
+    assert text.count("assistant> ") == 2  # the stopped reply, then the answer to the next line

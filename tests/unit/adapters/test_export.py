@@ -162,5 +162,64 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
     assert "--overwrite" in err and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in busy.iterdir()) == ["keep.txt"]
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
-    assert export(adapter_dir, "--out", busy, "--format", "peft", "--overwrite") == 0
-    assert (busy / "adapter_model.safetensors").is_file() and not (busy / "keep.txt").exists()
+    # --overwrite replaces only a folder an earlier export wrote (it lists its files), never someone's files
+    assert export(adapter_dir, "--out", busy, "--format", "peft", "--overwrite") == 2
+    assert "keep.txt, which no earlier export wrote" in capsys.readouterr().err
+    assert sorted(p.name for p in busy.iterdir()) == ["keep.txt"]
+    earlier = tmp_path / "earlier"
+    assert export(adapter_dir, "--out", earlier, "--format", "peft") == 0
+    assert export(adapter_dir, "--out", earlier, "--format", "adamole", "--overwrite") == 0
+    assert (earlier / "tokenizer_config.json").is_file() and json.loads(
+        (earlier / ".written_files.json").read_text())["written_by"] == "adamole_dist export"
+
+
+def snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else "dir") for p in sorted(root.rglob("*"))}
+
+
+def test_overwrite_never_deletes_the_training_run(tmp_path):
+    """Issue 40, case 2: ``export RUN/adapter --out RUN --overwrite`` deleted the run the adapter came from
+    (checkpoints, metrics.jsonl, run_config.json) and said "exported". Through the script, as a user runs it:
+    exit 2, one line, every byte of the run as it was; so for a folder holding the run, and one inside it."""
+    from tests.helpers.launch_utils import REPO, run
+
+    _, adapter_dir, _ = trained_adapter(tmp_path, "lora", run_files=True)
+    run_dir = adapter_dir.parent
+    (run_dir / "checkpoints" / "step_0000005").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_0000005" / "trainer_state.json").write_text('{"step": 5}')
+    (run_dir / "checkpoints" / "latest").write_text("step_0000005")
+    (run_dir / "metrics.jsonl").write_text('{"step": 5, "kind": "train", "task_loss": 1.0}\n')
+    before = snapshot(tmp_path)
+    for out, says in ((run_dir, "is the training run"), (tmp_path, "holds the adapter folder"),
+                      (run_dir / "checkpoints", "is inside the training run")):
+        proc = run([sys.executable, str(REPO / "launch" / "export.py"), str(adapter_dir), "--out", str(out),
+                    "--overwrite"], timeout=300)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: --out ({out})") and says in lines[0], lines
+        assert "exported" not in proc.stdout
+        assert snapshot(tmp_path) == before
+
+
+def test_the_base_model_is_found_by_one_rule(tmp_path, capsys):
+    """Issue 40, case 10: an adapter whose recorded base folder is gone (base_model_path) but whose recorded
+    name still loads: export, generate and from_pretrained all fall back to the name (export said "does
+    not exist")."""
+    import shutil
+
+    import adamole_dist
+    from adamole_dist.cli.generate import main as generate
+
+    base, adapter_dir, ours = trained_adapter(tmp_path, "lora")
+    moved = tmp_path / "moved_base"
+    shutil.copytree(base, moved)
+    doc = json.loads((adapter_dir / "adapter_config.json").read_text())
+    doc.update(base_model=str(moved), base_model_path=str(tmp_path / "gone"))
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(doc))
+    assert export(adapter_dir, "--out", tmp_path / "bundle") == 0
+    assert export(adapter_dir, "--out", tmp_path / "peft", "--format", "peft") == 0
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(moved)
+    assert generate(["--adapter", str(adapter_dir), "--prompt", "hi", "--max_new_tokens", "2", "--device", "cpu"]) == 0
+    model, _ = adamole_dist.from_pretrained(adapter_dir)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=IDS).logits, ours, atol=ATOL, rtol=0)

@@ -38,7 +38,7 @@ LAYERS: dict[str, set[str]] = {
     "adapters": {"config", "glossary", "atomic_files", "model_kwargs", "moe", "base_model", "parallel"},
     # generation with an adapted model; evaluation outside training (accuracy, lm-evaluation-harness)
     "generation": {"config", "glossary", "moe", "base_model", "data", "adapters"},
-    "evaluation": {"config", "glossary", "moe", "base_model", "data", "adapters", "generation"},
+    "evaluation": {"config", "glossary", "atomic_files", "moe", "base_model", "data", "adapters", "generation"},
     # the placement cost model: read by run assembly and the benchmarks only
     "costmodel": {"config", "glossary", "moe", "parallel", "adapters"},
     # training: assembly, the step, the loop, checkpoints

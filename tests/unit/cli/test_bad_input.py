@@ -138,11 +138,30 @@ def write(path: Path, text: str) -> str:
     return str(path)
 
 
-def dataset_with(tmp: Path, train_name: str, train_text: str) -> str:
-    good = {"question": "Which is a fruit?", "choices": ["apple", "hammer"], "answerKey": "A"}
-    write(tmp / "data" / train_name, train_text)
-    write(tmp / "data" / "test.json", json.dumps([good] * 4))
+MC_RECORD = {"question": "Which is a fruit?", "choices": ["apple", "hammer"], "answerKey": "A"}
+MC_LINE = json.dumps(MC_RECORD) + "\n"
+
+
+def dataset_with(tmp: Path, train_name: str, train_text: str, encoding: str = "utf-8") -> str:
+    (tmp / "data").mkdir(parents=True, exist_ok=True)
+    (tmp / "data" / train_name).write_bytes(train_text.encode(encoding))
+    write(tmp / "data" / "test.json", json.dumps([MC_RECORD] * 4))
     return str(tmp / "data")
+
+
+def resume_on_edited_data(tmp: Path, out: Path) -> list[str]:
+    """A run whose record holds the training file's content hash as it started; the file edited since."""
+    from adamole_dist.config.cli import parse_train_config
+    from adamole_dist.data.token_cache import data_fingerprint
+
+    data = dataset_with(tmp, "train.jsonl", MC_LINE * 16)
+    args = ["--output_dir", str(out), *BASE, "--dataset", data, "--resume", "latest"]
+    record = {**parse_train_config(args).to_dict(), "train_data": {
+        "file": f"{data}/train.jsonl", "fingerprint": data_fingerprint(f"{data}/train.jsonl")}}
+    existing_run(out, record)
+    edited = {**MC_RECORD, "question": "Which is a tool?", "answerKey": "B"}
+    write(Path(data) / "train.jsonl", MC_LINE * 6 + json.dumps(edited) + "\n" + MC_LINE * 9)  # one of 16 changed
+    return ["--dataset", data, "--resume", "latest"]
 
 
 def resume_other_world(tmp: Path, out: Path) -> list[str]:
@@ -225,6 +244,25 @@ CASES = {
     "yaml_key_given_twice": (
         lambda tmp, out: ["--config", write(tmp / "recipe.yaml", "lr: 1e-3\nmethod: adamole\nlr: 2e-3\n")],
         ["recipe.yaml", "'lr' is given twice (lines 1 and 3)"]),
+    # issue 40
+    "non_utf8_byte_in_train_jsonl": (  # case 3: was pyarrow's UnicodeDecodeError traceback
+        lambda tmp, out: ["--dataset", dataset_with(tmp, "train.jsonl", MC_LINE + MC_LINE[:20] + "\xff\n", "latin-1")],
+        ["train.jsonl line 2, column 21", "byte 0xff at byte offset 104", "not UTF-8"]),
+    "jsonl_line_that_is_an_array": (  # case 6: was "An error occurred while generating the dataset"
+        lambda tmp, out: ["--dataset", dataset_with(tmp, "train.jsonl", MC_LINE * 2 + "[1, 2, 3]\n")],
+        ["train.jsonl line 3", "expected a JSON object", "got array"]),
+    "jsonl_line_that_is_null": (
+        lambda tmp, out: ["--dataset", dataset_with(tmp, "train.jsonl", MC_LINE + "null\n" + MC_LINE)],
+        ["train.jsonl line 2", "expected a JSON object", "got null"]),
+    "run_lock_that_is_a_directory": (  # case 14: was IsADirectoryError from run_lock
+        lambda tmp, out: ((out / ".run.lock").mkdir(parents=True), [])[1],
+        [".run.lock is a directory, not the lock file this trainer writes"]),
+    "output_dir_inside_another_run": (
+        lambda tmp, out: (existing_run(tmp / "outer"), ["--output_dir", str(tmp / "outer" / "inner")])[1],
+        ["is inside the training run", "outer"]),
+    "resume_on_training_data_edited_in_place": (resume_on_edited_data,  # case 12
+                                                ["--resume: the training data", "changed since this run started",
+                                                 "--allow_data_change"]),
 }
 
 
@@ -395,6 +433,54 @@ def test_bad_sft_record_changes_nothing(tmp_path, name):
     assert snapshot(out) == before, "the output directory changed"
 
 
+LONG_CHAT = {"messages": [{"role": "user", "content": "what color is the sky " * 8},
+                          {"role": "assistant", "content": "the sky is blue"}]}
+NUMBER_LIKE = {"messages": [{"role": "user", "content": "0."}, {"role": "assistant", "content": "1."}]}
+LIST_CONTENT = {"messages": [{"role": "user", "content": [{"type": "text", "text": "what is this"},
+                                                          {"type": "image_url", "image_url": {"url": "cat.png"}}]},
+                             {"role": "assistant", "content": "a cat"}]}
+FREE_FORM_CASES = {  # name: (train.jsonl records, extra args, parts of the message)
+    # case 5: the loader fell back to pandas on the mixed column, turned record 0's "0." into 0.0 and blamed it
+    "list_content_in_one_record": ([NUMBER_LIKE] + [CHAT] * 4 + [LIST_CONTENT] + [CHAT] * 6, [],
+                                   ["train.jsonl record 5", "'messages[0].content' is a list of content parts",
+                                    "not supported"]),
+    # case 4: IndexError in token_cache.py (the cache of no examples had no data file)
+    "every_record_longer_than_max_length_through_the_token_cache": (
+        [LONG_CHAT] * 12, ["--max_length", "16"],
+        ["train.jsonl: all 12 examples are longer than max_length (16) and were dropped", "--max_length"]),
+    # case 15: reported as every record's rendering failure once tokenisation had started
+    "chat_template_with_a_syntax_error": (
+        [CHAT] * 12, ["--chat_template", "BROKEN_TEMPLATE"],
+        ["chat_template (", "broken.jinja) line 2: not a valid Jinja template", "unexpected '}'"]),
+}
+
+
+@pytest.mark.parametrize("name", list(FREE_FORM_CASES))
+def test_free_form_training_data_is_read_as_written(tmp_path, monkeypatch, name):
+    """Over an existing run with --overwrite: refused naming the file, record or line; the run and the token
+    cache as they were (no temporary folder left there)."""
+    from tests.helpers.tiny_models import write_tiny_llama
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("ADAMOLE_DIST_CACHE", str(cache))
+    rows, extra, expect = FREE_FORM_CASES[name]
+    model = write_tiny_llama(tmp_path / "model")
+    templates = {"TEMPLATE": write(tmp_path / "chat.jinja", ALTERNATING_TEMPLATE),
+                 "BROKEN_TEMPLATE": write(tmp_path / "broken.jinja", "{% for m in messages %}\n{{ m.role }\n"
+                                                                      "{% endfor %}\n")}
+    extra = [templates.get(a, a) for a in extra]
+    if "--chat_template" not in extra:
+        extra += ["--chat_template", templates["TEMPLATE"]]
+    data = tmp_path / "data"
+    write(data / "train.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    write(data / "test.jsonl", "".join(json.dumps(CHAT) + "\n" for _ in range(4)))
+    out = tmp_path / "run"
+    existing_run(out)
+    refused_leaving_out_unchanged(out, "--model", str(model), "--dataset", str(data), "--overwrite", *extra,
+                                  expect=expect)
+    assert [p.name for p in cache.rglob(".*")] == []  # no temporary folder of a tokenisation left behind
+
+
 # launch/eval.py, launch/plot.py and --model paths
 # -- the same promise for the other entry points (exit 2, one line naming the file or option, no
 # -- traceback, nothing written), and for models that are no model ------------------------------------
@@ -436,6 +522,9 @@ EVAL_CASES = {  # name: (damage to a copy of the adapter, extra args, parts of t
     "batch_size_0": (None, ["--batch_size", "0"], ["--batch_size (0) must be >= 1"]),
     "json_into_an_unwritable_path": (None, ["--json", UNWRITABLE], [f"--json ({UNWRITABLE}) cannot be written"]),
     "max_length_too_small": (None, ["--max_length", "2"], ["max_length (2) leaves no room", "at least 3"]),
+    # issue 40, case 11: a typo ran our whole evaluation first, then ended in lm-eval's KeyError traceback
+    "harness_task_unknown": (None, ["--harness", "arc_easyy"], ["--harness: unknown task 'arc_easyy'",
+                                                                "did you mean 'arc_easy'?"]),
 }
 
 
@@ -444,6 +533,8 @@ def test_bad_eval_input_is_named_before_the_evaluation(tmp_path, saved_adapter, 
     import shutil
 
     damage, extra, expect = EVAL_CASES[name]
+    if "--harness" in extra:
+        pytest.importorskip("lm_eval", reason="lm-eval is an optional extra")
     adapter = tmp_path / "adapter"
     shutil.copytree(saved_adapter, adapter)
     if damage is not None:

@@ -167,8 +167,9 @@ def test_launch_eval_harness_with_the_shipped_task(model_dir, data_dir, tmp_path
     assert len(samples) == ours["total"] == 8  # the same seeded subsample of questions
     assert harness["acc,none"] == pytest.approx(ours["accuracy"])
     assert harness["acc_norm,none"] == pytest.approx(ours["acc_norm"])
-    generated = (tmp_path / "res.harness_tasks" / "arc_easy_local.yaml").read_text()
-    assert "data_dir: " + json.dumps(str(data_dir)) in generated
+    ran = json.loads((tmp_path / "res.harness.json").read_text())["configs"]["arc_easy_local"]
+    assert str(data_dir) in json.dumps(ran)  # the task as it ran, its data folder filled in
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["res.harness.json", "res.harness_samples.jsonl", "res.json"]
 
 
 def test_missing_harness_data_exits_2_before_loading(tmp_path, capsys):
@@ -210,3 +211,30 @@ def test_adamole_adapter_through_the_harness_scores_as_ours(model_dir, data_dir,
     assert ours["total"] == len(QUESTIONS) and ours["mean_active_experts"] > 0
     assert harness["acc,none"] == pytest.approx(ours["accuracy"])
     assert harness["acc_norm,none"] == pytest.approx(ours["acc_norm"])
+
+
+def test_harness_alone_on_a_chat_adapter_writes_nothing_it_was_not_asked_to(model_dir, data_dir, tmp_path,
+                                                                            monkeypatch, capsys):
+    """Issue 40, case 11: an adapter trained on chat data has free-form data as its run's dataset, which our
+    scorer cannot score ("messages records are free-form"): --harness alone needs no multiple-choice data.
+    Without --json nothing is written, in the working directory least of all (./harness.harness_tasks was)."""
+    from adamole_dist.cli import eval as eval_cli  # launch/eval.py, adamole-eval
+    from tests.helpers.saved_adapters import write_adapter_dir
+
+    adapter = write_adapter_dir(tmp_path / "run" / "adapter", model_dir, "lora", rank=2,
+                                meta={"data_format": "messages", "prompt_format": "chat"})
+    chats = tmp_path / "chats"
+    chats.mkdir()
+    (chats / "test.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                               {"role": "assistant", "content": "hello"}]}) + "\n")
+    (tmp_path / "run" / "run_config.json").write_text(json.dumps({"dataset": str(chats), "model": str(model_dir)}))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    code = eval_cli.main(["--adapter", str(adapter), "--harness", "arc_easy_local", "--harness_data", str(data_dir),
+                          "--max_examples", "4", "--batch_size", "4"])
+    out = capsys.readouterr()
+    assert code == 0, out.err[-3000:]
+    assert "free-form (messages): the harness alone scores this adapter" in out.out
+    assert "harness arc_easy_local: acc " in out.out and "accuracy" not in out.out
+    assert list(cwd.iterdir()) == []

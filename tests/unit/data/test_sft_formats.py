@@ -206,7 +206,7 @@ BAD = [
     ("sharegpt", {"conversations": [{"from": "bing", "value": "hi"}]},
      ["record 1", "'conversations[0].from'", "'bing'", "human"]),
     ("sharegpt", {"conversations": [{"from": "human", "value": ["hi"]}, {"from": "gpt", "value": "x"}]},
-     ["record 1", "'conversations[0].value'", "not list"]),
+     ["record 1", "'conversations[0].value'", "is a list of content parts", "not supported"]),
     ("alpaca", {"instruction": "add", "output": 5}, ["record 1", "'output'", "must be a string, not int"]),
     ("alpaca", {"instruction": "add", "output": "  "}, ["record 1", "'output'", "is empty"]),
     ("alpaca", {"instruction": "add", "input": 3, "output": "five"}, ["record 1", "'input'", "not int"]),

@@ -227,6 +227,61 @@ def test_cache_json_is_written_inside_the_folder(tmp_path):
     assert info == cache_info(ds) and info["key"]["tokenize_fn"]["name"].endswith("toy_tokenize")
 
 
+def test_a_complete_cache_is_read_anywhere_without_writing(tmp_path, monkeypatch):
+    """Issue 40, case 15: a cache built once (by another user, on a login node) and then read where nothing
+    may be written (a read-only mount): its folders readable by all (mkdtemp made them 0700), its key free
+    of paths (a copy elsewhere still hits: a tokenizer is known by its content, not its folder), and a hit
+    writes nothing."""
+    import errno
+    import shutil
+    import stat
+    import tempfile
+
+    from tests.helpers.tiny_models import minilm_tokenizer
+
+    old_umask = os.umask(0o022)
+    try:
+        records = toy_records()
+        build(records, tmp_path)
+    finally:
+        os.umask(old_umask)
+    for path in (tmp_path / "cache").rglob("*"):
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode & 0o044 == 0o044 and (not path.is_dir() or mode & 0o011 == 0o011), (path, oct(mode))
+    for folder in ("a", "b"):
+        minilm_tokenizer().save_pretrained(tmp_path / folder)
+    from transformers import AutoTokenizer
+
+    idents = [tokenizer_identity(AutoTokenizer.from_pretrained(tmp_path / f)) for f in ("a", "b")]
+    assert idents[0] == idents[1]
+
+    shutil.copytree(tmp_path / "cache", tmp_path / "elsewhere")
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    for module, name in ((tempfile, "mkdtemp"), (os, "replace"), (os, "mkdir"), (shutil, "rmtree")):
+        monkeypatch.setattr(module, name, read_only)
+    fn = functools.partial(toy_tokenize, calls=str(tmp_path / "calls"))
+    again = tokenized_split(records, fn, cache_key=KEY, cache_dir=tmp_path / "elsewhere", origin="toy.jsonl")
+    monkeypatch.undo()
+    assert calls(tmp_path / "calls") == len(records), "a hit must not tokenise again"
+    assert again.to_list() == plain(records, tmp_path)
+
+
+def test_a_split_all_dropped_is_named_on_reading(tmp_path):
+    """Issue 40, case 4: every record dropped -- the cache of no examples (Arrow writes no data file for no
+    rows) raised IndexError on loading; now NoExamples, with the count, when built and on a hit."""
+    from adamole_dist.data.token_cache import NoExamples
+
+    records = [{"text": " ".join(["w"] * 9)}] * 5  # longer than the toy tokenizer keeps
+    for _ in range(2):  # the build, then the hit
+        with pytest.raises(NoExamples, match="toy.jsonl: the tokenize function dropped all 5 records") as e:
+            build(records, tmp_path)
+        assert e.value.records == 5
+    assert calls(tmp_path / "calls") == 5
+
+
 # -- slow: 2 gloo ranks -------------------------------------------------------------------------------
 def _two_ranks(rank: int, world: int, tmp_path: Path, records: list[dict], bad: bool) -> None:
     fn = functools.partial(toy_tokenize, calls=str(tmp_path / "calls"), delay_s=0.02)  # outlasts a few polls

@@ -197,7 +197,7 @@ def test_generate_py_bad_input_exits_2_naming_it(adapter_dirs, tmp_path):
     bad = tmp_path / "prompts.jsonl"
     bad.write_text('{"prompt": "fine"}\nthis is not json\n')
     out = tmp_path / "out.jsonl"
-    assert f"{bad} line 2: not JSON" in error_of("--adapter", lora, "--prompts", bad, "--out", out)
+    assert f"{bad} line 2: not valid JSON" in error_of("--adapter", lora, "--prompts", bad, "--out", out)
     assert not out.exists()
     bad.write_text('{"text": "no prompt field"}\n')
     assert f'{bad} line 1: needs a "prompt"' in error_of("--adapter", lora, "--prompts", bad)
@@ -237,3 +237,111 @@ def test_generate_py_chat_keeps_the_history(base_dir, tmp_path):
         history.append({"role": "assistant", "content": reply["text"]})
         expected.append(reply["text"])
     assert replies == expected and expected[0] != expected[1]
+
+
+# -- issue 40 -----------------------------------------------------------------------------------------------
+def refused_by_the_script(*args, expect: list[str]) -> str:
+    """launch/generate.py as a real process: exit 2, stderr one ``error:`` line holding every part."""
+    proc = cli(*args, "--device", "cpu", "--max_new_tokens", 2)
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for part in expect:
+        assert part in lines[0], f"{part!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def test_out_that_is_the_prompt_file_is_refused_leaving_it_intact(adapter_dirs, tmp_path):
+    """Case 1: the prompts were read, the model loaded, then --out opened for writing emptied them."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("one", "two", "three")))
+    before = prompts.read_bytes()
+    link = tmp_path / "same.jsonl"
+    link.hardlink_to(prompts)  # the same file under another name is the same file
+    for out in (prompts, link):
+        refused_by_the_script("--adapter", adapter_dirs["lora"], "--prompts", prompts, "--out", out,
+                              expect=["--out (", "is the --prompts file", "would destroy what the command reads"])
+    assert prompts.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl", "same.jsonl"]
+
+
+ENCODER = "encoder"  # a row's adapter: the seq_cls adapter made in the test
+GENERATE_CASES = {  # case 8, through the script: name -> (prompt file text or None, args, parts of the message)
+    "out_a_directory": (None, ["--out", "DIR"], ["--out (", "is a directory"]),
+    "out_unwritable": (None, ["--out", "/proc/adamole-no-such-place/o.jsonl"], ["cannot be written"]),
+    "alpaca_input_not_a_string": ('{"prompt": "name a colour", "input": 5}\n', ["--format", "alpaca"],
+                                  ["p.jsonl line 1: field 'input' must be a string, not int"]),
+    "empty_prompt_as_text": ('{"prompt": ""}\n', ["--format", "text"], ["p.jsonl line 1: field 'prompt' is empty"]),
+    "unknown_role_training_refuses": ('{"messages": [{"role": "narrator", "content": "once"}]}\n', [],
+                                      ["p.jsonl line 1: field 'messages[0].role' ('narrator') is not a known role"]),
+    "an_encoder_adapter": ('{"prompt": "hi"}\n', ["--adapter", ENCODER],
+                           ["was trained on an encoder (seq_cls", "needs a decoder (causal_lm)"]),
+}
+
+
+@pytest.mark.parametrize("name", list(GENERATE_CASES))
+def test_generate_py_refuses_before_generating(adapter_dirs, tmp_path, name):
+    text, extra, expect = GENERATE_CASES[name]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(text or '{"prompt": "hi"}\n')
+    if ENCODER in extra:
+        from tests.helpers.saved_adapters import seq_cls_adapter
+
+        extra = [str(seq_cls_adapter(tmp_path / "encoder")) if a == ENCODER else a for a in extra]
+    extra = [str(tmp_path / "a_dir") if a == "DIR" else a for a in extra]
+    (tmp_path / "a_dir").mkdir()
+    args = ["--adapter", adapter_dirs["lora"], "--prompts", prompts, *extra]
+    if "--adapter" in extra:
+        args = args[2:]
+    refused_by_the_script(*args, expect=expect)
+    assert not list((tmp_path / "a_dir").iterdir())
+
+
+def test_chat_mode_renders_alpaca_input_as_training_did(base_dir, tmp_path):
+    """Case 9: --alpaca_as_chat trains on the user turn "instruction, blank line, input"; a prompt record
+    with an "input" is rendered into exactly that turn (it kept only "prompt")."""
+    from adamole_dist.data.conversations import normalise_record
+    from adamole_dist.data.sft_render import RenderSpec, sample_prompt
+
+    chat_dir = write_adapter_dir(tmp_path / "chat", base_dir, "lora", meta={
+        "prompt_format": "chat", "chat_template": CHAT_TEMPLATE, "data_format": "alpaca"})
+    _, tokenizer = adamole_dist.from_pretrained(chat_dir)
+    gen = generate_module()
+    renderer = gen.PromptRenderer(tokenizer, gen.resolve_format("auto", {"prompt_format": "chat"}, tokenizer))
+    record = {"instruction": "name the colour", "input": "of the sky at noon", "output": "blue"}
+    spec = RenderSpec(tokenizer=str(tmp_path / "chat"), data_format="alpaca", max_length=64,
+                      chat_template=CHAT_TEMPLATE, alpaca_as_chat=True)
+    tokenizer.save_pretrained(tmp_path / "chat")  # the spec loads its tokenizer by path, as training does
+    trained, _ = sample_prompt(normalise_record(record, "alpaca", "train.jsonl record 0", alpaca_as_chat=True), spec)
+    assert renderer.ids({"prompt": record["instruction"], "input": record["input"]}) == trained
+    assert "of the sky at noon" in tokenizer.decode(trained)
+    assert renderer.ids({"prompt": record["instruction"]}) != trained  # the input matters
+
+
+def test_a_seed_gives_each_prompt_its_sample_at_any_batch_size(adapter_dirs, tmp_path):
+    """Case 15: sampling drew every row from one generator, so --seed reproduced samples only at the same
+    --batch_size; now each prompt draws from its own (--seed, its index)."""
+    main = generate_module().main
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in
+                               ("the cat sat", "hello", "this is a much longer prompt than the others", "a")))
+
+    def sampled(batch_size: int, seed: int) -> list[str]:
+        out = tmp_path / f"out_{batch_size}_{seed}.jsonl"
+        assert main(["--adapter", str(adapter_dirs["adamole"]), "--prompts", str(prompts), "--out", str(out),
+                     "--temperature", "1.5", "--top_p", "0.95", "--seed", str(seed), "--batch_size", str(batch_size),
+                     "--max_new_tokens", "8", "--device", "cpu"]) == 0
+        return [json.loads(line)["completion"] for line in out.read_text().splitlines()]
+
+    one, all_four, odd = sampled(1, 7), sampled(4, 7), sampled(3, 7)
+    assert one == all_four == odd
+    assert sampled(4, 8) != one  # another seed, other samples
+    assert len(set(one)) > 1
+
+
+def test_nucleus_keeps_the_smallest_set_reaching_top_p():
+    from adamole_dist.generation.sampling import nucleus
+
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.9, 0.03, 0.02]])
+    kept = nucleus(probs, 0.8)
+    torch.testing.assert_close(kept, torch.tensor([[0.625, 0.375, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]))
+    assert nucleus(probs, 1.0) is probs

@@ -157,6 +157,31 @@ def test_a_repeated_stop_signal_is_a_note_not_an_interrupt(capfd):
             signal.signal(sig, handler)
 
 
+def test_a_stop_during_set_up_raises_at_once_once():
+    """Issue 40, case 7: during set-up (StopSignal.raising_during) the first stop raises where the main thread
+    stands -- inside a template renderer's loop too; a second one during the unwinding cleanup does not;
+    outside the block a stop is a flag again, and one already received raises on entering a block."""
+    import signal
+
+    from adamole_dist.runtime.stopping import StoppedBeforeTraining, StopSignal
+
+    stop = StopSignal(announce=False)
+    with pytest.raises(StoppedBeforeTraining, match=r"signal \(SIGTERM\) while tokenizing the data") as e:
+        with stop.raising_during("tokenizing the data"):
+            try:
+                stop._handle(signal.SIGTERM, None)
+            except Exception:  # what a renderer's "except Exception" would do with an ordinary error
+                pytest.fail("StoppedBeforeTraining must not be an Exception")
+    assert not isinstance(e.value, Exception) and stop.phase is None
+    stop._handle(signal.SIGINT, None)  # later signals: noted, nothing raised
+    with pytest.raises(StoppedBeforeTraining, match="while loading the model"):
+        with stop.raising_during("loading the model"):
+            pass
+    flag = StopSignal(announce=False)
+    flag._handle(signal.SIGUSR1, None)  # outside any block: the step loop's flag
+    assert flag.requested and flag.received == signal.SIGUSR1
+
+
 def test_checkpoint_pointer_helpers(tmp_path):
     assert resolve_latest(tmp_path) == (None, None)
     for step in (5, 10):
@@ -205,6 +230,7 @@ class CrashingEngine:
 
 def test_crash_mid_save_leaves_the_previous_checkpoint(tmp_path):
     from adamole_dist import AdapterConfig, inject_adapters
+    from adamole_dist.runtime.stopping import CheckpointWriteError
     from adamole_dist.train.checkpoint import save_checkpoint
     from tests.conftest import make_tiny_llama
 
@@ -214,14 +240,15 @@ def test_crash_mid_save_leaves_the_previous_checkpoint(tmp_path):
     kw = dict(rank=0, expert_writer=True, expert_shard=0, keep=2)
     first = save_checkpoint(tmp_path, 5, CrashingEngine(False), adapters, opt, {"step": 5}, **kw)
     assert (first / "experts_ep0.safetensors").is_file() and (first / "trainer_state.json").is_file()
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointWriteError, match=r"checkpoint of step 10 could not be written .*disk full") as e:
         save_checkpoint(tmp_path, 10, CrashingEngine(True), adapters, opt, {"step": 10}, **kw)
+    assert f"the previous checkpoint, {first}, and 'latest' are intact" in str(e.value)
     assert resolve_latest(tmp_path)[0] == first
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000005"]
     assert not (tmp_path / "step_0000010").exists()
+    assert not (tmp_path / ".tmp_step_0000010").exists()  # the failed save's partial folder is removed at once
     third = save_checkpoint(tmp_path, 15, CrashingEngine(False), adapters, opt, {"step": 15}, **kw)
     assert resolve_latest(tmp_path)[0] == third
-    assert not (tmp_path / ".tmp_step_0000010").exists()  # the crashed save's leftovers are cleared
 
 
 def test_a_crash_while_re_saving_a_tag_leaves_latest_loadable(tmp_path, monkeypatch):
