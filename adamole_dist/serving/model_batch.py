@@ -30,6 +30,7 @@ class ModelBatch:
         self.rows: list[Sequence] = []
         self.occupied = 0  # slots taken: rows, and joiners being prefilled (kept by the scheduler's lock)
         self.dropped = 0  # running sequences dropped because their client left
+        self.peak = 0  # the most sequences one step has run together
         self.batch = RunningBatch()
 
     @property
@@ -83,6 +84,7 @@ class ModelBatch:
         if kept:
             self.batch.add(joined.cache, joined.mask_BS)
             self.rows += [group[b] for b in kept]
+            self.peak = max(self.peak, len(self.rows))
 
     def _decode(self) -> None:
         with self._recording(self.rows) as log:

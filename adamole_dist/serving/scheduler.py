@@ -79,9 +79,10 @@ class Scheduler:
 
     def status(self) -> dict:
         with self.cond:
-            return {"running": sum(len(b.rows) for b in self.batches.values()),
+            return {"running": sum(not s.finished for b in self.batches.values() for s in b.rows),
                     "waiting": sum(len(b.waiting) for b in self.batches.values()),
-                    "cancelled": self.cancelled_waiting + sum(b.dropped for b in self.batches.values())}
+                    "cancelled": self.cancelled_waiting + sum(b.dropped for b in self.batches.values()),
+                    "peak_batch": max(b.peak for b in self.batches.values())}
 
     def _next(self) -> tuple[ModelBatch, list[Sequence]] | None:
         """(the next model with work, round robin; its joiners), waiting for work; None when stopping."""
