@@ -105,13 +105,17 @@ def prepare(args):
     from adamole_dist.serving.models import load_served_models
     from adamole_dist.serving.server import bind
 
-    models = load_served_models(args.model, adapters, args.base_name, args.device, args.dtype)
-    engine = Engine(models, args.base_name, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                    max_model_len=model_len(args, models))
-    try:
+    try:  # first: a port in use fails before minutes of loading; clients that come early wait in the backlog
         sock = bind(args.host, args.port)
     except OSError as e:
         raise ConfigError(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror or e})") from None
+    try:
+        models = load_served_models(args.model, adapters, args.base_name, args.device, args.dtype)
+        engine = Engine(models, args.base_name, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                        max_model_len=model_len(args, models))
+    except BaseException:
+        sock.close()
+        raise
     return build_app(engine, args.api_key or os.environ.get(API_KEY_ENV)), engine, sock
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
+from adamole_dist.serving.errors import QueueFull
 from adamole_dist.serving.models import ServedModel
 from adamole_dist.serving.requests import Job
 from adamole_dist.serving.scheduler import Scheduler
@@ -56,7 +57,7 @@ class Engine:
         seqs = [Sequence(job, i * n + j, prompt, deliver) for i, prompt in enumerate(job.prompts) for j in range(n)]
         try:
             self.scheduler.submit(seqs)
-        except Exception:
+        except QueueFull:
             self.counts["refused"] += 1
             raise
         return Pending(job, seqs, queue, self.scheduler)
