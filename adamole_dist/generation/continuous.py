@@ -14,7 +14,7 @@ beside others: rotary positions are baked into the cached keys, and padded slots
 Layers are plain full-attention ``DynamicLayer`` s (a ``DynamicCache()`` built without a config): a
 sliding-window model keeps its whole history here and masks it itself. Tested on the Llama family.
 
-Tensor names: B rows (sequences), S cached positions, P prompt positions, V vocabulary."""
+Tensor names (adamole_dist/glossary.py): B rows (sequences), C cached positions, W vocabulary."""
 
 from __future__ import annotations
 
@@ -45,27 +45,27 @@ def new_cache():
     return DynamicCache()
 
 
-def positions_of(mask_BS: torch.Tensor) -> torch.Tensor:
+def positions_of(mask_BC: torch.Tensor) -> torch.Tensor:
     """Each real token's position counted from its row's first real token (padding: 0), as ``generate``
     numbers left-padded rows."""
-    return (mask_BS.cumsum(-1) - 1).masked_fill(mask_BS == 0, 0)
+    return (mask_BC.cumsum(-1) - 1).masked_fill(mask_BC == 0, 0)
 
 
-def forward(model, ids_BS: torch.Tensor, mask_BS: torch.Tensor, positions_BS: torch.Tensor, cache,
+def forward(model, ids_BC: torch.Tensor, mask_BC: torch.Tensor, positions_BC: torch.Tensor, cache,
             all_logits: bool = False) -> torch.Tensor:
-    """One forward through ``cache`` (filled in place): logits of the last position [B, V], or of every
-    position [B, S, V] with ``all_logits`` (a prompt's log-likelihoods)."""
-    out = model(input_ids=ids_BS, attention_mask=mask_BS, position_ids=positions_BS, use_cache=True,
+    """One forward through ``cache`` (filled in place): logits of the last position [B, W], or of every
+    position [B, C, W] with ``all_logits`` (a prompt's log-likelihoods)."""
+    out = model(input_ids=ids_BC, attention_mask=mask_BC, position_ids=positions_BC, use_cache=True,
                 **forward_keywords(model, cache, all_logits))
     return out.logits if all_logits else out.logits[:, -1]
 
 
 def prefill(model, rows: list[list[int]], pad_id: int, all_logits: bool = False):
-    """(cache, mask [B, P], logits) of prompts run together, left-padded; see ``forward`` for the logits."""
-    ids_BP, mask_BP = left_padded(rows, pad_id, next(model.parameters()).device)
+    """(cache, mask [B, C], logits) of prompts run together, left-padded; see ``forward`` for the logits."""
+    ids_BC, mask_BC = left_padded(rows, pad_id, next(model.parameters()).device)
     cache = new_cache()
-    logits = forward(model, ids_BP, mask_BP, positions_of(mask_BP), cache, all_logits)
-    return cache, mask_BP, logits
+    logits = forward(model, ids_BC, mask_BC, positions_of(mask_BC), cache, all_logits)
+    return cache, mask_BC, logits
 
 
 def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -78,51 +78,51 @@ def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 
 
 class RunningBatch:
-    """The rows of one model's running sequences: their KV cache and attention mask [B, S] (see the module
+    """The rows of one model's running sequences: their KV cache and attention mask [B, C] (see the module
     docstring). Row order is the order of ``add``; ``keep`` selects rows by index."""
 
     def __init__(self) -> None:
         self.cache = None
-        self.mask_BS: torch.Tensor | None = None
+        self.mask_BC: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
-        return 0 if self.mask_BS is None else self.mask_BS.shape[0]
+        return 0 if self.mask_BC is None else self.mask_BC.shape[0]
 
     @property
     def width(self) -> int:
-        return 0 if self.mask_BS is None else self.mask_BS.shape[1]
+        return 0 if self.mask_BC is None else self.mask_BC.shape[1]
 
-    def add(self, cache, mask_BS: torch.Tensor) -> None:
+    def add(self, cache, mask_BC: torch.Tensor) -> None:
         """Append the rows of a prefilled ``cache`` (with its mask) below the running ones."""
-        if self.mask_BS is None:
-            self.cache, self.mask_BS = cache, mask_BS
+        if self.mask_BC is None:
+            self.cache, self.mask_BC = cache, mask_BC
             return
-        width = max(self.width, mask_BS.shape[1])
+        width = max(self.width, mask_BC.shape[1])
         for mine, theirs in zip(self.cache.layers, cache.layers):
             mine.keys = torch.cat([_left_pad(mine.keys, width, 2), _left_pad(theirs.keys, width, 2)])
             mine.values = torch.cat([_left_pad(mine.values, width, 2), _left_pad(theirs.values, width, 2)])
-        self.mask_BS = torch.cat([_left_pad(self.mask_BS, width, 1), _left_pad(mask_BS, width, 1)])
+        self.mask_BC = torch.cat([_left_pad(self.mask_BC, width, 1), _left_pad(mask_BC, width, 1)])
 
     def keep(self, rows: list[int]) -> None:
         """Only these rows stay (in this order); columns that are padding in every remaining row go."""
         if not rows:
-            self.cache, self.mask_BS = None, None
+            self.cache, self.mask_BC = None, None
             return
         if rows == list(range(self.size)):
             return
-        index = torch.tensor(rows, device=self.mask_BS.device)
-        mask = self.mask_BS.index_select(0, index)
+        index = torch.tensor(rows, device=self.mask_BC.device)
+        mask = self.mask_BC.index_select(0, index)
         first = int((mask.sum(0) > 0).nonzero()[0])  # the first column some row still uses
-        self.mask_BS = mask[:, first:]
+        self.mask_BC = mask[:, first:]
         for layer in self.cache.layers:
             layer.keys = layer.keys.index_select(0, index)[:, :, first:]
             layer.values = layer.values.index_select(0, index)[:, :, first:]
 
     def step(self, model, tokens: list[int]) -> torch.Tensor:
-        """Feed each row its last chosen token; the logits of the next one [B, V]."""
-        device = self.mask_BS.device
+        """Feed each row its last chosen token; the logits of the next one [B, W]."""
+        device = self.mask_BC.device
         ids_B1 = torch.tensor(tokens, dtype=torch.long, device=device).view(-1, 1)
-        positions_B1 = self.mask_BS.sum(-1, keepdim=True)  # the new token follows the row's real tokens
-        self.mask_BS = torch.cat([self.mask_BS, torch.ones_like(ids_B1)], dim=1)
-        return forward(model, ids_B1, self.mask_BS, positions_B1, self.cache)
+        positions_B1 = self.mask_BC.sum(-1, keepdim=True)  # the new token follows the row's real tokens
+        self.mask_BC = torch.cat([self.mask_BC, torch.ones_like(ids_B1)], dim=1)
+        return forward(model, ids_B1, self.mask_BC, positions_B1, self.cache)

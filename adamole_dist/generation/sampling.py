@@ -6,7 +6,7 @@ Greedy (temperature 0) is the argmax, as ``generate`` picks it; sampling draws f
 temperature, cut to the smallest set of most likely tokens whose probabilities reach top_p (nucleus).
 Log-probabilities are the model's own (before temperature and top_p), as OpenAI's API reports them.
 
-Tensor names: V vocabulary, P prompt positions."""
+Tensor names (adamole_dist/glossary.py): W vocabulary, C a prompt's positions."""
 
 from __future__ import annotations
 
@@ -30,40 +30,40 @@ class Sampling:
         return torch.Generator(device=device).manual_seed(self.seed)
 
 
-def choose(logits_V: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> int:
+def choose(logits_W: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> int:
     """The next token of one sequence."""
     if sampling.temperature == 0:
-        return int(logits_V.argmax())
-    probs_V = torch.softmax(logits_V.float() / sampling.temperature, dim=-1)
+        return int(logits_W.argmax())
+    probs_W = torch.softmax(logits_W.float() / sampling.temperature, dim=-1)
     if sampling.top_p < 1:
-        sorted_V, order_V = probs_V.sort(descending=True)
-        before_V = sorted_V.cumsum(-1) - sorted_V  # probability mass of the more likely tokens
-        sorted_V = sorted_V.masked_fill(before_V >= sampling.top_p, 0.0)  # the first token always stays
-        probs_V = torch.zeros_like(probs_V).scatter_(0, order_V, sorted_V)
-    return int(torch.multinomial(probs_V, 1, generator=generator))
+        sorted_W, order_W = probs_W.sort(descending=True)
+        before_W = sorted_W.cumsum(-1) - sorted_W  # probability mass of the more likely tokens
+        sorted_W = sorted_W.masked_fill(before_W >= sampling.top_p, 0.0)  # the first token always stays
+        probs_W = torch.zeros_like(probs_W).scatter_(0, order_W, sorted_W)
+    return int(torch.multinomial(probs_W, 1, generator=generator))
 
 
-def top_logprobs(logprobs_V: torch.Tensor, k: int) -> list[tuple[int, float]]:
+def top_logprobs(logprobs_W: torch.Tensor, k: int) -> list[tuple[int, float]]:
     """The ``k`` most likely tokens and their log-probabilities, most likely first."""
     if k <= 0:
         return []
-    values, ids = logprobs_V.topk(min(k, logprobs_V.shape[-1]))
+    values, ids = logprobs_W.topk(min(k, logprobs_W.shape[-1]))
     return list(zip(ids.tolist(), values.tolist()))
 
 
-def token_logprob(logits_V: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+def token_logprob(logits_W: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
     """(the chosen token's log-probability, the ``k`` most likely alternatives)."""
-    logprobs_V = torch.log_softmax(logits_V.float(), dim=-1)
-    return float(logprobs_V[token]), top_logprobs(logprobs_V, k)
+    logprobs_W = torch.log_softmax(logits_W.float(), dim=-1)
+    return float(logprobs_W[token]), top_logprobs(logprobs_W, k)
 
 
-def prompt_logprobs(logits_PV: torch.Tensor, ids: list[int], k: int) -> list[tuple[float | None, list]]:
+def prompt_logprobs(logits_CW: torch.Tensor, ids: list[int], k: int) -> list[tuple[float | None, list]]:
     """Per prompt token, its log-probability given the tokens before it and the ``k`` most likely there;
     the first token has none (nothing predicts it): (None, [])."""
-    logprobs_PV = torch.log_softmax(logits_PV[: len(ids) - 1].float(), dim=-1)  # position i predicts i + 1
+    logprobs_CW = torch.log_softmax(logits_CW[: len(ids) - 1].float(), dim=-1)  # position i predicts i + 1
     out: list[tuple[float | None, list]] = [(None, [])]
     if len(ids) > 1:
-        chosen = logprobs_PV.gather(-1, torch.tensor(ids[1:], device=logprobs_PV.device).view(-1, 1)).view(-1)
-        for row, lp in zip(logprobs_PV, chosen.tolist()):
+        chosen = logprobs_CW.gather(-1, torch.tensor(ids[1:], device=logprobs_CW.device).view(-1, 1)).view(-1)
+        for row, lp in zip(logprobs_CW, chosen.tolist()):
             out.append((lp, top_logprobs(row, k)))
     return out

@@ -6,7 +6,7 @@ sent (malformed JSON, an unknown model, a field of the wrong type or out of rang
 --max_model_len), 401 without the API key (when the server has one), 404/405 for an unknown route or method,
 429 when the queue is full, 503 while draining, 500 when generation itself failed. No request stops the
 server. A client that leaves (disconnects) cancels its sequences: a stream's generator is cancelled by
-the server, a non-streaming request notices between events (``DISCONNECT_POLL_S``)."""
+the server, a non-streaming request has a task waiting for the disconnect (``cancel_when_gone``)."""
 
 from __future__ import annotations
 
@@ -23,8 +23,6 @@ from adamole_dist.serving.engine import Engine, Pending
 from adamole_dist.serving.errors import RequestError, error_body
 from adamole_dist.serving.requests import parse_chat, parse_completion
 from adamole_dist.serving.responses import Choices, chunk, usage_chunk
-
-DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 
 
 class BearerAuth:
@@ -80,22 +78,30 @@ async def stream(engine: Engine, pending: Pending):
             pending.cancel()
 
 
+async def cancel_when_gone(request: Request, pending: Pending) -> None:
+    """Wait for the client to disconnect (after its body was read, the server's next message is that), then
+    cancel its sequences and wake ``collect`` with None."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    pending.cancel()
+    pending.queue.put_nowait(None)
+
+
 async def collect(engine: Engine, request: Request, pending: Pending) -> dict | None:
     """The whole response of a non-streaming request; None when the client left before it was ready."""
     choices = Choices(pending.job)
+    watcher = asyncio.create_task(cancel_when_gone(request, pending))
     try:
         while not choices.complete:
-            try:
-                event = await asyncio.wait_for(pending.next_event(), DISCONNECT_POLL_S)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    return None
-                continue
+            event = await pending.next_event()
+            if event is None:  # the client left
+                return None
             if event.error is not None:
                 engine.counts["failed"] += 1
                 raise RequestError(event.error, code="generation_failed", status=500, kind="server_error")
             choices.take(event)
     finally:
+        watcher.cancel()
         if not choices.complete:
             pending.cancel()
     engine.counts["completed"] += 1

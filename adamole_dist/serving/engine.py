@@ -24,7 +24,8 @@ class Pending:
     def __init__(self, job: Job, seqs: list[Sequence], queue: asyncio.Queue, scheduler: Scheduler) -> None:
         self.job, self.seqs, self.queue, self.scheduler = job, seqs, queue, scheduler
 
-    async def next_event(self) -> Event:
+    async def next_event(self) -> Event | None:
+        """The next event of any of its choices (None: the client left, see app.py)."""
         return await self.queue.get()
 
     def cancel(self) -> None:

@@ -82,7 +82,7 @@ class ModelBatch:
         joined.add(cache, mask)
         joined.keep(kept)
         if kept:
-            self.batch.add(joined.cache, joined.mask_BS)
+            self.batch.add(joined.cache, joined.mask_BC)
             self.rows += [group[b] for b in kept]
             self.peak = max(self.peak, len(self.rows))
 

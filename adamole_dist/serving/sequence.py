@@ -57,14 +57,14 @@ class Sequence:
     def model_name(self) -> str:
         return self.job.model.name
 
-    def advance(self, logits_V: torch.Tensor, fired_L: torch.Tensor | None = None,
+    def advance(self, logits_W: torch.Tensor, fired: torch.Tensor | None = None,
                 prompt_logprobs: list | None = None) -> bool:
-        """Choose the next token from ``logits_V`` and hand the event out; True when the sequence ended.
-        ``fired_L``: experts fired per adapted layer for this token (the routing view)."""
+        """Choose the next token from ``logits_W`` and hand the event out; True when the sequence ended.
+        ``fired``: experts fired per adapted layer for this token (the routing view)."""
         event = Event(self.index, prompt_logprobs=prompt_logprobs)
         if self.params.max_tokens == 0:  # echo only: the prompt's log-probabilities
             return self._finish(event, "length")
-        token = choose(logits_V, self.sampling, self.generator)
+        token = choose(logits_W, self.sampling, self.generator)
         if token in self.stops:
             return self._finish(event, "stop")
         self.generated.append(token)
@@ -72,10 +72,10 @@ class Sequence:
         event.tokens = [token]
         event.text = self.text.push(token)
         if self.params.logprobs is not None:
-            logprob, top = token_logprob(logits_V, token, self.params.logprobs)
+            logprob, top = token_logprob(logits_W, token, self.params.logprobs)
             event.logprobs = [(token, logprob, top)]
-        if self.params.routing and fired_L is not None:
-            event.routing = token_routing(self.tokenizer, [token], fired_L.view(1, -1))
+        if self.params.routing and fired is not None:
+            event.routing = token_routing(self.tokenizer, [token], fired.view(1, -1))
         if self.text.stopped:
             return self._finish(event, "stop")
         if len(self.generated) >= self.params.max_tokens:

@@ -65,7 +65,7 @@ def test_defaults(models):
     ({"max_tokens": True}, "max_tokens", "must be an integer"),
     ({"max_tokens": -1}, "max_tokens", ">= 0"),
     ({"max_tokens": 0}, "max_tokens", "only with echo"),
-    ({"max_tokens": 60}, "max_tokens", "--max_model_len"),
+    ({"max_tokens": 63}, "max_tokens", "--max_model_len"),
     ({"prompt": "word " * 80}, "prompt", "--max_model_len"),
     ({"n": 17}, "n", "[1, 16]"),
     ({"seed": 1.5}, "seed", "must be an integer"),
@@ -94,7 +94,7 @@ def test_bad_completion_fields_are_named(models, body, param, words):
     ("adamole", {"messages": [{"role": "robot", "content": "x"}]}, "messages[0]", "role"),
     ("adamole", {"messages": [{"role": "user", "content": 5}]}, "messages[0]", "string or an array"),
     ("adamole", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0]", "text parts"),
-    ("base", {}, "messages", "no chat template"),  # the tiny base has none; the adamole adapter brought one
+    ("base", {}, "messages", "need a chat template"),  # the tiny base has none; the adamole adapter brought one
     ("alpaca", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                              {"role": "user", "content": "c"}]}, "messages", "one user message"),
     ("adamole", {"max_tokens": 0}, "max_tokens", ">= 1"),
