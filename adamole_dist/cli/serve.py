@@ -51,6 +51,8 @@ def parse_args(argv):
     ap.add_argument("--drain_timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     ap.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads of the forwards (default: torch's, one per core; fewer on a shared machine)")
     ap.add_argument("--log_level", default="warning", choices=("debug", "info", "warning", "error"),
                     help="uvicorn's log level (info: one line per request)")
     return ap.parse_args(argv)
@@ -75,7 +77,7 @@ def check_args(args) -> dict[str, Path]:
     adapters = adapter_dirs(args.adapter, args.base_name)
     if not adapters and not args.model:
         raise ConfigError("--adapter NAME=DIR or --model is required")
-    for name in ("max_batch_size", "max_model_len"):
+    for name in ("max_batch_size", "max_model_len", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name} ({value}) must be >= 1")
@@ -109,6 +111,10 @@ def prepare(args):
         sock = bind(args.host, args.port)
     except OSError as e:
         raise ConfigError(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror or e})") from None
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         models = load_served_models(args.model, adapters, args.base_name, args.device, args.dtype)
         engine = Engine(models, args.base_name, max_batch_size=args.max_batch_size, max_queue=args.max_queue,

@@ -118,5 +118,6 @@ def load_served_models(base: str | None, adapters: dict[str, Path], base_name: s
     models = {base_name: served(base_name, model, tokenizer)}
     for name, folder in adapters.items():
         net, tok = from_pretrained(folder, model=shared_copy(model))
+        net.adamole_adapters.context.collect_stats = False  # routing statistics: nobody reads them here
         models[name] = served(name, net, tok, net.adamole_adapters, docs[name])
     return models

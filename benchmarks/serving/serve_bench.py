@@ -51,6 +51,8 @@ def parse_args(argv=None):
     ap.add_argument("--max_tokens", type=int, default=32)
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--delta_std", type=float, default=0.01)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of the server and the baseline (default: torch's, one per core)")
     ap.add_argument("--json", type=Path)
     return ap.parse_args(argv)
 
@@ -152,10 +154,12 @@ def baseline(model_name: str, adapter: Path | None, requests: int, max_tokens: i
     return records
 
 
-def start_server(model: str, adapters: dict[str, Path], max_batch_size: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, adapters: dict[str, Path], max_batch_size: int,
+                 threads: int | None) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "adamole_dist.cli.serve", "--model", model, "--port", "0", "--max_batch_size",
            str(max_batch_size), "--max_queue", "1024"] + [a for n, d in adapters.items() for a in ("--adapter",
                                                                                                     f"{n}={d}")]
+    cmd += ["--threads", str(threads)] if threads else []
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     for line in proc.stdout:
         match = re.search(r" on (http://\S+) ", line)
@@ -204,7 +208,7 @@ def run(args) -> list[dict]:
         second = make_adapter(args.model, Path(tmp) / "adamole_b", 1, args.delta_std)
         records = baseline(args.model, None, args.requests, args.max_tokens)
         records += baseline(args.model, adapter, args.requests, args.max_tokens)
-        proc, url = start_server(args.model, {"adamole": adapter, "adamole_b": second}, max(clients))
+        proc, url = start_server(args.model, {"adamole": adapter, "adamole_b": second}, max(clients), args.threads)
         try:
             for model in ("adamole", "base"):  # warm-up
                 one_request(url, model, "hi", 4)
@@ -269,6 +273,8 @@ def ratios(records: list[dict]) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     records = run(args)
     print(report(records))
     if args.json:

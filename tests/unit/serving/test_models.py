@@ -46,6 +46,13 @@ def test_adapters_share_the_base_tensors_and_compute_as_loaded_alone(served, dir
     with torch.no_grad():
         plain = base(input_ids=IDS).logits
         assert not torch.allclose(plain, served["adamole"].model(input_ids=IDS).logits)
+    context = served["adamole"].adapters.context
+    assert context.pop_stats() == {}  # a server collects no routing statistics (nobody reads them)...
+    context.collect_stats = True
+    with torch.no_grad():
+        with_stats = served["adamole"].model(input_ids=IDS).logits
+    context.collect_stats = False
+    assert context.pop_stats() and torch.equal(with_stats, served["adamole"].model(input_ids=IDS).logits)  # ...same
     assert served["adamole"].prompt_format == "chat" and served["lora"].prompt_format == "text"
     assert served["adamole"].has_experts and not served["lora"].has_experts and not served["base"].has_experts
 
