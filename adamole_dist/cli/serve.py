@@ -28,6 +28,7 @@ from pathlib import Path
 
 from adamole_dist.cli.console import configure_logging
 from adamole_dist.config.fields import ConfigError
+from adamole_dist.config.training import HOST_MEMORY
 from adamole_dist.data.examples import DataError
 from adamole_dist.generation.loading import DTYPES
 from adamole_dist.runtime.stopping import EXIT_BAD_INPUT
@@ -51,6 +52,9 @@ def parse_args(argv):
     ap.add_argument("--drain_timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     ap.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    ap.add_argument("--host_memory", choices=HOST_MEMORY, default="keep",
+                    help="keep: freed host memory is reused for the next tensor (runtime/host_memory.py), so the "
+                         "server's memory stays at its peak instead of being page-faulted again each request")
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads of the forwards (default: torch's, one per core; fewer on a shared machine)")
     ap.add_argument("--log_level", default="warning", choices=("debug", "info", "warning", "error"),
@@ -111,6 +115,10 @@ def prepare(args):
         sock = bind(args.host, args.port)
     except OSError as e:
         raise ConfigError(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror or e})") from None
+    if args.host_memory == "keep":
+        from adamole_dist.runtime.host_memory import keep_freed_host_memory
+
+        keep_freed_host_memory()  # before the model loads
     if args.threads:
         import torch
 

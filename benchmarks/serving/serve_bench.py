@@ -81,12 +81,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def one_request(url: str, model: str, prompt: str, max_tokens: int) -> dict:
-    """A streamed chat completion: its text, completion tokens, time to first token and latency (s)."""
+def one_request(url: str, model: str, prompt: str, max_tokens: int, fixed: bool = True) -> dict:
+    """A streamed chat completion (``fixed``: all max_tokens, ignore_eos): its text, completion tokens, time
+    to first token and latency (s)."""
     import httpx
 
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "ignore_eos": True, "stream": True}
+            "temperature": 0, "ignore_eos": fixed, "stream": True}
     start, first, text, tokens = time.perf_counter(), None, "", 0
     try:
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as response:
@@ -109,13 +110,13 @@ def one_request(url: str, model: str, prompt: str, max_tokens: int) -> dict:
     return {"text": text, "tokens": tokens, "ttft": (first or end) - start, "latency": end - start}
 
 
-def scenario(url: str, models: list[str], clients: int, requests: int, max_tokens: int) -> dict:
+def scenario(url: str, models: list[str], clients: int, requests: int, max_tokens: int, fixed: bool = True) -> dict:
     """``requests`` requests (prompt k % 16, model k % len(models)) from ``clients`` threads at once, each
     thread sending its share one after another."""
     jobs = [(models[k % len(models)], PROMPTS[k % len(PROMPTS)]) for k in range(requests)]
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda job: one_request(url, job[0], job[1], max_tokens), jobs))
+        results = list(pool.map(lambda job: one_request(url, job[0], job[1], max_tokens, fixed), jobs))
     wall = time.perf_counter() - start
     ok = [r for r in results if "failed" not in r]
     return {"models": "+".join(models), "clients": clients, "requests": requests, "wall_s": wall,
@@ -129,8 +130,9 @@ def scenario(url: str, models: list[str], clients: int, requests: int, max_token
 
 
 def baseline(model_name: str, adapter: Path | None, requests: int, max_tokens: int) -> list[dict]:
-    """launch/generate.py's path in process (generate_batch, greedy, fixed length): the requests one at a
-    time, then all as one batch; load not timed."""
+    """launch/generate.py's path in process (generate_batch, greedy): the requests one at a time and all as
+    one batch at the fixed length, then one at a time stopping at the stop tokens as the server's check
+    requests do (their answers compared); load not timed."""
     from adamole_dist.generation.batched import generate_batch, sampling_options
     from adamole_dist.generation.loading import load_for_generation
     from adamole_dist.generation.prompts import PromptRenderer
@@ -139,16 +141,17 @@ def baseline(model_name: str, adapter: Path | None, requests: int, max_tokens: i
     renderer = PromptRenderer(tokenizer, "chat")
     rows = [renderer.ids({"messages": [{"role": "user", "content": PROMPTS[k % len(PROMPTS)]}]})
             for k in range(requests)]
-    options = {**sampling_options(max_tokens), "min_new_tokens": max_tokens}
+    fixed = {**sampling_options(max_tokens), "min_new_tokens": max_tokens}
     records = []
-    for batch_size in (1, requests):
+    for kind, batch_size, options in (("generate_batch", 1, fixed), ("generate_batch", requests, fixed),
+                                      ("generate_check", 1, sampling_options(max_tokens))):
         start, texts, tokens = time.perf_counter(), [], 0
         for at in range(0, requests, batch_size):
             for out in generate_batch(model, tokenizer, rows[at: at + batch_size], options, adapters=adapters):
                 texts.append(out["text"])
                 tokens += len(out["ids"])
         wall = time.perf_counter() - start
-        records.append({"kind": "generate_batch", "model": "adamole" if adapter else "base", "batch_size": batch_size,
+        records.append({"kind": kind, "model": "adamole" if adapter else "base", "batch_size": batch_size,
                         "wall_s": wall, "output_tokens_per_s": tokens / wall, "requests_per_s": requests / wall,
                         "texts": texts})
     return records
@@ -187,17 +190,16 @@ def serve_passes(args, url: str, pid: int, clients: list[int]) -> list[dict]:
 
 
 def annotate(records: list[dict]) -> list[dict]:
-    """Each serve record's answers against the same pass's one-client answers for its models, the one-client
-    answers against generate_batch's one at a time; the texts themselves dropped."""
+    """Each serve record's answers against the same pass's one-client answers for its models, the check
+    requests' answers against generate_batch's one at a time; the texts themselves dropped."""
     alone = {(r["pass"], r["models"]): r["texts"] for r in records if r["kind"] == "serve" and r["clients"] == 1}
-    reference = {r["model"]: r["texts"] for r in records if r["kind"] == "generate_batch" and r["batch_size"] == 1}
+    reference = {r["model"]: r["texts"] for r in records if r["kind"] == "generate_check"}
     for r in records:
-        if r["kind"] == "serve":
-            same = alone.get((r["pass"], r["models"]))
-            if same is not None:
-                r["identical_to_one_client"] = sum(a == b for a, b in zip(r["texts"], same))
-            if r["clients"] == 1 and r["models"] in reference:
-                r["identical_to_generate"] = sum(a == b for a, b in zip(r["texts"], reference[r["models"]]))
+        same = alone.get((r.get("pass"), r.get("models"))) if r["kind"] == "serve" else None
+        if same is not None:
+            r["identical_to_one_client"] = sum(a == b for a, b in zip(r["texts"], same))
+        if r["kind"] == "check":
+            r["identical_to_generate"] = sum(a == b for a, b in zip(r["texts"], reference[r["models"]]))
     return [{k: v for k, v in r.items() if k != "texts"} for r in records]
 
 
@@ -213,6 +215,8 @@ def run(args) -> list[dict]:
             for model in ("adamole", "base"):  # warm-up
                 one_request(url, model, "hi", 4)
             records += serve_passes(args, url, proc.pid, clients)
+            for model in ("adamole", "base"):  # answers stopping at the stop tokens, against generate_batch's
+                records.append({"kind": "check", **scenario(url, [model], 1, args.requests, args.max_tokens, False)})
         finally:
             proc.terminate()
             proc.wait(120)
@@ -232,7 +236,7 @@ def report(records: list[dict]) -> str:
         m = {"models": models, "clients": clients, "kind": "serve"}
         group = [r for r in serve if r["models"] == models and r["clients"] == clients]
         same = (f"{sum(r['identical_to_one_client'] for r in group)}/{sum(r['requests'] for r in group)}"
-                if "identical_to_one_client" in group[0] else "–")
+                if clients > 1 and "identical_to_one_client" in group[0] else "–")
         lines.append(f"| {models} | {clients} | {median_of(records, 'requests_per_s', **m):.2f} | "
                      f"{median_of(records, 'output_tokens_per_s', **m):.1f} | "
                      f"{median_of(records, 'ttft_p50_s', **m):.2f} / {median_of(records, 'ttft_p95_s', **m):.2f} | "
@@ -255,8 +259,8 @@ def ratios(records: list[dict]) -> str:
 
     one_at_a_time = median_of(records, "output_tokens_per_s", kind="generate_batch", model="adamole", batch_size=1)
     rss = [r["rss_mb"] for r in records if r["kind"] == "memory"]
-    same_gen = sum(r.get("identical_to_generate", 0) for r in records if r["kind"] == "serve" and r["clients"] == 1)
-    ones = sum(r["requests"] for r in records if r["kind"] == "serve" and r["clients"] == 1)
+    checks = [r for r in records if r["kind"] == "check"]
+    same_gen, ones = sum(r["identical_to_generate"] for r in checks), sum(r["requests"] for r in checks)
     return "\n".join([
         f"- {top} clients / 1 client, output tokens/s: adamole {tps('adamole', top) / tps('adamole', 1):.2f}x, "
         f"base {tps('base', top) / tps('base', 1):.2f}x (target >= 4)",
@@ -266,8 +270,8 @@ def ratios(records: list[dict]) -> str:
         f"{tps('adamole+adamole_b', top) / tps('adamole', top):.2f} (a batch per adapter, taken in turn)",
         f"- server at {top} clients / generate_batch one at a time (adamole): "
         f"{tps('adamole', top) / one_at_a_time:.2f}x",
-        f"- failed requests: {sum(r['failed'] for r in records if r['kind'] == 'serve')}; one-client answers equal to "
-        f"generate_batch's: {same_gen}/{ones}",
+        f"- failed requests: {sum(r['failed'] for r in records if r['kind'] in ('serve', 'check'))}; answers (stopping "
+        f"at the stop tokens) equal to generate_batch's one at a time: {same_gen}/{ones}",
         f"- server RSS after each pass (MB): {', '.join(f'{m:.0f}' for m in rss)}"])
 
 

@@ -128,6 +128,17 @@ def test_echo_logprobs_are_the_prompt_log_likelihoods(client, models):
         lp.token_logprobs[1: len(ids)], abs=1e-6)
 
 
+def test_chat_logprobs_of_greedy_tokens_are_the_most_likely(client, models):
+    resp = client.chat.completions.create(model="adamole", max_tokens=5, logprobs=True, top_logprobs=2,
+                                          messages=[{"role": "user", "content": "hi"}])
+    content = resp.choices[0].logprobs.content
+    assert len(content) == resp.usage.completion_tokens > 0
+    for item in content:
+        assert len(item.top_logprobs) == 2 and item.logprob == pytest.approx(item.top_logprobs[0].logprob)
+        assert item.top_logprobs[0].logprob >= item.top_logprobs[1].logprob and item.bytes == list(
+            item.token.encode())
+
+
 def test_the_routing_view_is_the_generation_module_s(client, models):
     ids = chat_ids(models, "adamole", "hello")
     ref = reference(models, "adamole", ids, routing=True)
