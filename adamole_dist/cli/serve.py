@@ -92,23 +92,12 @@ def check_args(args) -> dict[str, Path]:
     return adapters
 
 
-def model_len(args, models) -> int:
-    """--max_model_len, within what the base's positions allow."""
-    config = next(iter(models.values())).model.config
-    limit = getattr(config, "max_position_embeddings", None)
-    if args.max_model_len is None:
-        return limit or 2048
-    if limit and args.max_model_len > limit:
-        raise ConfigError(f"--max_model_len ({args.max_model_len}) exceeds the model's {limit} positions")
-    return args.max_model_len
-
-
 def prepare(args):
     """(the application, the engine, the bound socket): every check, the models loaded, the port bound."""
     adapters = check_args(args)
     from adamole_dist.serving.app import build_app
     from adamole_dist.serving.engine import Engine
-    from adamole_dist.serving.models import load_served_models
+    from adamole_dist.serving.models import load_served_models, max_model_len
     from adamole_dist.serving.server import bind
 
     try:  # first: a port in use fails before minutes of loading; clients that come early wait in the backlog
@@ -126,7 +115,7 @@ def prepare(args):
     try:
         models = load_served_models(args.model, adapters, args.base_name, args.device, args.dtype)
         engine = Engine(models, args.base_name, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                        max_model_len=model_len(args, models))
+                        max_model_len=max_model_len(models, args.max_model_len))
     except BaseException:
         sock.close()
         raise

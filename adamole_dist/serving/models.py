@@ -121,3 +121,14 @@ def load_served_models(base: str | None, adapters: dict[str, Path], base_name: s
         net.adamole_adapters.context.collect_stats = False  # routing statistics: nobody reads them here
         models[name] = served(name, net, tok, net.adamole_adapters, docs[name])
     return models
+
+
+def max_model_len(models: dict[str, ServedModel], requested: int | None) -> int:
+    """Prompt + reply tokens a request may use: ``requested`` (--max_model_len), within the positions the base
+    model has (its max_position_embeddings, also the default; 2048 when its config names none)."""
+    limit = getattr(next(iter(models.values())).model.config, "max_position_embeddings", None)
+    if requested is None:
+        return limit or 2048
+    if limit and requested > limit:
+        raise ConfigError(f"--max_model_len ({requested}) exceeds the model's {limit} positions")
+    return requested
