@@ -93,10 +93,10 @@ def test_keep_drops_rows_and_the_columns_only_they_used(model):
         for prompt in (short, long):
             cache, mask, _ = prefill(model, [prompt], pad_id=0)
             batch.add(cache, mask)
-        assert batch.width == len(long) and batch.mask_BS[0].tolist() == [0] * 10 + [1, 1]
+        assert batch.width == len(long) and batch.mask_BC[0].tolist() == [0] * 10 + [1, 1]
         batch.step(model, [2002, 2003])
         batch.keep([0])  # the long one leaves: the short one's padding goes with it
-    assert batch.size == 1 and batch.width == 3 and batch.mask_BS.tolist() == [[1, 1, 1]]
+    assert batch.size == 1 and batch.width == 3 and batch.mask_BC.tolist() == [[1, 1, 1]]
     assert all(layer.keys.shape[:3] == (1, layer.keys.shape[1], 3) for layer in batch.cache.layers)
     batch.keep([])
     assert batch.size == 0 and batch.cache is None
