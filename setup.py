@@ -36,7 +36,8 @@ setup(
     extras_require={
         "dev": ["pytest>=8", "mpi4py>=4", "mpich", "wandb", "tensorboard", "matplotlib", "peft", "lm-eval",
                 "ruff", "pyright[nodejs]",  # make lint
-                "fastapi", "uvicorn", "openai"],  # the server's tests talk to it with the openai client
+                # the server's tests talk to it with the openai client and lm-eval's local-completions
+                "fastapi", "uvicorn", "openai", "lm-eval[api]"],
         "harness": ["lm-eval"],  # launch/eval.py --harness (lm-evaluation-harness)
         "serve": ["fastapi", "uvicorn"],  # adamole-serve (launch/serve.py): the OpenAI-compatible server
         "mpi": ["mpi4py>=4", "mpich"],
