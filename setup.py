@@ -35,8 +35,11 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "mpi4py>=4", "mpich", "wandb", "tensorboard", "matplotlib", "peft", "lm-eval",
-                "ruff", "pyright[nodejs]"],  # make lint
+                "ruff", "pyright[nodejs]",  # make lint
+                # the server's tests talk to it with the openai client and lm-eval's local-completions
+                "fastapi", "uvicorn", "openai", "lm-eval[api]"],
         "harness": ["lm-eval"],  # launch/eval.py --harness (lm-evaluation-harness)
+        "serve": ["fastapi", "uvicorn"],  # adamole-serve (launch/serve.py): the OpenAI-compatible server
         "mpi": ["mpi4py>=4", "mpich"],
         "wandb": ["wandb"],
     },
@@ -47,6 +50,7 @@ setup(
             "adamole-generate = adamole_dist.cli.generate:main",
             "adamole-export = adamole_dist.cli.export:main",
             "adamole-plot = adamole_dist.cli.plot:main",
+            "adamole-serve = adamole_dist.cli.serve:main",
         ],
     },
 )

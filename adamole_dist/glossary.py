@@ -24,5 +24,8 @@ LETTERS = {
     "Q": "candidates per expert one rank offers when capacity is decided by probability",
     "G": "J * Q: the candidates of the whole expert-parallel group",
     "U": "columns summed over the tokens in one reduction (the fused routing's loss and statistics sums)",
+    "B": "sequences of a generation batch (its rows)",
+    "C": "positions of a sequence in the KV cache: its prompt and generated tokens, left padding included",
+    "W": "the vocabulary (next-token logits)",
     "1": "a size-1 axis, for broadcasting (last position only)",
 }

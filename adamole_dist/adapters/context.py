@@ -34,6 +34,9 @@ class RoutingContext:
         self.recomputing = False
         # One {layer: experts fired per token (B x S)} per forward while recording; None = off.
         self.active_log: list[dict[str, torch.Tensor]] | None = None
+        # Routing statistics per forward (add_stats): off where nobody reads them (a server's decode
+        # steps), which saves a third of an adapted layer's small tensor operations.
+        self.collect_stats = True
 
     @contextmanager
     def recomputation(self):

@@ -121,7 +121,7 @@ class AdaptedLinear(nn.Module):
                 self.context.add_aux_loss(aux)
         if record and self.training and cfg.balance_bias_rate > 0:
             self.router.routed_load += routed_TN.sum(0).to(self.router.routed_load.dtype)
-        if record:
+        if record and self.context.collect_stats:
             self.context.add_stats(self.adapter_name, routing_stats(kept_TN, routed_TN, weights_TN, valid_T, r.tau_T))
         return weights_TN, kept_TN
 
@@ -133,7 +133,8 @@ class AdaptedLinear(nn.Module):
         if not self.context.recomputing:  # a checkpointed block's replay records nothing a second time
             if aux is not None:
                 self.context.add_aux_loss(aux)
-            self.routing_sums_U.add_(stat_sums)
+            if self.context.collect_stats:
+                self.routing_sums_U.add_(stat_sums)
         return weights_TN, kept_TN
 
     def aux_loss(self, r, routed_TN: torch.Tensor, valid_T: torch.Tensor) -> torch.Tensor:

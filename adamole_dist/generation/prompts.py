@@ -57,6 +57,19 @@ def read_prompts(path: Path) -> tuple[list[dict], list[str]]:
     return records, places
 
 
+def conversation_record(messages: list[dict], fmt: str, where: str = "messages") -> dict:
+    """The prompt record of a chat conversation (a server's chat request) for a model whose prompts render as
+    ``fmt``: the messages themselves (the chat template), except for an Alpaca-trained adapter, which knew
+    one instruction per prompt: a single user message becomes that instruction. DataError naming ``where``
+    for a longer conversation there."""
+    if fmt != "alpaca":
+        return {"messages": messages}
+    if len(messages) != 1 or messages[0].get("role") != "user":
+        raise DataError(f"{where}: this adapter was trained on Alpaca prompts (one instruction, no chat template): "
+                        "send one user message")
+    return {"prompt": messages[0]["content"]}
+
+
 def prompt_format_for(requested: str, meta: dict | None, tokenizer) -> str:
     """``requested`` unless "auto": then the adapter's prompt_format (chat, alpaca; anything else is plain
     text); without an adapter (``meta`` None), chat where the tokenizer has a template."""

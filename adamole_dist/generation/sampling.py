@@ -1,19 +1,22 @@
-"""Sampling with one random stream per prompt, so ``--seed`` gives a prompt the same completion whatever
-the batch it lands in.
+"""Choosing next tokens from logits: greedy (the argmax, as ``generate`` picks it) or sampled from the softmax
+at a temperature, cut to the smallest set of most likely tokens whose probabilities reach top_p (nucleus).
 
-transformers' ``generate(do_sample=True)`` draws every row of a batch from the one global generator, in
-one ``torch.multinomial`` call: a prompt's draws depend on how many rows came before it, so the same
-seed gave other samples at another ``--batch_size``. Here a logits processor does the sampling itself --
-temperature, then nucleus (top_p), then one draw per row from that row's own generator, seeded from
-(--seed, the prompt's index) -- and returns a one-hot score, which ``generate`` then takes greedily
-(``do_sample=False``, so none of its own warpers or draws run).
+Two users, one rule. ``launch/generate.py`` samples whole batches through transformers' ``generate`` with one
+random stream per prompt (``PerPromptSampler``): ``generate(do_sample=True)`` draws every row from the one
+global generator in one ``torch.multinomial`` call, so a prompt's draws depended on how many rows came before
+it and the same ``--seed`` gave other samples at another ``--batch_size``. The processor here does the
+sampling itself -- temperature, nucleus, one draw per row from that row's own generator seeded from (--seed,
+the prompt's index) -- and returns a one-hot score that ``generate`` then takes greedily
+(``do_sample=False``, so none of its own warpers or draws run). Padding still changes a batch's float
+rounding (about 1e-6 in the logits): a draw within that distance of a boundary between two tokens can still
+differ -- rare with the fp32 models here, not the rule. The server's continuous batch (``choose``) picks
+one row at a time, each sequence with its own ``Sampling`` (temperature, top_p, generator).
 
-What remains: padding changes a batch's float rounding (about 1e-6 in the logits), so a draw that falls
-within that distance of a boundary between two tokens can still differ; with the fp32 models here that
-is rare, not the rule.
-"""
+Tensor names (adamole_dist/glossary.py): W vocabulary."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -23,6 +26,18 @@ GOLDEN = 0x9E3779B97F4A7C15  # spreads (seed, index) pairs over the generator's 
 def prompt_seed(seed: int, index: int) -> int:
     """The generator seed of the prompt at ``index`` under ``--seed``: distinct for every pair."""
     return (seed * GOLDEN + index) % 2**63
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Along the last axis (one row or a batch of rows over the vocabulary): the smallest set of most likely
+    tokens whose probability reaches ``top_p`` (at least one), renormalised."""
+    if top_p >= 1.0:
+        return probs
+    ranked, order = probs.sort(dim=-1, descending=True)
+    mass_above = ranked.cumsum(-1) - ranked  # the probability of the tokens ranked above each one
+    ranked = ranked.masked_fill(mass_above >= top_p, 0.0)  # the most likely token always stays
+    kept = torch.zeros_like(probs).scatter_(-1, order, ranked)
+    return kept / kept.sum(-1, keepdim=True)
 
 
 class PerPromptSampler:
@@ -41,13 +56,24 @@ class PerPromptSampler:
         return one_hot.scatter_(1, picks.unsqueeze(1), 0.0)
 
 
-def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Per row (batch x vocabulary): the smallest set of most likely tokens whose probability reaches
-    ``top_p`` (at least one), renormalised."""
-    if top_p >= 1.0:
-        return probs
-    ranked, order = probs.sort(dim=-1, descending=True)
-    mass_above = ranked.cumsum(-1) - ranked  # the probability of the tokens ranked above each one
-    ranked = ranked.masked_fill(mass_above >= top_p, 0.0)
-    kept = torch.zeros_like(probs).scatter_(-1, order, ranked)
-    return kept / kept.sum(-1, keepdim=True)
+@dataclass(frozen=True)
+class Sampling:
+    """How one sequence of a continuous batch picks its tokens: greedy at temperature 0, else sampled
+    (``seed``: the draws are reproducible; None: from the process's random state)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def generator(self, device) -> torch.Generator | None:
+        if self.temperature == 0 or self.seed is None:
+            return None
+        return torch.Generator(device=device).manual_seed(self.seed)
+
+
+def choose(logits_W: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> int:
+    """The next token of one sequence."""
+    if sampling.temperature == 0:
+        return int(logits_W.argmax())
+    probs_W = nucleus(torch.softmax(logits_W.float() / sampling.temperature, dim=-1), sampling.top_p)
+    return int(torch.multinomial(probs_W, 1, generator=generator))

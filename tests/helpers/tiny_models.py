@@ -30,14 +30,15 @@ def write_tiny_bert(folder: Path, seed: int = 0, hidden: int = 32) -> Path:
     return Path(folder)
 
 
-def write_tiny_llama(folder: Path, seed: int = 0) -> Path:
-    """A 2-layer, 32-wide Llama (causal_lm) using the MiniLM word-piece tokenizer."""
+def write_tiny_llama(folder: Path, seed: int = 0, max_positions: int = 128) -> Path:
+    """A 2-layer, 32-wide Llama (causal_lm) using the MiniLM word-piece tokenizer (``max_positions``: room for
+    long generations, e.g. a server test's reply that must still run when its client leaves)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = minilm_tokenizer()
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
                       bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)

@@ -39,6 +39,9 @@ LAYERS: dict[str, set[str]] = {
     # generation with an adapted model; evaluation outside training (accuracy, lm-evaluation-harness)
     "generation": {"config", "glossary", "moe", "base_model", "data", "adapters"},
     "evaluation": {"config", "glossary", "atomic_files", "moe", "base_model", "data", "adapters", "generation"},
+    # the OpenAI-compatible server (adamole-serve): generation behind HTTP
+    "serving": {"config", "glossary", "atomic_files", "local_host", "model_kwargs", "moe", "base_model", "run_files",
+                "data", "adapters", "generation", "evaluation"},
     # the placement cost model: read by run assembly and the benchmarks only
     "costmodel": {"config", "glossary", "moe", "parallel", "adapters"},
     # training: assembly, the step, the loop, checkpoints
@@ -46,7 +49,7 @@ LAYERS: dict[str, set[str]] = {
               "run_files", "data", "parallel", "adapters", "generation", "evaluation", "costmodel"},
     # the command-line entry points (console scripts, python -m, launch/*.py): the top floor
     "cli": {"config", "glossary", "atomic_files", "local_host", "model_kwargs", "moe", "base_model", "runtime",
-            "run_files", "data", "parallel", "adapters", "generation", "evaluation", "costmodel", "train"},
+            "run_files", "data", "parallel", "adapters", "generation", "evaluation", "serving", "costmodel", "train"},
     # the package's public names
     "__init__": {"config", "adapters"},
 }
