@@ -89,7 +89,7 @@ class AdaptedLinear(nn.Module):
         x_TD = x.reshape(-1, self.in_features)
         x_drop_TD = F.dropout(x_TD, p=self.cfg.dropout, training=self.training)
         if self.lora is not None:
-            return self.lora.lora_delta(x_drop_TD)
+            return self.lora(x_drop_TD)  # a module call: ZeRO-3 gathers the factors (experts.py)
         valid_T = self.context.valid_tokens(x.shape[:-1])
         weights_TN, kept_TN = self.route(x_TD, valid_T)
         if self.context.active_log is not None and not self.context.recomputing:

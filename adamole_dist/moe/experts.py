@@ -158,13 +158,18 @@ class ExpertBank(nn.Module):
     def expert_ids(self) -> range:
         return range(self.first_expert, self.first_expert + self.num_experts)
 
-    def forward(self, x_TD: torch.Tensor, weights_TN: torch.Tensor, mask_TN: torch.Tensor, path: str,
-                add_to: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor, weights_TN: torch.Tensor | None = None, mask_TN: torch.Tensor | None = None,
+                path: str = "dense", add_to: torch.Tensor | None = None) -> torch.Tensor:
         """Weighted delta of this bank's experts; ``weights_TN`` columns are this bank's experts.
-        ``add_to`` (T x O, the bank's dtype): added to the delta as it is written."""
+        ``add_to`` (T x O, the bank's dtype): added to the delta as it is written. No weights: plain LoRA
+        (``lora_delta``), through this module call so that ZeRO-3's hooks gather the factors -- also in a
+        compiled block, where dynamo reads parameters without DeepSpeed's fetch-on-access."""
+        if weights_TN is None:
+            return self.lora_delta(x_TD)
         A, B = self.lora_A, self.lora_B
         x_TD = x_TD.to(A.dtype)
         if path == "grouped":
+            assert mask_TN is not None, "the grouped path needs the mask"
             return grouped_expert_delta(x_TD, weights_TN, mask_TN, A, B, self.scaling, add_to)
         return dense_expert_delta(x_TD, weights_TN, A, B, self.scaling, add_to)
 
