@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from adamole_dist.adapters.context import RoutingContext
 from adamole_dist.config.adapter import AdapterConfig
 from adamole_dist.moe.balance import global_load_balancing_loss, load_balancing_loss
-from adamole_dist.moe.experts import ExpertBank
+from adamole_dist.moe.experts import DENSE_ONLY_TOTAL_RANK, ExpertBank, dense_delta_from_projection
 from adamole_dist.moe.fused_routing import RoutingRule, fused_rule
 from adamole_dist.moe.routing import Router, build_router, renormalize
 from adamole_dist.moe.routing_stats import routing_stats
-from adamole_dist.parallel.local_dispatcher import Dispatcher
+from adamole_dist.parallel.local_dispatcher import Dispatcher, LocalDispatcher
 
 
 class AdaptedLinear(nn.Module):
@@ -61,10 +61,15 @@ class AdaptedLinear(nn.Module):
                     self.fused_rules[False].stat_columns, dtype=torch.float64, device=w.device))
                 context.register_fused_layer(name, self)
             object.__setattr__(self, "experts", experts)  # NOT registered: outside ZeRO (docs/zero3_experts.md)
+            # Every expert on this rank, always on the dense path: the experts' first matmul can be the router's.
+            self.dense_here = type(dispatcher) is LocalDispatcher and (
+                cfg.compute_path == "dense"
+                or (cfg.compute_path == "auto" and experts.num_experts * experts.rank <= DENSE_ONLY_TOTAL_RANK))
             self.lora = None
         else:
             self.router = None
             self.fused_rules = None
+            self.dense_here = False
             self.lora = ExpertBank(1, cfg.rank, in_features, out_features, cfg.scaling, device=w.device, dtype=w.dtype)
 
     def register_experts(self) -> None:
@@ -91,15 +96,33 @@ class AdaptedLinear(nn.Module):
         if self.lora is not None:
             return self.lora(x_drop_TD)  # a module call: ZeRO-3 gathers the factors (experts.py)
         valid_T = self.context.valid_tokens(x.shape[:-1])
-        weights_TN, kept_TN = self.route(x_TD, valid_T)
+        if self.reads_x_once(x_TD):
+            weights_TN, kept_TN, h_TK = self.route_fused(x_TD, valid_T, self.experts.a_rows())
+        else:
+            (weights_TN, kept_TN), h_TK = self.route(x_TD, valid_T), None
         if self.context.active_log is not None and not self.context.recomputing:
             self.context.record_active(self.adapter_name, kept_TN, valid_T, x.shape[:-1])
+        if h_TK is not None:
+            return dense_delta_from_projection(h_TK, weights_TN, self.experts.lora_B, self.experts.scaling)
         return self.dispatcher(x_drop_TD, weights_TN, kept_TN, self.experts, self.cfg.compute_path)
+
+    def reads_x_once(self, x_TD: torch.Tensor) -> bool:
+        """Whether the router and the experts' A take x in one matmul against their stacked rows (the
+        router's ``fused_logits``): where both read the same x (no dropout active), the fused routing
+        applies, every expert is on this rank and on the dense path, in one dtype. Else the experts read
+        x again (a second pass over the biggest tensor forward, and a second gradient for it backward)."""
+        return (self.dense_here and self.uses_fused_routing() and (self.cfg.dropout == 0 or not self.training)
+                and self.experts.lora_A.dtype == x_TD.dtype == self.router.gate_weight.dtype)
+
+    def uses_fused_routing(self) -> bool:
+        return self.fused_rules is not None and (self.context.dp_all_reduce is None
+                                                 or self.cfg.aux_loss_scope != "global")
 
     def route(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Router, padding exclusion, capacity, aux loss and statistics -> (weights_TN, kept_TN)."""
-        if self.fused_rules is not None and (self.context.dp_all_reduce is None or self.cfg.aux_loss_scope != "global"):
-            return self.route_fused(x_TD, valid_T)
+        if self.uses_fused_routing():
+            weights_TN, kept_TN, _ = self.route_fused(x_TD, valid_T)
+            return weights_TN, kept_TN
         cfg = self.cfg
         r = self.router.route(x_TD)
         if valid_T is None:
@@ -125,17 +148,18 @@ class AdaptedLinear(nn.Module):
             self.context.add_stats(self.adapter_name, routing_stats(kept_TN, routed_TN, weights_TN, valid_T, r.tau_T))
         return weights_TN, kept_TN
 
-    def route_fused(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``route`` in one autograd node (moe/fused_routing.py): no capacity, no balance bias, a local aux loss."""
+    def route_fused(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None, a_rows: torch.Tensor | None = None):
+        """``route`` in one autograd node (moe/fused_routing.py): no capacity, no balance bias, a local aux loss.
+        (weights_TN, kept_TN, x's projection by ``a_rows`` from the router's own matmul, or None)."""
         count_T = None if valid_T is None or self.cfg.route_padding else valid_T.to(torch.float32)
         rule = self.fused_rules[self.training]
-        weights_TN, aux, kept_TN, stat_sums = self.router(x_TD, fused=(rule, valid_T, count_T))
+        weights_TN, aux, kept_TN, stat_sums, h_TK = self.router(x_TD, fused=(rule, valid_T, count_T, a_rows))
         if not self.context.recomputing:  # a checkpointed block's replay records nothing a second time
             if aux is not None:
                 self.context.add_aux_loss(aux)
             if self.context.collect_stats:
                 self.routing_sums_U.add_(stat_sums)
-        return weights_TN, kept_TN
+        return weights_TN, kept_TN, h_TK
 
     def aux_loss(self, r, routed_TN: torch.Tensor, valid_T: torch.Tensor) -> torch.Tensor:
         cfg, ctx = self.cfg, self.context

@@ -52,8 +52,17 @@ def dense_expert_delta(
     """sum_i w_i * scaling * B_i A_i x for every token, computing all experts and masking by weight;
     plus ``add_to`` (T x O) when given, inside the second matmul (one pass instead of a sum after it)."""
     N, R, D = A_NRD.shape
-    T = x_TD.shape[0]
-    h_TK = x_TD @ A_NRD.reshape(N * R, D).t()
+    return dense_delta_from_projection(x_TD @ A_NRD.reshape(N * R, D).t(), weights_TN, B_NRO, scaling, add_to)
+
+
+def dense_delta_from_projection(
+    h_TK: torch.Tensor, weights_TN: torch.Tensor, B_NRO: torch.Tensor, scaling: float,
+    add_to: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The dense path after its first matmul: ``h_TK`` = x A_cat^T (a column slice of a wider product
+    is fine: the rank blocks are split by a view)."""
+    N, R, _ = B_NRO.shape
+    T = h_TK.shape[0]
     w_TN1 = (weights_TN * scaling).to(h_TK.dtype).unsqueeze(-1)
     h_TK = (h_TK.view(T, N, R) * w_TN1).view(T, N * R)
     if add_to is not None:
@@ -172,6 +181,11 @@ class ExpertBank(nn.Module):
             assert mask_TN is not None, "the grouped path needs the mask"
             return grouped_expert_delta(x_TD, weights_TN, mask_TN, A, B, self.scaling, add_to)
         return dense_expert_delta(x_TD, weights_TN, A, B, self.scaling, add_to)
+
+    def a_rows(self) -> torch.Tensor:
+        """Every expert's A as the rows of one K x D matrix (K = N * R): the dense path's first operand."""
+        N, R, D = self.lora_A.shape
+        return self.lora_A.reshape(N * R, D)
 
     def lora_delta(self, x_TD: torch.Tensor) -> torch.Tensor:
         """Plain LoRA (a single expert with weight 1): scaling * B A x, two matmuls."""

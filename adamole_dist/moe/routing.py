@@ -105,23 +105,39 @@ class Router(nn.Module):
         """Gate logits (fp32) and, for routers that have one, the threshold pre-activation."""
         return F.linear(x_TD, self.gate_weight).float(), None
 
-    def fused_logits(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def read_rows(self) -> list[torch.Tensor]:
+        """The weight rows x is multiplied by: the gate's (adamole: then the threshold network's)."""
+        return [self.gate_weight]
+
+    def threshold_bias_or_none(self) -> torch.Tensor | None:
+        return None
+
+    def fused_logits(self, x_TD: torch.Tensor, a_rows: torch.Tensor | None = None):
         """What the fused node takes: the logits (adamole: with the threshold logit, without its bias, as a
-        last column) and the threshold bias (None without a threshold)."""
-        return self.logits(x_TD)
+        last column) and the threshold bias (None without a threshold); then, with ``a_rows`` (the experts'
+        A as K rows, when they read the same x), x's projection by them (T x K) from the same matmul --
+        x, the big operand, is read once forward and its gradient written once backward -- else None."""
+        rows = self.read_rows()
+        if a_rows is not None:
+            rows = [a_rows, *rows]
+        both_TM = F.linear(x_TD, rows[0] if len(rows) == 1 else torch.cat(rows, dim=0))
+        K = 0 if a_rows is None else a_rows.shape[0]
+        bias = self.threshold_bias_or_none()
+        return both_TM[:, K:].float(), None if bias is None else bias.float(), both_TM[:, :K] if K else None
 
     def select(self, probs_TN: torch.Tensor, extra_T: torch.Tensor | None) -> Routing:
         raise NotImplementedError
 
     def forward(self, x_TD: torch.Tensor, fused: tuple | None = None):
         """(probs_TN, threshold pre-activation or None). Tensors only, so ZeRO-3's hooks see them;
-        ``route`` applies the selection rule. ``fused`` = (RoutingRule, valid_T, count_T): the whole routing
-        in one autograd node instead (fused_routing.py), inside this call, where ZeRO-3 has gathered the
-        parameters: (weights_TN, aux or None, mask_TN, statistics sums)."""
+        ``route`` applies the selection rule. ``fused`` = (RoutingRule, valid_T, count_T, a_rows or None): the
+        whole routing in one autograd node instead (fused_routing.py), inside this call, where ZeRO-3 has
+        gathered the parameters: (weights_TN, aux or None, mask_TN, statistics sums, x's projection by
+        a_rows or None)."""
         if fused is not None:
-            rule, valid_T, count_T = fused
-            logits_TM, bias = self.fused_logits(x_TD)
-            return FusedRouting.apply(logits_TM, bias, valid_T, count_T, rule)
+            rule, valid_T, count_T, a_rows = fused
+            logits_TM, bias, h_TK = self.fused_logits(x_TD, a_rows)
+            return *FusedRouting.apply(logits_TM, bias, valid_T, count_T, rule), h_TK
         logits_TN, extra_T = self.logits(x_TD)
         if self.cfg.has_gate_dropout and self.training and self.cfg.gate_dropout > 0:
             logits_TN = F.dropout(logits_TN, p=self.cfg.gate_dropout)
@@ -143,13 +159,15 @@ class AdaMoLERouter(Router):
         kaiming_linear_init_(self.threshold_weight, self.threshold_bias)
 
     def logits(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        both_TM, bias = self.fused_logits(x_TD)
+        # One matmul for gate and threshold: x is read once (it is the big operand).
+        both_TM, bias, _ = self.fused_logits(x_TD)
         return both_TM[:, :-1], both_TM[:, -1] + bias
 
-    def fused_logits(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # One matmul for gate and threshold: x is read once (it is the big operand).
-        both_TM = F.linear(x_TD, torch.cat([self.gate_weight, self.threshold_weight], dim=0)).float()
-        return both_TM, self.threshold_bias.float()
+    def read_rows(self) -> list[torch.Tensor]:
+        return [self.gate_weight, self.threshold_weight]
+
+    def threshold_bias_or_none(self) -> torch.Tensor:
+        return self.threshold_bias
 
     def select(self, probs_TN: torch.Tensor, threshold_logit_T: torch.Tensor) -> Routing:
         tau_T = self.tau_max * torch.sigmoid(threshold_logit_T)

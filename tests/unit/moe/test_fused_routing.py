@@ -68,8 +68,9 @@ def test_fused_routing_equals_the_operator_chain(method, variant, with_mask, rou
     assert got[2].keys() == want[2].keys() == {"linear"}
     torch.testing.assert_close(got[2]["linear"], want[2]["linear"], rtol=1e-6, atol=1e-5)
     assert got[3].keys() == want[3].keys()
-    for name in want[3]:
-        torch.testing.assert_close(got[3][name], want[3][name], rtol=1e-4, atol=1e-6, msg=name)
+    for name in want[3]:  # fp32 noise at the tensor's scale: the fused layer reads x in one wider matmul
+        scale = float(want[3][name].abs().max().clamp(min=1.0))
+        torch.testing.assert_close(got[3][name], want[3][name], rtol=1e-4, atol=1e-6 * scale, msg=name)
 
 
 @pytest.mark.parametrize("method, variant", CASES[:1] + CASES[2:])
@@ -134,11 +135,11 @@ def test_the_fused_node_covers_exactly_what_it_computes():
 
 
 # -- computing operators --------------------------------------------------------------------------------------
-def operators_per_step(method: str) -> int:
-    """One adapted layer (d 256, 256 tokens, default dropout) forward and backward with its aux loss, in
-    training, the statistics buffer already there (the trainer reads it only when it logs)."""
+def operators_per_step(method: str, **kw) -> int:
+    """One adapted layer (d 256, 256 tokens, default dropout unless ``kw`` says) forward and backward with its
+    aux loss, in training, the statistics buffer already there (the trainer reads it only when it logs)."""
     torch.manual_seed(0)
-    cfg = AdapterConfig(method=method, num_experts=8, rank=32 if method == "lora" else 4)
+    cfg = AdapterConfig(method=method, num_experts=8, rank=32 if method == "lora" else 4, **kw)
     layer = adapt_linear(nn.Linear(256, 256, bias=False).requires_grad_(False), cfg).train()
     x = torch.randn(256, 256, requires_grad=True)
     for _ in range(2):  # the second step is counted: the buffers and gradients exist by then
