@@ -16,13 +16,14 @@ import importlib.util
 import json
 import logging
 import re
+import shutil
 import tempfile
 from importlib.resources import files
 from pathlib import Path
 
 import torch
 
-from adamole_dist.atomic_files import write_text_atomically
+from adamole_dist.atomic_files import write_dir_atomically, write_text_atomically
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.data.formats import load_records, subsample
 
@@ -40,9 +41,10 @@ def local_task_names() -> list[str]:
 class HarnessPlan:
     """The harness run, checked before any model loads: task names (the local ones here; lm-eval's own in
     its task index, so a typo fails now, not after our evaluation ran), the per-task test files (for the
-    subsample) and where results go: beside --json (NAME.harness.json, NAME.harness_samples.jsonl), or
-    nowhere without it (printed only). The local task YAMLs are written into a temporary folder, removed
-    with ``close`` (at exit at the latest), never into the working directory."""
+    subsample) and where results go: beside --json (NAME.harness.json, NAME.harness_samples.jsonl, and the
+    task YAMLs as they ran in NAME.harness_tasks/), or nowhere without it (printed only). The local task
+    YAMLs are written into a temporary folder, removed with ``close`` (at exit at the latest), never into
+    the working directory."""
 
     def __init__(self, tasks: str, data_dir: Path, json_path: Path | None) -> None:
         if importlib.util.find_spec("lm_eval") is None:
@@ -54,6 +56,9 @@ class HarnessPlan:
         stem = json_path.with_suffix("") if json_path else None
         self.results_path = Path(f"{stem}.harness.json") if stem else None
         self.samples_path = Path(f"{stem}.harness_samples.jsonl") if stem else None
+        # the task YAMLs as they ran (data folder filled in), for `lm_eval --include_path`: how lm-eval's
+        # own API models score the same tasks against adamole-serve (docs/serving.md)
+        self.tasks_path = Path(f"{stem}.harness_tasks") if stem else None
         self.data_dir = data_dir.expanduser().resolve()
         self.local: dict[str, tuple[str, Path]] = {}  # task -> (YAML text with data_dir filled, test file)
         for task in self.tasks:
@@ -136,6 +141,9 @@ def run_harness(plan: HarnessPlan, model, tokenizer, adapters=None, *, batch_siz
             task_manager=plan.task_manager or TaskManager(include_path=str(plan.write_tasks())),
             samples=samples if samples and not unlimited else None, limit=limit or None if unlimited else None,
             log_samples=True)
+        if plan.tasks_path is not None:
+            tasks = plan.write_tasks()
+            write_dir_atomically(plan.tasks_path, lambda tmp: shutil.copytree(tasks, tmp, dirs_exist_ok=True))
     finally:
         plan.close()
     if adapters is not None:

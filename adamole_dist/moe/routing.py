@@ -160,8 +160,8 @@ class AdaMoLERouter(Router):
 
     def logits(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # One matmul for gate and threshold: x is read once (it is the big operand).
-        both_TM, bias, _ = self.fused_logits(x_TD)
-        return both_TM[:, :-1], both_TM[:, -1] + bias
+        both_TM, _, _ = self.fused_logits(x_TD)
+        return both_TM[:, :-1], both_TM[:, -1] + self.threshold_bias.float()
 
     def read_rows(self) -> list[torch.Tensor]:
         return [self.gate_weight, self.threshold_weight]

@@ -169,7 +169,9 @@ def test_launch_eval_harness_with_the_shipped_task(model_dir, data_dir, tmp_path
     assert harness["acc_norm,none"] == pytest.approx(ours["acc_norm"])
     ran = json.loads((tmp_path / "res.harness.json").read_text())["configs"]["arc_easy_local"]
     assert str(data_dir) in json.dumps(ran)  # the task as it ran, its data folder filled in
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["res.harness.json", "res.harness_samples.jsonl", "res.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["res.harness.json", "res.harness_samples.jsonl",
+                                                          "res.harness_tasks", "res.json"]
+    assert str(data_dir) in (tmp_path / "res.harness_tasks" / "arc_easy_local.yaml").read_text()
 
 
 def test_missing_harness_data_exits_2_before_loading(tmp_path, capsys):
