@@ -56,6 +56,8 @@ from adamole_dist.runtime.stopping import PREEMPTED_MARKER
 from adamole_dist.train import checkpoint as ckpt_io
 from adamole_dist.train.builders import build_dispatcher, build_engine, build_expert_optimizer, build_task_for
 from adamole_dist.train.compile import CompileReport, check_compile, compile_blocks
+from adamole_dist.train.elastic import ResumePlan, batch_in_epoch, plan_geometry
+from adamole_dist.train.engine_state import ENGINE_FILE
 from adamole_dist.train.expert_optimizer import ExpertOptimizer
 from adamole_dist.train.reporting import memory_per_rank, print_memory
 from adamole_dist.train.schedule import lr_lambda, warmup_steps_for
@@ -121,10 +123,17 @@ def build_run(cfg: TrainConfig, dist_info: DistInfo) -> Run:
     """Validate, then build (collective: every rank calls it). Raises ConfigError, on every rank
     together, for bad input, before the output directory is touched."""
     out = Path(cfg.output_dir)
+    plan = rank0_decides(lambda: plan_elastic(cfg, out, dist_info.world_size), expected=(ConfigError,))
+    if plan is not None:
+        cfg = plan.cfg  # the global batch of the checkpoint kept at this world size
+        if plan.note and dist_info.is_main:
+            log.info(plan.note)
     ds_config = build_ds_config(cfg, dist_info.world_size)
     validate_with_deepspeed(ds_config, ds_config_source(cfg))
     seed_everything(cfg.seed)
     data = load_run_data(cfg, CollectiveRanks(dist_info.rank, dist_info.world_size), lambda: resolved_model(cfg))
+    if plan is not None and plan.legacy_order:
+        data.batches = data.batches.regrouped(1)  # the order the checkpoint was written in
     total_steps = count_total_steps(cfg, data.batches)
     config_record = cfg.to_dict()
     resume_from = check_run_target(cfg, dist_info, out, config_record)
@@ -168,6 +177,19 @@ def resolved_model(cfg: TrainConfig) -> tuple[str, str]:
     """(the model's local path, its task type): a GGUF converted into the cache, a hub id fetched."""
     model_path = resolve_model_path(cfg.model)
     return model_path, resolve_task_type(cfg.task_type, model_path)
+
+
+def plan_elastic(cfg: TrainConfig, out: Path, world_size: int) -> ResumePlan | None:
+    """Rank 0: how the checkpoint ``--resume`` names continues at this world size (elastic.py), from its
+    trainer state alone; None when there is none to read (plan_resume later names what is wrong)."""
+    if not cfg.resume:
+        return None
+    try:
+        path = ckpt_io.resolve_latest(out / "checkpoints")[0] if cfg.resume == ckpt_io.LATEST else Path(cfg.resume)
+        state = json.loads((path / ckpt_io.STATE_FILE).read_text()) if path is not None else None
+    except (OSError, ValueError):
+        return None
+    return plan_geometry(cfg, state, world_size, path) if isinstance(state, dict) else None
 
 
 def check_run_target(cfg: TrainConfig, dist_info: DistInfo, out: Path, config_record: dict) -> Path | None:
@@ -225,8 +247,9 @@ def lock_output_dir(cfg: TrainConfig, out: Path, config_record: dict) -> RunLock
 def resume(resume_from: Path, engine, adapters: Adapters, expert_opt: ExpertOptimizer, dist_info: DistInfo,
            out: Path) -> LoopPosition:
     """Load the checkpoint (collective); rank 0 cuts the metrics back to its step."""
-    state = ckpt_io.load_checkpoint(resume_from, engine, adapters, expert_opt, rank=dist_info.rank)
-    start = LoopPosition(state["step"], state["epoch"], state["batch_in_epoch"])
+    state = ckpt_io.load_checkpoint(resume_from, engine, adapters, expert_opt, rank=dist_info.rank,
+                                    world_size=dist_info.world_size)
+    start = LoopPosition(state["step"], state["epoch"], batch_in_epoch(state, engine.gradient_accumulation_steps()))
     if dist_info.is_main:
         # The run continues from this step: records of steps after it were of the discarded future.
         truncate_metrics(out / "metrics.jsonl", start.step)
@@ -258,7 +281,7 @@ def count_total_steps(cfg: TrainConfig, batches: ShardedBatches) -> int:
 
 def plan_resume(cfg: TrainConfig, ckpt_root: Path, world_size: int) -> Path | None:
     """Rank 0, before anything is written: the checkpoint to resume from (None: start afresh),
-    checked to be complete, readable, and from a run of this world size."""
+    checked to be complete, readable, and loadable at this world size (plan_elastic checked the rest)."""
     try:
         if cfg.resume == ckpt_io.LATEST:
             path, note = ckpt_io.resolve_latest(ckpt_root)
@@ -280,10 +303,10 @@ def plan_resume(cfg: TrainConfig, ckpt_root: Path, world_size: int) -> Path | No
     if missing:
         raise ConfigError(f"--resume: checkpoint {path} is incomplete: {missing}{older}")
     state = json.loads((path / ckpt_io.STATE_FILE).read_text())
-    if state["world_size"] != world_size:
+    if state["world_size"] != world_size and not (path / ENGINE_FILE).is_file():
         raise ConfigError(f"--resume: checkpoint {path} was written with world size {state['world_size']}, "
-                          f"this run has {world_size}; resume with {state['world_size']} ranks "
-                          "(the data order and ZeRO partitions depend on it)")
+                          f"this run has {world_size}, and it holds no {ENGINE_FILE} (the engine's state in a "
+                          f"world-independent form, written under ZeRO-3); resume with {state['world_size']} ranks")
     return path
 
 
