@@ -123,11 +123,7 @@ def build_run(cfg: TrainConfig, dist_info: DistInfo) -> Run:
     """Validate, then build (collective: every rank calls it). Raises ConfigError, on every rank
     together, for bad input, before the output directory is touched."""
     out = Path(cfg.output_dir)
-    plan = rank0_decides(lambda: plan_elastic(cfg, out, dist_info.world_size), expected=(ConfigError,))
-    if plan is not None:
-        cfg = plan.cfg  # the global batch of the checkpoint kept at this world size
-        if plan.note and dist_info.is_main:
-            log.info(plan.note)
+    cfg, plan = resume_options(cfg, out, dist_info)
     ds_config = build_ds_config(cfg, dist_info.world_size)
     validate_with_deepspeed(ds_config, ds_config_source(cfg))
     seed_everything(cfg.seed)
@@ -177,6 +173,17 @@ def resolved_model(cfg: TrainConfig) -> tuple[str, str]:
     """(the model's local path, its task type): a GGUF converted into the cache, a hub id fetched."""
     model_path = resolve_model_path(cfg.model)
     return model_path, resolve_task_type(cfg.task_type, model_path)
+
+
+def resume_options(cfg: TrainConfig, out: Path, dist_info: DistInfo) -> tuple[TrainConfig, ResumePlan | None]:
+    """The options to run with (collective): on a resume, the checkpoint's global batch kept at this world
+    size, the change logged (elastic.py)."""
+    plan = rank0_decides(lambda: plan_elastic(cfg, out, dist_info.world_size), expected=(ConfigError,))
+    if plan is None:
+        return cfg, None
+    if plan.note and dist_info.is_main:
+        log.info(plan.note)
+    return plan.cfg, plan
 
 
 def plan_elastic(cfg: TrainConfig, out: Path, world_size: int) -> ResumePlan | None:

@@ -257,6 +257,19 @@ def write_manifest(tmp_dir: Path, adapters: Adapters, trainer_state: dict) -> No
     (tmp_dir / MANIFEST).write_text(json.dumps(record, indent=1))
 
 
+def write_engine_files(root: Path, tmp_tag: str, engine, adapters: Adapters, rank: int) -> Path:
+    """Collective: DeepSpeed's own files (frozen base excluded) and the engine's trainable state
+    world-independent (engine_state.py, written by rank 0) into ``root / tmp_tag``, returned."""
+    engine.save_checkpoint(str(root), tag=tmp_tag, client_state={}, save_latest=False,
+                           exclude_frozen_parameters=True)
+    tmp_dir = root / tmp_tag
+    if supports_engine_state(engine):
+        consolidated = engine_state(engine, adapters.engine_parameters())
+        if rank == 0:
+            save_file(consolidated, str(tmp_dir / ENGINE_FILE))
+    return tmp_dir
+
+
 def save_checkpoint(
     root: Path,
     step: int,
@@ -280,13 +293,7 @@ def save_checkpoint(
             shutil.rmtree(stale, ignore_errors=True)
         restore_replaced(root)
     collectives.barrier()
-    engine.save_checkpoint(str(root), tag=tmp_tag, client_state={}, save_latest=False,
-                           exclude_frozen_parameters=True)
-    tmp_dir = root / tmp_tag
-    if supports_engine_state(engine):
-        consolidated = engine_state(engine, adapters.engine_parameters())  # collective
-        if rank == 0:
-            save_file(consolidated, str(tmp_dir / ENGINE_FILE))
+    tmp_dir = write_engine_files(root, tmp_tag, engine, adapters, rank)
     if expert_writer and adapters.expert_banks:
         save_file(expert_state(adapters, expert_opt), str(tmp_dir / f"experts_ep{expert_shard}.safetensors"),
                   metadata=EXPERT_SHARD_METADATA)
