@@ -25,7 +25,8 @@ BACKENDS = ("auto", "gloo", "nccl", "cpu:gloo,cuda:nccl")  # runtime/process_gro
 MC_DATA_FORMATS = ("instruction", "mc")  # data/formats.py: multiple choice
 SFT_DATA_FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")  # data/conversations.py
 LOSS_ON = ("auto", "answer", "full", "assistant", "all")  # answer|full: multiple choice; assistant|all: free-form
-TRUNCATIONS = ("drop", "error")  # data/sft_render.py
+TRUNCATIONS = ("drop", "error")
+ELASTIC = ("accumulation", "micro_batch", "off")  # train/elastic.py  # data/sft_render.py
 MAX_SEED = 2**32 - 1  # numpy's seed range (random and torch take more)
 
 
@@ -142,6 +143,11 @@ class TrainConfig:
     allow_data_change: bool = opt(False, "resume although the training split's content changed since the run "
                                   "started (refused by default: the data order would silently differ); logs a "
                                   "warning")
+    elastic: str = opt("accumulation", "on a resume, keep the checkpoint's global batch (micro_batch_size x world size "
+                       "x gradient_accumulation_steps) at any world size by changing gradient_accumulation_steps "
+                       "(accumulation), micro_batch_size (micro_batch; aux losses and capacity computed per micro "
+                       "batch then see other groups of examples), or neither (off: the options given must keep it); "
+                       "a global batch no integer choice keeps is refused", choices=ELASTIC)
     save_interval: int = opt(100, "save a checkpoint every N optimizer steps (0 = only at the end)")
     keep_checkpoints: int = opt(2, "newest checkpoints kept on disk")
     eval_interval: int = opt(100, "evaluate every N optimizer steps (0 = only at the end)")

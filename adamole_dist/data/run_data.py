@@ -95,7 +95,8 @@ def load_run_data(cfg: TrainConfig, ranks: Ranks, model_of: ModelOf) -> RunData:
         grouped = sft is not None and cfg.group_by_length and not cfg.packing
         batches = ShardedBatches(len(train_examples), cfg.micro_batch_size, rank=ranks.rank,
                                  world_size=ranks.world_size, seed=cfg.seed,
-                                 lengths=sft.train.lengths if grouped else None)
+                                 lengths=sft.train.lengths if grouped else None,
+                                 accumulation=cfg.gradient_accumulation_steps)
     except ValueError as e:
         raise ConfigError(f"dataset ({cfg.dataset}) split {cfg.train_split!r}: {e}; lower micro_batch_size or "
                           "use more data (max_train_examples)") from None

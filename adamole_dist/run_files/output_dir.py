@@ -38,10 +38,24 @@ def comparable(config: dict) -> dict:
     """The parts of a run's config that must match to continue it (not bookkeeping options)."""
     skip = {"resume", "overwrite", "output_dir", "max_steps", "epochs", "save_interval", "eval_interval",
             "log_interval", "report_to", "keep_checkpoints", "eval_at_start", "peer_timeout", "comm_timeout",
-            "dist_backend", "debug", "allow_data_change",
+            "dist_backend", "debug", "allow_data_change", "elastic",
             TRAIN_DATA,  # compared on its own: changed_training_data
-            "ep_size"}  # experts reshard by global id, so a run may continue at another ep_size
+            "ep_size",  # experts reshard by global id, so a run may continue at another ep_size
+            # the global batch they make with the world size is checked against the checkpoint instead
+            # (train/elastic.py), which knows the world size that wrote it
+            "micro_batch_size", "gradient_accumulation_steps"}
     return {k: v for k, v in config.items() if k not in skip}
+
+
+def differing(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """The keys whose values differ, nested ones named by their path (adapter.num_experts)."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out += differing(a[k], b[k], f"{prefix}{k}.")
+        elif a.get(k) != b.get(k):
+            out.append(f"{prefix}{k}")
+    return out
 
 
 def with_defaults(record: dict) -> dict:
@@ -91,8 +105,7 @@ def check_output_dir(output_dir: Path, config: dict, *, overwrite: bool, resume:
     if resume:
         previous = with_defaults(previous)
         if comparable(previous) != comparable(config):
-            diff = sorted(k for k in set(comparable(previous)) | set(comparable(config))
-                          if comparable(previous).get(k) != comparable(config).get(k))
+            diff = differing(comparable(previous), comparable(config))
             raise ConfigError(f"--resume: output_dir ({output_dir}) holds a run with different options "
                               f"({', '.join(diff)}); resume with the same options or use another directory")
         return

@@ -58,6 +58,8 @@ from adamole_dist.runtime.stopping import PREEMPTED_MARKER, StopSignal
 from adamole_dist.train import checkpoint as ckpt_io
 from adamole_dist.train.builders import build_dispatcher, build_engine, build_expert_optimizer, build_task_for
 from adamole_dist.train.compile import CompileReport, check_compile, compile_blocks
+from adamole_dist.train.elastic import ResumePlan, batch_in_epoch, plan_geometry
+from adamole_dist.train.engine_state import ENGINE_FILE
 from adamole_dist.train.expert_optimizer import ExpertOptimizer
 from adamole_dist.train.reporting import memory_per_rank, print_memory
 from adamole_dist.train.schedule import lr_lambda, warmup_steps_for
@@ -124,11 +126,14 @@ def build_run(cfg: TrainConfig, dist_info: DistInfo, stop: StopSignal | None = N
     together, for bad input, before the output directory is touched. ``stop``: a stop signal while the
     data is read and tokenized or the model loads raises StoppedBeforeTraining at once (runtime/stopping.py)."""
     out = Path(cfg.output_dir)
+    cfg, plan = resume_options(cfg, out, dist_info)
     ds_config = build_ds_config(cfg, dist_info.world_size)
     validate_with_deepspeed(ds_config, ds_config_source(cfg))
     seed_everything(cfg.seed)
     with raising_during(stop, "reading and tokenizing the data"):
         data = load_run_data(cfg, CollectiveRanks(dist_info.rank, dist_info.world_size), lambda: resolved_model(cfg))
+    if plan is not None and plan.legacy_order:
+        data.batches = data.batches.regrouped(1)  # the order the checkpoint was written in
     total_steps = count_total_steps(cfg, data.batches)
     config_record = run_record(cfg, data.train_origin, dist_info)
     resume_from = check_run_target(cfg, dist_info, out, config_record)
@@ -187,6 +192,30 @@ def resolved_model(cfg: TrainConfig) -> tuple[str, str]:
     """(the model's local path, its task type): a GGUF converted into the cache, a hub id fetched."""
     model_path = resolve_model_path(cfg.model)
     return model_path, resolve_task_type(cfg.task_type, model_path)
+
+
+def resume_options(cfg: TrainConfig, out: Path, dist_info: DistInfo) -> tuple[TrainConfig, ResumePlan | None]:
+    """The options to run with (collective): on a resume, the checkpoint's global batch kept at this world
+    size, the change logged (elastic.py)."""
+    plan = rank0_decides(lambda: plan_elastic(cfg, out, dist_info.world_size), expected=(ConfigError,))
+    if plan is None:
+        return cfg, None
+    if plan.note and dist_info.is_main:
+        log.info(plan.note)
+    return plan.cfg, plan
+
+
+def plan_elastic(cfg: TrainConfig, out: Path, world_size: int) -> ResumePlan | None:
+    """Rank 0: how the checkpoint ``--resume`` names continues at this world size (elastic.py), from its
+    trainer state alone; None when there is none to read (plan_resume later names what is wrong)."""
+    if not cfg.resume:
+        return None
+    try:
+        path = ckpt_io.resolve_latest(out / "checkpoints")[0] if cfg.resume == ckpt_io.LATEST else Path(cfg.resume)
+        state = json.loads((path / ckpt_io.STATE_FILE).read_text()) if path is not None else None
+    except (OSError, ValueError):
+        return None
+    return plan_geometry(cfg, state, world_size, path) if isinstance(state, dict) else None
 
 
 def check_run_target(cfg: TrainConfig, dist_info: DistInfo, out: Path, config_record: dict) -> Path | None:
@@ -254,8 +283,9 @@ def lock_output_dir(cfg: TrainConfig, out: Path, config_record: dict) -> RunLock
 def resume(resume_from: Path, engine, adapters: Adapters, expert_opt: ExpertOptimizer, dist_info: DistInfo,
            out: Path) -> LoopPosition:
     """Load the checkpoint (collective); rank 0 cuts the metrics back to its step."""
-    state = ckpt_io.load_checkpoint(resume_from, engine, adapters, expert_opt, rank=dist_info.rank)
-    start = LoopPosition(state["step"], state["epoch"], state["batch_in_epoch"])
+    state = ckpt_io.load_checkpoint(resume_from, engine, adapters, expert_opt, rank=dist_info.rank,
+                                    world_size=dist_info.world_size)
+    start = LoopPosition(state["step"], state["epoch"], batch_in_epoch(state, engine.gradient_accumulation_steps()))
     if dist_info.is_main:
         # The run continues from this step: records of steps after it were of the discarded future.
         truncate_metrics(out / "metrics.jsonl", start.step)
@@ -287,7 +317,7 @@ def count_total_steps(cfg: TrainConfig, batches: ShardedBatches) -> int:
 
 def plan_resume(cfg: TrainConfig, ckpt_root: Path, world_size: int) -> Path | None:
     """Rank 0, before anything is written: the checkpoint to resume from (None: start afresh),
-    checked to be complete, readable, and from a run of this world size."""
+    checked to be complete, readable, and loadable at this world size (plan_elastic checked the rest)."""
     try:
         if cfg.resume == ckpt_io.LATEST:
             path, note = ckpt_io.resolve_latest(ckpt_root)
@@ -309,10 +339,10 @@ def plan_resume(cfg: TrainConfig, ckpt_root: Path, world_size: int) -> Path | No
     if missing:
         raise ConfigError(f"--resume: checkpoint {path} is incomplete: {missing}{older}")
     state = json.loads((path / ckpt_io.STATE_FILE).read_text())
-    if state["world_size"] != world_size:
+    if state["world_size"] != world_size and not (path / ENGINE_FILE).is_file():
         raise ConfigError(f"--resume: checkpoint {path} was written with world size {state['world_size']}, "
-                          f"this run has {world_size}; resume with {state['world_size']} ranks "
-                          "(the data order and ZeRO partitions depend on it)")
+                          f"this run has {world_size}, and it holds no {ENGINE_FILE} (the engine's state in a "
+                          f"world-independent form, written under ZeRO-3); resume with {state['world_size']} ranks")
     return path
 
 

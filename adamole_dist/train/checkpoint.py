@@ -2,10 +2,13 @@
 
 Layout of ``<output_dir>/checkpoints/step_0000100/``:
     DeepSpeed's files (engine module/optimizer/scheduler, frozen base excluded)
+    engine_state.safetensors    the same trainable state world-independent (engine_state.py), for a
+                                resume at another world size (ZeRO-3)
     experts_ep<k>.safetensors   expert params and AdamW moments keyed by global expert id
     trainer_state.json          step, data position, config
     balance_bias.safetensors    aux-loss-free balancing biases (when enabled)
-    rng_rank<r>.pt              each rank's RNG states (dropout, data order)
+    rng_rank<r>.pt              each rank's RNG states (dropout, data order); a rank the writing run
+                                did not have takes rank 0's
     manifest.json               every other file of the checkpoint, the expert layers and count
 Everything is written under a hidden temporary tag and renamed into place by rank 0 once every
 rank reports its part written; ``latest`` is replaced atomically last. A part that cannot be
@@ -40,6 +43,13 @@ from adamole_dist.config.training import STATE_FILE
 from adamole_dist.moe.experts import EXPERT_KEY_RE, EXPERT_TENSORS, expert_key, file_orientation
 from adamole_dist.parallel import collectives
 from adamole_dist.runtime.stopping import CheckpointWriteError
+from adamole_dist.train.engine_state import (
+    ENGINE_FILE,
+    engine_state,
+    load_engine_state,
+    set_engine_step,
+    supports_engine_state,
+)
 from adamole_dist.train.expert_optimizer import ExpertOptimizer
 
 LATEST = "latest"
@@ -250,6 +260,7 @@ def write_manifest(tmp_dir: Path, adapters: Adapters, trainer_state: dict) -> No
     (tmp_dir / MANIFEST).write_text(json.dumps(record, indent=1))
 
 
+
 def save_checkpoint(
     root: Path,
     step: int,
@@ -275,8 +286,12 @@ def save_checkpoint(
             shutil.rmtree(stale, ignore_errors=True)
         restore_replaced(root)
     collectives.barrier()
+    # the engine's trainable state, world-independent (engine_state.py): gathered by every rank (a collective,
+    # outside the per-rank writes that may fail), written by rank 0
+    consolidated = engine_state(engine, adapters.engine_parameters()) if supports_engine_state(engine) else None
     failed = write_failure(lambda: write_parts(tmp_dir, engine, adapters, expert_opt, trainer_state, rank=rank,
-                                               expert_writer=expert_writer, expert_shard=expert_shard))
+                                               expert_writer=expert_writer, expert_shard=expert_shard,
+                                               consolidated=consolidated))
     failures = [f for f in collectives.all_gather_objects(failed) if f]  # every rank learns whether all wrote
     if not failures:  # rank 0 lists what every rank wrote; its verdict reaches everyone
         listed = write_failure(lambda: write_manifest(tmp_dir, adapters, trainer_state)) if rank == 0 else None
@@ -294,10 +309,13 @@ def save_checkpoint(
 
 
 def write_parts(tmp_dir: Path, engine, adapters: Adapters, expert_opt: ExpertOptimizer, trainer_state: dict, *,
-                rank: int, expert_writer: bool, expert_shard: int) -> None:
-    """This rank's files of the checkpoint, into the temporary tag."""
+                rank: int, expert_writer: bool, expert_shard: int, consolidated: dict | None) -> None:
+    """This rank's files of the checkpoint, into the temporary tag: DeepSpeed's own (frozen base excluded),
+    the consolidated engine state (rank 0), the experts, the RNG states, the trainer state."""
     engine.save_checkpoint(str(tmp_dir.parent), tag=tmp_dir.name, client_state={}, save_latest=False,
                            exclude_frozen_parameters=True)
+    if consolidated is not None and rank == 0:
+        save_file(consolidated, str(tmp_dir / ENGINE_FILE))
     if expert_writer and adapters.expert_banks:
         save_file(expert_state(adapters, expert_opt), str(tmp_dir / f"experts_ep{expert_shard}.safetensors"),
                   metadata=EXPERT_SHARD_METADATA)
@@ -362,22 +380,31 @@ def owes_evaluation(ckpt: Path | None) -> bool:
     return bool(json.loads((ckpt / STATE_FILE).read_text()).get("evaluation_owed"))
 
 
-def load_checkpoint(ckpt: Path, engine, adapters: Adapters, expert_opt: ExpertOptimizer, *, rank: int) -> dict:
-    """Restore engine, experts, RNG; returns the trainer state saved with the checkpoint."""
+def load_checkpoint(ckpt: Path, engine, adapters: Adapters, expert_opt: ExpertOptimizer, *, rank: int,
+                    world_size: int) -> dict:
+    """Restore engine, experts, RNG; returns the trainer state saved with the checkpoint. At the world size
+    that wrote it the engine loads DeepSpeed's own files, at another one the world-independent file
+    (the assembly checked that the checkpoint has it)."""
     ckpt = Path(ckpt)
     state_file = ckpt / STATE_FILE
     if not state_file.is_file():
         raise FileNotFoundError(f"{ckpt} is not a complete checkpoint (no {STATE_FILE})")
-    load_path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_module_strict=False)
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {ckpt}")
+    trainer_state = json.loads(state_file.read_text())
+    if trainer_state["world_size"] == world_size:
+        load_path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_module_strict=False)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {ckpt}")
+    else:
+        load_engine_state(engine, adapters.engine_parameters(), load_file(str(ckpt / ENGINE_FILE)))
+        set_engine_step(engine, trainer_state["step"])
     if adapters.expert_banks:
         load_expert_state(adapters, expert_opt, read_expert_shards(ckpt))
     if (ckpt / BIAS_FILE).is_file():
         load_balance_biases(adapters, load_file(str(ckpt / BIAS_FILE)))
-    trainer_state = json.loads(state_file.read_text())
     expert_opt.set_step(trainer_state["step"])
     rng_file = ckpt / f"rng_rank{rank}.pt"
+    if not rng_file.is_file():  # a rank the writing run did not have
+        rng_file = ckpt / "rng_rank0.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return trainer_state

@@ -39,6 +39,7 @@ from adamole_dist.runtime.stopping import (
 from adamole_dist.runtime.watchdog import PeerWatchdog
 from adamole_dist.train import checkpoint as ckpt_io
 from adamole_dist.train.assembly import Run, build_run
+from adamole_dist.train.elastic import STEP_ORDER
 from adamole_dist.train.held_out import evaluate_held_out, log_samples
 from adamole_dist.train.reporting import (
     LogWindow,
@@ -155,7 +156,10 @@ class Trainer:
     def trainer_state(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "world_size": self.dist_info.world_size, "config": self.cfg.to_dict(),
-                "evaluation_owed": self.evaluation_owed}
+                "evaluation_owed": self.evaluation_owed,
+                # the sampler's unit (data/sampler.py): whole steps, unless a legacy checkpoint's order continues
+                "data_order": STEP_ORDER if self.run.batches.accumulation == self.cfg.gradient_accumulation_steps
+                else "micro_batches"}
 
     def save(self) -> None:
         run = self.run

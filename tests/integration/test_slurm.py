@@ -13,6 +13,7 @@ import pytest
 
 from tests.helpers.launch_utils import REPO, records, train_losses
 from tests.helpers.slurm_cluster import SlurmCluster, missing_tools
+from tests.helpers.tiny_models import write_tiny_bert
 
 pytestmark = pytest.mark.slow
 NODES = 4  # emulated nodes in the test cluster
@@ -119,6 +120,49 @@ def test_preempted_two_node_job_resumes_to_the_uninterrupted_loss(cluster, tmp_p
     assert sorted(got) == list(range(1, steps + 1))
     for step in range(stopped + 1, steps + 1):  # after the resume, step for step
         assert got[step] == pytest.approx(expected[step], abs=1e-5), f"step {step}"
+
+
+def test_preempted_two_node_job_resumes_on_one_node_with_twice_the_accumulation(cluster, tmp_path):
+    """A 2-node job (one task each) is preempted while the other nodes drain; requeued, it waits for two
+    nodes until its request is changed to the one node left (scontrol update, as a user or an operator
+    would), starts there, runs one task on it (train.sbatch counts the tasks of the nodes it got), and
+    resumes with twice the accumulation (the checkpoint's global
+    batch kept), ending with the losses of the same job left alone on 2 ranks beside it. Dropout off:
+    its masks are drawn per rank (the tiny BERT's own dropout is off too, unlike MiniLM's)."""
+    steps = 12
+    model = write_tiny_bert(tmp_path / "tiny_bert")
+    flags = ("--max_steps", str(steps), "--save_interval", "1000", "--dropout", "0", "--model", str(model))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    job_id, out_dir, log = submit(cluster, tmp_path / "b", *flags, nodes=2, tasks_per_node=1)
+    alone_id, alone_dir, alone_log = submit(cluster, tmp_path / "a", *flags, nodes=1, tasks_per_node=2)
+    cluster.wait_until(lambda: (out_dir / "metrics.jsonl").exists() and len(records(out_dir, "train")) >= 3, 300,
+                       "training to start")
+    kept = cluster.run("scontrol", "show", "hostnames", cluster.job(job_id)["NodeList"]).stdout.split()[0]
+    drained = [node for node in cluster.nodes if node != kept]  # running jobs finish on a draining node
+    try:
+        for node in drained:
+            cluster.run("scontrol", "update", f"nodename={node}", "state=drain", "reason=elastic-test", check=True)
+        assert cluster.run("scancel", "--signal=TERM", job_id).returncode == 0
+        cluster.wait_until(lambda: cluster.job(job_id)["JobState"] == "PENDING" and cluster.job(job_id)["Restarts"]
+                           == "1", 300, "the requeued job to wait for nodes")
+        cluster.run("scontrol", "update", f"jobid={job_id}", "NumNodes=1", "NumTasks=1", check=True)
+        job, alone = cluster.wait_job(job_id, timeout=600), cluster.wait_job(alone_id, timeout=600)
+    finally:
+        for node in drained:
+            cluster.run("scontrol", "update", f"nodename={node}", "state=resume")
+    text = log.read_text()
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", text[-3000:]
+    assert alone["JobState"] == "COMPLETED", alone_log.read_text()[-3000:]
+    before, again = text.split("(restart 1)")
+    assert "2 node(s), 2 tasks" in before and again.startswith(": 1 node(s), 1 tasks"), text[-3000:]
+    assert "micro batch 4 x world 2 x accumulation 1 -> micro batch 4 x world 1 x accumulation 2" in again
+    stopped = int(before.split("] stop signal received")[0].rsplit("[step ", 1)[1])
+    assert 3 <= stopped < steps
+    expected, got = train_losses(alone_dir), train_losses(out_dir)
+    assert sorted(got) == list(range(1, steps + 1))
+    for step in range(stopped + 1, steps + 1):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), f"step {step}"
 
 
 def test_a_lost_node_is_named_and_the_job_resumes_on_the_nodes_still_up(cluster, tmp_path):

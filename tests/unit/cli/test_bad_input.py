@@ -172,6 +172,26 @@ def resume_other_world(tmp: Path, out: Path) -> list[str]:
     return ["--resume", "latest"]
 
 
+def resume_written_by(world: int, **changes):
+    """A set-up: a run of this test's options whose checkpoint was written at ``world`` ranks by this version
+    (world-independent state), with ``changes`` (dotted names) in the options it was trained with."""
+
+    def setup(tmp: Path, out: Path) -> list[str]:
+        from adamole_dist.config.cli import parse_train_config
+
+        config = parse_train_config(["--output_dir", str(out), *BASE, "--resume", "latest"]).to_dict()
+        for path, value in changes.items():
+            section, _, key = path.rpartition(".")
+            (config[section] if section else config)[key] = value
+        existing_run(out, config)
+        state = out / "checkpoints" / "step_0000005" / "trainer_state.json"
+        state.write_text(json.dumps({**json.loads(state.read_text()), "world_size": world, "config": config,
+                                     "data_order": "steps"}))
+        return ["--resume", "latest"]
+
+    return setup
+
+
 # name: (set-up returning extra args, parts of the message)
 CASES = {
     "ds_batch_conflict_with_overwrite": (
@@ -207,6 +227,19 @@ CASES = {
         lambda tmp, out: ["--resume", str(Path(write(tmp / "notes" / "a.txt", "x")).parent)],
         ["resume", "trainer_state.json"]),
     "resume_at_another_world_size": (resume_other_world, ["world size 2", "this run has 1"]),
+    # issue 41: what a resume at another world size may not change
+    "resume_global_batch_that_cannot_be_kept": (
+        resume_written_by(3, micro_batch_size=3),
+        ["global batch 9 (micro batch 3 x world 3 x accumulation 1)", "micro batch 8 x world 1 x accumulation 1",
+         "--elastic accumulation", "not a multiple of micro_batch_size x world size = 8"]),
+    "resume_with_other_num_experts": (resume_written_by(2, **{"adapter.num_experts": 4}),
+                                      ["trained with adapter.num_experts 4, this run has 8"]),
+    "resume_with_other_method": (resume_written_by(2, **{"adapter.method": "mole_topk"}),
+                                 ["trained with adapter.method 'mole_topk', this run has 'adamole'"]),
+    "resume_with_other_rank": (resume_written_by(2, **{"adapter.rank": 8}),
+                               ["trained with adapter.rank 8, this run has 4"]),
+    "resume_with_other_base_model": (resume_written_by(2, model="smollm2-135m"),
+                                     ["trained with model 'smollm2-135m', this run has 'minilm-l6'"]),
     "malformed_jsonl": (
         lambda tmp, out: ["--dataset", dataset_with(tmp, "train.jsonl", '{"question": "q"}\n{"question": \n')],
         ["train.jsonl", "line 2"]),
