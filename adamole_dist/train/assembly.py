@@ -14,7 +14,6 @@ holds only loop state.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import random
@@ -51,17 +50,17 @@ from adamole_dist.parallel.layout import ParallelLayout, build_layout
 from adamole_dist.parallel.local_dispatcher import Dispatcher
 from adamole_dist.parallel.rank_zero import CollectiveRanks, rank0_decides
 from adamole_dist.run_files.metrics_log import MetricsLogger, truncate_metrics
-from adamole_dist.run_files.output_dir import TRAIN_DATA, changed_training_data, check_output_dir, prepare_output_dir
+from adamole_dist.run_files.output_dir import TRAIN_DATA, check_output_dir, prepare_output_dir
 from adamole_dist.run_files.run_lock import RunLock
 from adamole_dist.runtime.process_group import DistInfo, device_for
 from adamole_dist.runtime.stopping import PREEMPTED_MARKER, StopSignal
 from adamole_dist.train import checkpoint as ckpt_io
 from adamole_dist.train.builders import build_dispatcher, build_engine, build_expert_optimizer, build_task_for
 from adamole_dist.train.compile import CompileReport, check_compile, compile_blocks
-from adamole_dist.train.elastic import ResumePlan, batch_in_epoch, plan_geometry
-from adamole_dist.train.engine_state import ENGINE_FILE
+from adamole_dist.train.elastic import batch_in_epoch
 from adamole_dist.train.expert_optimizer import ExpertOptimizer
 from adamole_dist.train.reporting import memory_per_rank, print_memory
+from adamole_dist.train.resume_target import check_run_target, resume_options
 from adamole_dist.train.schedule import lr_lambda, warmup_steps_for
 
 log = logging.getLogger(__name__)
@@ -146,11 +145,7 @@ def build_run(cfg: TrainConfig, dist_info: DistInfo, stop: StopSignal | None = N
     with raising_during(stop, "loading the model"):
         model, tokenizer, task_type, model_path = load_model_and_tokenizer(
             cfg.model, cfg.task_type, pooling=cfg.pooling, attn_implementation=attn_implementation)
-        if cfg.lm_framing != "instruction" and task_type != "causal_lm":
-            raise ConfigError(f"lm_framing ({cfg.lm_framing!r}) applies to causal_lm models; {model_path} is "
-                              f"{task_type}")
-        if cfg.packing:
-            check_packing_attention(model)
+        check_model_options(cfg, model, task_type, model_path)
         task = build_task_for(cfg, task_type, tokenizer, device, free_form=data.sft is not None)  # checks max_length
         layout, dispatcher, adapters = adapt_model(cfg, dist_info, model, task_type, model_path, device)
         compiled = CompileReport(compile_blocks(model, cfg.gradient_checkpointing)) if cfg.compile else None
@@ -175,6 +170,14 @@ def build_run(cfg: TrainConfig, dist_info: DistInfo, stop: StopSignal | None = N
     return run
 
 
+def check_model_options(cfg: TrainConfig, model, task_type: str, model_path) -> None:
+    """The options that depend on the loaded model: ConfigError naming the one that does not fit it."""
+    if cfg.lm_framing != "instruction" and task_type != "causal_lm":
+        raise ConfigError(f"lm_framing ({cfg.lm_framing!r}) applies to causal_lm models; {model_path} is {task_type}")
+    if cfg.packing:
+        check_packing_attention(model)
+
+
 def raising_during(stop: StopSignal | None, phase: str):
     return stop.raising_during(phase) if stop is not None else contextlib.nullcontext()
 
@@ -194,49 +197,7 @@ def resolved_model(cfg: TrainConfig) -> tuple[str, str]:
     return model_path, resolve_task_type(cfg.task_type, model_path)
 
 
-def resume_options(cfg: TrainConfig, out: Path, dist_info: DistInfo) -> tuple[TrainConfig, ResumePlan | None]:
-    """The options to run with (collective): on a resume, the checkpoint's global batch kept at this world
-    size, the change logged (elastic.py)."""
-    plan = rank0_decides(lambda: plan_elastic(cfg, out, dist_info.world_size), expected=(ConfigError,))
-    if plan is None:
-        return cfg, None
-    if plan.note and dist_info.is_main:
-        log.info(plan.note)
-    return plan.cfg, plan
 
-
-def plan_elastic(cfg: TrainConfig, out: Path, world_size: int) -> ResumePlan | None:
-    """Rank 0: how the checkpoint ``--resume`` names continues at this world size (elastic.py), from its
-    trainer state alone; None when there is none to read (plan_resume later names what is wrong)."""
-    if not cfg.resume:
-        return None
-    try:
-        path = ckpt_io.resolve_latest(out / "checkpoints")[0] if cfg.resume == ckpt_io.LATEST else Path(cfg.resume)
-        state = json.loads((path / ckpt_io.STATE_FILE).read_text()) if path is not None else None
-    except (OSError, ValueError):
-        return None
-    return plan_geometry(cfg, state, world_size, path) if isinstance(state, dict) else None
-
-
-def check_run_target(cfg: TrainConfig, dist_info: DistInfo, out: Path, config_record: dict) -> Path | None:
-    """Rank 0 reads the shared output dir and checkpoint for everyone (collective): the checkpoint to
-    resume from (None: start afresh); a problem stops every rank."""
-
-    def check() -> Path | None:
-        check_output_dir(out, config_record, overwrite=cfg.overwrite, resume=cfg.resume)
-        if not cfg.resume:
-            return None
-        changed = changed_training_data(out, config_record)
-        if changed and not cfg.allow_data_change:
-            raise ConfigError(f"--resume: {changed}; resuming would train on another data order than the "
-                              "interrupted run's: restore the file, or pass --allow_data_change to continue on the "
-                              "new data (a warning is logged)")
-        if changed:
-            log.warning(f"warning: --resume with --allow_data_change: {changed}; the data order from here on is "
-                        "not the interrupted run's")
-        return plan_resume(cfg, out / "checkpoints", dist_info.world_size)
-
-    return rank0_decides(check, expected=(ConfigError,))
 
 
 def adapt_model(cfg: TrainConfig, dist_info: DistInfo, model: torch.nn.Module, task_type: str, model_path: str,
@@ -314,36 +275,6 @@ def count_total_steps(cfg: TrainConfig, batches: ShardedBatches) -> int:
         raise ConfigError("gradient_accumulation_steps exceeds the micro batches in one epoch")
     return max(1, int(math.ceil(cfg.epochs * per_epoch)))
 
-
-def plan_resume(cfg: TrainConfig, ckpt_root: Path, world_size: int) -> Path | None:
-    """Rank 0, before anything is written: the checkpoint to resume from (None: start afresh),
-    checked to be complete, readable, and loadable at this world size (plan_elastic checked the rest)."""
-    try:
-        if cfg.resume == ckpt_io.LATEST:
-            path, note = ckpt_io.resolve_latest(ckpt_root)
-        else:
-            path, note = Path(cfg.resume), None
-    except FileNotFoundError as e:
-        raise ConfigError(f"--resume latest: {e}") from None
-    if path is None:
-        log.info(f"--resume latest: no checkpoint in {ckpt_root} yet, starting from scratch")
-        return None
-    if note:
-        log.info(f"--resume latest: {note}")
-    others = [p for p in ckpt_io.complete_checkpoints(path.parent) if p != path and ckpt_io.check_complete(p) is None]
-    older = f"; the newest other complete checkpoint is {others[-1]} (--resume {others[-1]})" if others else ""
-    broken = ckpt_io.check_readable(path)
-    if broken:
-        raise ConfigError(f"--resume: checkpoint {path} is damaged: {broken}{older}")
-    missing = ckpt_io.check_complete(path)
-    if missing:
-        raise ConfigError(f"--resume: checkpoint {path} is incomplete: {missing}{older}")
-    state = json.loads((path / ckpt_io.STATE_FILE).read_text())
-    if state["world_size"] != world_size and not (path / ENGINE_FILE).is_file():
-        raise ConfigError(f"--resume: checkpoint {path} was written with world size {state['world_size']}, "
-                          f"this run has {world_size}, and it holds no {ENGINE_FILE} (the engine's state in a "
-                          f"world-independent form, written under ZeRO-3); resume with {state['world_size']} ranks")
-    return path
 
 
 def auto_ep_size(cfg: TrainConfig, model: torch.nn.Module, dist_info: DistInfo, device: torch.device) -> int:

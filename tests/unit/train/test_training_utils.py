@@ -197,7 +197,7 @@ def test_checkpoint_pointer_helpers(tmp_path):
 def test_plan_resume_takes_latest_or_a_named_checkpoint_of_this_world_size(tmp_path, capsys):
     from adamole_dist.config.fields import ConfigError
     from adamole_dist.config.training import TrainConfig
-    from adamole_dist.train.assembly import plan_resume
+    from adamole_dist.train.resume_target import plan_resume
 
     assert plan_resume(TrainConfig(resume="latest"), tmp_path, 1) is None  # nothing yet: from scratch
     assert "starting from scratch" in capsys.readouterr().out
