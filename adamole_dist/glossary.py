@@ -24,5 +24,7 @@ LETTERS = {
     "Q": "candidates per expert one rank offers when capacity is decided by probability",
     "G": "J * Q: the candidates of the whole expert-parallel group",
     "U": "columns summed over the tokens in one reduction (the fused routing's loss and statistics sums)",
+    "C": "tokens of one chunk (the chunked LM-head loss)",
+    "W": "the vocabulary: the LM head's rows",
     "1": "a size-1 axis, for broadcasting (last position only)",
 }

@@ -92,6 +92,13 @@ class TrainConfig:
                                        "instead of keeping them (Hugging Face models; about one extra forward "
                                        "for activation memory of one block); routing statistics, aux losses "
                                        "and balance loads still count each token once")
+    chunked_loss: bool = opt(True, "causal_lm: the LM head and the cross entropy run over chunks of "
+                             "loss_chunk_tokens target tokens, forward and backward, so the [tokens x vocabulary] "
+                             "logits never exist whole (same loss and gradients, less memory; "
+                             "base_model/chunked_loss.py); off = from the model's full logits. A model whose logits "
+                             "are not its head's plain output (final soft-capping) always uses the full logits")
+    loss_chunk_tokens: int = opt(1024, "chunked_loss: target tokens per chunk (one chunk's fp32 logits are "
+                                 "loss_chunk_tokens x vocabulary)")
     attn_implementation: str = opt("auto", "the attention kernel the model loads with (recorded in the adapter; "
                                    "generate and eval load it the same way): auto = transformers' choice (sdpa where "
                                    "supported); flash_attention_2/3 need their package and a CUDA GPU; flex_attention "
@@ -175,7 +182,8 @@ class TrainConfig:
 
     def _check_numbers(self) -> None:
         check_choices(self, "")
-        positive = ["micro_batch_size", "gradient_accumulation_steps", "max_length", "eval_batch_size", "log_interval"]
+        positive = ["micro_batch_size", "gradient_accumulation_steps", "max_length", "eval_batch_size", "log_interval",
+                    "loss_chunk_tokens"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} ({getattr(self, name)}) must be positive")

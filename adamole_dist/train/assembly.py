@@ -54,7 +54,13 @@ from adamole_dist.run_files.run_lock import RunLock
 from adamole_dist.runtime.process_group import DistInfo, device_for
 from adamole_dist.runtime.stopping import PREEMPTED_MARKER
 from adamole_dist.train import checkpoint as ckpt_io
-from adamole_dist.train.builders import build_dispatcher, build_engine, build_expert_optimizer, build_task_for
+from adamole_dist.train.builders import (
+    attach_chunked_loss,
+    build_dispatcher,
+    build_engine,
+    build_expert_optimizer,
+    build_task_for,
+)
 from adamole_dist.train.compile import CompileReport, check_compile, compile_blocks
 from adamole_dist.train.expert_optimizer import ExpertOptimizer
 from adamole_dist.train.reporting import memory_per_rank, print_memory
@@ -142,6 +148,7 @@ def build_run(cfg: TrainConfig, dist_info: DistInfo) -> Run:
         check_packing_attention(model)
     task = build_task_for(cfg, task_type, tokenizer, device, free_form=data.sft is not None)  # checks max_length
     layout, dispatcher, adapters = adapt_model(cfg, dist_info, model, task_type, model_path, device)
+    attach_chunked_loss(cfg, task, model, task_type)
     compiled = CompileReport(compile_blocks(model, cfg.gradient_checkpointing)) if cfg.compile else None
     lock = lock_output_dir(cfg, out, config_record)
     adapters.expert_module.to(device)
