@@ -35,8 +35,10 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "mpi4py>=4", "mpich", "wandb", "tensorboard", "matplotlib", "peft", "lm-eval",
-                "ruff", "pyright[nodejs]"],  # make lint
+                "ruff", "pyright[nodejs]",  # make lint
+                "bitsandbytes>=0.50"],  # the --quantize_base tests
         "harness": ["lm-eval"],  # launch/eval.py --harness (lm-evaluation-harness)
+        "quantize": ["bitsandbytes>=0.50"],  # --quantize_base nf4|fp4|int8 (runs on CPU from 0.50)
         "mpi": ["mpi4py>=4", "mpich"],
         "wandb": ["wandb"],
     },

@@ -33,6 +33,7 @@ from adamole_dist.base_model.model_loading import (
     resolve_model_path,
     resolve_task_type,
 )
+from adamole_dist.base_model.quantize import QuantSpec, bitsandbytes_or_error
 from adamole_dist.config.deepspeed import build_ds_config, ds_config_source, validate_with_deepspeed, zero_stage
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.config.training import TrainConfig
@@ -129,6 +130,7 @@ def build_run(cfg: TrainConfig, dist_info: DistInfo) -> Run:
     out = Path(cfg.output_dir)
     ds_config = build_ds_config(cfg, dist_info.world_size)
     validate_with_deepspeed(ds_config, ds_config_source(cfg))
+    check_quantize_base(cfg)
     seed_everything(cfg.seed)
     data = load_run_data(cfg, CollectiveRanks(dist_info.rank, dist_info.world_size), lambda: resolved_model(cfg))
     total_steps = count_total_steps(cfg, data.batches)
@@ -140,8 +142,9 @@ def build_run(cfg: TrainConfig, dist_info: DistInfo) -> Run:
         check_compile(device)
     # The model is loaded and the adapters injected (validating target modules) before anything
     # is written, so a bad option leaves the output directory untouched.
-    model, tokenizer, task_type, model_path = load_model_and_tokenizer(cfg.model, cfg.task_type, pooling=cfg.pooling,
-                                                                       attn_implementation=attn_implementation)
+    model, tokenizer, task_type, model_path = load_model_and_tokenizer(
+        cfg.model, cfg.task_type, pooling=cfg.pooling, attn_implementation=attn_implementation,
+        quantization=quant_spec(cfg), keep=cfg.trainable_modules)
     if cfg.lm_framing != "instruction" and task_type != "causal_lm":
         raise ConfigError(f"lm_framing ({cfg.lm_framing!r}) applies to causal_lm models; {model_path} is {task_type}")
     if cfg.packing:
@@ -169,6 +172,18 @@ def build_run(cfg: TrainConfig, dist_info: DistInfo) -> Run:
     if data.sft is not None:
         report_sft_data(run)
     return run
+
+
+def quant_spec(cfg: TrainConfig) -> QuantSpec:
+    return QuantSpec(cfg.quantize_base, cfg.quant_double, cfg.quant_compute_dtype)
+
+
+def check_quantize_base(cfg: TrainConfig) -> None:
+    """--quantize_base: bitsandbytes importable before anything is written. ZeRO-3 partitions the packed
+    quantized weights like any frozen parameter and gathers them back whole, their quantization state
+    beside them (tests/integration/test_quantized_base.py)."""
+    if quant_spec(cfg).enabled:
+        bitsandbytes_or_error()
 
 
 def resolved_model(cfg: TrainConfig) -> tuple[str, str]:
