@@ -123,7 +123,7 @@ class ChunkedHead:
         self.plain = head.forward
         self._targets: torch.Tensor | None = None
         self._summed = True
-        head.forward = self.forward
+        setattr(head, "forward", self.forward)  # on the instance: the module, its hooks and state dict stay
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self._targets is None:
@@ -148,10 +148,16 @@ class ChunkedHead:
             self._targets = None
 
 
+def output_embeddings(model: nn.Module) -> nn.Module | None:
+    """The model's LM head (transformers' ``get_output_embeddings``), None where it has none."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head if isinstance(head, nn.Module) else None
+
+
 def why_not_chunked(model: nn.Module) -> str | None:
     """Why the chunked loss would not be exact for ``model`` (None: it is)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, nn.Linear):
+    if not isinstance(output_embeddings(model), nn.Linear):
         return "the model has no linear output embedding (LM head)"
     if getattr(getattr(model, "config", None), "final_logit_softcapping", None) is not None:
         return "the model soft-caps its final logits"
@@ -160,9 +166,10 @@ def why_not_chunked(model: nn.Module) -> str | None:
 
 def install(model: nn.Module, chunk_tokens: int) -> ChunkedHead | None:
     """The chunked loss in ``model``'s LM head, or None where it would not be exact (``why_not_chunked``)."""
-    if why_not_chunked(model) is not None:
+    head = output_embeddings(model)
+    if why_not_chunked(model) is not None or not isinstance(head, nn.Linear):
         return None
-    existing = getattr(model.get_output_embeddings(), "forward", None)
-    if isinstance(getattr(existing, "__self__", None), ChunkedHead):
-        return existing.__self__
-    return ChunkedHead(model.get_output_embeddings(), chunk_tokens)
+    existing = getattr(getattr(head, "forward", None), "__self__", None)
+    if isinstance(existing, ChunkedHead):
+        return existing
+    return ChunkedHead(head, chunk_tokens)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -81,7 +82,7 @@ def resolve_task_type(task_type: str, model_path: str) -> str:
 
 def load_model_and_tokenizer(model: str, task_type: str, dtype: torch.dtype = torch.float32, pooling: str = "cls",
                              attn_implementation: str | None = None, quantization: QuantSpec | None = None,
-                             keep: list[str] = ()):
+                             keep: Sequence[str] = ()):
     """(model, tokenizer, task_type, model_path). Encoders get a 1-logit sequence-classification
     head (each (context, choice) pair is scored) reading the [CLS] or the mean-pooled
     representation (``pooling``, see :mod:`.pooling`); decoders their causal LM head.

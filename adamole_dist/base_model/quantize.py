@@ -16,11 +16,13 @@ generation, evaluation and ``from_pretrained`` load the base quantized the same 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+from adamole_dist.base_model.chunked_loss import output_embeddings
 from adamole_dist.config.fields import ConfigError
 
 SCHEMES = ("none", "nf4", "fp4", "int8")  # config.training.QUANTIZE_BASE
@@ -70,21 +72,22 @@ def is_quantized(linear: nn.Module) -> bool:
 def float_dtype(linear: nn.Module) -> torch.dtype:
     """The dtype an adapter on ``linear`` computes in: the weight's, or a quantized layer's compute dtype."""
     if not is_quantized(linear):
-        return linear.weight.dtype
-    return getattr(linear, "compute_dtype", None) or torch.float32
+        return getattr(linear, "weight").dtype
+    dtype = getattr(linear, "compute_dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
 def _matches(name: str, keep: list[str]) -> bool:
     return any(name == k or name.endswith("." + k) or name.startswith(k + ".") for k in keep)
 
 
-def quantize_base(model: nn.Module, spec: QuantSpec, keep: list[str] = ()) -> list[str]:
+def quantize_base(model: nn.Module, spec: QuantSpec, keep: Sequence[str] = ()) -> list[str]:
     """Replace every nn.Linear of ``model`` but the output embedding and the modules named in ``keep``
     by its bitsandbytes layer, in place, on the weights' device; the names quantized."""
     if not spec.enabled:
         return []
     bnb = bitsandbytes_or_error()
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = output_embeddings(model)
     targets = [(name, m) for name, m in model.named_modules()
                if isinstance(m, nn.Linear) and m is not head and not is_quantized(m) and not _matches(name, list(keep))]
     for name, linear in targets:
