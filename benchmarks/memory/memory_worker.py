@@ -22,6 +22,7 @@ import torch  # noqa: E402
 from adamole_dist.adapters.inject import inject_adapters  # noqa: E402
 from adamole_dist.base_model.chunked_loss import install  # noqa: E402
 from adamole_dist.base_model.model_loading import load_model_and_tokenizer  # noqa: E402
+from adamole_dist.base_model.quantize import QuantSpec, weight_bytes  # noqa: E402
 from adamole_dist.config.adapter import AdapterConfig  # noqa: E402
 from adamole_dist.data.sft_task import SFTTask  # noqa: E402
 from adamole_dist.train.step import train_step  # noqa: E402
@@ -66,6 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--chunk", type=int, default=1024)
+    ap.add_argument("--quantize_base", choices=("none", "nf4", "fp4", "int8"), default="none")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, required=True)
     return ap.parse_args(argv)
@@ -75,7 +77,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model, tokenizer, _, _ = load_model_and_tokenizer(args.model, "causal_lm")
+    model, tokenizer, _, _ = load_model_and_tokenizer(args.model, "causal_lm",
+                                                      quantization=QuantSpec(args.quantize_base))
+    head = model.get_output_embeddings()
+    base_mb = (weight_bytes(model) - head.weight.numel() * head.weight.element_size()) / 2**20  # the LM head stays
     cfg = AdapterConfig(method="adamole", num_experts=N, rank=R, target_modules=TARGETS)
     adapters = inject_adapters(model, cfg)
     adapters.train(True)
@@ -97,7 +102,8 @@ def main(argv=None) -> None:
         train_step(engine, task, adapters, None, [batch], cfg.aux_loss_coeff)
         seconds.append(time.perf_counter() - started)
     tokens = args.batch * args.max_length
-    record = {"loss": args.loss, "chunk_tokens": args.chunk if args.loss == "chunked" else None,
+    record = {"loss": args.loss, "quantize_base": args.quantize_base, "base_linear_weights_mb": base_mb,
+              "chunk_tokens": args.chunk if args.loss == "chunked" else None,
               "tokens_per_s": tokens / statistics.median(seconds), "peak_rss_mb": peak_rss_mb(),
               "step_peak_mb": peak_rss_mb() - before, "rss_before_steps_mb": before, "warmup_peak_rss_mb": load_peak}
     args.json.write_text(json.dumps(record))
