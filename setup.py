@@ -37,9 +37,11 @@ setup(
         "dev": ["pytest>=8", "mpi4py>=4", "mpich", "wandb", "tensorboard", "matplotlib", "peft", "lm-eval",
                 "ruff", "pyright[nodejs]",  # make lint
                 # the server's tests talk to it with the openai client and lm-eval's local-completions
-                "fastapi", "uvicorn", "openai", "lm-eval[api]"],
+                "fastapi", "uvicorn", "openai", "lm-eval[api]",
+                "bitsandbytes>=0.50"],  # the --quantize_base tests
         "harness": ["lm-eval"],  # launch/eval.py --harness (lm-evaluation-harness)
         "serve": ["fastapi", "uvicorn"],  # adamole-serve (launch/serve.py): the OpenAI-compatible server
+        "quantize": ["bitsandbytes>=0.50"],  # --quantize_base nf4|fp4|int8 (runs on CPU from 0.50)
         "mpi": ["mpi4py>=4", "mpich"],
         "wandb": ["wandb"],
     },

@@ -26,6 +26,7 @@ LETTERS = {
     "U": "columns summed over the tokens in one reduction (the fused routing's loss and statistics sums)",
     "B": "sequences of a generation batch (its rows)",
     "C": "positions of a sequence in the KV cache: its prompt and generated tokens, left padding included",
-    "W": "the vocabulary (next-token logits)",
+    "W": "the vocabulary (next-token logits; the LM head's rows)",
+    "H": "tokens of one chunk (the chunked LM-head loss)",
     "1": "a size-1 axis, for broadcasting (last position only)",
 }

@@ -23,6 +23,7 @@ adapter's own folder or a folder holding anything else.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -37,6 +38,8 @@ from adamole_dist.atomic_files import WRITTEN_FILES, foreign_entries, write_dir_
 from adamole_dist.config.adapter import AdapterConfig
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.moe.experts import expert_key
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("peft", "adamole")
 PEFT_PREFIX = "base_model.model."  # PeftModel.base_model (LoraModel) .model (the transformers model)
@@ -205,6 +208,10 @@ def export_merged(src: AdapterSource, out: Path, model=None, tokenizer=None) -> 
         raise ConfigError(f"pooling {src.doc.get('pooling')!r} is not part of a plain transformers model; "
                           "merge needs pooling 'cls' (or " + LOADER_HINT + ")")
     tensors = src.tensors()
+    quantized = (src.doc.get("quantization") or {}).get("scheme")
+    if quantized:  # merging into 4/8-bit codes would re-quantize the LoRA away: merge into the full-precision base
+        log.warning(f"--merge: the LoRA was trained on a {quantized}-quantized base; it is merged into the "
+                    f"full-precision base {src.base_model} (the quantization error it trained against is not in it)")
     if model is None:
         from adamole_dist.base_model.model_loading import load_model_and_tokenizer
 

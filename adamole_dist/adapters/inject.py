@@ -12,6 +12,7 @@ import torch.nn as nn
 from adamole_dist.adapters.context import RoutingContext
 from adamole_dist.adapters.handle import Adapters
 from adamole_dist.adapters.layer import AdaptedLinear
+from adamole_dist.base_model.quantize import float_dtype, is_quantized
 from adamole_dist.config.adapter import AdapterConfig
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.model_kwargs import TOKEN_MASK_KWARG
@@ -33,7 +34,10 @@ DEFAULT_TARGETS = {
 
 
 def weight_shape(linear: nn.Linear) -> tuple[int, int]:
-    """(out_features, in_features) of a Linear, also when ZeRO-3 has partitioned its weight."""
+    """(out_features, in_features) of a Linear, also when ZeRO-3 has partitioned its weight or bitsandbytes
+    has packed it (a 4-bit weight is stored [out * in / 2, 1])."""
+    if is_quantized(linear):
+        return int(linear.out_features), int(linear.in_features)
     w = linear.weight
     shape = getattr(w, "ds_shape", None) or w.shape
     return int(shape[0]), int(shape[1])
@@ -107,10 +111,9 @@ def adapt_linear(
     first, count = expert_slice or (0, cfg.num_experts)
     bank = None
     if cfg.is_moe:
-        w = base.weight
         bank = ExpertBank(
             count, cfg.rank, in_f, out_f, cfg.scaling,
-            first_expert=first, total_experts=cfg.num_experts, device=w.device, dtype=w.dtype,
+            first_expert=first, total_experts=cfg.num_experts, device=base.weight.device, dtype=float_dtype(base),
         )
     layer = AdaptedLinear(
         base, cfg, name=name, in_features=in_f, out_features=out_f,

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from adamole_dist.adapters.context import RoutingContext
+from adamole_dist.base_model.quantize import float_dtype
 from adamole_dist.config.adapter import AdapterConfig
 from adamole_dist.moe.balance import global_load_balancing_loss, load_balancing_loss
 from adamole_dist.moe.experts import DENSE_ONLY_TOTAL_RANK, ExpertBank, dense_delta_from_projection
@@ -49,10 +50,11 @@ class AdaptedLinear(nn.Module):
         object.__setattr__(self, "context", context)
         object.__setattr__(self, "dispatcher", dispatcher)
         w = base_layer.weight
+        dtype = float_dtype(base_layer)  # a quantized base stores codes: the adapter computes in its compute dtype
         if cfg.is_moe:
             if experts is None or dispatcher is None:
                 raise ValueError(f"{name}: MoE method {cfg.method!r} needs an expert bank and a dispatcher")
-            self.router: Router | None = build_router(cfg, in_features, device=w.device, dtype=w.dtype)
+            self.router: Router | None = build_router(cfg, in_features, device=w.device, dtype=dtype)
             # The routing in one autograd node where it covers the config (moe/fused_routing.py): per mode
             # (training computes the aux loss); None where the unfused chain is needed.
             self.fused_rules: dict[bool, RoutingRule] | None = fused_rule(cfg)
@@ -70,7 +72,7 @@ class AdaptedLinear(nn.Module):
             self.router = None
             self.fused_rules = None
             self.dense_here = False
-            self.lora = ExpertBank(1, cfg.rank, in_features, out_features, cfg.scaling, device=w.device, dtype=w.dtype)
+            self.lora = ExpertBank(1, cfg.rank, in_features, out_features, cfg.scaling, device=w.device, dtype=dtype)
 
     def register_experts(self) -> None:
         """For inference: make the expert bank a child module, so ``.to()``, ``.half()``, ``.eval()``

@@ -17,6 +17,7 @@ import torch.nn as nn
 from adamole_dist.adapters.files import CONFIG_NAME, load_adapter, read_adapter_config
 from adamole_dist.base_model.attention import check_attn_implementation
 from adamole_dist.base_model.model_loading import load_model_and_tokenizer
+from adamole_dist.base_model.quantize import QuantSpec
 from adamole_dist.config.fields import ConfigError
 
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
@@ -60,6 +61,12 @@ def attention_kernel(name: str, device: str | torch.device | None) -> str | None
     return check_attn_implementation(name, device_type, training=False)
 
 
+def recorded_quantization(doc: dict) -> dict:
+    """load_model_and_tokenizer's arguments for the base as the adapter was trained on it: quantized the
+    same way (base_model/quantize.py), the modules trained in full left unquantized."""
+    return {"quantization": QuantSpec.from_record(doc.get("quantization")), "keep": doc.get("trainable_modules") or []}
+
+
 def from_pretrained(adapter_dir: str | Path, *, model: str | Path | nn.Module | None = None,
                     device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                     attn_implementation: str | None = None):
@@ -89,7 +96,8 @@ def from_pretrained(adapter_dir: str | Path, *, model: str | Path | nn.Module | 
         kernel = attention_kernel(attn_implementation or doc.get("attn_implementation") or "auto", device)
         net, tokenizer, _, _ = load_model_and_tokenizer(source, doc.get("task_type", "auto"),
                                                         dtype=dtype or torch.float32,
-                                                        pooling=doc.get("pooling", "cls"), attn_implementation=kernel)
+                                                        pooling=doc.get("pooling", "cls"), attn_implementation=kernel,
+                                                        **recorded_quantization(doc))
     net.eval()  # before injection: new adapter modules follow the model's mode (no dropout)
     adapters = load_adapter(net, folder)  # LocalDispatcher, all experts (files key them by global id)
     adapters.register_experts()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -11,6 +12,7 @@ import torch
 from adamole_dist.base_model.gguf_cache import SMOLLM2, converted_folder, find_gguf, smollm2_gguf
 from adamole_dist.base_model.hf_logging import quiet_transformers
 from adamole_dist.base_model.pooling import apply_pooling
+from adamole_dist.base_model.quantize import QuantSpec, quantize_base
 from adamole_dist.config.fields import ConfigError
 
 ENCODER_TYPES = {"bert", "roberta", "distilbert", "deberta", "deberta-v2", "electra", "xlm-roberta", "mpnet"}
@@ -79,11 +81,14 @@ def resolve_task_type(task_type: str, model_path: str) -> str:
 
 
 def load_model_and_tokenizer(model: str, task_type: str, dtype: torch.dtype = torch.float32, pooling: str = "cls",
-                             attn_implementation: str | None = None):
+                             attn_implementation: str | None = None, quantization: QuantSpec | None = None,
+                             keep: Sequence[str] = ()):
     """(model, tokenizer, task_type, model_path). Encoders get a 1-logit sequence-classification
     head (each (context, choice) pair is scored) reading the [CLS] or the mean-pooled
     representation (``pooling``, see :mod:`.pooling`); decoders their causal LM head.
-    ``attn_implementation``: the attention kernel (attention.py checks it first; None: transformers' choice)."""
+    ``attn_implementation``: the attention kernel (attention.py checks it first; None: transformers' choice).
+    ``quantization``: the base's linear layers quantized (quantize.py), all but the LM head, the task head
+    and the modules named in ``keep`` (trained in full)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     path = resolve_model_path(model)
@@ -103,6 +108,8 @@ def load_model_and_tokenizer(model: str, task_type: str, dtype: torch.dtype = to
     except (OSError, ValueError, ImportError) as e:  # no weights or tokenizer, an unknown architecture or kernel
         raise ConfigError(f"model ({path}) cannot be loaded: {one_line(e)}") from e
     net.newly_initialized = sorted(loading_info.get("missing_keys", []))  # the caller decides whether to say so
+    if quantization is not None and quantization.enabled:
+        quantize_base(net, quantization, keep=[*keep, *default_trainable_modules(task_type, net)])
     if task_type == "seq_cls":
         net = apply_pooling(net, pooling)
     elif tokenizer.pad_token is None:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from adamole_dist.adapters.files import load_adapter, read_adapter_config
-from adamole_dist.adapters.pretrained import attention_kernel, base_model_of
+from adamole_dist.adapters.pretrained import attention_kernel, base_model_of, recorded_quantization
 from adamole_dist.atomic_files import write_text_atomically
 from adamole_dist.base_model.model_loading import load_model_and_tokenizer
 from adamole_dist.cli.console import configure_logging, interruptible
@@ -104,7 +104,7 @@ def prepare(args):
     kernel = attention_kernel(args.attn_implementation or doc.get("attn_implementation") or "auto", "cpu")
     model, tokenizer, task_type, _ = load_model_and_tokenizer(base, doc.get("task_type", "auto"),
                                                               pooling=doc.get("pooling", "cls"),
-                                                              attn_implementation=kernel)
+                                                              attn_implementation=kernel, **recorded_quantization(doc))
     adapters = load_adapter(model, args.adapter) if args.adapter is not None else None
     framing = args.lm_framing or run.lm_framing
     if framing != "instruction" and task_type != "causal_lm":

@@ -25,8 +25,10 @@ BACKENDS = ("auto", "gloo", "nccl", "cpu:gloo,cuda:nccl")  # runtime/process_gro
 MC_DATA_FORMATS = ("instruction", "mc")  # data/formats.py: multiple choice
 SFT_DATA_FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")  # data/conversations.py
 LOSS_ON = ("auto", "answer", "full", "assistant", "all")  # answer|full: multiple choice; assistant|all: free-form
-TRUNCATIONS = ("drop", "error")
-ELASTIC = ("accumulation", "micro_batch", "off")  # train/elastic.py  # data/sft_render.py
+TRUNCATIONS = ("drop", "error")  # data/sft_render.py
+ELASTIC = ("accumulation", "micro_batch", "off")  # train/elastic.py
+QUANTIZE_BASE = ("none", "nf4", "fp4", "int8")  # base_model/quantize.py
+QUANT_COMPUTE_DTYPES = ("fp32", "bf16")
 MAX_SEED = 2**32 - 1  # numpy's seed range (random and torch take more)
 
 
@@ -93,6 +95,24 @@ class TrainConfig:
                                        "instead of keeping them (Hugging Face models; about one extra forward "
                                        "for activation memory of one block); routing statistics, aux losses "
                                        "and balance loads still count each token once")
+    chunked_loss: bool = opt(True, "causal_lm: the LM head and the cross entropy run over chunks of "
+                             "loss_chunk_tokens target tokens, forward and backward, so the [tokens x vocabulary] "
+                             "logits never exist whole (same loss and gradients, less memory; "
+                             "base_model/chunked_loss.py); off = from the model's full logits. A model whose logits "
+                             "are not its head's plain output (final soft-capping) always uses the full logits")
+    loss_chunk_tokens: int = opt(1024, "chunked_loss: target tokens per chunk (one chunk's fp32 logits are "
+                                 "loss_chunk_tokens x vocabulary)")
+    quantize_base: str = opt("none", "quantize the frozen base's linear layers when the model loads (QLoRA; "
+                             "bitsandbytes, the 'quantize' extra): nf4 / fp4 = 4-bit, int8 = 8-bit; embeddings, "
+                             "norms, the LM head and trained modules stay unquantized; the adapters wrap the "
+                             "quantized layers. Recorded in the adapter: generate, eval and from_pretrained load the "
+                             "base the same way. Works under ZeRO-3 (the packed weights are partitioned) and with "
+                             "expert parallelism; not with --compile (refused)",
+                             choices=QUANTIZE_BASE)
+    quant_double: bool = opt(True, "quantize_base nf4/fp4: quantize the 4-bit blocks' scales too (double "
+                             "quantization, ~0.4 bit per weight less)")
+    quant_compute_dtype: str = opt("fp32", "quantize_base nf4/fp4: the dtype the dequantized matmuls run in",
+                                   choices=QUANT_COMPUTE_DTYPES)
     attn_implementation: str = opt("auto", "the attention kernel the model loads with (recorded in the adapter; "
                                    "generate and eval load it the same way): auto = transformers' choice (sdpa where "
                                    "supported); flash_attention_2/3 need their package and a CUDA GPU; flex_attention "
@@ -184,7 +204,8 @@ class TrainConfig:
 
     def _check_numbers(self) -> None:
         check_choices(self, "")
-        positive = ["micro_batch_size", "gradient_accumulation_steps", "max_length", "eval_batch_size", "log_interval"]
+        positive = ["micro_batch_size", "gradient_accumulation_steps", "max_length", "eval_batch_size", "log_interval",
+                    "loss_chunk_tokens"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} ({getattr(self, name)}) must be positive")
@@ -224,6 +245,8 @@ class TrainConfig:
         if self.ep_size and self.adapter.num_experts % self.ep_size:
             raise ConfigError(f"adapter.num_experts ({self.adapter.num_experts}) is not divisible by "
                               f"ep_size ({self.ep_size})")
+        if self.quantize_base != "none":
+            self._check_quantize_combinations()
         if not self.output_dir:
             raise ConfigError("output_dir must not be empty")
         if not 0 <= self.seed <= MAX_SEED:
@@ -235,6 +258,12 @@ class TrainConfig:
             raise ConfigError(f"dataset ({self.dataset}) is a single file: it would be both the training split and "
                               f"the held-out evaluation split; put the splits in a directory as "
                               f"{self.train_split}.json and {self.eval_split}.json (or .jsonl, .csv, .parquet)")
+
+    def _check_quantize_combinations(self) -> None:
+        """What a quantized base cannot be combined with."""
+        what = f"quantize_base ({self.quantize_base})"
+        if self.compile:  # bitsandbytes' matmuls break torch.compile's graphs
+            raise ConfigError(f"{what} is not supported with compile: pass --no-compile")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

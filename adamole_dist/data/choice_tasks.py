@@ -91,7 +91,10 @@ class CausalLMTask(Task):
 
     def loss(self, model, batch: dict) -> torch.Tensor:
         b = self.to_device(batch, self.device_for(model))
-        logits = self.forward(model, input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        inputs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+        if self.chunked_head is not None:  # the mean over the targets, as cross_entropy's with ignore_index
+            return self.chunked_loss(model, b, inputs) / (b["labels"][:, 1:] != IGNORE).sum()
+        logits = self.forward(model, **inputs).logits
         # position t predicts token t+1
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(),
                                ignore_index=IGNORE)

@@ -92,6 +92,8 @@ class SFTTask(Task):
     def token_losses(self, model, batch: dict) -> torch.Tensor:
         """Cross entropy of every shifted position [B, S-1], 0 where the label is IGNORE."""
         b = self.to_device(batch, self.device_for(model))
+        if self.chunked_head is not None and not torch.is_grad_enabled():
+            return self.chunked_loss(model, b, model_inputs(b), summed=False)
         logits = self.forward(model, **model_inputs(b)).logits
         labels = b["labels"][:, 1:]
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
@@ -100,6 +102,9 @@ class SFTTask(Task):
 
     def loss(self, model, batch: dict) -> torch.Tensor:
         denominator = batch.get(DENOMINATOR) or max(batch.get(TARGETS, target_count(batch["labels"])), 1)
+        if self.chunked_head is not None:
+            b = self.to_device(batch, self.device_for(model))
+            return self.chunked_loss(model, b, model_inputs(b)) / denominator
         return self.token_losses(model, batch).sum() / denominator
 
     # -- evaluation --------------------------------------------------------------------------------

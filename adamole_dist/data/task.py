@@ -18,11 +18,13 @@ states and the loss's softmax in fp32. The backward follows the forward's dtypes
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Protocol
 
 import torch
 
 from adamole_dist.config.training import AUTOCASTS
-from adamole_dist.data.examples import Example
+from adamole_dist.data.examples import IGNORE, Example
 
 AUTOCAST_DTYPES = {"none": None, "bf16": torch.bfloat16}  # config.training.AUTOCASTS
 assert set(AUTOCAST_DTYPES) == set(AUTOCASTS)
@@ -35,8 +37,17 @@ def one_process_sum(values: list[float]) -> list[float]:
     return [float(v) for v in values]
 
 
+class LossHead(Protocol):
+    """An LM head that computes the loss itself (base_model/chunked_loss.py's ChunkedHead; data/ sits
+    beside base_model/ and cannot import it): inside ``loss_of``, the model's ``.logits`` are the loss."""
+
+    def loss_of(self, targets: torch.Tensor, summed: bool = True) -> AbstractContextManager: ...
+
+
 class Task:
     """Common interface; see the module docstring."""
+
+    chunked_head: LossHead | None = None  # set by the run for causal LMs (train/builders.py)
 
     def __init__(self, tokenizer, max_length: int, device: torch.device | str | None = None,
                  autocast: str = "none") -> None:
@@ -54,6 +65,16 @@ class Task:
         with torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             return model(**inputs)
+
+    def chunked_loss(self, model, b: dict, inputs: dict, summed: bool = True) -> torch.Tensor:
+        """Through ``chunked_head``: the summed cross entropy of ``b``'s shifted labels (position t predicts
+        label t+1), or (``summed=False``, no gradients) each position's [B, S-1]."""
+        assert self.chunked_head is not None
+        labels = b["labels"]
+        targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE)], dim=1)
+        with self.chunked_head.loss_of(targets, summed):
+            loss = self.forward(model, **inputs).logits
+        return loss if summed else loss[:, :-1]
 
     def device_for(self, model) -> torch.device:
         if self.device is not None:

@@ -33,6 +33,7 @@ from adamole_dist.base_model.model_loading import (
     resolve_model_path,
     resolve_task_type,
 )
+from adamole_dist.base_model.quantize import QuantSpec, bitsandbytes_or_error
 from adamole_dist.config.deepspeed import build_ds_config, ds_config_source, validate_with_deepspeed, zero_stage
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.config.training import TrainConfig
@@ -55,7 +56,13 @@ from adamole_dist.run_files.run_lock import RunLock
 from adamole_dist.runtime.process_group import DistInfo, device_for
 from adamole_dist.runtime.stopping import PREEMPTED_MARKER, StopSignal
 from adamole_dist.train import checkpoint as ckpt_io
-from adamole_dist.train.builders import build_dispatcher, build_engine, build_expert_optimizer, build_task_for
+from adamole_dist.train.builders import (
+    attach_chunked_loss,
+    build_dispatcher,
+    build_engine,
+    build_expert_optimizer,
+    build_task_for,
+)
 from adamole_dist.train.compile import CompileReport, check_compile, compile_blocks
 from adamole_dist.train.elastic import batch_in_epoch
 from adamole_dist.train.expert_optimizer import ExpertOptimizer
@@ -128,6 +135,7 @@ def build_run(cfg: TrainConfig, dist_info: DistInfo, stop: StopSignal | None = N
     cfg, plan = resume_options(cfg, out, dist_info)
     ds_config = build_ds_config(cfg, dist_info.world_size)
     validate_with_deepspeed(ds_config, ds_config_source(cfg))
+    check_quantize_base(cfg)
     seed_everything(cfg.seed)
     with raising_during(stop, "reading and tokenizing the data"):
         data = load_run_data(cfg, CollectiveRanks(dist_info.rank, dist_info.world_size), lambda: resolved_model(cfg))
@@ -144,10 +152,12 @@ def build_run(cfg: TrainConfig, dist_info: DistInfo, stop: StopSignal | None = N
     # is written, so a bad option leaves the output directory untouched.
     with raising_during(stop, "loading the model"):
         model, tokenizer, task_type, model_path = load_model_and_tokenizer(
-            cfg.model, cfg.task_type, pooling=cfg.pooling, attn_implementation=attn_implementation)
+            cfg.model, cfg.task_type, pooling=cfg.pooling, attn_implementation=attn_implementation,
+            quantization=quant_spec(cfg), keep=cfg.trainable_modules)
         check_model_options(cfg, model, task_type, model_path)
         task = build_task_for(cfg, task_type, tokenizer, device, free_form=data.sft is not None)  # checks max_length
         layout, dispatcher, adapters = adapt_model(cfg, dist_info, model, task_type, model_path, device)
+        attach_chunked_loss(cfg, task, model, task_type)
         compiled = CompileReport(compile_blocks(model, cfg.gradient_checkpointing)) if cfg.compile else None
     lock = lock_output_dir(cfg, out, config_record)
     adapters.expert_module.to(device)
@@ -189,6 +199,18 @@ def run_record(cfg: TrainConfig, train_origin: str, dist_info: DistInfo) -> dict
     if dist_info.is_main:
         record[TRAIN_DATA] = {"file": train_origin, "fingerprint": data_fingerprint(train_origin)}
     return record
+
+
+def quant_spec(cfg: TrainConfig) -> QuantSpec:
+    return QuantSpec(cfg.quantize_base, cfg.quant_double, cfg.quant_compute_dtype)
+
+
+def check_quantize_base(cfg: TrainConfig) -> None:
+    """--quantize_base: bitsandbytes importable before anything is written. ZeRO-3 partitions the packed
+    quantized weights like any frozen parameter and gathers them back whole, their quantization state
+    beside them (tests/integration/test_quantized_base.py)."""
+    if quant_spec(cfg).enabled:
+        bitsandbytes_or_error()
 
 
 def resolved_model(cfg: TrainConfig) -> tuple[str, str]:

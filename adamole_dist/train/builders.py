@@ -12,8 +12,11 @@ what a training run executes.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
+from adamole_dist.base_model.chunked_loss import install, why_not_chunked
 from adamole_dist.config.training import TrainConfig
 from adamole_dist.data.task import Task
 from adamole_dist.data.task_factory import build_task
@@ -21,6 +24,8 @@ from adamole_dist.parallel.ep_dispatcher import ExpertParallelDispatcher, overla
 from adamole_dist.parallel.layout import ParallelLayout
 from adamole_dist.parallel.local_dispatcher import Dispatcher, LocalDispatcher
 from adamole_dist.train.expert_optimizer import ExpertOptimizer
+
+log = logging.getLogger(__name__)
 
 
 def build_dispatcher(layout: ParallelLayout, dispatch_dtype: str = "fp32", ep_overlap: str = "auto",
@@ -66,3 +71,13 @@ def build_task_for(cfg: TrainConfig, task_type: str, tokenizer, device=None, *, 
     for a prompt and an answer."""
     return build_task(task_type, tokenizer, cfg.max_length, cfg.loss_on, device, lm_framing=cfg.lm_framing,
                       autocast=cfg.autocast, free_form=free_form)
+
+
+def attach_chunked_loss(cfg: TrainConfig, task: Task, model: torch.nn.Module, task_type: str) -> None:
+    """--chunked_loss: the task's causal-LM loss through the model's LM head chunk by chunk
+    (base_model/chunked_loss.py); after the adapters are injected (an adapted head keeps the full logits)."""
+    if not cfg.chunked_loss or task_type != "causal_lm":
+        return
+    task.chunked_head = install(model, cfg.loss_chunk_tokens)
+    if task.chunked_head is None:
+        log.info(f"chunked_loss: the full logits instead, since {why_not_chunked(model)}")

@@ -20,6 +20,7 @@ from pathlib import Path
 from adamole_dist.adapters.files import adapter_state, save_adapter
 from adamole_dist.adapters.model_card import write_model_card
 from adamole_dist.atomic_files import write_text_atomically
+from adamole_dist.base_model.quantize import QuantSpec
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.config.training import TrainConfig
 from adamole_dist.data.conversations import prompt_format
@@ -243,6 +244,8 @@ def adapter_meta(run: Run, step: int) -> dict:
     return {"base_model": cfg.model, "base_model_path": run.model_path, "task_type": run.task_type,
             "pooling": cfg.pooling, "trainable_modules": run.adapters.trainable_modules, "step": step,
             "attn_implementation": cfg.attn_implementation,
+            # the base's quantization (None: as loaded); from_pretrained, generate and eval load it the same way
+            "quantization": QuantSpec(cfg.quantize_base, cfg.quant_double, cfg.quant_compute_dtype).to_record(),
             "data_format": run.data_format, "prompt_format": prompt_format(run.data_format, cfg.alpaca_as_chat),
             # the Jinja text when --chat_template gave one; None: the tokenizer's own template
             "chat_template": run.sft.spec.chat_template if run.sft is not None else None}

@@ -196,6 +196,39 @@ def test_two_ranks_equal_one_process(work, tmp_path):
         torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=0, msg=k)
 
 
+@pytest.mark.slow
+def test_chunked_loss_under_zero3_equals_the_plain_loss(work, tmp_path):
+    """Two ranks under ZeRO-3, the LM head trained too (its weight partitioned, gathered for the head's
+    forward and backward): the chunked loss (the default) gives the plain loss's losses, norms, held-out
+    loss and parameters."""
+    from safetensors.torch import load_file
+
+    from tests.helpers.mp_harness import run_ranks
+
+    def config(chunked: bool) -> dict:
+        return dict(model=str(work / "model"), dataset=str(work / "chat"), chat_template=str(work / "chat.jinja"),
+                    max_length=64, micro_batch_size=4, max_steps=STEPS, lr=1e-2, lr_scheduler="constant",
+                    warmup_steps=0, log_interval=1, eval_interval=0, eval_at_start=False, save_interval=0,
+                    sample_prompts=0, eval_batch_size=4, peer_timeout=0.0, report_to="none",
+                    ds_config="ds_configs/zero3.json", trainable_modules=["lm_head"], chunked_loss=chunked,
+                    loss_chunk_tokens=16, output_dir=str(tmp_path / ("chunked" if chunked else "plain")),
+                    adapter=dict(num_experts=4, rank=2, dropout=0.0))
+
+    run_ranks(train_cases, 2, [config(True), config(False)], timeout=600)
+    ref, got = records(tmp_path / "plain", "train"), records(tmp_path / "chunked", "train")
+    assert [r["step"] for r in got] == [r["step"] for r in ref] == list(range(1, STEPS + 1))
+    for key in ("task_loss", "aux_loss", "grad_norm"):
+        for a, b in zip(got, ref):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, got, ref)
+    final_ref, final_got = (records(tmp_path / w, "eval")[-1] for w in ("plain", "chunked"))
+    assert final_got["eval_loss"] == pytest.approx(final_ref["eval_loss"], rel=1e-5)
+    a = load_file(str(tmp_path / "plain" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "chunked" / "adapter" / "adapter_model.safetensors"))
+    assert set(a) == set(b) and any("lm_head" in k for k in a)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=0, msg=k)
+
+
 # -- the training split is read by rank 0 alone (slow) --------------------------------------------------------------
 def read_and_tokenize(rank, world, work, cache, out, limit):
     """Through the trainer's own data path; counts the reads of the training file on this rank."""

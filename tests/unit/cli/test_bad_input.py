@@ -40,6 +40,9 @@ def fails_cleanly(tmp_path, *args, expect: list[str], out_name="run"):
         (["--attn_implementation", "flex_attention"], ["attn_implementation (flex_attention)", "no backward",
                                                        "eager, sdpa"]),
         (["--attn_implementation", "paged"], ["--attn_implementation", "'paged'", "'sdpa'"]),
+        (["--quantize_base", "nf4", "--compile"], ["quantize_base (nf4)", "compile"]),
+        (["--quantize_base", "int4"], ["--quantize_base", "'int4'", "'nf4'"]),
+        (["--loss_chunk_tokens", "0"], ["loss_chunk_tokens (0)", "positive"]),
     ],
 )
 def test_bad_adapter_options(tmp_path, args, expect):

@@ -159,6 +159,30 @@ def test_loss_matches_manual_cross_entropy(tokenizer, llama):
     assert torch.allclose(loss, torch.stack(terms).mean(), atol=1e-5)
 
 
+
+@pytest.mark.parametrize("loss_on", ["answer", "full"])
+def test_the_chunked_loss_gives_the_multiple_choice_loss_and_gradients(tokenizer, llama, loss_on):
+    """--chunked_loss on the multiple-choice causal LM (base_model/chunked_loss.py; its own tests hold the
+    SFT task): the mean over the target tokens, and the LM head's gradient."""
+    from adamole_dist.base_model.chunked_loss import install
+
+    model = copy.deepcopy(llama)
+    model.lm_head.weight.requires_grad_(True)
+    task = CausalLMTask(tokenizer, max_length=64, loss_on=loss_on)
+    batch = task.collate(instruction_examples())
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        model.lm_head.weight.grad = None
+        loss = task.loss(model, batch)
+        loss.backward()
+        return loss.detach(), model.lm_head.weight.grad.clone()
+
+    ref_loss, ref_grad = run()
+    task.chunked_head = install(model, chunk_tokens=7)
+    loss, grad = run()
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-6)
+    assert float((grad - ref_grad).norm()) <= 1e-6 * float(ref_grad.norm())
+
 # -- causal LM: prediction against brute force -------------------------------------------------------------
 def brute_force_scores(tokenizer, model, ex: Example, first_only: bool) -> torch.Tensor:
     """Each candidate scored alone (no batching, no padding): log p(first token) or log p(all tokens)."""
