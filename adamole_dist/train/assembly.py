@@ -144,10 +144,7 @@ def build_run(cfg: TrainConfig, dist_info: DistInfo, stop: StopSignal | None = N
     total_steps = count_total_steps(cfg, data.batches)
     config_record = run_record(cfg, data.train_origin, dist_info)
     resume_from = check_run_target(cfg, dist_info, out, config_record)
-    device = device_for(dist_info)
-    attn_implementation = check_attn_implementation(cfg.attn_implementation, device.type, training=True)
-    if cfg.compile:
-        check_compile(device)
+    device, attn_implementation = checked_device(cfg, dist_info)
     # The model is loaded and the adapters injected (validating target modules) before anything
     # is written, so a bad option leaves the output directory untouched.
     with raising_during(stop, "loading the model"):
@@ -178,6 +175,16 @@ def build_run(cfg: TrainConfig, dist_info: DistInfo, stop: StopSignal | None = N
     if data.sft is not None:
         report_sft_data(run)
     return run
+
+
+def checked_device(cfg: TrainConfig, dist_info: DistInfo) -> tuple[torch.device, str]:
+    """This rank's device and the attention kernel to load, checked with --compile against it (ConfigError
+    naming what this machine lacks)."""
+    device = device_for(dist_info)
+    attn_implementation = check_attn_implementation(cfg.attn_implementation, device.type, training=True)
+    if cfg.compile:
+        check_compile(device)
+    return device, attn_implementation
 
 
 def check_model_options(cfg: TrainConfig, model, task_type: str, model_path) -> None:
