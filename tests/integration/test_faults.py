@@ -429,6 +429,13 @@ def tiny_chat_adapter(tmp_path: Path) -> Path:
                              meta={"prompt_format": "chat", "chat_template": CHAT_TEMPLATE})
 
 
+def sigint_as_on_a_terminal() -> None:
+    """For a command's process, before it starts: SIGINT at its default, as a terminal's Ctrl-C finds it. A
+    runner started as a background job of a non-interactive shell has SIGINT ignored, which its children
+    inherit and Python then keeps (no KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupted(cmd: list[str], tmp_path: Path, sig: int) -> tuple[int, str]:
     """``cmd`` run with every causal-LM forward slowed; ``sig`` sent once the first forward began."""
     from tests.helpers.fault_hooks import env_with
@@ -436,7 +443,7 @@ def interrupted(cmd: list[str], tmp_path: Path, sig: int) -> tuple[int, str]:
     started, log_path = tmp_path / "started", tmp_path / "cmd.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env_with(ADAMOLE_TEST_SLOW_FORWARD="2", ADAMOLE_TEST_STARTED=str(started)),
-                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, preexec_fn=sigint_as_on_a_terminal)
         try:
             wait_for(proc, log_path, started.exists, "the first forward")
             proc.send_signal(sig)
@@ -485,7 +492,8 @@ def test_ctrl_c_during_a_chat_reply_stops_the_reply_and_keeps_the_chat(tmp_path)
         proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "generate.py"), "--adapter", str(adapter),
                                  "--chat", "--max_new_tokens", "2", "--device", "cpu"], stdin=subprocess.PIPE,
                                 env=env_with(ADAMOLE_TEST_SLOW_FORWARD="1", ADAMOLE_TEST_STARTED=str(started)),
-                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=sigint_as_on_a_terminal)
         try:
             proc.stdin.write("hi there\n")
             proc.stdin.flush()
