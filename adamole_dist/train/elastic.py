@@ -127,9 +127,14 @@ def plan_geometry(cfg: TrainConfig, state: dict, world_size: int, ckpt) -> Resum
                                   gradient_accumulation_steps=new.accumulation)
     if new == saved and cfg.ep_size == saved_config.get("ep_size", cfg.ep_size):
         return ResumePlan(run_cfg, legacy, None)
-    note = (f"--resume: {saved} -> {new} (ep_size {saved_config.get('ep_size')} -> {cfg.ep_size}) keeps the global "
-            f"batch {new.global_batch}" + layout_note(cfg, saved, new, saved_config.get("ep_size")))
+    note = (f"--resume: {saved} -> {new} (ep_size {ep_name(saved_config.get('ep_size'))} -> {ep_name(cfg.ep_size)}) "
+            f"keeps the global batch {new.global_batch}" + layout_note(cfg, saved, new, saved_config.get("ep_size")))
     return ResumePlan(run_cfg, legacy, note)
+
+
+def ep_name(ep_size: int | None) -> str:
+    """An ep_size as the user wrote it: 0 is --ep_size auto (decided by the cost model when the run starts)."""
+    return "auto" if ep_size == 0 else str(ep_size)
 
 
 def batch_in_epoch(state: dict, accumulation: int) -> int:

@@ -76,6 +76,9 @@ def test_plan_changes_the_accumulation_and_says_so():
                                 "accumulation 4 (ep_size 2 -> 1) keeps the global batch 32")
     same = plan_geometry(written, state_of(written, 4), 4, "c")
     assert same.note is None and same.cfg == written
+    auto = plan_geometry(TrainConfig(micro_batch_size=4, gradient_accumulation_steps=2, ep_size=0),
+                         state_of(written, 4), 2, "c")
+    assert "(ep_size 2 -> auto)" in auto.note  # 0 is how the config holds --ep_size auto
 
 
 def test_plan_names_what_depends_on_the_layout():
