@@ -1,9 +1,16 @@
 """Shared fixtures: tiny models built from configs (no hub), the offline MiniLM tokenizer."""
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+# DeepSpeed JIT-builds its CPU shared-memory op with the first `ninja` on PATH. Ninja 1.11 (Debian's) and 1.13
+# (the venv's) hash build commands differently, so processes alternating between the two rebuild the op (~60 s
+# each). The tests, and every process they start, use the interpreter's own tools.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 def make_tiny_llama(seed: int = 0):

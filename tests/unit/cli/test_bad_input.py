@@ -6,14 +6,24 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.forked_train import ForkedTrain
 from tests.helpers.launch_utils import python_cmd, run
 
 BASE = ["--max_steps", "1", "--max_train_examples", "16", "--max_eval_examples", "8"]
+TRAIN: ForkedTrain  # the module's launch/train.py runs: one import, a forked process per run
+
+
+@pytest.fixture(scope="module", autouse=True)
+def forked_train(tmp_path_factory):
+    global TRAIN
+    TRAIN = ForkedTrain(tmp_path_factory.mktemp("forked_train"))
+    yield
+    TRAIN.close()
 
 
 def fails_cleanly(tmp_path, *args, expect: list[str], out_name="run"):
     out = tmp_path / out_name
-    proc = run(python_cmd("--output_dir", str(out), *BASE, *args), timeout=300)
+    proc = TRAIN.run(["--output_dir", str(out), *BASE, *args])
     assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     message = proc.stderr.strip().splitlines()[-1]
     assert "error:" in message
@@ -116,7 +126,7 @@ def refused_leaving_out_unchanged(out, *args, expect: list[str]) -> None:
     """train.py with ``args`` exits 2 with one error line holding every ``expect`` part, no
     traceback, and ``out`` byte-identical afterwards."""
     before = snapshot(out)
-    proc = run(python_cmd("--output_dir", str(out), *BASE, *args), timeout=300)
+    proc = TRAIN.run(["--output_dir", str(out), *BASE, *args])
     assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     message = proc.stderr.strip().splitlines()[-1]
     assert message.startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -125,13 +135,13 @@ def refused_leaving_out_unchanged(out, *args, expect: list[str]) -> None:
     assert snapshot(out) == before, "the output directory changed"
 
 
-def existing_run(out: Path, config: dict | None = None) -> None:
-    """A previous run of this trainer: record, metrics, a checkpoint."""
+def existing_run(out: Path, config: dict | None = None, world_size: int = 2) -> None:
+    """A previous run of this trainer: record, metrics, a checkpoint (written at ``world_size``)."""
     (out / "checkpoints" / "step_0000005").mkdir(parents=True)
     (out / "run_config.json").write_text(json.dumps(config or {"model": "previous"}))
     (out / "metrics.jsonl").write_text('{"step": 5, "kind": "train", "task_loss": 1.0}\n')
     (out / "checkpoints" / "step_0000005" / "trainer_state.json").write_text(
-        json.dumps({"step": 5, "epoch": 0, "batch_in_epoch": 5, "world_size": 2}))
+        json.dumps({"step": 5, "epoch": 0, "batch_in_epoch": 5, "world_size": world_size}))
     (out / "checkpoints" / "latest").write_text("step_0000005")
 
 
@@ -161,7 +171,7 @@ def resume_on_edited_data(tmp: Path, out: Path) -> list[str]:
     args = ["--output_dir", str(out), *BASE, "--dataset", data, "--resume", "latest"]
     record = {**parse_train_config(args).to_dict(), "train_data": {
         "file": f"{data}/train.jsonl", "fingerprint": data_fingerprint(f"{data}/train.jsonl")}}
-    existing_run(out, record)
+    existing_run(out, record, world_size=1)  # resumable here but for the data
     edited = {**MC_RECORD, "question": "Which is a tool?", "answerKey": "B"}
     write(Path(data) / "train.jsonl", MC_LINE * 6 + json.dumps(edited) + "\n" + MC_LINE * 9)  # one of 16 changed
     return ["--dataset", data, "--resume", "latest"]
@@ -459,8 +469,8 @@ def test_bad_sft_record_changes_nothing(tmp_path, name):
     out = tmp_path / "run"
     existing_run(out)
     before = snapshot(out)
-    proc = run(python_cmd("--output_dir", str(out), *BASE, "--model", str(model), "--dataset", str(data),
-                          "--overwrite", *extra), timeout=300)
+    proc = TRAIN.run(["--output_dir", str(out), *BASE, "--model", str(model), "--dataset", str(data), "--overwrite",
+                      *extra])
     assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     message = proc.stderr.strip().splitlines()[-1]
     assert message.startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr[-3000:]
