@@ -53,6 +53,7 @@ setup(
             "adamole-export = adamole_dist.cli.export:main",
             "adamole-plot = adamole_dist.cli.plot:main",
             "adamole-serve = adamole_dist.cli.serve:main",
+            "adamole-plan = adamole_dist.cli.plan:main",
         ],
     },
 )

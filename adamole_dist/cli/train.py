@@ -26,6 +26,9 @@ from adamole_dist.cli.console import configure_logging
 from adamole_dist.config.cli import parse_train_config
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.data import DataError
+from adamole_dist.planning.model_shape import load_model_shape
+from adamole_dist.planning.plan_config import plan_config_from_train
+from adamole_dist.planning.render import plan_text
 from adamole_dist.runtime.stopping import (
     EXIT_BAD_INPUT,
     EXIT_NON_FINITE,
@@ -38,12 +41,29 @@ from adamole_dist.runtime.stopping import (
 )
 
 
+def planned_text(cfg) -> str:
+    """--plan: the memory plan of this command's options on this launch's world size and device."""
+    import os
+
+    import torch
+
+    plan = plan_config_from_train(cfg, int(os.environ.get("WORLD_SIZE", "1")),
+                                  "cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return plan_text(load_model_shape(plan.model), plan)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def main(argv=None) -> int:
     configure_logging()
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv  # known before the options parse, so a parse error can show its traceback too
     try:
         cfg = parse_train_config(argv)
+        if cfg.plan:
+            print(planned_text(cfg), flush=True)
+            return 0
         from adamole_dist.train.loop import run_training
 
         run_training(cfg)

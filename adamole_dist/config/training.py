@@ -188,6 +188,8 @@ class TrainConfig:
                            "dominated expert-parallel steps on CPU, see benchmarks/README.md; the process keeps "
                            "its peak host memory); system: glibc's default", choices=HOST_MEMORY)
     eval_batch_size: int = opt(16, "examples per rank per evaluation forward")
+    plan: bool = opt(False, "print the memory plan of these options per rank (planning/, as adamole-plan: world size "
+                     "from WORLD_SIZE, the device this machine trains on) and exit 0, touching nothing in output_dir")
     debug: bool = opt(False, "on an error, print the full traceback (by default a bad input prints one line)")
     # -- adapter ---------------------------------------------------------------------------
     adapter: AdapterConfig = dataclasses.field(default_factory=AdapterConfig, metadata={"help": "adapter options"})

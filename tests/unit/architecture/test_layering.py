@@ -44,12 +44,15 @@ LAYERS: dict[str, set[str]] = {
                 "data", "adapters", "generation", "evaluation"},
     # the placement cost model: read by run assembly and the benchmarks only
     "costmodel": {"config", "glossary", "moe", "parallel", "adapters"},
+    # the memory planner (adamole-plan, train --plan): formulas over a model's config
+    "planning": {"config", "base_model"},
     # training: assembly, the step, the loop, checkpoints
     "train": {"config", "glossary", "atomic_files", "local_host", "model_kwargs", "moe", "base_model", "runtime",
-              "run_files", "data", "parallel", "adapters", "generation", "evaluation", "costmodel"},
+              "run_files", "data", "parallel", "adapters", "generation", "evaluation", "costmodel", "planning"},
     # the command-line entry points (console scripts, python -m, launch/*.py): the top floor
     "cli": {"config", "glossary", "atomic_files", "local_host", "model_kwargs", "moe", "base_model", "runtime",
-            "run_files", "data", "parallel", "adapters", "generation", "evaluation", "serving", "costmodel", "train"},
+            "run_files", "data", "parallel", "adapters", "generation", "evaluation", "serving", "costmodel", "planning",
+            "train"},
     # the package's public names
     "__init__": {"config", "adapters"},
 }

@@ -1,0 +1,72 @@
+"""Saved activations of one training forward, per token, by formula. The coefficients were read off the tensors
+autograd saves for a real adapted block (tests/unit/planning/test_activations.py counts them with
+saved_tensors_hooks and holds the formula to them): a decoder block with adapters saves about 8 hidden-sized
+tensors (norm inputs and outputs, residuals, q, the attention output), k and v, three intermediate-sized ones (gate,
+up, their product; two for an encoder's plain MLP), and per adapted linear its dropout(x) copy and the experts'
+small tensors; a routed method also keeps the router's input once per distinct input."""
+
+from __future__ import annotations
+
+from adamole_dist.planning.model_shape import ModelShape
+from adamole_dist.planning.plan_config import PlanConfig
+
+# the input a target reads: targets in one group share it (q, k, v read the same normed hidden state)
+INPUT_GROUPS = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out",
+                "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_out", "query": "attn_in",
+                "key": "attn_in", "value": "attn_in", "attention.output.dense": "attn_out",
+                "intermediate.dense": "mlp_in", "output.dense": "mlp_out"}
+HIDDEN_SIZED_PER_BLOCK = 8  # norm inputs/outputs, residual sums, q, attention output
+
+
+def default_target_names(shape: ModelShape) -> list[str]:
+    return ["query", "key", "value", "attention.output.dense"] if shape.is_encoder else [
+        "q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def target_dims(shape: ModelShape, targets: list[str]) -> dict[str, tuple[int, int]]:
+    """(in, out) of each adapted linear of a block; ValueError naming an unknown target."""
+    linears = shape.linears()
+    chosen = targets or default_target_names(shape)
+    unknown = [t for t in chosen if t not in linears]
+    if unknown:
+        raise ValueError(f"target_modules ({','.join(unknown)}) are not linear layers of a {shape.model_type} "
+                         f"block; it has {', '.join(linears)}")
+    return {t: linears[t] for t in chosen}
+
+
+def adapter_floats_per_token(shape: ModelShape, plan: PlanConfig) -> int:
+    """What the adapters of one block save per token."""
+    targets = target_dims(shape, plan.target_modules)
+    routed = plan.method != "lora"
+    n, r = plan.experts, plan.rank
+    inner = 2 * n * r + 3 * n + 3 if routed else r + 3  # expert inputs/outputs; router logits, p, tau
+    per_target = sum(d_in + inner for d_in, _ in targets.values())  # d_in: the dropout(x) copy
+    router_inputs = {INPUT_GROUPS[t]: d_in for t, (d_in, _) in targets.items()} if routed else {}
+    return per_target + sum(router_inputs.values())
+
+
+def block_floats_per_token(shape: ModelShape, plan: PlanConfig) -> int:
+    """Everything one block saves per token for its backward."""
+    kv = shape.hidden if shape.is_encoder else shape.kv_dim
+    mlp = 2 if shape.is_encoder else 3
+    floats = HIDDEN_SIZED_PER_BLOCK * shape.hidden + 2 * kv + mlp * shape.intermediate
+    if plan.attn_implementation == "eager" or shape.attention_dropout > 0:  # the [H x T] scores of each token
+        floats += shape.heads * plan.max_length + 2 * (shape.q_dim - kv)  # + k, v repeated to every head (GQA)
+    return floats + adapter_floats_per_token(shape, plan)
+
+
+def tokens_per_micro_batch(shape: ModelShape, plan: PlanConfig) -> int:
+    choices = plan.choices or (4 if shape.is_encoder else 1)
+    return plan.micro_batch_size * choices * plan.max_length
+
+
+def saved_activation_bytes(shape: ModelShape, plan: PlanConfig) -> tuple[int, int]:
+    """(all blocks' saved activations, one block's) in bytes for a micro batch. Gradient checkpointing keeps each
+    block's input only (the recomputed block is counted separately, as one block)."""
+    tokens = tokens_per_micro_batch(shape, plan)
+    act_bytes = 2 if plan.precision == "bf16" else 4
+    one_block = tokens * block_floats_per_token(shape, plan) * act_bytes
+    outside = tokens * 2 * shape.hidden * act_bytes  # the final norm's input and output
+    if plan.gradient_checkpointing:
+        return tokens * shape.layers * shape.hidden * act_bytes + outside, one_block
+    return shape.layers * one_block + outside, one_block

@@ -1,0 +1,75 @@
+"""The planner's inputs: a typed config whose fields are adamole-plan's flags (help text included); train --plan
+builds one from the run's TrainConfig."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from adamole_dist.config.adapter import METHODS
+from adamole_dist.config.fields import ConfigError, check_choices, opt
+from adamole_dist.config.training import QUANTIZE_BASE
+
+PRECISIONS = ("fp32", "bf16")
+DEVICES = ("cuda", "cpu")
+ATTENTIONS = ("sdpa", "eager")
+
+
+@dataclass(kw_only=True)
+class PlanConfig:
+    model: str = opt("minilm-l6", "a config.json, a folder holding one, a cached hub id, or a known name "
+                     "(llama-3.1-8b, llama-3.1-70b, qwen2.5-32b, smollm2-135m, minilm-l6); no weights are read")
+    world_size: int = opt(1, "ranks (GPUs) of the run: ZeRO-3 shards the frozen base and the engine's states over them")
+    ep_size: int = opt(1, "expert parallelism: experts sharded over this many ranks")
+    micro_batch_size: int = opt(8, "sequences per rank per forward pass")
+    max_length: int = opt(64, "tokens per sequence")
+    choices: int = opt(0, "sequences per example: an encoder (seq_cls) scores each (context, choice) pair as its own "
+                       "sequence; 0 = auto: 4 for encoders (the built-in task's four words), 1 for decoders")
+    precision: str = opt("bf16", "weights and activations: bf16 (DeepSpeed bf16, the GPU default) or fp32 (CPU)",
+                         choices=PRECISIONS)
+    quantize_base: str = opt("none", "the frozen base's linear layers: nf4 / fp4 (4-bit) or int8",
+                             choices=QUANTIZE_BASE)
+    quant_double: bool = opt(True, "nf4/fp4: 8-bit block scales (double quantization) instead of fp32 ones")
+    gradient_checkpointing: bool = opt(False, "keep only each block's input; recompute one block in the backward")
+    optimizer_offload: bool = opt(False, "ZeRO offload of the engine's fp32 master weights and AdamW moments to host")
+    activation_offload: bool = opt(False, "saved activations kept in host memory (counted as host, not device)")
+    chunked_loss: bool = opt(True, "causal_lm: the LM head and loss over chunks of loss_chunk_tokens tokens")
+    loss_chunk_tokens: int = opt(1024, "chunked_loss: target tokens per chunk")
+    attn_implementation: str = opt("sdpa", "sdpa (flash-style: no [T x T] scores kept) or eager (keeps them)",
+                                   choices=ATTENTIONS)
+    method: str = opt("adamole", "adapter method", choices=METHODS)
+    num_experts: int = opt(8, "LoRA experts N per adapted linear")
+    rank: int = opt(4, "rank r of each expert")
+    target_modules: list = opt([], "adapted linear layers; empty = q/k/v/o (decoders), query/key/value/attention "
+                               "output (encoders)")
+    device: str = opt("cuda", "cuda: device memory (torch.cuda.max_memory_allocated); cpu: the process's peak RSS, "
+                      "process baseline included", choices=DEVICES)
+
+    def __post_init__(self) -> None:
+        check_choices(self, "")
+        if self.choices < 0:
+            raise ConfigError(f"choices ({self.choices}) must be >= 0 (0 = auto)")
+        for name in ("world_size", "ep_size", "micro_batch_size", "max_length", "num_experts", "rank",
+                     "loss_chunk_tokens"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} ({getattr(self, name)}) must be positive")
+        if self.world_size % self.ep_size:
+            raise ConfigError(f"ep_size ({self.ep_size}) must divide world_size ({self.world_size})")
+        if self.num_experts % self.ep_size:
+            raise ConfigError(f"num_experts ({self.num_experts}) is not divisible by ep_size ({self.ep_size})")
+
+    @property
+    def experts(self) -> int:
+        return 1 if self.method == "lora" else self.num_experts
+
+
+def plan_config_from_train(cfg, world_size: int, device: str) -> PlanConfig:
+    """The PlanConfig of a TrainConfig (train --plan, the trainer's start-of-run log) on ``world_size`` ranks."""
+    attn = "eager" if cfg.attn_implementation == "eager" else "sdpa"
+    bf16 = device == "cuda" or cfg.autocast == "bf16"
+    return PlanConfig(model=cfg.model, world_size=world_size, ep_size=max(cfg.ep_size, 1),
+                      micro_batch_size=cfg.micro_batch_size, max_length=cfg.max_length,
+                      precision="bf16" if bf16 else "fp32", quantize_base=cfg.quantize_base,
+                      quant_double=cfg.quant_double, gradient_checkpointing=cfg.gradient_checkpointing,
+                      chunked_loss=cfg.chunked_loss, loss_chunk_tokens=cfg.loss_chunk_tokens, attn_implementation=attn,
+                      method=cfg.adapter.method, num_experts=cfg.adapter.num_experts, rank=cfg.adapter.rank,
+                      target_modules=list(cfg.adapter.target_modules), device=device)
