@@ -6,8 +6,9 @@ Three forms (``launch/export.py`` is the command line):
   ``adapter_model.safetensors`` under PEFT's key names) that ``peft.PeftModel.from_pretrained(base, DIR)``
   loads. Written from our files alone: neither peft nor the base model is needed to export.
 * ``merged``  — method lora only: the base model with ``W + (alpha / r) * B A`` folded into every adapted
-  weight, saved with ``save_pretrained`` (safetensors) beside the tokenizer, so plain
-  ``AutoModelForCausalLM.from_pretrained`` (or vLLM, or llama.cpp's converter) reads it.
+  weight (a GPT-2 Conv1D's, stored transposed, through targets.weight_OI), saved with ``save_pretrained``
+  (safetensors) beside the tokenizer, so plain ``AutoModelForCausalLM.from_pretrained`` (or vLLM, or
+  llama.cpp's converter) reads it.
 * ``adamole`` — any method: our adapter files, the base model's id/path (already in adapter_config.json)
   and the tokenizer (with the chat template training used), for ``load_adapter``.
 
@@ -31,9 +32,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adamole_dist.adapters.files import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
-from adamole_dist.adapters.inject import matches
 from adamole_dist.adapters.model_card import card_inputs, write_model_card
 from adamole_dist.adapters.pretrained import base_model_of
+from adamole_dist.adapters.targets import SHORTHANDS, is_adaptable, matches, weight_OI
 from adamole_dist.atomic_files import WRITTEN_FILES, foreign_entries, write_dir_atomically
 from adamole_dist.config.adapter import AdapterConfig
 from adamole_dist.config.fields import ConfigError
@@ -120,8 +121,10 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
 # -- PEFT ------------------------------------------------------------------------------------------------
 def peft_target_modules(src: AdapterSource, modules: list[str]) -> list[str]:
     """Our target names when the config lists them (PEFT matches a name exactly or as a dotted suffix,
-    as inject.matches does, so they select the same modules); else the adapted modules' full names."""
-    targets = list(src.cfg.target_modules) or sorted(modules)
+    as targets.matches does, so they select the same modules); else (a default, or a shorthand such as
+    all-linear, which PEFT would resolve by its own rules) the adapted modules' full names."""
+    named = [t for t in src.cfg.target_modules if t not in SHORTHANDS]
+    targets = named if named and len(named) == len(src.cfg.target_modules) else sorted(modules)
     unmatched = [m for m in modules if not any(matches(m, t) for t in targets)]
     if unmatched:  # only if the config and the weights disagree
         raise ConfigError(f"{src.dir}: adapted module {unmatched[0]!r} matches no target_modules entry {targets}")
@@ -184,14 +187,15 @@ def merge_into(model: torch.nn.Module, src: AdapterSource, tensors: dict[str, to
     modules = dict(model.named_modules())
     merged = []
     for name, (A_RD, B_OR) in src.lora_modules(tensors).items():
-        linear = modules.get(name)
-        if not isinstance(linear, torch.nn.Linear):
-            raise ConfigError(f"adapter module {name!r} is not an nn.Linear of base model {src.base_model}")
+        layer = modules.get(name)
+        if layer is None or not is_adaptable(layer):
+            raise ConfigError(f"adapter module {name!r} is not an nn.Linear (or Conv1D) of base model {src.base_model}")
         delta_OD = src.cfg.scaling * (B_OR.double() @ A_RD.double())
-        if tuple(delta_OD.shape) != tuple(linear.weight.shape):
+        w_OD = weight_OI(layer)  # a view: a Conv1D's weight is stored transposed
+        if tuple(delta_OD.shape) != tuple(w_OD.shape):
             raise ConfigError(f"adapter module {name!r} has shape {tuple(delta_OD.shape)}, "
-                              f"base model {src.base_model}'s is {tuple(linear.weight.shape)}")
-        linear.weight.copy_((linear.weight.double() + delta_OD).to(linear.weight.dtype))
+                              f"base model {src.base_model}'s is {tuple(w_OD.shape)}")
+        w_OD.copy_((w_OD.double() + delta_OD).to(w_OD.dtype))
         merged.append(name)
     params = dict(model.named_parameters())
     for pname, p in src.head_tensors(tensors).items():

@@ -21,7 +21,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from adamole_dist.adapters.handle import Adapters
-from adamole_dist.adapters.inject import inject_adapters, matches
+from adamole_dist.adapters.inject import inject_adapters
+from adamole_dist.adapters.targets import matches
 from adamole_dist.atomic_files import write_dir_atomically
 from adamole_dist.config.adapter import AdapterConfig
 from adamole_dist.config.fields import ConfigError

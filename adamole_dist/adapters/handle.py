@@ -23,12 +23,15 @@ class Adapters:
         layers: dict[str, AdaptedLinear],
         context: RoutingContext,
         trainable_modules: list[str],
+        targets: list[str] | None = None,
     ) -> None:
         self.model = model
         self.cfg = cfg
         self.layers = layers
         self.context = context
         self.trainable_modules = trainable_modules
+        # The adapted modules as target names (targets.resolved_names): what a default or a shorthand chose.
+        self.targets = targets if targets is not None else sorted(layers)
         self.expert_banks: dict[str, ExpertBank] = {
             name: layer.experts for name, layer in layers.items() if cfg.is_moe
         }

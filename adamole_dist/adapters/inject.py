@@ -1,4 +1,4 @@
-"""Wrap the target nn.Linear modules of a Hugging Face model with adapters.
+"""Wrap the target layers of a Hugging Face model (nn.Linear, GPT-2's Conv1D: adapters/targets.py) with adapters.
 
 ZeRO-3 aware: a partitioned weight's full shape is read from ``ds_shape`` (its ``.shape`` is
 the empty local shard), and nothing is gathered. The base model is frozen; only adapter
@@ -12,93 +12,17 @@ import torch.nn as nn
 from adamole_dist.adapters.context import RoutingContext
 from adamole_dist.adapters.handle import Adapters
 from adamole_dist.adapters.layer import AdaptedLinear
-from adamole_dist.base_model.quantize import float_dtype, is_quantized
+from adamole_dist.adapters.targets import default_targets, find_target_modules, matches, resolved_names, weight_shape
+from adamole_dist.base_model.quantize import float_dtype
 from adamole_dist.config.adapter import AdapterConfig
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.model_kwargs import TOKEN_MASK_KWARG
 from adamole_dist.moe.experts import ExpertBank
 from adamole_dist.parallel.local_dispatcher import Dispatcher, LocalDispatcher
 
-LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj"]
-DEFAULT_TARGETS = {
-    "llama": LLAMA_LIKE,
-    "mistral": LLAMA_LIKE,
-    "mixtral": LLAMA_LIKE,
-    "qwen2": LLAMA_LIKE,
-    "qwen3": LLAMA_LIKE,
-    "gemma": LLAMA_LIKE,
-    "gemma2": LLAMA_LIKE,
-    "bert": ["query", "key", "value", "attention.output.dense"],
-    "roberta": ["query", "key", "value", "attention.output.dense"],
-}
-
-
-def weight_shape(linear: nn.Linear) -> tuple[int, int]:
-    """(out_features, in_features) of a Linear, also when ZeRO-3 has partitioned its weight or bitsandbytes
-    has packed it (a 4-bit weight is stored [out * in / 2, 1])."""
-    if is_quantized(linear):
-        return int(linear.out_features), int(linear.in_features)
-    w = linear.weight
-    shape = getattr(w, "ds_shape", None) or w.shape
-    return int(shape[0]), int(shape[1])
-
-
-def matches(name: str, target: str) -> bool:
-    return name == target or name.endswith("." + target)
-
-
-def default_targets(model: nn.Module) -> list[str]:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in DEFAULT_TARGETS:
-        raise ConfigError(
-            f"adapter.target_modules is empty and model type {model_type!r} has no default; "
-            f"name the modules to adapt (candidates: {', '.join(linear_candidates(model))})"
-        )
-    return list(DEFAULT_TARGETS[model_type])
-
-
-def linear_candidates(model: nn.Module) -> list[str]:
-    """Names that would match the model's nn.Linear modules (last component, and the suffix
-    after the layer index, e.g. attention.output.dense), for error messages."""
-    names = set()
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and name:
-            parts = name.split(".")
-            names.add(parts[-1])
-            numeric = [i for i, part in enumerate(parts) if part.isdigit()]
-            suffix = parts[numeric[-1] + 1 :] if numeric else parts[-2:]
-            if len(suffix) > 1:
-                names.add(".".join(suffix))
-    return sorted(names)
-
-
-def find_target_modules(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.Linear]]:
-    """Every module matched by a target; every target must match at least one nn.Linear."""
-    found: list[tuple[str, nn.Linear]] = []
-    hit = {t: 0 for t in targets}
-    for name, module in model.named_modules():
-        matched = [t for t in targets if matches(name, t)]
-        if not matched:
-            continue
-        if not isinstance(module, nn.Linear):
-            raise ConfigError(
-                f"adapter.target_modules: {matched[0]!r} matches {name!r}, a {type(module).__name__}, "
-                "not an nn.Linear"
-            )
-        for t in matched:
-            hit[t] += 1
-        found.append((name, module))
-    missing = [t for t, n in hit.items() if n == 0]
-    if missing:
-        raise ConfigError(
-            f"adapter.target_modules: {', '.join(map(repr, missing))} matched no module of this model; "
-            f"candidates: {', '.join(linear_candidates(model))}"
-        )
-    return found
-
 
 def adapt_linear(
-    base: nn.Linear,
+    base: nn.Module,
     cfg: AdapterConfig,
     *,
     name: str = "linear",
@@ -144,7 +68,7 @@ def inject_adapters(
     dispatcher: Dispatcher | None = None,
     expert_slice: tuple[int, int] | None = None,
 ) -> Adapters:
-    """Replace each target nn.Linear by an AdaptedLinear, freeze the rest; return the handle.
+    """Replace each target layer by an AdaptedLinear, freeze the rest; return the handle.
 
     ``expert_slice = (first, count)`` places experts [first, first + count) on this rank
     (expert parallelism); default: all of them.
@@ -173,4 +97,4 @@ def inject_adapters(
     if missing:
         raise ConfigError(f"trainable_modules: {', '.join(map(repr, missing))} matched no module of this model")
     model.register_forward_pre_hook(_begin_forward_hook(context), with_kwargs=True)
-    return Adapters(model, cfg, layers, context, list(trainable_modules))
+    return Adapters(model, cfg, layers, context, list(trainable_modules), targets=resolved_names(list(layers)))

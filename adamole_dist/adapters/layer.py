@@ -3,7 +3,9 @@
 Tensor-name suffixes (T tokens, N experts, ...): adamole_dist/glossary.py.
 
 The adapter wraps the original module (``self.base_layer``) instead of subclassing it, so
-any nn.Linear (ZeRO-3 partitioned or not) is adapted the same way. For MoE methods the
+any nn.Linear (ZeRO-3 partitioned, quantized or not) and GPT-2's Conv1D are adapted the same way: the
+forward calls the base layer, and only its shape is read (adapters/targets.py knows Conv1D's transposed
+weight). For MoE methods the
 expert bank is held *outside* the module tree (see docs/zero3_experts.md): ZeRO-3 never
 partitions or averages it, and the expert optimizer owns it. For inference
 ``register_experts`` puts it into the tree (adapters/pretrained.py does). The single LoRA of method
@@ -30,7 +32,7 @@ from adamole_dist.parallel.local_dispatcher import Dispatcher, LocalDispatcher
 class AdaptedLinear(nn.Module):
     def __init__(
         self,
-        base_layer: nn.Linear,
+        base_layer: nn.Module,
         cfg: AdapterConfig,
         *,
         name: str,

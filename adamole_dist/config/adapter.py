@@ -24,8 +24,10 @@ class AdapterConfig:
     method: str = opt("adamole", "adapter method", choices=METHODS)
     target_modules: list = opt(
         [],
-        "names of the nn.Linear modules to adapt, matched against the last name component or a "
-        "dotted suffix (e.g. q_proj or attention.output.dense); empty = the model family's default",
+        "modules to adapt (nn.Linear or GPT-2's Conv1D): names matched against the last name component or a "
+        "dotted suffix (e.g. q_proj or attention.output.dense), or a shorthand: attention, mlp, all-linear (every "
+        "linear layer of the blocks; never the LM head, a task head or a MoE base's routers); empty = the model "
+        "type's default (its attention projections, adapters/targets.py)",
     )
     num_experts: int = opt(8, "number of LoRA experts N (lora uses exactly one)")
     rank: int = opt(4, "rank r of each LoRA expert (for lora: the LoRA rank; compare at rank N*r)")

@@ -42,6 +42,11 @@ from adamole_dist.model_kwargs import TOKEN_MASK_KWARG
 PACKING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3",
                      "flash_attention_4")
 
+# Decoders whose attention ignores the packed mask (tests/unit/adapters/test_architectures.py measures it):
+# BLOOM's ALiBi and OPT's learned positions come from the attention mask, not position_ids; GPT-OSS's
+# attention (sinks, sliding window) does not take transformers' packed-sequence mask.
+PACKING_UNSUPPORTED_TYPES = ("bloom", "opt", "gpt_oss")
+
 
 def _check_example(ex: dict, where: str) -> int:
     n = len(ex["input_ids"])
@@ -159,6 +164,9 @@ def check_packing_attention(model) -> None:
             or getattr(config, "model_type", None) in ("bert", "roberta"):
         raise ConfigError(f"packing: model type {config.model_type!r} is not a causal decoder; "
                           "packing needs one (turn packing off)")
+    if getattr(config, "model_type", None) in PACKING_UNSUPPORTED_TYPES:
+        raise ConfigError(f"packing: model type {config.model_type!r} lets packed examples attend to each other "
+                          "(its positions or attention ignore the packed mask); turn packing off")
     impl = getattr(config, "_attn_implementation", None) or "eager"
     if impl not in PACKING_ATTENTION:
         raise ConfigError(

@@ -25,7 +25,8 @@ import torch
 
 from adamole_dist.adapters.checkpointing import enable_gradient_checkpointing
 from adamole_dist.adapters.handle import Adapters
-from adamole_dist.adapters.inject import default_targets, find_target_modules, inject_adapters, matches, weight_shape
+from adamole_dist.adapters.inject import inject_adapters
+from adamole_dist.adapters.targets import default_targets, find_target_modules, matches, weight_shape
 from adamole_dist.base_model.attention import check_attn_implementation
 from adamole_dist.base_model.model_loading import (
     default_trainable_modules,
@@ -238,6 +239,9 @@ def adapt_model(cfg: TrainConfig, dist_info: DistInfo, model: torch.nn.Module, t
     trainable = cfg.trainable_modules or default_trainable_modules(task_type, model)
     adapters = inject_adapters(model, cfg.adapter, trainable_modules=trainable, dispatcher=dispatcher,
                                expert_slice=layout.expert_slice(cfg.adapter.num_experts))
+    if dist_info.is_main:  # the targets as chosen (a default or a shorthand): also recorded in the adapter's config
+        log.info(f"adapting {len(adapters.layers)} modules ({', '.join(cfg.adapter.target_modules) or 'default'}): "
+                 f"{', '.join(adapters.targets)}")
     if cfg.gradient_checkpointing and not cfg.compile:  # with --compile the compiler recomputes (train/compile.py)
         enable_gradient_checkpointing(model, adapters.context)
     new = getattr(model, "newly_initialized", [])

@@ -243,6 +243,7 @@ def adapter_meta(run: Run, step: int) -> dict:
     cfg = run.cfg
     return {"base_model": cfg.model, "base_model_path": run.model_path, "task_type": run.task_type,
             "pooling": cfg.pooling, "trainable_modules": run.adapters.trainable_modules, "step": step,
+            "target_modules_resolved": run.adapters.targets,  # what a default or a shorthand (all-linear) chose
             "attn_implementation": cfg.attn_implementation,
             # the base's quantization (None: as loaded); from_pretrained, generate and eval load it the same way
             "quantization": QuantSpec(cfg.quantize_base, cfg.quant_double, cfg.quant_compute_dtype).to_record(),
