@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adamole_dist.config.adapter import AdapterConfig
+from adamole_dist.config.chat_templates import BUILTIN_TEMPLATES, builtin_template
 from adamole_dist.config.fields import ConfigError, check_choices, opt
 
 DEFAULT_MODEL = "minilm-l6"
@@ -65,9 +66,11 @@ class TrainConfig:
                        "assistant (every assistant turn of a conversation with the template's end-of-turn tokens; "
                        "alpaca's output, the completion) or all (every token); text data is always all. auto = "
                        "answer for multiple choice, assistant for free-form", choices=LOSS_ON)
-    chat_template: str = opt("", "a Jinja chat template file that renders conversations (sharegpt, messages, "
+    chat_template: str = opt("", "a Jinja chat template file, or a built-in's name (" + ", ".join(BUILTIN_TEMPLATES)
+                             + "; config/chat_templates.py), that renders conversations (sharegpt, messages, "
                              "alpaca with alpaca_as_chat) instead of the tokenizer's own; needed when the tokenizer "
-                             "has none. Recorded in the adapter, so generation renders prompts the same way")
+                             "has none (Gemma 3's GGUF). Recorded in the adapter, so generation renders prompts and "
+                             "stops at its end-of-turn tokens the same way")
     alpaca_as_chat: bool = opt(False, "alpaca data: render each record as a user turn (instruction, input) and an "
                                "assistant turn (output) through the chat template instead of the Alpaca prompt")
     truncation: str = opt("drop", "free-form data: an example longer than max_length is dropped (counted in the "
@@ -229,8 +232,9 @@ class TrainConfig:
             raise ConfigError(f"max_new_tokens_eval ({self.max_new_tokens_eval}) must be positive")
 
     def _check_files_and_combinations(self) -> None:
-        if self.chat_template and not Path(self.chat_template).is_file():
-            raise ConfigError(f"chat_template ({self.chat_template}) is not a file (a Jinja chat template)")
+        if self.chat_template and not (builtin_template(self.chat_template) or Path(self.chat_template).is_file()):
+            raise ConfigError(f"chat_template ({self.chat_template}) is not a file (a Jinja chat template) nor a "
+                              f"built-in ({', '.join(BUILTIN_TEMPLATES)})")
         if self.ds_config and not Path(self.ds_config).is_file():
             raise ConfigError(f"ds_config ({self.ds_config}) is not a file")
         if self.resume not in ("", "latest") and not (Path(self.resume) / STATE_FILE).is_file():
@@ -280,7 +284,9 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)} - {"resume", "overwrite"}
         kw = {k: v for k, v in record.items() if k in known}
         for name in ("ds_config", "chat_template"):
-            if not (isinstance(kw.get(name), str) and Path(kw[name]).is_file()):
+            value = kw.get(name)
+            if not (isinstance(value, str) and (Path(value).is_file() or name == "chat_template"
+                                                and builtin_template(value))):
                 kw.pop(name, None)
         adapter = kw.pop("adapter", None)
         try:

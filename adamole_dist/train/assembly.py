@@ -152,6 +152,8 @@ def build_run(cfg: TrainConfig, dist_info: DistInfo, stop: StopSignal | None = N
             cfg.model, cfg.task_type, pooling=cfg.pooling, attn_implementation=attn_implementation,
             quantization=quant_spec(cfg), keep=cfg.trainable_modules)
         check_model_options(cfg, model, task_type, model_path)
+        if data.sft is not None and data.sft.spec.chat_template:  # held-out samples stop at its end of turn
+            tokenizer.chat_template = data.sft.spec.chat_template
         task = build_task_for(cfg, task_type, tokenizer, device, free_form=data.sft is not None)  # checks max_length
         layout, dispatcher, adapters = adapt_model(cfg, dist_info, model, task_type, model_path, device)
         attach_chunked_loss(cfg, task, model, task_type)
