@@ -163,6 +163,12 @@ class TrainConfig:
     overwrite: bool = opt(False, "reuse an output_dir that holds a different run, deleting that run (refused "
                           "with resume, and when the directory holds files the trainer did not write)")
     resume: str = opt("", "resume from 'latest' (the newest checkpoint in output_dir) or a checkpoint directory")
+    init_from_peft: str = opt("", "method lora: start the LoRA from a PEFT LoRA folder (adapter_config.json with "
+                              "peft_type LORA, adapter_model.safetensors, e.g. a TRL run's); the same adapted modules "
+                              "and rank are required, and checked (adapters/peft_init.py)")
+    init_experts_from_peft: str = opt("", "a mixture method: start every expert from one rank block of a PEFT LoRA "
+                                      "folder whose r is num_experts x rank, the gate at zero, so adamole's first "
+                                      "delta is the LoRA's (the maths: adapters/peft_init.py)")
     allow_data_change: bool = opt(False, "resume although the training split's content changed since the run "
                                   "started (refused by default: the data order would silently differ); logs a "
                                   "warning")
@@ -241,6 +247,7 @@ class TrainConfig:
             what = f"has no {STATE_FILE}" if Path(self.resume).is_dir() else "does not exist"
             raise ConfigError(f"resume ({self.resume}) must be 'latest' or a checkpoint directory "
                               f"(output_dir/checkpoints/step_N); it {what}")
+        self._check_peft_start()
         if self.ep_size < 0:
             raise ConfigError(f"ep_size ({self.ep_size}) must be >= 1, or auto")
         if self.ep_size != 1 and not self.adapter.is_moe:
@@ -262,6 +269,19 @@ class TrainConfig:
             raise ConfigError(f"dataset ({self.dataset}) is a single file: it would be both the training split and "
                               f"the held-out evaluation split; put the splits in a directory as "
                               f"{self.train_split}.json and {self.eval_split}.json (or .jsonl, .csv, .parquet)")
+
+    def _check_peft_start(self) -> None:
+        """init_from_peft / init_experts_from_peft: a folder, and the method each one starts."""
+        for name, wants_moe in (("init_from_peft", False), ("init_experts_from_peft", True)):
+            folder = getattr(self, name)
+            if not folder:
+                continue
+            if not (Path(folder) / "adapter_config.json").is_file():
+                raise ConfigError(f"{name} ({folder}) is not a PEFT LoRA folder (no adapter_config.json in it)")
+            if self.adapter.is_moe != wants_moe:
+                raise ConfigError(f"{name} starts " + ("a mixture method's experts" if wants_moe else "method lora")
+                                  + f"; adapter.method is {self.adapter.method!r}"
+                                  + ("" if wants_moe else ": use init_experts_from_peft for a mixture"))
 
     def _check_quantize_combinations(self) -> None:
         """What a quantized base cannot be combined with."""

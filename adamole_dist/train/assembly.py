@@ -26,6 +26,7 @@ import torch
 from adamole_dist.adapters.checkpointing import enable_gradient_checkpointing
 from adamole_dist.adapters.handle import Adapters
 from adamole_dist.adapters.inject import default_targets, find_target_modules, inject_adapters, matches, weight_shape
+from adamole_dist.adapters.peft_init import init_experts_from_peft, init_from_peft
 from adamole_dist.base_model.attention import check_attn_implementation
 from adamole_dist.base_model.model_loading import (
     default_trainable_modules,
@@ -240,6 +241,10 @@ def adapt_model(cfg: TrainConfig, dist_info: DistInfo, model: torch.nn.Module, t
     trainable = cfg.trainable_modules or default_trainable_modules(task_type, model)
     adapters = inject_adapters(model, cfg.adapter, trainable_modules=trainable, dispatcher=dispatcher,
                                expert_slice=layout.expert_slice(cfg.adapter.num_experts))
+    if cfg.init_from_peft:  # a resumed run's checkpoint overwrites this start later
+        init_from_peft(adapters, Path(cfg.init_from_peft))
+    if cfg.init_experts_from_peft:
+        init_experts_from_peft(adapters, Path(cfg.init_experts_from_peft))
     if cfg.gradient_checkpointing and not cfg.compile:  # with --compile the compiler recomputes (train/compile.py)
         enable_gradient_checkpointing(model, adapters.context)
     new = getattr(model, "newly_initialized", [])
