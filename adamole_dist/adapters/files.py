@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from adamole_dist.adapters.handle import Adapters
 from adamole_dist.adapters.inject import inject_adapters
+from adamole_dist.adapters.peft_import import is_peft_config, ours_from_peft, peft_adapter_doc
 from adamole_dist.adapters.targets import matches
 from adamole_dist.atomic_files import write_dir_atomically
 from adamole_dist.config.adapter import AdapterConfig
@@ -163,7 +164,8 @@ def save_adapter(out_dir: str | Path, tensors: dict[str, torch.Tensor], cfg: Ada
 def read_adapter_config(adapter_dir: str | Path) -> dict:
     """The adapter directory's config document, the directory checked whole before any model loads:
     the config valid, the weights file present and its header intact (a write cut short no longer
-    covers the sizes the header declares). ConfigError naming the file otherwise."""
+    covers the sizes the header declares). ConfigError naming the file otherwise. A PEFT LoRA folder
+    reads as a method lora adapter (peft_import.py; its document says "peft": true)."""
     folder = Path(adapter_dir)
     if not folder.is_dir():
         raise ConfigError(f"adapter directory {folder} does not exist")
@@ -174,6 +176,8 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid JSON ({e})") from None
+    if is_peft_config(doc):  # a LoRA saved by peft (or TRL): read as a method lora adapter
+        return peft_adapter_doc(folder, doc)
     if not isinstance(doc, dict) or not isinstance(doc.get("adapter"), dict):
         raise ConfigError(f"{path} holds no adapter configuration (an object under \"adapter\")")
     try:
@@ -198,7 +202,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, **inject_kw) -> Adap
     trained_on = doc.get("base_model_path") or doc.get("base_model") or "an unrecorded base model"
     try:
         adapters = inject_adapters(model, cfg, trainable_modules=doc.get("trainable_modules", []), **inject_kw)
-        load_adapter_state(adapters, load_file(str(Path(adapter_dir) / WEIGHTS_NAME)))
+        tensors = load_file(str(Path(adapter_dir) / WEIGHTS_NAME))
+        load_adapter_state(adapters, ours_from_peft(tensors) if doc.get("peft") else tensors)
     except (ConfigError, KeyError) as e:
         message = e.args[0] if isinstance(e, KeyError) else str(e)
         raise ConfigError(f"adapter {adapter_dir} does not fit this model: it was trained on {trained_on} "

@@ -80,7 +80,8 @@ def from_pretrained(adapter_dir: str | Path, *, model: str | Path | nn.Module | 
     the one training recorded; base_model/attention.py checks it). The ``Adapters`` handle is
     ``model.adamole_adapters`` (routing statistics: ``model.adamole_adapters.context.pop_stats()``).
     Where training rendered prompts with its own chat template (adapter meta "chat_template"), the
-    tokenizer gets it.
+    tokenizer gets it. ``adapter_dir`` may be a PEFT LoRA folder (adapters/peft_import.py): a method lora
+    adapter on the base its config names.
     Bad input (missing directory, no or unreadable adapter_config.json, a base model the adapter
     does not fit): ConfigError naming the path.
     """

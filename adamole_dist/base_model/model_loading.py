@@ -40,6 +40,13 @@ def resolve_model_path(model: str) -> str:
     return model
 
 
+def recorded_model_name(model: str) -> str:
+    """``model`` as an adapter records it: a local path (folder or .gguf) absolute, since a relative one
+    fails from another directory; a hub id or a built-in name (smollm2-135m) as given."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if model not in ("minilm-l6", SMOLLM2) and path.exists() else model
+
+
 def check_model_folder(model: str) -> None:
     """A local ``model`` path must be a Hugging Face model folder; ConfigError naming the path and
     what it is instead (transformers reads a plain file as a config and fails deep inside). Names

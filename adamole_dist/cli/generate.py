@@ -43,7 +43,7 @@ from adamole_dist.run_files.writable import check_output_file
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--adapter", type=Path, help="adapter directory written by training (none: the base model)")
+    ap.add_argument("--adapter", type=Path, help="adapter folder: ours or a PEFT LoRA's (none: the base model)")
     ap.add_argument("--model", help="base model (default: the one recorded in the adapter config)")
     source = ap.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt")

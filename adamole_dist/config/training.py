@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adamole_dist.config.adapter import AdapterConfig
+from adamole_dist.config.chat_templates import BUILTIN_TEMPLATES, builtin_template
 from adamole_dist.config.fields import ConfigError, check_choices, opt
 
 DEFAULT_MODEL = "minilm-l6"
@@ -65,9 +66,11 @@ class TrainConfig:
                        "assistant (every assistant turn of a conversation with the template's end-of-turn tokens; "
                        "alpaca's output, the completion) or all (every token); text data is always all. auto = "
                        "answer for multiple choice, assistant for free-form", choices=LOSS_ON)
-    chat_template: str = opt("", "a Jinja chat template file that renders conversations (sharegpt, messages, "
+    chat_template: str = opt("", "a Jinja chat template file, or a built-in's name (" + ", ".join(BUILTIN_TEMPLATES)
+                             + "; config/chat_templates.py), that renders conversations (sharegpt, messages, "
                              "alpaca with alpaca_as_chat) instead of the tokenizer's own; needed when the tokenizer "
-                             "has none. Recorded in the adapter, so generation renders prompts the same way")
+                             "has none (Gemma 3's GGUF). Recorded in the adapter, so generation renders prompts and "
+                             "stops at its end-of-turn tokens the same way")
     alpaca_as_chat: bool = opt(False, "alpaca data: render each record as a user turn (instruction, input) and an "
                                "assistant turn (output) through the chat template instead of the Alpaca prompt")
     truncation: str = opt("drop", "free-form data: an example longer than max_length is dropped (counted in the "
@@ -160,6 +163,12 @@ class TrainConfig:
     overwrite: bool = opt(False, "reuse an output_dir that holds a different run, deleting that run (refused "
                           "with resume, and when the directory holds files the trainer did not write)")
     resume: str = opt("", "resume from 'latest' (the newest checkpoint in output_dir) or a checkpoint directory")
+    init_from_peft: str = opt("", "method lora: start the LoRA from a PEFT LoRA folder (adapter_config.json with "
+                              "peft_type LORA, adapter_model.safetensors, e.g. a TRL run's); the same adapted modules "
+                              "and rank are required, and checked (adapters/peft_init.py)")
+    init_experts_from_peft: str = opt("", "a mixture method: start every expert from one rank block of a PEFT LoRA "
+                                      "folder whose r is num_experts x rank, the gate at zero, so adamole's first "
+                                      "delta is the LoRA's (the maths: adapters/peft_init.py)")
     allow_data_change: bool = opt(False, "resume although the training split's content changed since the run "
                                   "started (refused by default: the data order would silently differ); logs a "
                                   "warning")
@@ -231,14 +240,16 @@ class TrainConfig:
             raise ConfigError(f"max_new_tokens_eval ({self.max_new_tokens_eval}) must be positive")
 
     def _check_files_and_combinations(self) -> None:
-        if self.chat_template and not Path(self.chat_template).is_file():
-            raise ConfigError(f"chat_template ({self.chat_template}) is not a file (a Jinja chat template)")
+        if self.chat_template and not (builtin_template(self.chat_template) or Path(self.chat_template).is_file()):
+            raise ConfigError(f"chat_template ({self.chat_template}) is not a file (a Jinja chat template) nor a "
+                              f"built-in ({', '.join(BUILTIN_TEMPLATES)})")
         if self.ds_config and not Path(self.ds_config).is_file():
             raise ConfigError(f"ds_config ({self.ds_config}) is not a file")
         if self.resume not in ("", "latest") and not (Path(self.resume) / STATE_FILE).is_file():
             what = f"has no {STATE_FILE}" if Path(self.resume).is_dir() else "does not exist"
             raise ConfigError(f"resume ({self.resume}) must be 'latest' or a checkpoint directory "
                               f"(output_dir/checkpoints/step_N); it {what}")
+        self._check_peft_start()
         if self.ep_size < 0:
             raise ConfigError(f"ep_size ({self.ep_size}) must be >= 1, or auto")
         if self.ep_size != 1 and not self.adapter.is_moe:
@@ -261,6 +272,19 @@ class TrainConfig:
                               f"the held-out evaluation split; put the splits in a directory as "
                               f"{self.train_split}.json and {self.eval_split}.json (or .jsonl, .csv, .parquet)")
 
+    def _check_peft_start(self) -> None:
+        """init_from_peft / init_experts_from_peft: a folder, and the method each one starts."""
+        for name, wants_moe in (("init_from_peft", False), ("init_experts_from_peft", True)):
+            folder = getattr(self, name)
+            if not folder:
+                continue
+            if not (Path(folder) / "adapter_config.json").is_file():
+                raise ConfigError(f"{name} ({folder}) is not a PEFT LoRA folder (no adapter_config.json in it)")
+            if self.adapter.is_moe != wants_moe:
+                raise ConfigError(f"{name} starts " + ("a mixture method's experts" if wants_moe else "method lora")
+                                  + f"; adapter.method is {self.adapter.method!r}"
+                                  + ("" if wants_moe else ": use init_experts_from_peft for a mixture"))
+
     def _check_quantize_combinations(self) -> None:
         """What a quantized base cannot be combined with."""
         what = f"quantize_base ({self.quantize_base})"
@@ -282,7 +306,9 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)} - {"resume", "overwrite"}
         kw = {k: v for k, v in record.items() if k in known}
         for name in ("ds_config", "chat_template"):
-            if not (isinstance(kw.get(name), str) and Path(kw[name]).is_file()):
+            value = kw.get(name)
+            if not (isinstance(value, str) and (Path(value).is_file() or name == "chat_template"
+                                                and builtin_template(value))):
                 kw.pop(name, None)
         adapter = kw.pop("adapter", None)
         try:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from adamole_dist.config.chat_templates import builtin_template
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.config.training import TrainConfig
 from adamole_dist.data import token_cache
@@ -155,8 +156,8 @@ def render_spec(cfg: TrainConfig, data_format: str, model_of: ModelOf) -> Render
     if task_type != "causal_lm":
         raise ConfigError(f"dataset ({cfg.dataset}) is free-form ({data_format}): it trains decoder models "
                           f"(task_type causal_lm); {cfg.model} is {task_type}")
-    template = None
-    if cfg.chat_template:
+    template = builtin_template(cfg.chat_template) if cfg.chat_template else None
+    if cfg.chat_template and template is None:
         try:
             template = Path(cfg.chat_template).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
@@ -164,7 +165,7 @@ def render_spec(cfg: TrainConfig, data_format: str, model_of: ModelOf) -> Render
         check_template_syntax(template, f"chat_template ({cfg.chat_template})")
     return RenderSpec(tokenizer=model_path, data_format=data_format, max_length=cfg.max_length,
                       loss_on=sft_loss_on(cfg, data_format), chat_template=template,
-                      alpaca_as_chat=cfg.alpaca_as_chat)
+                      alpaca_as_chat=cfg.alpaca_as_chat, model_name=cfg.model)
 
 
 def tokenize_training_split(records: list | None, spec: RenderSpec, origin: str, cfg: TrainConfig,

@@ -27,8 +27,11 @@ Tokenizers are loaded by path once per process (``spec`` is small and picklable,
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
 
+from adamole_dist.config.chat_templates import BUILTIN_TEMPLATES, FAMILY_TEMPLATES
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.config.training import TRUNCATIONS
 from adamole_dist.data.conversations import CHAT_FORMATS, normalise_records, prompt_format
@@ -49,6 +52,12 @@ class RenderSpec:
     loss_on: str = "assistant"  # LOSS_ON: the responses only, or every token
     chat_template: str | None = None  # Jinja text; None = the tokenizer's own template
     alpaca_as_chat: bool = False
+    # the model as the user named it (a .gguf, a package name), for messages: ``tokenizer`` may be a cache folder
+    model_name: str = field(default="", compare=False)
+
+    @property
+    def model_named(self) -> str:
+        return self.model_name or self.tokenizer
 
     @property
     def prompt_format(self) -> str:
@@ -76,12 +85,23 @@ def chat_template_of(spec: RenderSpec, tokenizer=None) -> str:
     template = spec.chat_template or getattr(tokenizer, "chat_template", None)
     if not template:
         raise ConfigError(f"data_format {spec.data_format!r}{' with alpaca_as_chat' if spec.alpaca_as_chat else ''} "
-                          f"renders conversations with a chat template, and the tokenizer of {spec.tokenizer} has "
-                          "none: pass --chat_template FILE (a Jinja template)")
+                          f"renders conversations with a chat template, and the tokenizer of {spec.model_named} has "
+                          f"none: pass --chat_template FILE (a Jinja template) or a built-in "
+                          f"({', '.join(BUILTIN_TEMPLATES)}){family_hint(spec.tokenizer)}")
     if not isinstance(template, str):  # a tokenizer with several named templates
-        raise ConfigError(f"the tokenizer of {spec.tokenizer} has several named chat templates "
+        raise ConfigError(f"the tokenizer of {spec.model_named} has several named chat templates "
                           f"({', '.join(template)}): pass the one to use with --chat_template FILE")
     return template
+
+
+def family_hint(model_path: str) -> str:
+    """"; its family's is gemma" where the model folder's model_type has a built-in, else ""."""
+    try:
+        model_type = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):  # a hub id, an unreadable or foreign config: no hint
+        return ""
+    name = FAMILY_TEMPLATES.get(model_type)
+    return f"; its family ({model_type}) uses --chat_template {name}" if name else ""
 
 
 def check_template_syntax(template: str, origin: str) -> None:
@@ -106,7 +126,7 @@ def check_spec(spec: RenderSpec) -> None:
     if spec.loss_on not in LOSS_ON:
         raise ConfigError(f"loss_on ({spec.loss_on!r}) must be one of {', '.join(LOSS_ON)} for {spec.data_format} data")
     if spec.is_chat:
-        origin = "chat_template" if spec.chat_template else f"the chat template of the tokenizer of {spec.tokenizer}"
+        origin = "chat_template" if spec.chat_template else f"the chat template of the tokenizer of {spec.model_named}"
         check_template_syntax(chat_template_of(spec), origin)
 
 

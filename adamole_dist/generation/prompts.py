@@ -72,10 +72,11 @@ def conversation_record(messages: list[dict], fmt: str, where: str = "messages")
 
 def prompt_format_for(requested: str, meta: dict | None, tokenizer) -> str:
     """``requested`` unless "auto": then the adapter's prompt_format (chat, alpaca; anything else is plain
-    text); without an adapter (``meta`` None), chat where the tokenizer has a template."""
+    text); without an adapter (``meta`` None) or for one that records "auto", chat where the tokenizer has a
+    template."""
     if requested != "auto":
         return requested
-    if meta is not None:
+    if meta is not None and meta.get("prompt_format") != "auto":  # auto: a PEFT LoRA, which records none
         fmt = meta.get("prompt_format")
         return fmt if fmt in ("chat", "alpaca") else "text"
     return "chat" if tokenizer.chat_template else "text"

@@ -26,6 +26,7 @@ import torch
 from adamole_dist.adapters.checkpointing import enable_gradient_checkpointing
 from adamole_dist.adapters.handle import Adapters
 from adamole_dist.adapters.inject import inject_adapters
+from adamole_dist.adapters.peft_init import init_experts_from_peft, init_from_peft
 from adamole_dist.adapters.targets import default_targets, find_target_modules, matches, weight_shape
 from adamole_dist.base_model.attention import check_attn_implementation
 from adamole_dist.base_model.model_loading import (
@@ -153,6 +154,8 @@ def build_run(cfg: TrainConfig, dist_info: DistInfo, stop: StopSignal | None = N
             cfg.model, cfg.task_type, pooling=cfg.pooling, attn_implementation=attn_implementation,
             quantization=quant_spec(cfg), keep=cfg.trainable_modules)
         check_model_options(cfg, model, task_type, model_path)
+        if data.sft is not None and data.sft.spec.chat_template:  # held-out samples stop at its end of turn
+            tokenizer.chat_template = data.sft.spec.chat_template
         task = build_task_for(cfg, task_type, tokenizer, device, free_form=data.sft is not None)  # checks max_length
         layout, dispatcher, adapters = adapt_model(cfg, dist_info, model, task_type, model_path, device)
         attach_chunked_loss(cfg, task, model, task_type)
@@ -242,6 +245,10 @@ def adapt_model(cfg: TrainConfig, dist_info: DistInfo, model: torch.nn.Module, t
     if dist_info.is_main:  # the targets as chosen (a default or a shorthand): also recorded in the adapter's config
         log.info(f"adapting {len(adapters.layers)} modules ({', '.join(cfg.adapter.target_modules) or 'default'}): "
                  f"{', '.join(adapters.targets)}")
+    if cfg.init_from_peft:  # a resumed run's checkpoint overwrites this start later
+        init_from_peft(adapters, Path(cfg.init_from_peft))
+    if cfg.init_experts_from_peft:
+        init_experts_from_peft(adapters, Path(cfg.init_experts_from_peft))
     if cfg.gradient_checkpointing and not cfg.compile:  # with --compile the compiler recomputes (train/compile.py)
         enable_gradient_checkpointing(model, adapters.context)
     new = getattr(model, "newly_initialized", [])
