@@ -14,6 +14,7 @@ from adamole_dist.config.fields import ConfigError
 from adamole_dist.config.training import TrainConfig
 from adamole_dist.parallel.rank_zero import rank0_decides
 from adamole_dist.run_files.output_dir import changed_training_data, check_output_dir
+from adamole_dist.run_files.run_lock import check_unlocked
 from adamole_dist.runtime.process_group import DistInfo
 from adamole_dist.train import checkpoint as ckpt_io
 from adamole_dist.train.elastic import ResumePlan, plan_geometry
@@ -37,6 +38,8 @@ def plan_elastic(cfg: TrainConfig, out: Path, world_size: int) -> ResumePlan | N
     trainer state alone; None when there is none to read (plan_resume later names what is wrong)."""
     if not cfg.resume:
         return None
+    if out.is_dir():  # a live run may be writing that checkpoint: say that first
+        check_unlocked(out)
     try:
         path = ckpt_io.resolve_latest(out / "checkpoints")[0] if cfg.resume == ckpt_io.LATEST else Path(cfg.resume)
         state = json.loads((path / ckpt_io.STATE_FILE).read_text()) if path is not None else None
