@@ -20,6 +20,7 @@ from pathlib import Path
 from adamole_dist.adapters.files import adapter_state, save_adapter
 from adamole_dist.adapters.model_card import write_model_card
 from adamole_dist.atomic_files import write_text_atomically
+from adamole_dist.base_model.fingerprint import fingerprint_of
 from adamole_dist.base_model.model_loading import recorded_model_name
 from adamole_dist.base_model.quantize import QuantSpec
 from adamole_dist.config.fields import ConfigError
@@ -239,11 +240,13 @@ class Trainer:
 
 
 def adapter_meta(run: Run, step: int) -> dict:
-    """What the adapter records of its run: the base model as named (a relative path made absolute) and as
-    resolved, the task, the data's format and prompt rendering (generation renders prompts the same way),
-    the chat template given."""
+    """What the adapter records of its run: the base model as named (a relative path made absolute), as
+    resolved and its content hash (base_model/fingerprint.py; loading warns when the base found differs), the
+    task, the data's format and prompt rendering (generation renders prompts the same way), the chat template
+    given."""
     cfg = run.cfg
     return {"base_model": recorded_model_name(cfg.model), "base_model_path": recorded_model_name(run.model_path),
+            "base_model_fingerprint": fingerprint_of(run.model_path),
             "task_type": run.task_type,
             "pooling": cfg.pooling, "trainable_modules": run.adapters.trainable_modules, "step": step,
             "target_modules_resolved": run.adapters.targets,  # what a default or a shorthand (all-linear) chose

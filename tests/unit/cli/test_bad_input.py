@@ -663,3 +663,16 @@ def test_bad_model_input_changes_nothing(tmp_path, name, monkeypatch):
     extra = setup(tmp_path)
     refused_leaving_out_unchanged(out, "--overwrite", *extra, expect=expect)
     assert not [p for p in cache.rglob("*") if p.is_file()], "left in the model cache"
+
+
+@pytest.mark.parametrize("target", ["experts", "gate_up_proj", "mlp"])
+def test_the_fused_experts_of_a_moe_base_are_refused_naming_what_can_be_adapted(tmp_path, target):
+    """Mixtral in transformers 5 keeps its routed experts as 3-D parameters: no layer to wrap (adapters/targets.py)."""
+    from tests.helpers.tiny_architectures import write_tiny_model
+
+    model = write_tiny_model(tmp_path / "mixtral", "mixtral")
+    out, message = fails_cleanly(tmp_path, "--model", str(model), "--dataset", "builtin:word_categories",
+                                 "--target_modules", target,
+                                 expect=[f"adapter.target_modules: {target!r}", "fused 3-D parameters",
+                                         "gate_up_proj [4,", "Adaptable here: attention", "q_proj"])
+    assert not out.exists()
