@@ -53,6 +53,10 @@ def fails_cleanly(tmp_path, *args, expect: list[str], out_name="run"):
         (["--quantize_base", "nf4", "--compile"], ["quantize_base (nf4)", "compile"]),
         (["--quantize_base", "int4"], ["--quantize_base", "'int4'", "'nf4'"]),
         (["--loss_chunk_tokens", "0"], ["loss_chunk_tokens (0)", "positive"]),
+        (["--activation_offload", "--gradient_checkpointing"], ["--activation_offload needs a CUDA GPU",
+                                                                "trains on the cpu"]),
+        (["--activation_offload"], ["activation_offload", "pass --gradient_checkpointing"]),
+        (["--activation_offload", "--gradient_checkpointing", "--compile"], ["activation_offload", "compile"]),
     ],
 )
 def test_bad_adapter_options(tmp_path, args, expect):
