@@ -49,3 +49,27 @@ def test_gradients_under_the_hooks_equal_the_plain_ones():
     assert offload.offloaded_bytes > 0  # the hidden activations went through the host copy
     for got, want in zip((p.grad for p in model.parameters()), plain):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_with_checkpointed_blocks_their_inputs_go_to_the_host_and_gradients_hold():
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.GELU()) for _ in range(3))
+    x = torch.randn(64, 32, requires_grad=True)
+
+    def forward(h):
+        for block in blocks:
+            h = checkpoint(block, h, use_reentrant=False)  # as adapters/checkpointing.py checkpoints
+        return h.square().sum()
+
+    forward(x).backward()
+    plain = [p.grad.clone() for p in blocks.parameters()]
+    blocks.zero_grad()
+    offload = ActivationOffload(torch.device("cpu"), min_bytes=1024)
+    with offload.hooks():
+        loss = forward(x)
+    assert offload.offloaded_bytes >= 3 * x.numel() * 4  # each block's input (the checkpoint keeps only those)
+    loss.backward()
+    for got, want in zip((p.grad for p in blocks.parameters()), plain):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
