@@ -44,6 +44,7 @@ from adamole_dist.train import checkpoint as ckpt_io
 from adamole_dist.train.assembly import Run, build_run
 from adamole_dist.train.elastic import STEP_ORDER
 from adamole_dist.train.held_out import evaluate_held_out, log_samples
+from adamole_dist.train.memory_report import log_planned_peak, peak_beside_plan
 from adamole_dist.train.reporting import (
     LogWindow,
     dispatch_metrics,
@@ -114,7 +115,8 @@ class Trainer:
                 micro.append(run.task.collate([run.train_examples[i] for i in idx]))
             run.task.prepare_step(micro, self.dist_info.world_size, collectives.sum_over_ranks)  # SFT: loss normaliser
             self.epoch, self.batch_in_epoch = (epoch, b + 1)
-            metrics = train_step(run.engine, run.task, run.adapters, run.expert_opt, micro, cfg.adapter.aux_loss_coeff)
+            metrics = train_step(run.engine, run.task, run.adapters, run.expert_opt, micro, cfg.adapter.aux_loss_coeff,
+                                 offload=run.activation_offload)
             self.step += 1
             stop_requested = self.raise_if_non_finite_else_stop_flag(metrics)  # before a non-finite state is saved
             window.add(metrics, micro)
@@ -259,13 +261,16 @@ def adapter_meta(run: Run, step: int) -> dict:
 
 
 def train(cfg: TrainConfig, dist_info: DistInfo, stop_signal: StopSignal | None = None) -> dict:
-    """Build the run, train it, write final_metrics.json, close its sinks and release its output dir
-    (collective: every rank of ``dist_info``'s world)."""
+    """Build the run, log its memory plan, train it, log the measured peak beside the plan, write
+    final_metrics.json (with both), close its sinks and release its output dir (collective: every rank of
+    ``dist_info``'s world)."""
     run = build_run(cfg, dist_info, stop_signal)
     try:
+        predicted_mb = log_planned_peak(run)
         result = Trainer(run, stop_signal).train()
+        peak = peak_beside_plan(run, predicted_mb)  # collective: every rank's peak
         if dist_info.is_main:  # inside the run's life: its output-dir lock still held
-            final = {k: v for k, v in result.items() if k != "layers"}
+            final = {**{k: v for k, v in result.items() if k != "layers"}, **peak}
             write_text_atomically(run.out / "final_metrics.json", json.dumps(final, indent=1))
         return result
     finally:
