@@ -34,7 +34,7 @@ setup(
         "accelerate",  # transformers needs it to load a GGUF
     ],
     extras_require={
-        "dev": ["pytest>=8", "mpi4py>=4", "mpich", "wandb", "tensorboard", "matplotlib", "peft", "lm-eval",
+        "dev": ["pytest>=8", "mpi4py>=4", "mpich", "wandb", "tensorboard", "matplotlib", "peft", "trl", "lm-eval",
                 "ruff", "pyright[nodejs]",  # make lint
                 # the server's tests talk to it with the openai client and lm-eval's local-completions
                 "fastapi", "uvicorn", "openai", "lm-eval[api]",

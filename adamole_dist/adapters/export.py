@@ -65,9 +65,8 @@ class AdapterSource:
             self.cfg = AdapterConfig.from_dict(self.doc["adapter"])
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ConfigError(f"{self.dir / CONFIG_NAME} is not an adapter config: {type(e).__name__}: {e}") from None
-        # The loader's rule (pretrained.base_model_of): the recorded folder while it exists, else the name
-        # training was given (a hub id, smollm2-135m, a path moved since), so export, generate and
-        # from_pretrained find the same base.
+        # The loader's rule (pretrained.base_model_of): the name training was given while it loads here,
+        # else the folder it resolved to, so export, generate and from_pretrained find the same base.
         self.base_model = base_model_of(self.doc, self.dir)
         self.task_type = self.doc.get("task_type", "causal_lm")
         self.trainable_modules = list(self.doc.get("trainable_modules") or [])

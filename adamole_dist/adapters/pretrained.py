@@ -9,6 +9,7 @@ Unlike training, the expert banks are registered in the module tree (Adapters.re
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -16,23 +17,52 @@ import torch.nn as nn
 
 from adamole_dist.adapters.files import CONFIG_NAME, load_adapter, read_adapter_config
 from adamole_dist.base_model.attention import check_attn_implementation
-from adamole_dist.base_model.model_loading import load_model_and_tokenizer
+from adamole_dist.base_model.fingerprint import VERSION as FINGERPRINT_VERSION
+from adamole_dist.base_model.fingerprint import fingerprint_of
+from adamole_dist.base_model.model_loading import available_here, load_model_and_tokenizer, resolve_model_path
 from adamole_dist.base_model.quantize import QuantSpec
 from adamole_dist.config.fields import ConfigError
 
+log = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 
 
 def base_model_of(doc: dict, adapter_dir: Path) -> str:
-    """Where the base model recorded in the adapter config is: its resolved folder when it still
-    exists, else the name training was given (a hub id or a name model_loading resolves)."""
-    path = doc.get("base_model_path")
+    """Where the base model recorded in the adapter config is, tried in order: the name training was given
+    (a hub id, a GGUF file or package, a folder) when it loads here without a download, then the folder it
+    resolved to when that still exists, else the name (for the hub to fetch, or for the loader to name what
+    is missing). An explicit ``model``/``--model`` is not asked for: it wins over both."""
+    name, path = doc.get("base_model"), doc.get("base_model_path")
+    if name and available_here(str(name)):
+        return str(name)
     if path and Path(path).exists():
         return str(path)
-    name = doc.get("base_model") or path
-    if not name:
+    if not (name or path):
         raise ConfigError(f"{adapter_dir / CONFIG_NAME} records no base model; pass model=")
-    return str(name)
+    return str(name or path)
+
+
+def base_to_load(doc: dict, adapter_dir: Path | None, model: str | Path | None) -> str:
+    """The base to load an adapter on: ``model`` when given (an explicit choice wins), else the recorded one
+    (base_model_of); warned about when its content differs from the recorded base's."""
+    source = str(model) if model is not None else base_model_of(doc, Path(str(adapter_dir)))
+    if adapter_dir is not None:
+        warn_if_other_base(doc, Path(adapter_dir), source)
+    return source
+
+
+def warn_if_other_base(doc: dict, adapter_dir: Path, source: str) -> None:
+    """A warning naming both when the base ``source`` resolves to here holds other weights than the one the
+    adapter recorded (base_model/fingerprint.py: a content hash); silent when either side has no hash."""
+    recorded = doc.get("base_model_fingerprint")
+    if not isinstance(recorded, str) or not recorded.startswith(f"{FINGERPRINT_VERSION}:"):
+        return
+    folder = resolve_model_path(source)
+    found = fingerprint_of(folder)
+    if found is not None and found != recorded:
+        log.warning(f"the base model {source} ({folder}, content hash {found}) is not the one the adapter "
+                    f"{adapter_dir} was trained on ({doc.get('base_model')}, then at {doc.get('base_model_path')}, "
+                    f"content hash {recorded}); its outputs may differ from training's")
 
 
 def _tokenizer_for(model: nn.Module, adapter_dir: Path, doc: dict):
@@ -73,8 +103,10 @@ def from_pretrained(adapter_dir: str | Path, *, model: str | Path | nn.Module | 
     """(model, tokenizer): the base model with the adapter of ``adapter_dir`` injected and loaded,
     in eval mode, every parameter frozen, the experts registered in the module tree.
 
-    ``model``: the base model recorded in the adapter config by default; a path (or name) to load
-    instead, or an already loaded instance (the adapter is injected into it, in place).
+    ``model``: the base model recorded in the adapter config by default (base_model_of: the name as given,
+    then the resolved folder); a path (or name) to load instead, or an already loaded instance (the adapter
+    is injected into it, in place). A loaded base whose content hash differs from the recorded one is
+    warned about, naming both (warn_if_other_base).
     ``dtype``: the base model's dtype (default float32); the adapter follows it. ``device``: where
     to move the whole model. ``attn_implementation``: the attention kernel the base loads with (default:
     the one training recorded; base_model/attention.py checks it). The ``Adapters`` handle is
@@ -93,7 +125,7 @@ def from_pretrained(adapter_dir: str | Path, *, model: str | Path | nn.Module | 
             net.to(dtype)
         tokenizer = _tokenizer_for(net, folder, doc)
     else:
-        source = str(model) if model is not None else base_model_of(doc, folder)
+        source = base_to_load(doc, folder, model)
         kernel = attention_kernel(attn_implementation or doc.get("attn_implementation") or "auto", device)
         net, tokenizer, _, _ = load_model_and_tokenizer(source, doc.get("task_type", "auto"),
                                                         dtype=dtype or torch.float32,

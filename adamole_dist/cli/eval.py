@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from adamole_dist.adapters.files import load_adapter, read_adapter_config
-from adamole_dist.adapters.pretrained import attention_kernel, base_model_of, recorded_quantization
+from adamole_dist.adapters.pretrained import attention_kernel, base_to_load, recorded_quantization
 from adamole_dist.atomic_files import write_text_atomically
 from adamole_dist.base_model.model_loading import load_model_and_tokenizer
 from adamole_dist.cli.console import configure_logging, interruptible
@@ -100,7 +100,7 @@ def prepare(args):
     split = args.split or run.eval_split
     examples = load_examples(dataset, split, args.data_format or run.data_format,
                              limit=args.max_examples or None, seed=run.seed) if dataset else []
-    base = args.model or base_model_of(doc, args.adapter)
+    base = base_to_load(doc, args.adapter, args.model)
     kernel = attention_kernel(args.attn_implementation or doc.get("attn_implementation") or "auto", "cpu")
     model, tokenizer, task_type, _ = load_model_and_tokenizer(base, doc.get("task_type", "auto"),
                                                               pooling=doc.get("pooling", "cls"),

@@ -98,6 +98,11 @@ class TrainConfig:
                                        "instead of keeping them (Hugging Face models; about one extra forward "
                                        "for activation memory of one block); routing statistics, aux losses "
                                        "and balance loads still count each token once")
+    activation_offload: bool = opt(False, "GPU runs with gradient_checkpointing: the tensors the forward saves for "
+                                   "the backward (each checkpointed block's input) go to pinned host memory on a side "
+                                   "CUDA stream, overlapping the forward, and come back in the backward "
+                                   "(train/activation_offload.py, torchtune's activation offloading): activation "
+                                   "memory of about one block on the device; refused on a CPU run and with --compile")
     chunked_loss: bool = opt(True, "causal_lm: the LM head and the cross entropy run over chunks of "
                              "loss_chunk_tokens target tokens, forward and backward, so the [tokens x vocabulary] "
                              "logits never exist whole (same loss and gradients, less memory; "
@@ -260,6 +265,8 @@ class TrainConfig:
                               f"ep_size ({self.ep_size})")
         if self.quantize_base != "none":
             self._check_quantize_combinations()
+        if self.activation_offload:
+            self._check_activation_offload()
         if not self.output_dir:
             raise ConfigError("output_dir must not be empty")
         if not 0 <= self.seed <= MAX_SEED:
@@ -290,6 +297,14 @@ class TrainConfig:
         what = f"quantize_base ({self.quantize_base})"
         if self.compile:  # bitsandbytes' matmuls break torch.compile's graphs
             raise ConfigError(f"{what} is not supported with compile: pass --no-compile")
+
+    def _check_activation_offload(self) -> None:
+        """What --activation_offload needs besides a CUDA GPU (checked where the device is known: run assembly)."""
+        if not self.gradient_checkpointing:  # without it every block's activations would cross the bus each step
+            raise ConfigError("activation_offload offloads the block inputs that gradient checkpointing keeps: pass "
+                              "--gradient_checkpointing too")
+        if self.compile:  # the compiled blocks would trace under the saved-tensor hooks (not verified on a GPU)
+            raise ConfigError("activation_offload is not supported with compile: pass --no-compile")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -34,6 +34,20 @@ def target_dims(shape: ModelShape, targets: list[str]) -> dict[str, tuple[int, i
     return {t: linears[t] for t in chosen}
 
 
+def planned_target_names(shape: ModelShape, resolved: list[str]) -> list[str]:
+    """The planner's names of a run's adapted modules (as adapters/targets.py resolved them: ``self_attn.q_proj``,
+    ``attention.self.query``): each one's longest suffix that names a linear of the block; ValueError naming one
+    the planner does not know."""
+    names = sorted(shape.linears(), key=len, reverse=True)
+    planned = []
+    for target in resolved:
+        known = [n for n in names if target == n or target.endswith("." + n)]
+        if not known:
+            raise ValueError(f"the planner does not model the adapted module {target} of a {shape.model_type} block")
+        planned.append(known[0])
+    return planned
+
+
 def adapter_floats_per_token(shape: ModelShape, plan: PlanConfig) -> int:
     """What the adapters of one block save per token."""
     targets = target_dims(shape, plan.target_modules)
@@ -58,6 +72,14 @@ def block_floats_per_token(shape: ModelShape, plan: PlanConfig) -> int:
 def tokens_per_micro_batch(shape: ModelShape, plan: PlanConfig) -> int:
     choices = plan.choices or (4 if shape.is_encoder else 1)
     return plan.micro_batch_size * choices * plan.max_length
+
+
+def offload_in_flight_bytes(shape: ModelShape, plan: PlanConfig, one_block: int) -> int:
+    """What activation offloading leaves on the device: the block whose saved tensors are coming back (without
+    gradient checkpointing all of one block's; with it, one block's input: the replay is counted as temporary)."""
+    if not plan.gradient_checkpointing:
+        return one_block
+    return tokens_per_micro_batch(shape, plan) * shape.hidden * (2 if plan.precision == "bf16" else 4)
 
 
 def saved_activation_bytes(shape: ModelShape, plan: PlanConfig) -> tuple[int, int]:

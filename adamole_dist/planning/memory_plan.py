@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from adamole_dist.planning.activations import saved_activation_bytes, target_dims
+from adamole_dist.planning.activations import offload_in_flight_bytes, saved_activation_bytes, target_dims
 from adamole_dist.planning.model_shape import ModelShape
 from adamole_dist.planning.plan_config import PlanConfig
 
@@ -102,8 +102,9 @@ def plan_memory(shape: ModelShape, plan: PlanConfig) -> MemoryPlan:
     activations, one_block = saved_activation_bytes(shape, plan)
     offloaded = 0
     if plan.activation_offload:
-        offloaded += activations - one_block
-        activations = one_block
+        kept = min(activations, offload_in_flight_bytes(shape, plan, one_block))
+        offloaded += activations - kept
+        activations = kept
     engine_states = engine * ADAMW_STATE_BYTES // plan.world_size
     if plan.optimizer_offload:
         moved = engine * (OFFLOADED_STATE_BYTES + (4 if plan.precision == "bf16" else 0)) // plan.world_size

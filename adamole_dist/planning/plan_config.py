@@ -31,7 +31,8 @@ class PlanConfig:
     quant_double: bool = opt(True, "nf4/fp4: 8-bit block scales (double quantization) instead of fp32 ones")
     gradient_checkpointing: bool = opt(False, "keep only each block's input; recompute one block in the backward")
     optimizer_offload: bool = opt(False, "ZeRO offload of the engine's fp32 master weights and AdamW moments to host")
-    activation_offload: bool = opt(False, "saved activations kept in host memory (counted as host, not device)")
+    activation_offload: bool = opt(False, "saved activations kept in host memory (counted as host, not device) but "
+                                   "the one block's in flight")
     chunked_loss: bool = opt(True, "causal_lm: the LM head and loss over chunks of loss_chunk_tokens tokens")
     loss_chunk_tokens: int = opt(1024, "chunked_loss: target tokens per chunk")
     attn_implementation: str = opt("sdpa", "sdpa (flash-style: no [T x T] scores kept) or eager (keeps them)",
@@ -70,6 +71,7 @@ def plan_config_from_train(cfg, world_size: int, device: str) -> PlanConfig:
                       micro_batch_size=cfg.micro_batch_size, max_length=cfg.max_length,
                       precision="bf16" if bf16 else "fp32", quantize_base=cfg.quantize_base,
                       quant_double=cfg.quant_double, gradient_checkpointing=cfg.gradient_checkpointing,
-                      chunked_loss=cfg.chunked_loss, loss_chunk_tokens=cfg.loss_chunk_tokens, attn_implementation=attn,
+                      activation_offload=cfg.activation_offload, chunked_loss=cfg.chunked_loss,
+                      loss_chunk_tokens=cfg.loss_chunk_tokens, attn_implementation=attn,
                       method=cfg.adapter.method, num_experts=cfg.adapter.num_experts, rank=cfg.adapter.rank,
                       target_modules=list(cfg.adapter.target_modules), device=device)

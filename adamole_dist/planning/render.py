@@ -16,7 +16,8 @@ ROWS = (("base_shard", "frozen base shard (ZeRO-3)"), ("engine_states", "trainab
 
 def plan_record(shape: ModelShape, plan: PlanConfig) -> dict:
     memory = plan_memory(shape, plan)
-    return {"inputs": dataclasses.asdict(plan), "per_rank_mb": memory.as_mb(), "cards": card_table(shape, plan)}
+    cards = card_table(shape, plan) if plan.device == "cuda" else []  # a CPU plan is RSS, baseline included
+    return {"inputs": dataclasses.asdict(plan), "per_rank_mb": memory.as_mb(), "cards": cards}
 
 
 def plan_text(shape: ModelShape, plan: PlanConfig) -> str:
@@ -33,6 +34,9 @@ def plan_text(shape: ModelShape, plan: PlanConfig) -> str:
     if memory.process_baseline:
         lines.append(f"  {'process baseline (imports)':<48}{mb['process_baseline']:>12,.0f} MB")
     lines.append(f"  {'total, ' + where:<48}{mb['device_total']:>12,.0f} MB")
+    if plan.device == "cpu":  # its total holds the process baseline and the CPU heap's retention: no card's measure
+        lines.append("  (a CPU plan, process baseline included: no card fit; for cards: adamole-plan --device cuda)")
+        return "\n".join(lines)
     for row in card_table(shape, plan):
         verdict = "fits" if row["fits"] else "does not fit"
         lines.append(f"  {row['card_gb']:>3} GB card: {verdict:<13} largest micro batch that fits: "

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from adamole_dist.adapters.files import read_adapter_config
-from adamole_dist.adapters.pretrained import base_model_of, from_pretrained
+from adamole_dist.adapters.pretrained import base_model_of, from_pretrained, warn_if_other_base
 from adamole_dist.base_model.model_loading import load_model_and_tokenizer, resolve_model_path
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.generation.loading import DTYPES
@@ -117,6 +117,7 @@ def load_served_models(base: str | None, adapters: dict[str, Path], base_name: s
     model.eval().to(device)
     models = {base_name: served(base_name, model, tokenizer)}
     for name, folder in adapters.items():
+        warn_if_other_base(docs[name], folder, base)
         net, tok = from_pretrained(folder, model=shared_copy(model))
         net.adamole_adapters.context.collect_stats = False  # routing statistics: nobody reads them here
         models[name] = served(name, net, tok, net.adamole_adapters, docs[name])

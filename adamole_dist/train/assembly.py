@@ -58,6 +58,7 @@ from adamole_dist.run_files.run_lock import RunLock
 from adamole_dist.runtime.process_group import DistInfo, device_for
 from adamole_dist.runtime.stopping import PREEMPTED_MARKER, StopSignal
 from adamole_dist.train import checkpoint as ckpt_io
+from adamole_dist.train.activation_offload import ActivationOffload, check_activation_offload
 from adamole_dist.train.builders import (
     attach_chunked_loss,
     build_dispatcher,
@@ -112,6 +113,7 @@ class Run:
     sft: SFTData | None = None  # free-form data; None for multiple choice
     lock: RunLock | None = None  # rank 0: the output dir's lock, held until close
     compiled: CompileReport | None = None  # --compile: what torch.compile did (logged with the training windows)
+    activation_offload: ActivationOffload | None = None  # --activation_offload: the forward's saved-tensor hooks
 
     @property
     def ckpt_root(self) -> Path:
@@ -174,18 +176,19 @@ def build_run(cfg: TrainConfig, dist_info: DistInfo, stop: StopSignal | None = N
               eval_examples=data.eval_examples, batches=data.batches, tokenizer=tokenizer, task_type=task_type,
               model_path=model_path, task=task, layout=layout, dispatcher=dispatcher, adapters=adapters,
               engine=engine, expert_opt=expert_opt, total_steps=total_steps, logger=logger, start=start,
-              resumed_from=resume_from, data_format=data.data_format, sft=data.sft, lock=lock, compiled=compiled)
+              resumed_from=resume_from, data_format=data.data_format, sft=data.sft, lock=lock, compiled=compiled,
+              activation_offload=ActivationOffload(device) if cfg.activation_offload else None)
     report_memory(run)
-    if data.sft is not None:
-        report_sft_data(run)
+    report_sft_data(run)
     return run
 
 
 def checked_device(cfg: TrainConfig, dist_info: DistInfo) -> tuple[torch.device, str]:
-    """This rank's device and the attention kernel to load, checked with --compile against it (ConfigError
-    naming what this machine lacks)."""
+    """This rank's device and the attention kernel to load, checked with --compile and --activation_offload against
+    it (ConfigError naming what this machine lacks)."""
     device = device_for(dist_info)
     attn_implementation = check_attn_implementation(cfg.attn_implementation, device.type, training=True)
+    check_activation_offload(cfg.activation_offload, device)
     if cfg.compile:
         check_compile(device)
     return device, attn_implementation
@@ -228,9 +231,6 @@ def resolved_model(cfg: TrainConfig) -> tuple[str, str]:
     """(the model's local path, its task type): a GGUF converted into the cache, a hub id fetched."""
     model_path = resolve_model_path(cfg.model)
     return model_path, resolve_task_type(cfg.task_type, model_path)
-
-
-
 
 
 def adapt_model(cfg: TrainConfig, dist_info: DistInfo, model: torch.nn.Module, task_type: str, model_path: str,
@@ -296,6 +296,8 @@ def resume(resume_from: Path, engine, adapters: Adapters, expert_opt: ExpertOpti
 
 
 def report_sft_data(run: Run) -> None:
+    if run.sft is None:  # multiple choice: nothing rendered
+        return
     summary = run.sft.summary()
     if run.dist_info.is_main:
         dropped = summary["train_dropped_too_long"] + summary["eval_dropped_too_long"]
@@ -314,7 +316,6 @@ def count_total_steps(cfg: TrainConfig, batches: ShardedBatches) -> int:
     if per_epoch == 0:
         raise ConfigError("gradient_accumulation_steps exceeds the micro batches in one epoch")
     return max(1, int(math.ceil(cfg.epochs * per_epoch)))
-
 
 
 def auto_ep_size(cfg: TrainConfig, model: torch.nn.Module, dist_info: DistInfo, device: torch.device) -> int:

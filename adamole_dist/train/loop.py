@@ -20,6 +20,7 @@ from pathlib import Path
 from adamole_dist.adapters.files import adapter_state, save_adapter
 from adamole_dist.adapters.model_card import write_model_card
 from adamole_dist.atomic_files import write_text_atomically
+from adamole_dist.base_model.fingerprint import fingerprint_of
 from adamole_dist.base_model.model_loading import recorded_model_name
 from adamole_dist.base_model.quantize import QuantSpec
 from adamole_dist.config.fields import ConfigError
@@ -43,6 +44,7 @@ from adamole_dist.train import checkpoint as ckpt_io
 from adamole_dist.train.assembly import Run, build_run
 from adamole_dist.train.elastic import STEP_ORDER
 from adamole_dist.train.held_out import evaluate_held_out, log_samples
+from adamole_dist.train.memory_report import log_planned_peak, peak_beside_plan
 from adamole_dist.train.reporting import (
     LogWindow,
     dispatch_metrics,
@@ -113,7 +115,8 @@ class Trainer:
                 micro.append(run.task.collate([run.train_examples[i] for i in idx]))
             run.task.prepare_step(micro, self.dist_info.world_size, collectives.sum_over_ranks)  # SFT: loss normaliser
             self.epoch, self.batch_in_epoch = (epoch, b + 1)
-            metrics = train_step(run.engine, run.task, run.adapters, run.expert_opt, micro, cfg.adapter.aux_loss_coeff)
+            metrics = train_step(run.engine, run.task, run.adapters, run.expert_opt, micro, cfg.adapter.aux_loss_coeff,
+                                 offload=run.activation_offload)
             self.step += 1
             stop_requested = self.raise_if_non_finite_else_stop_flag(metrics)  # before a non-finite state is saved
             window.add(metrics, micro)
@@ -239,11 +242,13 @@ class Trainer:
 
 
 def adapter_meta(run: Run, step: int) -> dict:
-    """What the adapter records of its run: the base model as named (a relative path made absolute) and as
-    resolved, the task, the data's format and prompt rendering (generation renders prompts the same way),
-    the chat template given."""
+    """What the adapter records of its run: the base model as named (a relative path made absolute), as
+    resolved and its content hash (base_model/fingerprint.py; loading warns when the base found differs), the
+    task, the data's format and prompt rendering (generation renders prompts the same way), the chat template
+    given."""
     cfg = run.cfg
     return {"base_model": recorded_model_name(cfg.model), "base_model_path": recorded_model_name(run.model_path),
+            "base_model_fingerprint": fingerprint_of(run.model_path),
             "task_type": run.task_type,
             "pooling": cfg.pooling, "trainable_modules": run.adapters.trainable_modules, "step": step,
             "target_modules_resolved": run.adapters.targets,  # what a default or a shorthand (all-linear) chose
@@ -256,13 +261,16 @@ def adapter_meta(run: Run, step: int) -> dict:
 
 
 def train(cfg: TrainConfig, dist_info: DistInfo, stop_signal: StopSignal | None = None) -> dict:
-    """Build the run, train it, write final_metrics.json, close its sinks and release its output dir
-    (collective: every rank of ``dist_info``'s world)."""
+    """Build the run, log its memory plan, train it, log the measured peak beside the plan, write
+    final_metrics.json (with both), close its sinks and release its output dir (collective: every rank of
+    ``dist_info``'s world)."""
     run = build_run(cfg, dist_info, stop_signal)
     try:
+        predicted_mb = log_planned_peak(run)
         result = Trainer(run, stop_signal).train()
+        peak = peak_beside_plan(run, predicted_mb)  # collective: every rank's peak
         if dist_info.is_main:  # inside the run's life: its output-dir lock still held
-            final = {k: v for k, v in result.items() if k != "layers"}
+            final = {**{k: v for k, v in result.items() if k != "layers"}, **peak}
             write_text_atomically(run.out / "final_metrics.json", json.dumps(final, indent=1))
         return result
     finally:

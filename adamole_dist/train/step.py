@@ -9,7 +9,7 @@ boundary), ``get_global_grad_norm()`` after it. The expert banks that live outsi
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +17,7 @@ import torch
 from adamole_dist.adapters.handle import Adapters
 from adamole_dist.parallel import collectives
 from adamole_dist.parallel.device_timer import timed
+from adamole_dist.train.activation_offload import ActivationOffload
 
 
 def micro_batch_loss(model, task, adapters: Adapters | None, batch: dict,
@@ -53,18 +54,20 @@ def _untimed(name: str):
 
 
 def train_step(engine, task, adapters: Adapters | None, expert_opt, micro_batches: list[dict],
-               aux_loss_coeff: float, clock: PhaseClock | None = None) -> dict:
+               aux_loss_coeff: float, clock: PhaseClock | None = None,
+               offload: ActivationOffload | None = None) -> dict:
     """One optimizer step over the accumulation's micro batches; returns the mean task and aux
     losses over them, the engine's gradient norm and the experts' (0.0 where there is none).
 
     Host reads of device values (each a sync on a GPU): the losses are summed on the device and read
     once, together with the engine's norm, at the end of the step; the expert optimizer reads its
     norm once (clipping and the non-finite check need it). Two per step, whatever the depth and the
-    number of micro batches (tests/unit/train/test_host_syncs.py)."""
+    number of micro batches (tests/unit/train/test_host_syncs.py). ``offload``: the forward runs under its
+    saved-tensor hooks (--activation_offload)."""
     phase = clock.phase if clock is not None else _untimed
     task_sum, aux_sum = None, None
     for batch in micro_batches:
-        with phase("forward"):
+        with phase("forward"), offload.hooks() if offload is not None else nullcontext():
             loss, task_loss, aux = micro_batch_loss(engine, task, adapters, batch, aux_loss_coeff)
         with phase("backward"):
             engine.backward(loss)

@@ -74,6 +74,19 @@ def test_defaults_match_and_shorthands_take_the_blocks(model_type):
         assert mlp and sorted(attention + mlp) == in_blocks
 
 
+@pytest.mark.parametrize("model_type", sorted(t for t in FUSED_EXPERTS | {"deepseek_v3"} if available(t)))
+def test_fused_experts_are_refused_naming_what_can_be_adapted(model_type):
+    """A target naming the routed experts (the module or its 3-D parameters) says they are fused and lists
+    what can be adapted; a name that also takes linear layers (DeepSeek's shared expert) takes those."""
+    model = tiny_model(model_type)
+    for target in ("experts", "gate_up_proj"):
+        with pytest.raises(ConfigError, match=rf"{target!r} asks for the base's routed experts, which are fused "
+                                              r"3-D parameters .*gate_up_proj \[4, .*Adaptable here: attention"):
+            names(model, [target])
+    if model_type == "deepseek_v3":  # a shared expert: mlp and down_proj take its layers (and the dense MLPs)
+        assert names(model, ["down_proj"]) and all(".mlp.experts." not in n for n in names(model, ["mlp"]))
+
+
 @pytest.mark.parametrize("model_type", types())
 def test_all_linear_starts_at_the_base_and_every_adapter_learns(model_type):
     base, model = tiny_model(model_type), tiny_model(model_type)

@@ -53,6 +53,10 @@ def fails_cleanly(tmp_path, *args, expect: list[str], out_name="run"):
         (["--quantize_base", "nf4", "--compile"], ["quantize_base (nf4)", "compile"]),
         (["--quantize_base", "int4"], ["--quantize_base", "'int4'", "'nf4'"]),
         (["--loss_chunk_tokens", "0"], ["loss_chunk_tokens (0)", "positive"]),
+        (["--activation_offload", "--gradient_checkpointing"], ["--activation_offload needs a CUDA GPU",
+                                                                "trains on the cpu"]),
+        (["--activation_offload"], ["activation_offload", "pass --gradient_checkpointing"]),
+        (["--activation_offload", "--gradient_checkpointing", "--compile"], ["activation_offload", "compile"]),
     ],
 )
 def test_bad_adapter_options(tmp_path, args, expect):
@@ -322,7 +326,8 @@ def test_bad_input_changes_nothing(tmp_path, name, monkeypatch):
 
 
 def test_resume_with_overwrite_leaves_a_real_run_resumable(tmp_path):
-    """A complete run (started over a killed run's stale lock, which it takes over); --resume latest
+    """A complete run (started over a killed run's stale lock, which it takes over; its memory plan logged at the
+    start, the measured peak beside it at the end, both in final_metrics.json); --resume latest
     --overwrite is refused with the directory byte-identical; the run still resumes afterwards."""
     import socket
     import subprocess
@@ -341,6 +346,10 @@ def test_resume_with_overwrite_leaves_a_real_run_resumable(tmp_path):
     proc = check(run(python_cmd(*args, "--max_steps", "3"), timeout=300))
     assert f"took over the lock of pid {dead} on host {socket.gethostname()}, which is no longer running" in proc.stdout
     assert not (out / ".run.lock").exists()  # removed at the end of the run
+    assert f"memory plan (prediction) for {model}:" in proc.stdout  # the start: the plan of the run as built
+    assert "memory: measured peak" in proc.stdout and "(peak RSS, one rank); plan" in proc.stdout  # the end
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert final["measured_peak_mb"] > 0 and final["predicted_peak_mb"] > 0
     before = snapshot(out)
     assert "checkpoints/step_0000003/trainer_state.json" in before
     proc = run(python_cmd(*args, "--max_steps", "3", "--resume", "latest", "--overwrite"), timeout=300)
@@ -663,3 +672,16 @@ def test_bad_model_input_changes_nothing(tmp_path, name, monkeypatch):
     extra = setup(tmp_path)
     refused_leaving_out_unchanged(out, "--overwrite", *extra, expect=expect)
     assert not [p for p in cache.rglob("*") if p.is_file()], "left in the model cache"
+
+
+@pytest.mark.parametrize("target", ["experts", "gate_up_proj", "mlp"])
+def test_the_fused_experts_of_a_moe_base_are_refused_naming_what_can_be_adapted(tmp_path, target):
+    """Mixtral in transformers 5 keeps its routed experts as 3-D parameters: no layer to wrap (adapters/targets.py)."""
+    from tests.helpers.tiny_architectures import write_tiny_model
+
+    model = write_tiny_model(tmp_path / "mixtral", "mixtral")
+    out, message = fails_cleanly(tmp_path, "--model", str(model), "--dataset", "builtin:word_categories",
+                                 "--target_modules", target,
+                                 expect=[f"adapter.target_modules: {target!r}", "fused 3-D parameters",
+                                         "gate_up_proj [4,", "Adaptable here: attention", "q_proj"])
+    assert not out.exists()

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-COMMANDS = ("train", "eval", "generate", "export", "plot")
+COMMANDS = ("train", "eval", "generate", "export", "plot", "plan")
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -3,6 +3,7 @@ saves, the recorded benchmark peaks within 15 %, and the commands' exits."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -111,3 +112,21 @@ def test_plan_within_15_percent_of_every_recorded_peak():
         if abs(predicted - measured) > 0.15 * measured:
             outside.append(label)
     assert sorted(outside) == sorted(KNOWN_MISSES)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_activation_offload_moves_saved_activations_to_the_host(checkpointing):
+    shape = load_model_shape("minilm-l6")  # few layers: one block's activations outweigh all blocks' inputs
+    plan = PlanConfig(model="minilm-l6", micro_batch_size=4, max_length=128, gradient_checkpointing=checkpointing)
+    kept, moved = plan_memory(shape, plan), plan_memory(shape, dataclasses.replace(plan, activation_offload=True))
+    assert moved.host_offloaded > 0 and moved.activations < kept.activations
+    assert moved.host_offloaded + moved.activations == kept.activations  # moved, not lost
+    assert moved.device_total == kept.device_total - moved.host_offloaded
+
+
+def test_the_trainers_options_reach_the_plan():
+    from adamole_dist.config.training import TrainConfig
+    from adamole_dist.planning.plan_config import plan_config_from_train
+
+    cfg = TrainConfig(output_dir="unused", gradient_checkpointing=True, activation_offload=True)
+    assert plan_config_from_train(cfg, 2, "cuda").activation_offload

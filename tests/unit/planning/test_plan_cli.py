@@ -34,3 +34,11 @@ def test_train_plan_exits_0_and_writes_nothing(tmp_path, capsys):
     assert train_cli.main(["--plan", "--model", "smollm2-135m", "--output_dir", str(output_dir)]) == 0
     assert "memory plan (prediction) for smollm2-135m" in capsys.readouterr().out
     assert not output_dir.exists()
+
+
+def test_a_cpu_plan_names_no_card(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert plan_cli.main(["--model", "smollm2-135m", "--device", "cpu", "--precision", "fp32", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "process baseline" in text and "GB card" not in text and "adamole-plan --device cuda" in text
+    assert json.loads(out.read_text())["cards"] == []
