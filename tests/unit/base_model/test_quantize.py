@@ -102,6 +102,7 @@ def test_options_are_checked_and_compile_is_refused():
     assert TrainConfig(quantize_base="nf4", ep_size=2, adapter=AdapterConfig(num_experts=4)).quantize_base == "nf4"
 
 
+@pytest.mark.slow  # 30 bitsandbytes CPU steps (~30 s); the default suite's nf4 run through launch/train.py trains too
 def test_a_short_nf4_training_lowers_the_loss():
     model = tiny_llama(tied=True)
     quantize_base(model, QuantSpec("nf4"))
