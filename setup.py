@@ -39,6 +39,7 @@ setup(
                 # the server's tests talk to it with the openai client and lm-eval's local-completions
                 "fastapi", "uvicorn", "openai", "lm-eval[api]",
                 "bitsandbytes>=0.50"],  # the --quantize_base tests
+        "docs": ["mkdocs>=1.5,<2", "mkdocs-material>=9,<10"],  # make docs: the documentation site (docs/, mkdocs.yml)
         "harness": ["lm-eval"],  # launch/eval.py --harness (lm-evaluation-harness)
         "serve": ["fastapi", "uvicorn"],  # adamole-serve (launch/serve.py): the OpenAI-compatible server
         "quantize": ["bitsandbytes>=0.50"],  # --quantize_base nf4|fp4|int8 (runs on CPU from 0.50)

@@ -8,7 +8,7 @@
 Exit codes: 0 done, 2 bad input, 3 non-finite loss, 74 a checkpoint could not be written (disk full;
 the previous one intact), 75 stopped by a signal (after a checkpoint; or before the first step, at
 once, nothing written), 76 another rank died. The command itself is adamole_dist/cli/train.py (--help;
-its docstring details each code; README "Stopping and exit codes" what each launcher returns)."""
+its docstring details each code; docs/training-at-scale.md, "Stopping and exit codes", what each launcher returns)."""
 
 import sys
 

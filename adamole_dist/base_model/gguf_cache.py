@@ -35,6 +35,7 @@ from pathlib import Path
 from adamole_dist.base_model.hf_logging import quiet_transformers
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.local_host import cache_home, readable_by_all
+from adamole_dist.progress import bar
 
 log = logging.getLogger(__name__)
 
@@ -152,17 +153,29 @@ def convert(gguf: Path, out: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     where = {"pretrained_model_name_or_path": str(gguf.parent), "gguf_file": gguf.name}
+    # Four stages of seconds each (reading and dequantising the weights is most of it): a bar of the
+    # stages on a terminal; transformers' own bars stay off (it would draw them in every process).
+    stages = bar(total=4, desc=f"convert {gguf.name}")
+    tick = stages.update if stages is not None else (lambda n=1: None)
     try:
+        try:
+            with quiet_transformers():
+                tokenizer = AutoTokenizer.from_pretrained(**where)
+                config = AutoConfig.from_pretrained(**where)
+                tick()
+                dequantised = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32)
+                tick()
+        except Exception as e:  # a damaged or foreign file fails in the GGUF reader with many exception types
+            raise ConfigError(f"model ({gguf}) cannot be read as GGUF: {type(e).__name__}: {str(e)[:200]}") from None
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(dequantised.state_dict(), strict=True)
+        tick()
         with quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(**where)
-            config = AutoConfig.from_pretrained(**where)
-            dequantised = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32)
-    except Exception as e:  # a damaged or foreign file fails in the GGUF reader with many exception types
-        raise ConfigError(f"model ({gguf}) cannot be read as GGUF: {type(e).__name__}: {str(e)[:200]}") from None
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(dequantised.state_dict(), strict=True)
-    with quiet_transformers():
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
+            model.save_pretrained(out)
+            tokenizer.save_pretrained(out)
+        tick()
+    finally:
+        if stages is not None:
+            stages.close()

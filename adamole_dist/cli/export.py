@@ -27,16 +27,20 @@ from adamole_dist.config.fields import ConfigError
 from adamole_dist.run_files.writable import check_output_folder
 
 
-@interruptible
-def main(argv=None) -> int:
-    configure_logging()
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("adapter_dir", type=Path, help="adapter directory written by training (runs/<name>/adapter)")
     ap.add_argument("--out", type=Path, required=True, help="folder to write (must not exist or be empty)")
     ap.add_argument("--format", choices=FORMATS, default="adamole", help="export form (default: adamole)")
     ap.add_argument("--merge", action="store_true", help="lora only: write a full model with the LoRA merged in")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    args = ap.parse_args(argv)
+    return ap
+
+
+@interruptible
+def main(argv=None) -> int:
+    configure_logging()
+    args = build_parser().parse_args(argv)
     try:
         check_output_folder(args.out, "--out", overwrite=args.overwrite, inputs=[("adapter", args.adapter_dir)])
         out = export(args.adapter_dir, args.out, fmt=args.format, merge=args.merge, overwrite=args.overwrite)

@@ -41,7 +41,7 @@ from adamole_dist.generation.routing_view import routing_lines
 from adamole_dist.run_files.writable import check_output_file
 
 
-def parse_args(argv):
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapter", type=Path, help="adapter folder: ours or a PEFT LoRA's (none: the base model)")
     ap.add_argument("--model", help="base model (default: the one recorded in the adapter config)")
@@ -62,7 +62,7 @@ def parse_args(argv):
     ap.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     ap.add_argument("--attn_implementation", choices=ATTN_IMPLEMENTATIONS, default=None,
                     help="attention kernel (default: as the adapter was trained, else auto)")
-    return ap.parse_args(argv)
+    return ap
 
 
 def check_args(args) -> None:
@@ -139,7 +139,7 @@ def write_completions(args, model, tokenizer, adapters, records, rows, options) 
 @interruptible
 def main(argv=None) -> int:
     configure_logging()
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         model, tokenizer, adapters, renderer, records, rows = prepare(args)
     except (ConfigError, DataError) as e:

@@ -11,12 +11,16 @@ from adamole_dist.cli.console import configure_logging
 from adamole_dist.run_files.plots import plot_run
 
 
-def main(argv=None) -> int:
-    configure_logging()
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", type=Path, help="an output_dir of launch/train.py (holds metrics.jsonl)")
     ap.add_argument("--out", type=Path, help="where the PNGs go (default: RUN_DIR/plots)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    configure_logging()
+    args = build_parser().parse_args(argv)
     if not (args.run_dir / "metrics.jsonl").is_file():
         print(f"error: {args.run_dir / 'metrics.jsonl'} not found", file=sys.stderr)
         return 2

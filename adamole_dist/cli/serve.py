@@ -36,7 +36,7 @@ from adamole_dist.runtime.stopping import EXIT_BAD_INPUT
 API_KEY_ENV = "ADAMOLE_SERVE_API_KEY"
 
 
-def parse_args(argv):
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                     help="serve the adapter in DIR as model NAME (repeat for several on one base)")
@@ -59,7 +59,7 @@ def parse_args(argv):
                     help="CPU threads of the forwards (default: torch's, one per core; fewer on a shared machine)")
     ap.add_argument("--log_level", default="warning", choices=("debug", "info", "warning", "error"),
                     help="uvicorn's log level (info: one line per request)")
-    return ap.parse_args(argv)
+    return ap
 
 
 def adapter_dirs(specs: list[str], base_name: str) -> dict[str, Path]:
@@ -124,7 +124,7 @@ def prepare(args):
 
 def main(argv=None) -> int:
     configure_logging()
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401

@@ -12,7 +12,7 @@ written (disk full, quota: one line; its partial folder removed, the previous ch
 'latest' intact), 75 stopped by SIGTERM, SIGINT or SIGUSR1 (or the launcher going away) after
 writing a checkpoint (requeue and --resume latest) -- or, during set-up (reading and tokenizing the
 data, converting and loading the model), at once, before anything was written (run it again) --,
-76 another rank died. README "Exit codes" says what each launcher returns.
+76 another rank died. docs/training-at-scale.md ("Stopping and exit codes") says what each launcher returns.
 """
 
 import sys

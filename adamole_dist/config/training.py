@@ -21,6 +21,7 @@ ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flex_attention", "flash_attent
 DISPATCH_DTYPES = ("fp32", "bf16")  # parallel/ep_dispatcher.py: the all-to-all wire
 EP_OVERLAPS = ("auto", "on", "off")  # parallel/ep_dispatcher.py: overlap_enabled
 HOST_MEMORY = ("keep", "system")  # runtime/host_memory.py
+PROGRESS = ("auto", "bar", "log")  # progress.py
 STATE_FILE = "trainer_state.json"  # what makes a directory a complete checkpoint (train/checkpoint.py)
 BACKENDS = ("auto", "gloo", "nccl", "cpu:gloo,cuda:nccl")  # runtime/process_group.py
 MC_DATA_FORMATS = ("instruction", "mc")  # data/formats.py: multiple choice
@@ -187,6 +188,9 @@ class TrainConfig:
     eval_interval: int = opt(100, "evaluate every N optimizer steps (0 = only at the end)")
     eval_at_start: bool = opt(True, "evaluate before the first step (a baseline for the final accuracy)")
     log_interval: int = opt(10, "log metrics every N optimizer steps")
+    progress: str = opt("auto", "progress bars (tqdm) of the steps, evaluation, tokenisation and the GGUF "
+                        "conversion on rank 0: auto = when stdout is a terminal (log lines alone under SLURM, CI, "
+                        "pipes), bar = always, log = never; the log lines are written either way", choices=PROGRESS)
     report_to: str = opt("jsonl", "metrics sink besides the always-written metrics.jsonl",
                          choices=("none", "jsonl", "wandb", "tensorboard"))
     wandb_project: str = opt("adamole_dist", "wandb project (WANDB_MODE=offline works without network)")

@@ -41,6 +41,7 @@ from adamole_dist.config.fields import ConfigError
 from adamole_dist.data.examples import IGNORE, DataError
 from adamole_dist.data.ranks import INPUT_ERRORS, ONE_PROCESS, Ranks
 from adamole_dist.local_host import cache_home, process_alive, readable_by_all
+from adamole_dist.progress import datasets_bars
 
 log = logging.getLogger(__name__)
 
@@ -243,22 +244,15 @@ def _build_folder(dest: Path) -> Path:
 def _tokenize_into(tmp: Path, source, columns: list[str], tokenize_fn: Callable, num_proc: int, origin: str,
                    record_indices: list[int] | None, fingerprint: str) -> tuple[int, int]:
     """``source`` tokenized and saved into ``tmp/DATA_DIR``; (examples, map workers)."""
-    import datasets
-
     (tmp / "map").mkdir()
     workers = max(1, min(int(num_proc), len(source)))
-    bars = datasets.utils.logging.is_progress_bar_enabled()
-    datasets.disable_progress_bars()  # carriage-return noise in a log file
-    try:
+    with datasets_bars():  # its map's bar on a terminal (rank 0); carriage-return noise in a log file
         mapped = source.map(_TokenizeBatch(tokenize_fn, columns, origin, record_indices),
-                            batched=True, with_indices=True,
+                            batched=True, with_indices=True, desc="tokenise",
                             remove_columns=columns, features=_features(), num_proc=workers if workers > 1 else None,
                             cache_file_name=str(tmp / "map" / "tokens.arrow"), load_from_cache_file=False,
                             new_fingerprint=fingerprint)  # no dill hashing of the tokenize function
         mapped.save_to_disk(str(tmp / DATA_DIR))
-    finally:
-        if bars:
-            datasets.enable_progress_bars()
     examples = len(mapped)
     del mapped  # let go of the map's files before removing them
     shutil.rmtree(tmp / "map")

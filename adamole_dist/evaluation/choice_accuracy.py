@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from adamole_dist.data.evaluate import evaluate_accuracy
 from adamole_dist.moe.routing_stats import summarize_routing
+from adamole_dist.progress import counter
 
 
 def choice_accuracy(model, task, adapters, examples, batch_size: int) -> tuple[dict, dict]:
     """(data/evaluate.py's accuracy record, the routing summary of the evaluation: {"overall", "layers"};
     empty layers without an adapter)."""
-    result = evaluate_accuracy(model, task, examples, batch_size)
+    result = evaluate_accuracy(model, task, examples, batch_size, progress=counter("eval"))  # a bar on a terminal
     routing = summarize_routing(adapters.context.pop_stats() if adapters else {},
                                 adapters.cfg.has_tau if adapters else False)
     return result, routing

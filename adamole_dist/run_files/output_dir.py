@@ -37,8 +37,8 @@ TEMPORARY = re.compile(r"^\.(?P<name>.+?)\.(tmp|tmp-\d+|old-\d+)$")  # atomic_fi
 def comparable(config: dict) -> dict:
     """The parts of a run's config that must match to continue it (not bookkeeping options)."""
     skip = {"resume", "overwrite", "output_dir", "max_steps", "epochs", "save_interval", "eval_interval",
-            "log_interval", "report_to", "keep_checkpoints", "eval_at_start", "peer_timeout", "comm_timeout",
-            "dist_backend", "debug", "allow_data_change", "elastic",
+            "log_interval", "progress", "report_to", "keep_checkpoints", "eval_at_start", "peer_timeout",
+            "comm_timeout", "dist_backend", "debug", "allow_data_change", "elastic",
             TRAIN_DATA,  # compared on its own: changed_training_data
             "ep_size",  # experts reshard by global id, so a run may continue at another ep_size
             # the global batch they make with the world size is checked against the checkpoint instead

@@ -19,6 +19,7 @@ from adamole_dist.data.evaluate import check_stop, evaluate_accuracy, evaluate_l
 from adamole_dist.generation.batched import greedy_completion
 from adamole_dist.moe.routing_stats import print_routing_table
 from adamole_dist.parallel import collectives
+from adamole_dist.progress import counter
 from adamole_dist.train.reporting import fmt_duration, routing_over_ranks
 
 Say = Callable[[str], None]
@@ -46,9 +47,13 @@ def evaluate_held_out(run, step: int, say: Say, stop: Callable[[], bool], print_
 
 
 def progress_lines(is_main: bool, step: int, say: Say, every_s: float = 30.0):
-    """Rank 0: a line every ``every_s`` seconds through a long evaluation (batches are equal on all ranks)."""
+    """Rank 0: a bar of the evaluation's batches on a terminal (progress.py), else a line every ``every_s``
+    seconds through a long evaluation (batches are equal on all ranks)."""
     if not is_main:
         return None
+    batches = counter(f"eval (step {step})")
+    if batches is not None:
+        return batches
     t0 = last = time.perf_counter()
 
     def report(done: int, total: int) -> None:

@@ -28,6 +28,7 @@ from adamole_dist.config.training import TrainConfig
 from adamole_dist.data.conversations import prompt_format
 from adamole_dist.data.evaluate import EvaluationStopped
 from adamole_dist.parallel import collectives
+from adamole_dist.progress import configure as configure_progress
 from adamole_dist.run_files.metrics_log import read_metrics
 from adamole_dist.runtime.host_memory import keep_freed_host_memory
 from adamole_dist.runtime.process_group import DistInfo, init_distributed, shutdown_distributed
@@ -105,7 +106,7 @@ class Trainer:
             self.initial_eval = self.evaluate(print_layers=False)
         elif ckpt_io.owes_evaluation(run.resumed_from) and self.step < run.total_steps:  # else the final one
             self.evaluate()
-        self.progress = progress_bar(self.dist_info.is_main, run.total_steps, self.step)
+        self.progress = progress_bar(run.total_steps, self.step)
         window = LogWindow()  # after the initial evaluation: its time is not training time
         self.loop_t0, self.loop_start_step = time.perf_counter(), self.step
         while self.step < run.total_steps:
@@ -283,6 +284,7 @@ def run_training(cfg: TrainConfig) -> dict:
     if cfg.host_memory == "keep":
         keep_freed_host_memory()  # before the model and the process group allocate anything large
     dist_info = init_distributed(timeout_s=cfg.comm_timeout, backend=cfg.dist_backend)
+    configure_progress(cfg.progress, dist_info.is_main)  # before the set-up: tokenising and converting show it too
     watchdog = PeerWatchdog(dist_info.rank, dist_info.world_size, timeout_s=cfg.peer_timeout)
     if cfg.peer_timeout > 0:
         watchdog.start()

@@ -5,7 +5,6 @@ ranks, parameter memory per rank, and durations as an operator reads them in a l
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -13,6 +12,7 @@ import torch
 
 from adamole_dist.moe.routing_stats import summarize_routing
 from adamole_dist.parallel import collectives
+from adamole_dist.progress import bar
 
 log = logging.getLogger(__name__)
 
@@ -139,10 +139,6 @@ def summary_line(step: int, train_losses: list[float], initial_eval: dict | None
             f"adapter: {adapter_dir}")
 
 
-def progress_bar(is_main: bool, total_steps: int, step: int):
-    """Rank 0's tqdm bar of the training steps on a terminal; None elsewhere (log lines only)."""
-    if not (is_main and sys.stderr.isatty()):
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)
+def progress_bar(total_steps: int, step: int):
+    """Rank 0's tqdm bar of the training steps on a terminal (progress.py decides); None elsewhere (log lines)."""
+    return bar(total=total_steps, initial=step, desc="train")

@@ -25,20 +25,22 @@ LAYERS: dict[str, set[str]] = {
     "atomic_files": set(),
     "local_host": set(),
     "model_kwargs": set(),
+    "progress": set(),  # bars on a terminal, decided once per process
     "config": set(),
     # tensor maths, the base model, the process runtime, a run's files, data: each on the ground floor only
     "moe": {"config", "glossary"},
-    "base_model": {"config", "local_host"},
+    "base_model": {"config", "local_host", "progress"},
     "runtime": {"config", "atomic_files"},
     "run_files": {"config", "atomic_files", "local_host"},
-    "data": {"config", "glossary", "atomic_files", "local_host", "model_kwargs"},
+    "data": {"config", "glossary", "atomic_files", "local_host", "model_kwargs", "progress"},
     # across ranks: collectives, groups, dispatchers
     "parallel": {"config", "glossary", "moe"},
     # the adapter on a model
     "adapters": {"config", "glossary", "atomic_files", "model_kwargs", "moe", "base_model", "parallel"},
     # generation with an adapted model; evaluation outside training (accuracy, lm-evaluation-harness)
     "generation": {"config", "glossary", "moe", "base_model", "data", "adapters"},
-    "evaluation": {"config", "glossary", "atomic_files", "moe", "base_model", "data", "adapters", "generation"},
+    "evaluation": {"config", "glossary", "atomic_files", "progress", "moe", "base_model", "data", "adapters",
+                   "generation"},
     # the OpenAI-compatible server (adamole-serve): generation behind HTTP
     "serving": {"config", "glossary", "atomic_files", "local_host", "model_kwargs", "moe", "base_model", "run_files",
                 "data", "adapters", "generation", "evaluation"},
@@ -47,12 +49,13 @@ LAYERS: dict[str, set[str]] = {
     # the memory planner (adamole-plan, train --plan): formulas over a model's config
     "planning": {"config", "base_model"},
     # training: assembly, the step, the loop, checkpoints
-    "train": {"config", "glossary", "atomic_files", "local_host", "model_kwargs", "moe", "base_model", "runtime",
-              "run_files", "data", "parallel", "adapters", "generation", "evaluation", "costmodel", "planning"},
+    "train": {"config", "glossary", "atomic_files", "local_host", "model_kwargs", "progress", "moe", "base_model",
+              "runtime", "run_files", "data", "parallel", "adapters", "generation", "evaluation", "costmodel",
+              "planning"},
     # the command-line entry points (console scripts, python -m, launch/*.py): the top floor
-    "cli": {"config", "glossary", "atomic_files", "local_host", "model_kwargs", "moe", "base_model", "runtime",
-            "run_files", "data", "parallel", "adapters", "generation", "evaluation", "serving", "costmodel", "planning",
-            "train"},
+    "cli": {"config", "glossary", "atomic_files", "local_host", "model_kwargs", "progress", "moe", "base_model",
+            "runtime", "run_files", "data", "parallel", "adapters", "generation", "evaluation", "serving", "costmodel",
+            "planning", "train"},
     # the package's public names
     "__init__": {"config", "adapters"},
 }
