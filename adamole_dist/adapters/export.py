@@ -37,6 +37,7 @@ from adamole_dist.adapters.pretrained import base_model_of
 from adamole_dist.adapters.targets import SHORTHANDS, is_adaptable, matches, weight_OI
 from adamole_dist.atomic_files import WRITTEN_FILES, foreign_entries, write_dir_atomically
 from adamole_dist.base_model.gguf_cache import SMOLLM2, SMOLLM2_FILE, SMOLLM2_SOURCE
+from adamole_dist.base_model.quantize import COMPUTE_DTYPES, QuantSpec
 from adamole_dist.config.adapter import AdapterConfig
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.moe.experts import expert_key
@@ -152,6 +153,23 @@ def gguf_note(src: AdapterSource) -> str:
     return ""
 
 
+def quantization_note(src: AdapterSource) -> str:
+    """How to load the base as an adapter trained on a quantized one (``--quantize_base``) saw it, else "":
+    transformers' BitsAndBytesConfig for the recorded spec, which gives our quantization codes (quantize.py).
+    int8 needs ``llm_int8_threshold=0.0`` (ours keeps no fp16 outlier columns; transformers' default is 6.0)."""
+    spec = QuantSpec.from_record(src.doc.get("quantization"), str(src.dir / CONFIG_NAME))
+    if not spec.enabled:
+        return ""
+    if spec.scheme == "int8":
+        config = "BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0)"
+    else:
+        config = (f"BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=\"{spec.scheme}\", "
+                  f"bnb_4bit_use_double_quant={spec.double_quant}, "
+                  f"bnb_4bit_compute_dtype={COMPUTE_DTYPES[spec.compute_dtype]})")
+    return (f" The LoRA was trained on the base quantized to {spec.scheme}: load the base with "
+            f"`quantization_config={config}` to get the weights it trained against.")
+
+
 def peft_config(src: AdapterSource, modules: list[str]) -> dict:
     """peft's LoraConfig as saved by save_pretrained (fields of peft 0.21's LoraConfig)."""
     if src.task_type not in PEFT_TASK_TYPES:
@@ -196,7 +214,8 @@ def export_peft(src: AdapterSource, out: Path) -> None:
     def write(tmp: Path) -> None:
         save_file(weights, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-        _card(src, tmp, library_name="peft", extra="Load with `PeftModel.from_pretrained(base, DIR)`." + gguf_note(src))
+        _card(src, tmp, library_name="peft",
+              extra="Load with `PeftModel.from_pretrained(base, DIR)`." + gguf_note(src) + quantization_note(src))
 
     write_dir_atomically(out, write, record=_written_by(src))
 
