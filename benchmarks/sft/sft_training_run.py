@@ -106,7 +106,8 @@ def plot(results: list[dict], path: Path, model: str) -> None:
     for ax in (held, train):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"{model} on ShareGPT: adamole 8 x r=4 vs lora r=32")
+    names = {"adamole": "adamole 8 x r=4", "lora": "lora r=32"}  # the methods' adapters (METHODS)
+    fig.suptitle(f"{model} on ShareGPT: " + " vs ".join(names.get(r["method"], r["method"]) for r in results))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
