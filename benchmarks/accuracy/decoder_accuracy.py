@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from adamole_dist.adapters.inject import inject_adapters
-from adamole_dist.base_model.gguf_cache import SMOLLM2
+from adamole_dist.base_model.builtin_models import SMOLLM2
 from adamole_dist.base_model.model_loading import load_model_and_tokenizer
 from adamole_dist.config.adapter import AdapterConfig
 from adamole_dist.config.training import AUTOCASTS

