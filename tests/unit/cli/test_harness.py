@@ -121,6 +121,7 @@ metric_list:
 """
 
 
+@pytest.mark.slow  # the base model's parity; the adamole adapter's parity below stays in the default suite
 def test_harness_scores_equal_ours_question_by_question(model_dir, data_dir, tmp_path):
     import shutil
 

@@ -52,6 +52,7 @@ def adapter_and_data(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # lm-eval over HTTP (~25 s); the openai client's tests of the server stay in the default suite
 def test_local_completions_through_the_server_scores_as_launch_eval_harness(adapter_and_data):
     from lm_eval.tasks import TaskManager
 
