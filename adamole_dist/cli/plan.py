@@ -20,6 +20,7 @@ from adamole_dist.config.fields import ConfigError
 from adamole_dist.planning.model_shape import load_model_shape
 from adamole_dist.planning.plan_config import PlanConfig
 from adamole_dist.planning.render import plan_record, plan_text
+from adamole_dist.run_files.writable import check_output_file
 from adamole_dist.runtime.stopping import EXIT_BAD_INPUT
 
 
@@ -35,6 +36,8 @@ def main(argv=None) -> int:
     out = ns.pop("json")
     try:
         plan = PlanConfig(**ns)
+        if out is not None:  # before any work: writable, not the model's config.json, not inside a training run
+            check_output_file(out, "--json", [("--model", plan.model)])
         shape = load_model_shape(plan.model)
         text, record = plan_text(shape, plan), plan_record(shape, plan)
     except (ConfigError, ValueError) as e:

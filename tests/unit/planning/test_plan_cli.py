@@ -42,3 +42,19 @@ def test_a_cpu_plan_names_no_card(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "process baseline" in text and "GB card" not in text and "adamole-plan --device cuda" in text
     assert json.loads(out.read_text())["cards"] == []
+
+
+def test_json_output_is_checked_before_any_work(tmp_path, capsys):
+    """--json naming the model's own config.json is refused, the file left as it was (exit 2, one line)."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2).save_pretrained(tmp_path)
+    config = tmp_path / "config.json"
+    before = config.read_bytes()
+    assert plan_cli.main(["--model", str(config), "--json", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--json" in err and "--model file" in err
+    assert config.read_bytes() == before
+    assert plan_cli.main(["--model", str(config), "--json", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
