@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from adamole_dist.adapters.files import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
 from adamole_dist.adapters.model_card import card_inputs, write_model_card
+from adamole_dist.adapters.peft_import import PEFT_PREFIX  # the key layout PEFT saves, read and written alike
 from adamole_dist.adapters.pretrained import base_model_of
 from adamole_dist.adapters.targets import SHORTHANDS, is_adaptable, matches, weight_OI
 from adamole_dist.atomic_files import WRITTEN_FILES, foreign_entries, write_dir_atomically
@@ -45,7 +46,6 @@ from adamole_dist.moe.experts import expert_key
 log = logging.getLogger(__name__)
 
 FORMATS = ("peft", "adamole")
-PEFT_PREFIX = "base_model.model."  # PeftModel.base_model (LoraModel) .model (the transformers model)
 PEFT_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS"}
 LOADER_HINT = ("use --format adamole and load it with adamole_dist.from_pretrained(DIR) "
                "(or adapters.files.load_adapter on the base model)")
