@@ -1,5 +1,7 @@
 # Fresh-machine entry points. Each target sets up .venv on first use.
-#   make train   - the embedded default run (MiniLM-L6, generated data, ZeRO-3, ~5 min on 2 CPU cores)
+#   make train   - the default job: SmolLM2-135M-Instruct + AdaMoLE on a generated chat task, ZeRO-3; held-out
+#                  answers before -> after (training ~5 min on 2 CPU cores; the first run converts the model, ~25 s)
+#   make chat    - talk to the adapter make train just wrote (RUN=DIR for another run), experts shown per token
 #   make test    - the default test suite (unit + single-process; a few minutes)
 #   make models  - convert the offline decoders (SmolLM2-135M, Gemma 3 270M: GGUF) into the model cache once
 #   make lint    - ruff over the tree, pyright over moe/ and parallel/
@@ -15,6 +17,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
+RUN ?= runs/default
 # Offline installs: WHEELHOUSE=DIR makes every pip call of `make setup` read DIR only (--no-index).
 WHEELHOUSE ?=
 WHEELHOUSE_DIR ?= wheelhouse
@@ -23,7 +26,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup models train test test-slow lint wheelhouse docs reference
+.PHONY: setup models train chat test test-slow lint wheelhouse docs reference
 
 $(VENV)/.installed: setup.py pyproject.toml
 	python3 -m venv $(VENV)
@@ -46,6 +49,9 @@ models: setup
 
 train: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH deepspeed launch/train.py --ds_config ds_configs/zero3.json --overwrite $(ARGS)
+
+chat: setup
+	$(PY) launch/generate.py --adapter $(RUN)/adapter --chat --show_routing $(ARGS)
 
 test: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q -m "not slow" $(ARGS)

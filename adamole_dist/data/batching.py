@@ -163,15 +163,15 @@ def check_packing_attention(model) -> None:
     if getattr(config, "is_encoder_decoder", False) or not getattr(config, "is_causal", True) \
             or getattr(config, "model_type", None) in ("bert", "roberta"):
         raise ConfigError(f"packing: model type {config.model_type!r} is not a causal decoder; "
-                          "packing needs one (turn packing off)")
+                          "packing needs one (--no-packing)")
     if getattr(config, "model_type", None) in PACKING_UNSUPPORTED_TYPES:
         raise ConfigError(f"packing: model type {config.model_type!r} lets packed examples attend to each other "
-                          "(its positions or attention ignore the packed mask); turn packing off")
+                          "(its positions or attention ignore the packed mask); train it with --no-packing")
     impl = getattr(config, "_attn_implementation", None) or "eager"
     if impl not in PACKING_ATTENTION:
         raise ConfigError(
             f"packing: attn_implementation {impl!r} cannot keep attention inside each packed example; "
-            f"use one of {', '.join(PACKING_ATTENTION)}, or turn packing off"
+            f"use one of {', '.join(PACKING_ATTENTION)}, or --no-packing"
         )
 
 

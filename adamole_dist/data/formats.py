@@ -128,14 +128,15 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
 
 
 def _load_builtin(source: str, split: str) -> list[dict]:
-    from adamole_dist.data.synthetic import BUILTIN
+    from adamole_dist.data.builtin_datasets import builtin_datasets
 
+    known = builtin_datasets()
     name = source[len(BUILTIN_PREFIX):]
-    if name not in BUILTIN:
-        known = ", ".join(BUILTIN_PREFIX + b for b in BUILTIN)
-        raise DataError(f"dataset {source!r}: unknown built-in dataset (known: {known})")
+    if name not in known:
+        names = ", ".join(BUILTIN_PREFIX + b for b in known)
+        raise DataError(f"dataset {source!r}: unknown built-in dataset (known: {names})")
     try:
-        return BUILTIN[name](split)
+        return known[name](split)
     except ValueError as e:
         raise DataError(f"dataset {source!r}: {e}") from None
 

@@ -12,15 +12,18 @@ and the model (its resolved path and task type, which render_spec checks free-fo
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from adamole_dist.config.chat_templates import builtin_template
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.config.training import TrainConfig
 from adamole_dist.data import token_cache
+from adamole_dist.data.answer_match import SHORT_ANSWER_TOKENS
 from adamole_dist.data.batching import pack_examples
 from adamole_dist.data.conversations import normalise_records
 from adamole_dist.data.examples import Example
@@ -34,6 +37,7 @@ from adamole_dist.data.sft_render import (
     chat_template_of,
     check_spec,
     check_template_syntax,
+    question_text,
     sample_prompt,
     tokenize_split,
     tokenize_within_length,
@@ -45,6 +49,14 @@ from adamole_dist.data.sft_task import PackedRows
 ModelOf = Callable[[], tuple[str, str]]
 
 
+class AnswerPrompt(NamedTuple):
+    """A held-out example answered by generation: the prompt's ids, the reference reply, the question asked."""
+
+    ids: list[int]
+    reference: str
+    question: str
+
+
 @dataclass
 class SFTData:
     """Free-form data of a run: how it was rendered, the tokenized splits, the sample prompts."""
@@ -53,6 +65,8 @@ class SFTData:
     train: TokenizedSplit
     eval: TokenizedSplit
     sample_prompts: list[tuple[list[int], str]]  # (prompt ids, reference reply) of the first eval examples
+    # answer_accuracy: every eval example's prompt, scored by generation; empty: off
+    answer_prompts: list[AnswerPrompt] = dataclasses.field(default_factory=list)
     packed_rows: int = 0  # rows the training examples were packed into (0: not packed)
 
     def summary(self) -> dict:
@@ -128,9 +142,6 @@ def check_multiple_choice_options(cfg: TrainConfig, data_format: str) -> None:
     if cfg.loss_on not in ("auto", "answer", "full"):
         raise ConfigError(f"loss_on ({cfg.loss_on!r}) applies to free-form data; dataset ({cfg.dataset}) is "
                           f"multiple choice ({data_format}): use answer or full")
-    if cfg.packing:
-        raise ConfigError(f"packing applies to free-form data; dataset ({cfg.dataset}) is multiple choice "
-                          f"({data_format})")
 
 
 # -- free-form (SFT) data ---------------------------------------------------------------------------------
@@ -211,8 +222,19 @@ def load_sft_data(cfg: TrainConfig, data_format: str, train_records: list | None
     eval_records, eval_origin = load_records(cfg.dataset, cfg.eval_split)
     evaluation = tokenize_split(eval_records, spec, eval_origin, truncation=cfg.truncation,
                                 limit=cfg.max_eval_examples or None, seed=cfg.seed, keep_records=True)
-    prompts = [sample_prompt(rec, spec) for rec in evaluation.records[: cfg.sample_prompts]]
-    return SFTData(spec, train, evaluation, prompts)
+    every = [sample_prompt(rec, spec) for rec in evaluation.records]
+    scored = answers_scored(cfg.answer_accuracy, [ref for _, ref in every], tokenizer_for(spec))
+    answers = [AnswerPrompt(ids, ref, question_text(rec, data_format))
+               for (ids, ref), rec in zip(every, evaluation.records)] if scored else []
+    return SFTData(spec, train, evaluation, every[: cfg.sample_prompts], answers)
+
+
+def answers_scored(answer_accuracy: str, references: list[str], tokenizer) -> bool:
+    """Is the held-out split answered by generation? on / off, or auto: every reply a short answer."""
+    if answer_accuracy != "auto":
+        return answer_accuracy == "on"
+    return bool(references) and all(len(tokenizer.encode(ref, add_special_tokens=False)) <= SHORT_ANSWER_TOKENS
+                                    for ref in references)
 
 
 def sft_training_items(cfg: TrainConfig, sft: SFTData):

@@ -243,6 +243,18 @@ def sample_prompt(record: dict, spec: RenderSpec) -> tuple[list[int], str]:
     return prefix + encode(tokenizer, prompt_text), response_text
 
 
+def question_text(record: dict, data_format: str) -> str:
+    """What a person asked in an example, for showing its answers: the user turn before the first assistant
+    turn, alpaca's instruction (and input), the prompt; text data asks nothing."""
+    if "messages" in record:
+        messages = record["messages"]
+        k = next(i for i, t in enumerate(messages) if t["role"] == "assistant")
+        return next((t["content"] for t in reversed(messages[:k]) if t["role"] == "user"), "")
+    if data_format == "alpaca":
+        return "\n".join(x for x in (record["instruction"], record.get("input") or "") if x.strip())
+    return record.get("prompt", "")
+
+
 @dataclass
 class TokenizedSplit:
     """One split's tokenized examples (an indexable sequence) and what the length policy dropped."""

@@ -18,6 +18,7 @@ import json
 import random
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 WORDS_FILE = Path(__file__).with_name("word_categories.json")
 WORD_SPLIT_SEED = 1234  # fixed: every generation seed sees the same train/held-out words
@@ -65,18 +66,34 @@ def make_record(question: str, words: list[str], answer_pos: int) -> dict:
     }
 
 
-def generate_word_categories(split: str, num_examples: int | None = None, seed: int = 0) -> list[dict]:
-    """Deterministic records of one split (train / validation / test); size defaults per split."""
+class SplitDraw(NamedTuple):
+    """What a split's questions are drawn from: how many, the words a category may use there (its
+    training or held-out words), the categories in order, and the split's seeded generator."""
+
+    n: int
+    words_of: dict[str, list[str]]
+    cats: list[str]
+    rng: random.Random
+
+
+def split_draw(split: str, num_examples: int | None, seed: int, sizes: dict[str, int],
+               seed_offset: int = 0) -> SplitDraw:
+    """The checked split and size (``sizes``: the default per split) and its draw; ValueError names a bad one."""
     if split not in SPLIT_SEEDS:
         raise ValueError(f"split ({split!r}) must be one of {', '.join(SPLIT_SEEDS)}")
-    n = DEFAULT_SIZES[split] if num_examples is None else num_examples
+    n = sizes[split] if num_examples is None else num_examples
     if n < 0:
         raise ValueError(f"num_examples ({n}) must be >= 0")
-    categories, templates = word_lists()
     pool = "train" if split == "train" else "heldout"
     words_of = {cat: ws[pool] for cat, ws in word_split().items()}
-    cats = sorted(categories)
-    rng = random.Random(seed * 1000 + SPLIT_SEEDS[split])
+    return SplitDraw(n, words_of, sorted(word_lists()[0]),
+                     random.Random(seed * 1000 + SPLIT_SEEDS[split] + seed_offset))
+
+
+def generate_word_categories(split: str, num_examples: int | None = None, seed: int = 0) -> list[dict]:
+    """Deterministic records of one split (train / validation / test); size defaults per split."""
+    n, words_of, cats, rng = split_draw(split, num_examples, seed, DEFAULT_SIZES)
+    categories, templates = word_lists()
     records = []
     for _ in range(n):
         cat = rng.choice(cats)
@@ -88,8 +105,6 @@ def generate_word_categories(split: str, num_examples: int | None = None, seed: 
         records.append(make_record(question, words, answer_pos))
     return records
 
-
-BUILTIN = {"word_categories": generate_word_categories}
 
 
 def main(argv: list[str] | None = None) -> None:

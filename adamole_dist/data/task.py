@@ -26,8 +26,8 @@ import torch
 from adamole_dist.config.training import AUTOCASTS
 from adamole_dist.data.examples import IGNORE, Example
 
-AUTOCAST_DTYPES = {"none": None, "bf16": torch.bfloat16}  # config.training.AUTOCASTS
-assert set(AUTOCAST_DTYPES) == set(AUTOCASTS)
+AUTOCAST_DTYPES = {"none": None, "bf16": torch.bfloat16}  # config.training.AUTOCASTS, auto resolved by the caller
+assert set(AUTOCAST_DTYPES) == set(AUTOCASTS) - {"auto"}
 # Sums host numbers over every rank in one collective (parallel/collectives.py's sum_over_ranks); data/
 # cannot import parallel/, so a caller passes it in. In one process, the numbers themselves.
 SumOverRanks = Callable[[list[float]], list[float]]

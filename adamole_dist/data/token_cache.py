@@ -39,6 +39,7 @@ from typing import Any
 
 from adamole_dist.config.fields import ConfigError
 from adamole_dist.data.examples import IGNORE, DataError
+from adamole_dist.data.formats import BUILTIN_PREFIX, load_records
 from adamole_dist.data.ranks import INPUT_ERRORS, ONE_PROCESS, Ranks
 from adamole_dist.local_host import cache_home, process_alive, readable_by_all
 from adamole_dist.progress import datasets_bars
@@ -69,9 +70,12 @@ def default_cache_dir() -> Path:
 def data_fingerprint(source: str | os.PathLike) -> str:
     """A content hash of a local data file (or of every file under a folder, with their relative
     names): ``sha256:<hex>:<bytes>``, read in 1 MiB chunks. A copy of the file elsewhere hashes the
-    same. A source that is no local path (``builtin:...``, a hub id) cannot be hashed here and is
-    named instead. Pass the split's file (formats.load_records' ``origin``), not its folder, so
+    same. A generated built-in split (``builtin:NAME[SPLIT]``) hashes its records, so a version of the package
+    that generates them differently does not reuse a cache of the old ones. A hub id cannot be hashed here
+    and is named instead. Pass the split's file (formats.load_records' ``origin``), not its folder, so
     editing another split does not invalidate this one."""
+    if str(source).startswith(BUILTIN_PREFIX):
+        return builtin_fingerprint(str(source))
     path = Path(source).expanduser()
     if path.is_file():
         files = [(path, "")]
@@ -95,7 +99,20 @@ def data_fingerprint(source: str | os.PathLike) -> str:
     return _FINGERPRINTS[seen]
 
 
-_FINGERPRINTS: dict[tuple, str] = {}
+_FINGERPRINTS: dict[tuple | str, str] = {}  # (files) or a built-in split's origin
+
+
+def builtin_fingerprint(origin: str) -> str:
+    """``sha256:<hex>:<bytes>`` of a built-in split's records as JSON (``builtin:NAME[SPLIT]``, or a bare
+    ``builtin:NAME``: named only, as there is no split to generate)."""
+    name, _, split = origin.partition("[")
+    if not split.endswith("]"):
+        return f"name:{origin}"
+    if origin not in _FINGERPRINTS:
+        records, _ = load_records(name, split[:-1])
+        text = json.dumps(records, sort_keys=True).encode()
+        _FINGERPRINTS[origin] = f"sha256:{hashlib.sha256(text).hexdigest()}:{len(text)}"
+    return _FINGERPRINTS[origin]
 
 
 def tokenizer_identity(tokenizer) -> dict:

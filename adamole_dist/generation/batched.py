@@ -2,7 +2,7 @@
 attended to, and the adapters' forward hook keeps it out of routing), a reply cut at its first stop
 token (stops.py), and with ``show_routing`` the experts fired per generated token (routing_view.py).
 
-``greedy_completion`` is the trainer's evaluation sample: one prompt, greedy, every rank in step (under
+``greedy_replies`` is the trainer's evaluation (its samples, and answer accuracy): greedy, every rank in step (under
 ZeRO-3 a forward gathers parameters collectively, so ranks that finished keep stepping until all have:
 transformers' ``synced_gpus``)."""
 
@@ -84,17 +84,23 @@ def completions(model, tokenizer, rows: list[list[int]], options: dict, *, batch
 
 
 @torch.no_grad()
-def greedy_completion(model, task: SFTTask, prompt_ids: list[int], max_new_tokens: int, synced: bool) -> list[int]:
-    """Greedy continuation of one prompt (KV cache, the task's autocast), without the prompt, cut after
-    its first stop token. ``model`` may be a DeepSpeed engine (its module generates); ``synced``: every
-    rank runs it (see the module docstring)."""
+def greedy_replies(model, task: SFTTask, prompts: list[list[int]], max_new_tokens: int,
+                   synced: bool) -> list[list[int]]:
+    """Greedy continuations of a batch of prompts (left-padded, KV cache, the task's autocast), without the
+    prompts, each cut after its first stop token (kept). ``model`` may be a DeepSpeed engine (its module
+    generates); ``synced``: every rank runs it (see the module docstring)."""
     net = getattr(model, "module", model)
     device = task.device_for(net)
-    ids = torch.tensor([prompt_ids[-task.max_length:]], dtype=torch.long, device=device)
+    input_ids, attention_mask = left_padded([p[-task.max_length:] for p in prompts], task.pad_id, device)
     stops = stop_ids(net, task.tokenizer)
     with torch.autocast(device.type, dtype=task.autocast_dtype or torch.float32,
                         enabled=task.autocast_dtype is not None):
-        out = net.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                           do_sample=False, use_cache=True, pad_token_id=task.pad_id, synced_gpus=synced,
-                           **({"eos_token_id": stops} if stops else {}))
-    return cut_at_stop(out[0, ids.shape[1]:].tolist(), stops, keep_stop=True)
+        out = net.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                           do_sample=False, temperature=None, top_p=None, top_k=None, use_cache=True,
+                           pad_token_id=task.pad_id, synced_gpus=synced, **({"eos_token_id": stops} if stops else {}))
+    return [cut_at_stop(row, stops, keep_stop=True) for row in out[:, input_ids.shape[1]:].tolist()]
+
+
+def greedy_completion(model, task: SFTTask, prompt_ids: list[int], max_new_tokens: int, synced: bool) -> list[int]:
+    """``greedy_replies`` of one prompt: the trainer's evaluation sample."""
+    return greedy_replies(model, task, [prompt_ids], max_new_tokens, synced)[0]

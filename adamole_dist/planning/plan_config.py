@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from adamole_dist.base_model.bf16 import resolved_autocast
 from adamole_dist.config.adapter import METHODS
 from adamole_dist.config.fields import ConfigError, check_choices, opt
 from adamole_dist.config.training import QUANTIZE_BASE
@@ -66,7 +67,7 @@ class PlanConfig:
 def plan_config_from_train(cfg, world_size: int, device: str) -> PlanConfig:
     """The PlanConfig of a TrainConfig (train --plan, the trainer's start-of-run log) on ``world_size`` ranks."""
     attn = "eager" if cfg.attn_implementation == "eager" else "sdpa"
-    bf16 = device == "cuda" or cfg.autocast == "bf16"
+    bf16 = device == "cuda" or resolved_autocast(cfg.autocast, device) == "bf16"
     return PlanConfig(model=cfg.model, world_size=world_size, ep_size=max(cfg.ep_size, 1),
                       micro_batch_size=cfg.micro_batch_size, max_length=cfg.max_length,
                       precision="bf16" if bf16 else "fp32", quantize_base=cfg.quantize_base,

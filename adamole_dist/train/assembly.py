@@ -29,6 +29,7 @@ from adamole_dist.adapters.inject import inject_adapters
 from adamole_dist.adapters.peft_init import init_experts_from_peft, init_from_peft
 from adamole_dist.adapters.targets import default_targets, find_target_modules, matches, weight_shape
 from adamole_dist.base_model.attention import check_attn_implementation
+from adamole_dist.base_model.bf16 import resolved_autocast
 from adamole_dist.base_model.model_loading import (
     default_trainable_modules,
     load_model_and_tokenizer,
@@ -155,7 +156,7 @@ def build_run(cfg: TrainConfig, dist_info: DistInfo, stop: StopSignal | None = N
         model, tokenizer, task_type, model_path = load_model_and_tokenizer(
             cfg.model, cfg.task_type, pooling=cfg.pooling, attn_implementation=attn_implementation,
             quantization=quant_spec(cfg), keep=cfg.trainable_modules)
-        check_model_options(cfg, model, task_type, model_path)
+        check_model_options(cfg, model, task_type, model_path, free_form=data.sft is not None)
         if data.sft is not None and data.sft.spec.chat_template:  # held-out samples stop at its end of turn
             tokenizer.chat_template = data.sft.spec.chat_template
         task = build_task_for(cfg, task_type, tokenizer, device, free_form=data.sft is not None)  # checks max_length
@@ -194,11 +195,12 @@ def checked_device(cfg: TrainConfig, dist_info: DistInfo) -> tuple[torch.device,
     return device, attn_implementation
 
 
-def check_model_options(cfg: TrainConfig, model, task_type: str, model_path) -> None:
-    """The options that depend on the loaded model: ConfigError naming the one that does not fit it."""
+def check_model_options(cfg: TrainConfig, model, task_type: str, model_path, free_form: bool) -> None:
+    """The options that depend on the loaded model: ConfigError naming the one that does not fit it
+    (packing only where there is free-form data to pack)."""
     if cfg.lm_framing != "instruction" and task_type != "causal_lm":
         raise ConfigError(f"lm_framing ({cfg.lm_framing!r}) applies to causal_lm models; {model_path} is {task_type}")
-    if cfg.packing:
+    if cfg.packing and free_form:
         check_packing_attention(model)
 
 
@@ -322,7 +324,7 @@ def auto_ep_size(cfg: TrainConfig, model: torch.nn.Module, dist_info: DistInfo, 
     """--ep_size auto: calibrate the cost model here (collective) and take the cheapest placement."""
     targets = cfg.adapter.target_modules or default_targets(model)
     layers = [weight_shape(m)[::-1] for _, m in find_target_modules(model, targets)]
-    act_bytes = 2 if device.type == "cuda" or cfg.autocast == "bf16" else 4
+    act_bytes = 2 if device.type == "cuda" or resolved_autocast(cfg.autocast, device) == "bf16" else 4
     work = adapter_workload(layers, cfg.adapter, cfg.micro_batch_size * cfg.max_length, dist_info.world_size,
                             act_bytes=act_bytes, wire_bytes=wire_bytes(cfg.dispatch_dtype),
                             overlap=overlap_enabled(cfg.ep_overlap, device))
@@ -338,7 +340,8 @@ def report_memory(run: Run) -> None:
     everyone = memory_per_rank(run.engine.module, run.adapters.expert_parameters())
     if run.dist_info.is_main:
         log.info(f"ZeRO stage {zero_stage(run.ds_config)}, world {run.dist_info.world_size}, model {run.model_path}, "
-                 f"task {run.task_type}, method {run.cfg.adapter.method}")
+                 f"task {run.task_type}, method {run.cfg.adapter.method}, autocast {run.task.autocast}"
+                 + (" (auto: base_model/bf16.py)" if run.cfg.autocast == "auto" else ""))
         print_memory(everyone)
         run.logger.log(run.start.step, "memory", {"zero_stage": zero_stage(run.ds_config),
                                                   "per_rank": {str(r): b for r, b in enumerate(everyone)}})

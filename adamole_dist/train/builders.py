@@ -16,6 +16,7 @@ import logging
 
 import torch
 
+from adamole_dist.base_model.bf16 import resolved_autocast
 from adamole_dist.base_model.chunked_loss import install, why_not_chunked
 from adamole_dist.config.training import TrainConfig
 from adamole_dist.data.task import Task
@@ -70,7 +71,7 @@ def build_task_for(cfg: TrainConfig, task_type: str, tokenizer, device=None, *, 
     and autocast; ``free_form``: tokenized SFT examples. Raises ConfigError when max_length leaves no room
     for a prompt and an answer."""
     return build_task(task_type, tokenizer, cfg.max_length, cfg.loss_on, device, lm_framing=cfg.lm_framing,
-                      autocast=cfg.autocast, free_form=free_form)
+                      autocast=resolved_autocast(cfg.autocast, device), free_form=free_form)
 
 
 def attach_chunked_loss(cfg: TrainConfig, task: Task, model: torch.nn.Module, task_type: str) -> None:

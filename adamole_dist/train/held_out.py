@@ -15,8 +15,9 @@ from collections.abc import Callable
 import torch
 
 from adamole_dist.adapters.files import gathered
+from adamole_dist.data.answer_match import exact_match
 from adamole_dist.data.evaluate import check_stop, evaluate_accuracy, evaluate_loss
-from adamole_dist.generation.batched import greedy_completion
+from adamole_dist.generation.batched import greedy_completion, greedy_replies
 from adamole_dist.moe.routing_stats import print_routing_table
 from adamole_dist.parallel import collectives
 from adamole_dist.progress import counter
@@ -34,16 +35,54 @@ def evaluate_held_out(run, step: int, say: Say, stop: Callable[[], bool], print_
                    progress=progress_lines(run.dist_info.is_main, step, say), stop=stop)
     routing = routing_over_ranks(run.adapters.context.pop_stats(), run.cfg.adapter.has_tau)
     active = f" mean active experts {routing['overall']['mean_active_experts']:.2f}" if routing["layers"] else ""
+    if run.sft is not None and run.sft.answer_prompts:
+        result.update(answer_accuracy(run, step, say, stop))
     if run.sft is not None:
+        answered = (f" | answer accuracy {result['accuracy']:.4f} ({result['correct']}/{result['answered']} exact)"
+                    if "accuracy" in result else "")
         say(f"[step {step}] eval loss {result['eval_loss']:.4f} perplexity {result['perplexity']:.2f} "
-            f"({result['eval_tokens']} target tokens, {result['total']} examples){active}")
+            f"({result['eval_tokens']} target tokens, {result['total']} examples){answered}{active}")
     else:
         say(f"[step {step}] eval accuracy {result['accuracy']:.4f} ({result['correct']}/{result['total']})"
             + (f" acc_norm {result['acc_norm']:.4f}" if "acc_norm" in result else "") + active)
     if print_layers and run.dist_info.is_main:
         print_routing_table(routing["layers"], say)
-    run.logger.log(step, "eval", {**result, **routing["overall"], "layers": routing["layers"]})
+    logged = {k: v for k, v in result.items() if k != "answers"}  # the answers go to the "samples" record
+    run.logger.log(step, "eval", {**logged, **routing["overall"], "layers": routing["layers"]})
     return {**result, **routing["overall"], "layers": routing["layers"]}
+
+
+def answer_accuracy(run, step: int, say: Say, stop: Callable[[], bool], batch_size: int = 16) -> dict:
+    """Every held-out prompt answered by greedy generation, scored by exact match (data/answer_match.py):
+    {"accuracy", "correct", "answered", "answers": [{"prompt", "completion", "reference", "correct"}]}.
+    Every rank generates every prompt (under ZeRO-3 the gathers, and with expert parallelism the
+    all-to-alls, are collective; 60 short answers cost seconds); routing statistics are not evaluation's."""
+    run.adapters.context.pop_stats()  # the loss evaluation's statistics were taken; keep these out
+    prompts = run.sft.answer_prompts
+    tokenizer = run.task.tokenizer
+    net = getattr(run.engine, "module", run.engine)
+    was_training = net.training
+    net.eval()
+    answers = []
+    bar = counter(f"answers (step {step})") if run.dist_info.is_main else None
+    try:
+        with gathered(list(net.parameters())):  # once for all the batches, not at every decoding step
+            for start in range(0, len(prompts), batch_size):
+                batch = prompts[start:start + batch_size]
+                replies = greedy_replies(run.engine, run.task, [p.ids for p in batch], run.cfg.max_new_tokens_eval,
+                                         synced=run.dist_info.world_size > 1)
+                for p, reply in zip(batch, replies):
+                    text = tokenizer.decode(reply, skip_special_tokens=True).strip()
+                    answers.append({"prompt": tokenizer.decode(p.ids), "question": p.question, "completion": text,
+                                    "reference": p.reference, "correct": exact_match(text, p.reference)})
+                if bar is not None:
+                    bar(len(answers), len(prompts))
+                check_stop(stop, len(answers), len(prompts))
+    finally:
+        net.train(was_training)
+        run.adapters.context.pop_stats()
+    correct = sum(a["correct"] for a in answers)
+    return {"accuracy": correct / len(answers), "correct": correct, "answered": len(answers), "answers": answers}
 
 
 def progress_lines(is_main: bool, step: int, say: Say, every_s: float = 30.0):
@@ -88,12 +127,20 @@ def greedy_samples(model, task, prompts: list[tuple[list[int], str]], max_new_to
     return out
 
 
-def log_samples(run, step: int, say: Say, stop: Callable[[], bool]) -> None:
+def log_samples(run, step: int, say: Say, stop: Callable[[], bool], answers: list[dict] | None = None) -> None:
     """Greedy completions of the fixed evaluation prompts, printed and logged by rank 0 (every rank
-    generates: ZeRO-3 gathers are collective); their routing is not evaluation's."""
-    samples = greedy_samples(run.engine, run.task, run.sft.sample_prompts, run.cfg.max_new_tokens_eval,
-                             world_size=run.dist_info.world_size, stop=stop)
-    run.adapters.context.pop_stats()
+    generates: ZeRO-3 gathers are collective); their routing is not evaluation's. ``answers``: the
+    evaluation's own (answer_accuracy), whose first ones are these prompts' completions already."""
+    if answers is not None:
+        samples = answers[: len(run.sft.sample_prompts)]
+    else:
+        samples = greedy_samples(run.engine, run.task, run.sft.sample_prompts, run.cfg.max_new_tokens_eval,
+                                 world_size=run.dist_info.world_size, stop=stop)
+        run.adapters.context.pop_stats()
     for k, s in enumerate(samples):
-        say(f"[step {step}] sample {k}: {s['prompt'][-200:]!r} -> {s['completion']!r}")
+        if "correct" in s:  # an answer: the question asked, not the rendered prompt
+            say(f"[step {step}] sample {k}: {s['question'][-200:]!r} -> {s['completion']!r} "
+                f"({'right' if s['correct'] else 'wrong'})")
+        else:
+            say(f"[step {step}] sample {k}: {s['prompt'][-200:]!r} -> {s['completion']!r}")
     run.logger.log(step, "samples", {"samples": samples})

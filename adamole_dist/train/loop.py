@@ -43,6 +43,7 @@ from adamole_dist.runtime.stopping import (
 from adamole_dist.runtime.watchdog import PeerWatchdog
 from adamole_dist.train import checkpoint as ckpt_io
 from adamole_dist.train.assembly import Run, build_run
+from adamole_dist.train.before_after import TrainingClock, before_after_lines, compared_with_base
 from adamole_dist.train.elastic import STEP_ORDER
 from adamole_dist.train.held_out import evaluate_held_out, log_samples
 from adamole_dist.train.memory_report import log_planned_peak, peak_beside_plan
@@ -77,6 +78,7 @@ class Trainer:
         self.loop_t0, self.loop_start_step = time.perf_counter(), self.step
         self.stop_signal = stop_signal or StopSignal().install()
         self.evaluation_owed = False  # a stop interrupted this step's evaluation (recorded in the checkpoint)
+        self.clock = TrainingClock()  # the loop's seconds, evaluations left out
 
     def raise_if_non_finite_else_stop_flag(self, metrics: dict) -> bool:
         """One collective for two questions: did any rank see a non-finite loss or expert gradient
@@ -108,7 +110,7 @@ class Trainer:
             self.evaluate()
         self.progress = progress_bar(run.total_steps, self.step)
         window = LogWindow()  # after the initial evaluation: its time is not training time
-        self.loop_t0, self.loop_start_step = time.perf_counter(), self.step
+        self.loop_t0, self.loop_start_step = self.clock.start(), self.step
         while self.step < run.total_steps:
             micro = []
             for _ in range(cfg.gradient_accumulation_steps):
@@ -148,14 +150,13 @@ class Trainer:
         if self.progress is not None:
             self.progress.close()
             self.progress = None
-        final = self.evaluate()
+        final = self.evaluate()  # the clock stays paused through it
+        final.update(compared_with_base(self.initial_eval, self.clock.seconds))
         if not self.checkpointed_this_step():  # e.g. a finished run relaunched with --resume latest
             self.save()
         self.export_adapter(final)
         if self.dist_info.is_main:
-            losses = [r["task_loss"] for r in read_metrics(self.run.logger.path) if r["kind"] == "train"]
-            log.info(summary_line(self.step, losses, self.initial_eval, final, self.run.sft is not None,
-                                  self.run.out / "adapter"))
+            log_closing(self.run, self.step, self.step - self.loop_start_step, self.initial_eval, final)
         return final
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -204,6 +205,7 @@ class Trainer:
         collectives.barrier()
 
     # -- evaluation and logging ----------------------------------------------------------------
+    @TrainingClock.pausing
     def evaluate(self, print_layers: bool = True) -> dict:
         run = self.run
         try:
@@ -214,7 +216,7 @@ class Trainer:
             self.stop_for_requeue()
         if run.sft is not None and run.sft.sample_prompts:
             try:
-                log_samples(run, self.step, self.say, self.stop_agreed)
+                log_samples(run, self.step, self.say, self.stop_agreed, answers=result.get("answers"))
             except EvaluationStopped as e:  # the evaluation itself is logged: only this step's samples are lost
                 self.say(f"[step {self.step}] stop signal: samples stopped after {e.done}/{e.total}")
                 self.stop_for_requeue()
@@ -240,6 +242,14 @@ class Trainer:
             self.progress.write(message)
         else:
             log.info(message)
+
+
+def log_closing(run: Run, step: int, steps_here: int, initial_eval: dict | None, final: dict) -> None:
+    """Rank 0's last lines: the summary, and where answers were scored the held-out answers before -> after."""
+    losses = [r["task_loss"] for r in read_metrics(run.logger.path) if r["kind"] == "train"]
+    log.info(summary_line(step, losses, initial_eval, final, run.sft is not None, run.out / "adapter"))
+    for line in before_after_lines(initial_eval, final, final["train_seconds"], steps_here, run.out / "adapter"):
+        log.info(line)
 
 
 def adapter_meta(run: Run, step: int) -> dict:
@@ -271,7 +281,7 @@ def train(cfg: TrainConfig, dist_info: DistInfo, stop_signal: StopSignal | None 
         result = Trainer(run, stop_signal).train()
         peak = peak_beside_plan(run, predicted_mb)  # collective: every rank's peak
         if dist_info.is_main:  # inside the run's life: its output-dir lock still held
-            final = {**{k: v for k, v in result.items() if k != "layers"}, **peak}
+            final = {**{k: v for k, v in result.items() if k not in ("layers", "answers")}, **peak}
             write_text_atomically(run.out / "final_metrics.json", json.dumps(final, indent=1))
         return result
     finally:

@@ -133,6 +133,8 @@ def summary_line(step: int, train_losses: list[float], initial_eval: dict | None
                  adapter_dir) -> str:
     """The run's last line: steps, first and last logged task loss, held-out metric before -> after."""
     key, name = ("eval_loss", "held-out loss") if free_form else ("accuracy", "held-out accuracy")
+    if "accuracy" in final and (initial_eval is None or "accuracy" in initial_eval):  # free-form answers scored
+        key, name = "accuracy", "held-out accuracy"
     held_out = f"{initial_eval[key]:.4f} -> {final[key]:.4f}" if initial_eval else f"{final[key]:.4f}"
     loss = f"{train_losses[0]:.4f} (first log) -> {train_losses[-1]:.4f} (last log)" if train_losses else "n/a"
     return (f"done: {step} steps | task loss {loss} | {name} {held_out} on {final['total']} examples | "

@@ -265,7 +265,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "the rest and score the held-out ones instead of the test split (use a separate --json)")
     ap.add_argument("--max_length", type=int, default=128)
     ap.add_argument("--eval_batch_size", type=int, default=16)
-    ap.add_argument("--autocast", choices=AUTOCASTS, default="bf16")
+    ap.add_argument("--autocast", choices=[a for a in AUTOCASTS if a != "auto"], default="bf16")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--redo", action="store_true", help="rerun (dataset, method, seed, tau_max) already in --json")
     ap.add_argument("--max_runs", type=int, default=0, help="stop after this many new runs (0 = all)")

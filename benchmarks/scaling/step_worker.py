@@ -146,7 +146,7 @@ class Job:
         torch.manual_seed(0)
         model, tokenizer, task_type, adapters, params = build(args, self.layout)
         cfg = TrainConfig(micro_batch_size=self.per_rank, gradient_accumulation_steps=1, max_grad_norm=1.0, lr=1e-4,
-                          max_length=args.max_length)
+                          max_length=args.max_length, autocast="none")  # fp32, as the PEFT baseline it is compared to
         self.adapters = adapters
         self.engine = build_engine(model, params, build_ds_config(cfg, self.world, base=DS_BASE))
         self.expert_opt = build_expert_optimizer(adapters.expert_parameters() if adapters else [], self.world, cfg,

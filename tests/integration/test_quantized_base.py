@@ -82,7 +82,7 @@ def test_two_ranks_under_zero3_equal_one_process(work, tmp_path, ep):
                     warmup_steps=0, log_interval=1, eval_interval=0, eval_at_start=False, save_interval=0,
                     sample_prompts=0, eval_batch_size=4, peer_timeout=0.0, report_to="none",
                     ds_config="ds_configs/zero3.json", quantize_base="nf4", ep_size=ep if world > 1 else 1,
-                    output_dir=str(tmp_path / f"w{world}"),
+                    output_dir=str(tmp_path / f"w{world}"), autocast="none", packing=False,
                     adapter=dict(num_experts=4, rank=2, dropout=0.0, aux_loss_scope="global"))
 
     run_ranks(train_cases, 1, [config(1)], timeout=600)

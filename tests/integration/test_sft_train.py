@@ -98,7 +98,7 @@ def test_alpaca_with_packing_trains_and_records_its_prompt_format(work, tmp_path
         "--model", str(work / "model"), "--dataset", str(work / "alpaca"), "--output_dir", str(out),
         "--packing", "--max_length", "128", "--micro_batch_size", "2", "--max_steps", "4", "--log_interval", "1",
         "--eval_interval", "0", "--save_interval", "0", "--lr", "1e-2", "--sample_prompts", "1",
-        "--max_new_tokens_eval", "4", "--eval_batch_size", "8"), timeout=600))
+        "--max_new_tokens_eval", "4", "--eval_batch_size", "8", "--answer_accuracy", "off"), timeout=600))
     data = records(out, "data")[0]
     assert data["data_format"] == "alpaca" and data["prompt_format"] == "alpaca" and data["loss_on"] == "assistant"
     assert 0 < data["packed_rows"] < data["train_examples"] == 64  # several examples per row
@@ -121,6 +121,32 @@ def test_alpaca_with_packing_trains_and_records_its_prompt_format(work, tmp_path
     assert set(front["metrics"]) == {"loss", "perplexity"}
     values = {m["type"]: m["value"] for m in front["model-index"][0]["results"][0]["metrics"]}
     assert values["loss"] == pytest.approx(final["eval_loss"])
+
+
+def test_short_answers_are_scored_by_generation_before_and_after(work, tmp_path):
+    """Alpaca replies of one word: answer_accuracy auto answers every held-out prompt by generation at the first
+    and the last evaluation; the run ends with the questions' answers before -> after."""
+    out = tmp_path / "run"
+    proc = check(run(python_cmd(
+        "--model", str(work / "model"), "--dataset", str(work / "alpaca"), "--output_dir", str(out),
+        "--packing", "--max_length", "128", "--micro_batch_size", "2", "--max_steps", "3", "--log_interval", "1",
+        "--eval_interval", "0", "--save_interval", "0", "--lr", "1e-2", "--sample_prompts", "2",
+        "--max_new_tokens_eval", "4", "--eval_batch_size", "8"), timeout=600))
+    first, last = records(out, "eval")
+    for ev in (first, last):
+        assert ev["answered"] == 8 and 0 <= ev["correct"] <= 8 and ev["accuracy"] == ev["correct"] / 8
+        assert "answers" not in ev and ev["eval_tokens"] > 0  # the loss is still there
+    samples = records(out, "samples")[-1]["samples"]
+    assert len(samples) == 2 and all(set(s) >= {"question", "completion", "reference", "correct"} for s in samples)
+    assert samples[0]["question"].startswith("name the color of the")
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert final["accuracy"] == last["accuracy"] and final["zero_shot_accuracy"] == first["accuracy"]
+    assert final["train_seconds"] > 0 and "answers" not in final
+    assert f"held-out accuracy {first['accuracy']:.4f} -> {last['accuracy']:.4f}" in proc.stdout  # the summary
+    closing = proc.stdout[proc.stdout.index("held-out questions, base -> adapted (3 of 8):"):]
+    assert closing.count("     base:    ") == 3 and closing.count("     adapted: ") == 3
+    assert "held-out accuracy (exact match of the generated answer): " in closing
+    assert "training took " in closing and str(out / "adapter") in closing
 
 
 # -- the deepspeed launcher, 2 gloo ranks (slow) -------------------------------------------------------------------
@@ -176,7 +202,7 @@ def test_two_ranks_equal_one_process(work, tmp_path):
                     max_steps=STEPS, lr=1e-2, lr_scheduler="constant", warmup_steps=0, log_interval=1,
                     eval_interval=0, eval_at_start=False, save_interval=0, sample_prompts=0, eval_batch_size=4,
                     peer_timeout=0.0, report_to="none", ds_config="ds_configs/zero3.json",
-                    output_dir=str(tmp_path / f"w{world}"),
+                    output_dir=str(tmp_path / f"w{world}"), autocast="none", packing=False,
                     adapter=dict(num_experts=4, rank=2, dropout=0.0, aux_loss_scope="global"))
 
     run_ranks(train_cases, 1, [config(1)], timeout=600)
@@ -212,6 +238,7 @@ def test_chunked_loss_under_zero3_equals_the_plain_loss(work, tmp_path):
                     sample_prompts=0, eval_batch_size=4, peer_timeout=0.0, report_to="none",
                     ds_config="ds_configs/zero3.json", trainable_modules=["lm_head"], chunked_loss=chunked,
                     loss_chunk_tokens=16, output_dir=str(tmp_path / ("chunked" if chunked else "plain")),
+                    autocast="none", packing=False,
                     adapter=dict(num_experts=4, rank=2, dropout=0.0))
 
     run_ranks(train_cases, 2, [config(True), config(False)], timeout=600)

@@ -19,6 +19,9 @@ pytestmark = pytest.mark.slow
 NODES = 4  # emulated nodes in the test cluster
 
 RECIPE = """\
+model: minilm-l6
+dataset: builtin:word_categories
+autocast: none
 max_train_examples: 400
 max_eval_examples: 32
 micro_batch_size: 4

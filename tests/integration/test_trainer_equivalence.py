@@ -57,7 +57,7 @@ def config(model_dir: Path, out: Path, world: int, ep: int, method: str, capacit
                 log_interval=1, eval_interval=0, eval_at_start=False, save_interval=0, eval_batch_size=4,
                 peer_timeout=0.0, report_to="none", ds_config="ds_configs/zero3.json", ep_size=ep,
                 ep_overlap="on" if (world, ep) in OVERLAPPED else "auto",
-                gradient_checkpointing=checkpointing, output_dir=str(out), adapter=adapter)
+                gradient_checkpointing=checkpointing, output_dir=str(out), adapter=adapter, autocast="none")
 
 
 def train_cases(rank, world, cases):

@@ -68,7 +68,8 @@ def first_loss(train: ForkedTrain, model: Path | str, data: Path, out: Path, *ex
     """Step 1's task loss of a 1-step run (the whole 8-row dataset in one batch, no dropout)."""
     check(train.run(["--model", str(model), "--dataset", str(data), "--output_dir", str(out), *LORA, *extra,
                      "--max_length", "48", "--micro_batch_size", "8", "--max_steps", "1", "--log_interval", "1",
-                     "--eval_interval", "0", "--save_interval", "0", "--sample_prompts", "0", "--lr", "1e-3"]))
+                     "--eval_interval", "0", "--save_interval", "0", "--sample_prompts", "0", "--lr", "1e-3",
+                     "--autocast", "none"]))
     return train_losses(out)[1]
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.forked_train import ForkedTrain
-from tests.helpers.launch_utils import python_cmd, run
+from tests.helpers.launch_utils import MINILM_JOB, python_cmd, run
 
-BASE = ["--max_steps", "1", "--max_train_examples", "16", "--max_eval_examples", "8"]
+BASE = [*MINILM_JOB, "--max_steps", "1", "--max_train_examples", "16", "--max_eval_examples", "8"]
 TRAIN: ForkedTrain  # the module's launch/train.py runs: one import, a forked process per run
 
 

@@ -78,4 +78,4 @@ def test_eval_takes_max_length_and_seed_from_the_record_else_train_config(tmp_pa
     expected = {"max_length": recorded.get("max_length", TrainConfig().max_length),
                 "seed": recorded.get("seed", TrainConfig().seed)}
     assert seen == expected
-    assert expected == ({"max_length": 64, "seed": 42} if not recorded else recorded)
+    assert expected == ({"max_length": 256, "seed": 42} if not recorded else recorded)

@@ -79,7 +79,7 @@ def test_every_shipped_recipe_parses_and_validates(recipe):
 def test_autocast_and_gradient_checkpointing_flags():
     cfg = parse_train_config(["--autocast", "bf16", "--gradient_checkpointing"])
     assert cfg.autocast == "bf16" and cfg.gradient_checkpointing is True
-    assert parse_train_config([]).autocast == "none"
+    assert parse_train_config([]).autocast == "auto"  # bf16 where fast: base_model/bf16.py
     with pytest.raises(SystemExit):
         parse_train_config(["--autocast", "fp16"])
 
@@ -135,7 +135,7 @@ def test_output_dir_guard(tmp_path):
     (out / ".run.lock").write_text("{}")  # a lock nobody holds is no foreign file
     check_output_dir(out, config, overwrite=True, resume="")
     prepare_output_dir(out, config, overwrite=True)
-    assert not (out / "metrics.jsonl").exists() and json.loads((out / "run_config.json").read_text())["lr"] == 1e-3
+    assert not (out / "metrics.jsonl").exists() and json.loads((out / "run_config.json").read_text())["lr"] == 2e-3
     assert sorted(p.name for p in out.iterdir()) == [".run.lock", "run_config.json"]  # the old entries are gone
     with pytest.raises(ConfigError, match="already holds a run"):
         check_output_dir(out, config, overwrite=False, resume="")
