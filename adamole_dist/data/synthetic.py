@@ -107,16 +107,21 @@ def generate_word_categories(split: str, num_examples: int | None = None, seed: 
 
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Write the generated word-categories task as JSON files.")
+def write_splits(generate, description: str, argv: list[str] | None) -> None:
+    """A generated task's command line: ``--out DIR`` gets {train,validation,test}.json of ``generate``."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--out", type=Path, required=True, help="directory for train.json, validation.json, test.json")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="question stream seed (the word split never changes)")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     for split in SPLIT_SEEDS:
         path = args.out / f"{split}.json"
-        path.write_text(json.dumps(generate_word_categories(split, seed=args.seed), indent=1))
+        path.write_text(json.dumps(generate(split, seed=args.seed), indent=1))
         print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    write_splits(generate_word_categories, "Write the generated word-categories task as JSON files.", argv)
 
 
 if __name__ == "__main__":

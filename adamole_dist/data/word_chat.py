@@ -15,11 +15,7 @@ category judgement on unseen words.
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-
-from adamole_dist.data.synthetic import NUM_CHOICES, SPLIT_SEEDS, split_draw, word_lists
+from adamole_dist.data.synthetic import NUM_CHOICES, split_draw, word_lists, write_splits
 
 DEFAULT_SIZES = {"train": 4000, "validation": 60, "test": 60}
 QUESTION = "Which of these words is {phrase}? {words}."
@@ -52,15 +48,7 @@ def generate_word_categories_chat(split: str, num_examples: int | None = None, s
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Write the generated word-categories chat task as JSON files.")
-    ap.add_argument("--out", type=Path, required=True, help="directory for train.json, validation.json, test.json")
-    ap.add_argument("--seed", type=int, default=0, help="question stream seed (the word split never changes)")
-    args = ap.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for split in SPLIT_SEEDS:
-        path = args.out / f"{split}.json"
-        path.write_text(json.dumps(generate_word_categories_chat(split, seed=args.seed), indent=1))
-        print(f"wrote {path}")
+    write_splits(generate_word_categories_chat, "Write the generated word-categories chat task as JSON files.", argv)
 
 
 if __name__ == "__main__":
