@@ -52,13 +52,14 @@ def evaluate_held_out(run, step: int, say: Say, stop: Callable[[], bool], print_
     return {**result, **routing["overall"], "layers": routing["layers"]}
 
 
-def answer_accuracy(run, step: int, say: Say, stop: Callable[[], bool], batch_size: int = 16) -> dict:
+def answer_accuracy(run, step: int, say: Say, stop: Callable[[], bool]) -> dict:
     """Every held-out prompt answered by greedy generation, scored by exact match (data/answer_match.py):
     {"accuracy", "correct", "answered", "answers": [{"prompt", "completion", "reference", "correct"}]}.
-    Every rank generates every prompt (under ZeRO-3 the gathers, and with expert parallelism the
-    all-to-alls, are collective; 60 short answers cost seconds); routing statistics are not evaluation's."""
+    Every rank generates every prompt, eval_batch_size at a time (under ZeRO-3 the gathers, and with expert
+    parallelism the all-to-alls, are collective; 60 short answers cost seconds); routing statistics are not
+    evaluation's."""
     run.adapters.context.pop_stats()  # the loss evaluation's statistics were taken; keep these out
-    prompts = run.sft.answer_prompts
+    prompts, batch_size = run.sft.answer_prompts, run.cfg.eval_batch_size
     tokenizer = run.task.tokenizer
     net = getattr(run.engine, "module", run.engine)
     was_training = net.training
