@@ -79,15 +79,24 @@ def offload_in_flight_bytes(shape: ModelShape, plan: PlanConfig, one_block: int)
     gradient checkpointing all of one block's; with it, one block's input: the replay is counted as temporary)."""
     if not plan.gradient_checkpointing:
         return one_block
-    return tokens_per_micro_batch(shape, plan) * shape.hidden * (2 if plan.precision == "bf16" else 4)
+    return tokens_per_micro_batch(shape, plan) * shape.hidden * plan.activation_bytes
+
+
+def autocast_weight_copies(shape: ModelShape, plan: PlanConfig) -> int:
+    """One block's bf16 copies of its frozen linear weights that autocast makes and the matmul saves for the
+    backward (a frozen fp32 weight is cast again at every use, and the cast is what the backward needs); a
+    quantized base's layers dequantize in their own kernels instead."""
+    if plan.precision != "autocast-bf16" or plan.quantize_base != "none":
+        return 0
+    return shape.block_linear_params() * 2
 
 
 def saved_activation_bytes(shape: ModelShape, plan: PlanConfig) -> tuple[int, int]:
     """(all blocks' saved activations, one block's) in bytes for a micro batch. Gradient checkpointing keeps each
     block's input only (the recomputed block is counted separately, as one block)."""
     tokens = tokens_per_micro_batch(shape, plan)
-    act_bytes = 2 if plan.precision == "bf16" else 4
-    one_block = tokens * block_floats_per_token(shape, plan) * act_bytes
+    act_bytes = plan.activation_bytes
+    one_block = tokens * block_floats_per_token(shape, plan) * act_bytes + autocast_weight_copies(shape, plan)
     outside = tokens * 2 * shape.hidden * act_bytes  # the final norm's input and output
     if plan.gradient_checkpointing:
         return tokens * shape.layers * shape.hidden * act_bytes + outside, one_block

@@ -35,6 +35,7 @@ class MemoryPlan:
     activations: int
     logits_and_loss: int
     temporary: int
+    generation: int  # the whole base gathered while the evaluation generates (0: it does not)
     host_offloaded: int
     process_baseline: int
     device_total: int
@@ -51,7 +52,7 @@ def base_bytes(shape: ModelShape, plan: PlanConfig) -> int:
     """The frozen base as stored: embeddings, norms and the LM head in the run's precision; the blocks'
     linear layers packed by --quantize_base (4-bit: half a byte a weight plus one scale per 64-weight block,
     8-bit with double quantization, fp32 without; int8: a byte a weight plus an fp32 scale per row)."""
-    dense = 2 if plan.precision == "bf16" else 4
+    dense = plan.weight_bytes
     linear = shape.layers * shape.block_linear_params()
     rest = shape.total_params() - linear
     if plan.quantize_base in ("nf4", "fp4"):
@@ -91,7 +92,7 @@ def logits_bytes(shape: ModelShape, plan: PlanConfig) -> int:
 def temporary_bytes(shape: ModelShape, plan: PlanConfig, one_block: int, engine_params: int) -> int:
     """ZeRO-3's gathered weights (the block running plus the prefetched one, at most the prefetch bucket), its
     gradient reduce bucket, and the backward's gradients of one block's activations."""
-    dense = 2 if plan.precision == "bf16" else 4
+    dense = plan.weight_bytes
     block = shape.block_linear_params() + shape.block_other_params()
     gathered = (block + min(block, ZERO3_PREFETCH_BUCKET)) * dense if plan.world_size > 1 else 0
     return int(gathered + min(engine_params, ZERO3_REDUCE_BUCKET) * 4 + one_block)
@@ -115,8 +116,15 @@ def plan_memory(shape: ModelShape, plan: PlanConfig) -> MemoryPlan:
                  logits_and_loss=logits_bytes(shape, plan),
                  temporary=temporary_bytes(shape, plan, one_block, engine))
     tensors = sum(parts.values())
+    # ZeRO-3 gathers every frozen weight into a buffer of its own beside the shard, once for all the prompts
+    generation = base_bytes(shape, plan) if plan.generates else 0
     on_cpu = plan.device == "cpu"
     baseline = PROCESS_BASELINE_MB * MB if on_cpu else 0
-    total = int(baseline + tensors * CPU_HEAP_RETENTION) if on_cpu else tensors
-    return MemoryPlan(**parts, host_offloaded=offloaded, process_baseline=baseline, device_total=total,
+    if on_cpu:  # host_memory keep: the step's freed heap stays the process's, the gathered copy comes on top
+        total = int(baseline + (tensors + generation) * CPU_HEAP_RETENTION)
+    else:  # the caching allocator reuses the step's freed blocks: whichever peak is larger
+        step_only = parts["activations"] + parts["logits_and_loss"] + parts["temporary"]
+        total = max(tensors, tensors - step_only + generation)
+    return MemoryPlan(**parts, generation=generation, host_offloaded=offloaded, process_baseline=baseline,
+                      device_total=total,
                       params_total=shape.total_params(), trainable_engine_params=engine, expert_params=bank)

@@ -10,7 +10,7 @@ from adamole_dist.config.adapter import METHODS
 from adamole_dist.config.fields import ConfigError, check_choices, opt
 from adamole_dist.config.training import QUANTIZE_BASE
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "autocast-bf16")
 DEVICES = ("cuda", "cpu")
 ATTENTIONS = ("sdpa", "eager")
 
@@ -25,7 +25,9 @@ class PlanConfig:
     max_length: int = opt(64, "tokens per sequence")
     choices: int = opt(0, "sequences per example: an encoder (seq_cls) scores each (context, choice) pair as its own "
                        "sequence; 0 = auto: 4 for encoders (the built-in task's four words), 1 for decoders")
-    precision: str = opt("bf16", "weights and activations: bf16 (DeepSpeed bf16, the GPU default) or fp32 (CPU)",
+    precision: str = opt("bf16", "weights and activations: bf16 (DeepSpeed bf16, the GPU default), fp32 (CPU), or "
+                         "autocast-bf16: fp32 weights with bf16 activations (a CPU run's --autocast bf16; each "
+                         "frozen linear's bf16 copy of its weight is also saved for the backward)",
                          choices=PRECISIONS)
     quantize_base: str = opt("none", "the frozen base's linear layers: nf4 / fp4 (4-bit) or int8",
                              choices=QUANTIZE_BASE)
@@ -43,6 +45,8 @@ class PlanConfig:
     rank: int = opt(4, "rank r of each expert")
     target_modules: list = opt([], "adapted linear layers; empty = q/k/v/o (decoders), query/key/value/attention "
                                "output (encoders)")
+    generates: bool = opt(False, "the evaluation generates (free-form data with sample_prompts, or answer accuracy): "
+                          "every rank gathers the whole frozen base while it does, beside its shard")
     device: str = opt("cuda", "cuda: device memory (torch.cuda.max_memory_allocated); cpu: the process's peak RSS, "
                       "process baseline included", choices=DEVICES)
 
@@ -63,16 +67,30 @@ class PlanConfig:
     def experts(self) -> int:
         return 1 if self.method == "lora" else self.num_experts
 
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of a stored dense weight: 2 under DeepSpeed bf16, else 4 (autocast keeps fp32 weights)."""
+        return 2 if self.precision == "bf16" else 4
 
-def plan_config_from_train(cfg, world_size: int, device: str) -> PlanConfig:
-    """The PlanConfig of a TrainConfig (train --plan, the trainer's start-of-run log) on ``world_size`` ranks."""
+    @property
+    def activation_bytes(self) -> int:
+        return 4 if self.precision == "fp32" else 2
+
+
+def plan_config_from_train(cfg, world_size: int, device: str, generates: bool | None = None) -> PlanConfig:
+    """The PlanConfig of a TrainConfig (train --plan, the trainer's start-of-run log) on ``world_size`` ranks.
+    ``generates``: whether its evaluation generates (known once the data is read); None: whenever the options
+    ask for samples or answers (free-form data; multiple choice never generates)."""
+    if generates is None:
+        generates = cfg.sample_prompts > 0 or cfg.answer_accuracy != "off"
     attn = "eager" if cfg.attn_implementation == "eager" else "sdpa"
-    bf16 = device == "cuda" or resolved_autocast(cfg.autocast, device) == "bf16"
+    autocast = resolved_autocast(cfg.autocast, device) == "bf16"
+    precision = "bf16" if device == "cuda" else "autocast-bf16" if autocast else "fp32"  # DeepSpeed bf16: GPUs only
     return PlanConfig(model=cfg.model, world_size=world_size, ep_size=max(cfg.ep_size, 1),
                       micro_batch_size=cfg.micro_batch_size, max_length=cfg.max_length,
-                      precision="bf16" if bf16 else "fp32", quantize_base=cfg.quantize_base,
+                      precision=precision, quantize_base=cfg.quantize_base,
                       quant_double=cfg.quant_double, gradient_checkpointing=cfg.gradient_checkpointing,
                       activation_offload=cfg.activation_offload, chunked_loss=cfg.chunked_loss,
                       loss_chunk_tokens=cfg.loss_chunk_tokens, attn_implementation=attn,
                       method=cfg.adapter.method, num_experts=cfg.adapter.num_experts, rank=cfg.adapter.rank,
-                      target_modules=list(cfg.adapter.target_modules), device=device)
+                      target_modules=list(cfg.adapter.target_modules), generates=generates, device=device)

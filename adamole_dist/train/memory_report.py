@@ -33,7 +33,8 @@ def run_plan_config(run, device: torch.device) -> PlanConfig:
     whether its DeepSpeed config offloads the optimizer."""
     kind = "cuda" if device.type == "cuda" else "cpu"
     offload = run.ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
-    plan = plan_config_from_train(run.cfg, run.dist_info.world_size, kind)
+    generates = run.sft is not None and bool(run.sft.sample_prompts or run.sft.answer_prompts)
+    plan = plan_config_from_train(run.cfg, run.dist_info.world_size, kind, generates=generates)
     return dataclasses.replace(plan, model=run.model_path, ep_size=run.layout.ep_size,
                                optimizer_offload=offload in ("cpu", "nvme"))
 

@@ -14,6 +14,7 @@ from adamole_dist.planning.activations import block_floats_per_token
 from adamole_dist.planning.memory_plan import MB, plan_memory
 from adamole_dist.planning.model_shape import load_model_shape, shape_from_config
 from adamole_dist.planning.plan_config import PlanConfig
+from adamole_dist.planning.render import plan_text
 
 REPO = Path(__file__).resolve().parents[3]
 TINY = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 160,
@@ -130,3 +131,47 @@ def test_the_trainers_options_reach_the_plan():
 
     cfg = TrainConfig(output_dir="unused", gradient_checkpointing=True, activation_offload=True)
     assert plan_config_from_train(cfg, 2, "cuda").activation_offload
+
+
+def test_a_cpu_autocast_run_keeps_fp32_weights_and_saves_bf16_copies_of_them():
+    """--autocast bf16 on a CPU: DeepSpeed bf16 is off, so the base stays fp32; activations are bf16, and every
+    frozen linear's bf16 cast is saved for its backward. A GPU run is DeepSpeed bf16."""
+    from adamole_dist.config.training import TrainConfig
+    from adamole_dist.planning.activations import saved_activation_bytes
+    from adamole_dist.planning.memory_plan import base_bytes
+    from adamole_dist.planning.plan_config import plan_config_from_train
+
+    cpu = plan_config_from_train(TrainConfig(autocast="bf16"), 1, "cpu")
+    assert cpu.precision == "autocast-bf16" and plan_config_from_train(TrainConfig(autocast="none"), 1,
+                                                                       "cpu").precision == "fp32"
+    assert plan_config_from_train(TrainConfig(autocast="none"), 1, "cuda").precision == "bf16"
+    shape = load_model_shape("smollm2-135m")
+    fp32, bf16 = (dataclasses.replace(cpu, precision=p) for p in ("fp32", "bf16"))
+    assert base_bytes(shape, cpu) == base_bytes(shape, fp32) == 2 * base_bytes(shape, bf16)
+    copies = shape.layers * shape.block_linear_params() * 2
+    assert saved_activation_bytes(shape, cpu)[0] == saved_activation_bytes(shape, bf16)[0] + copies
+    nf4 = dataclasses.replace(cpu, quantize_base="nf4")  # bitsandbytes dequantizes in its own kernels
+    assert saved_activation_bytes(shape, nf4)[0] == saved_activation_bytes(shape, dataclasses.replace(
+        nf4, precision="bf16"))[0]
+
+
+def test_generating_evaluation_gathers_the_whole_base_on_top_on_a_cpu_or_instead_on_a_gpu():
+    from adamole_dist.config.training import TrainConfig
+    from adamole_dist.planning.memory_plan import CPU_HEAP_RETENTION, base_bytes
+    from adamole_dist.planning.plan_config import plan_config_from_train
+
+    shape = load_model_shape("smollm2-135m")
+    assert plan_config_from_train(TrainConfig(), 1, "cpu").generates  # samples by default (free-form data)
+    assert not plan_config_from_train(TrainConfig(sample_prompts=0, answer_accuracy="off"), 1, "cpu").generates
+    assert not plan_config_from_train(TrainConfig(), 1, "cpu", generates=False).generates  # the data decided
+    cpu = PlanConfig(model="smollm2-135m", micro_batch_size=4, max_length=256, device="cpu")
+    without, with_ = (plan_memory(shape, dataclasses.replace(cpu, generates=g)) for g in (False, True))
+    assert with_.generation == base_bytes(shape, cpu) and without.generation == 0
+    assert with_.device_total - without.device_total == pytest.approx(with_.generation * CPU_HEAP_RETENTION, abs=2)
+    gpu = PlanConfig(model="llama-3.1-8b", world_size=8, micro_batch_size=1, max_length=2048)
+    step, gen = (plan_memory(load_model_shape("llama-3.1-8b"), dataclasses.replace(gpu, generates=g))
+                 for g in (False, True))
+    persistent = step.base_shard + step.engine_states + step.experts
+    assert gen.device_total == max(step.device_total, persistent + base_bytes(load_model_shape("llama-3.1-8b"), gpu))
+    assert "evaluation by generation" in plan_text(load_model_shape("llama-3.1-8b"),
+                                                   dataclasses.replace(gpu, generates=True))

@@ -25,7 +25,8 @@ def built_run(config: dict, targets: list[str], **options) -> SimpleNamespace:
     return SimpleNamespace(cfg=TrainConfig(output_dir="unused", **options), dist_info=DistInfo(0, 1, 0),
                            ds_config={"zero_optimization": {"stage": 3}}, layout=SimpleNamespace(ep_size=1),
                            engine=SimpleNamespace(module=SimpleNamespace(config=AutoConfig.for_model(**config))),
-                           model_path="/models/tiny", adapters=SimpleNamespace(targets=targets))
+                           model_path="/models/tiny", adapters=SimpleNamespace(targets=targets),
+                           sft=SimpleNamespace(sample_prompts=[([1, 2], "a")], answer_prompts=[]))
 
 
 def test_the_plan_is_of_the_loaded_model_and_the_modules_adapted():
@@ -38,6 +39,9 @@ def test_the_plan_is_of_the_loaded_model_and_the_modules_adapted():
     more, _ = planned_peak(built_run(TINY, ["self_attn.q_proj"], micro_batch_size=2, max_length=32),
                            torch.device("cpu"))
     assert more != text  # the adapted modules count
+    assert "evaluation by generation: the base gathered" in text  # its free-form data's samples generate
+    run.sft = None  # multiple-choice data: no generation
+    assert "evaluation by generation" not in planned_peak(run, torch.device("cpu"))[0]
 
 
 def test_a_model_the_planner_does_not_model_gives_no_plan():
