@@ -122,9 +122,8 @@ def plan_memory(shape: ModelShape, plan: PlanConfig) -> MemoryPlan:
     baseline = PROCESS_BASELINE_MB * MB if on_cpu else 0
     if on_cpu:  # host_memory keep: the step's freed heap stays the process's, the gathered copy comes on top
         total = int(baseline + (tensors + generation) * CPU_HEAP_RETENTION)
-    else:  # the caching allocator reuses the step's freed blocks: whichever peak is larger
-        step_only = parts["activations"] + parts["logits_and_loss"] + parts["temporary"]
-        total = max(tensors, tensors - step_only + generation)
+    else:  # a GPU gathers only into free memory, else generates layer by layer (train/generation_gather.py)
+        total = tensors
     return MemoryPlan(**parts, generation=generation, host_offloaded=offloaded, process_baseline=baseline,
                       device_total=total,
                       params_total=shape.total_params(), trainable_engine_params=engine, expert_params=bank)

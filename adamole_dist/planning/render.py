@@ -30,7 +30,7 @@ def plan_text(shape: ModelShape, plan: PlanConfig) -> str:
              f"{plan.experts}x r={plan.rank}, per rank:"]
     lines += [f"  {label:<48}{mb[key]:>12,.0f} MB" for key, label in ROWS]
     if memory.generation:
-        kept = "on top of the step's" if plan.device == "cpu" else "instead of the step's activations"
+        kept = "on top of the step's" if plan.device == "cpu" else "into free memory only, else layer by layer"
         lines.append(f"  {'evaluation by generation: the base gathered':<48}{mb['generation']:>12,.0f} MB ({kept})")
     if memory.host_offloaded:
         lines.append(f"  {'offloaded to host (not on the device)':<48}{mb['host_offloaded']:>12,.0f} MB")

@@ -14,13 +14,13 @@ from collections.abc import Callable
 
 import torch
 
-from adamole_dist.adapters.files import gathered
 from adamole_dist.data.answer_match import exact_match
 from adamole_dist.data.evaluate import check_stop, evaluate_accuracy, evaluate_loss
 from adamole_dist.generation.batched import greedy_completion, greedy_replies
 from adamole_dist.moe.routing_stats import print_routing_table
 from adamole_dist.parallel import collectives
 from adamole_dist.progress import counter
+from adamole_dist.train.generation_gather import generation_gather
 from adamole_dist.train.reporting import fmt_duration, routing_over_ranks
 
 Say = Callable[[str], None]
@@ -67,7 +67,7 @@ def answer_accuracy(run, step: int, say: Say, stop: Callable[[], bool]) -> dict:
     answers = []
     bar = counter(f"answers (step {step})") if run.dist_info.is_main else None
     try:
-        with gathered(list(net.parameters())):  # once for all the batches, not at every decoding step
+        with generation_gather(net, run.task.device_for(net), say):  # once for all the batches, where it fits
             for start in range(0, len(prompts), batch_size):
                 batch = prompts[start:start + batch_size]
                 replies = greedy_replies(run.engine, run.task, [p.ids for p in batch], run.cfg.max_new_tokens_eval,
@@ -107,17 +107,15 @@ def progress_lines(is_main: bool, step: int, say: Say, every_s: float = 30.0):
 
 @torch.no_grad()
 def greedy_samples(model, task, prompts: list[tuple[list[int], str]], max_new_tokens: int, *,
-                   world_size: int = 1, stop: Callable[[], bool] | None = None) -> list[dict]:
+                   world_size: int = 1, stop: Callable[[], bool] | None = None, say: Say | None = None) -> list[dict]:
     """{"prompt", "completion", "reference"} texts of each (prompt ids, reference) greedy continuation.
     Collective under ZeRO-3: every rank calls it with the same prompts. ``stop`` is asked after each."""
     was_training = model.training
     model.eval()
     out = []
-    # Under ZeRO-3 every decoding step would gather each layer's partitions again: gathered once for
-    # all the prompts instead (the whole frozen base on every rank for this while; collective).
     net = getattr(model, "module", model)
     try:
-        with gathered(list(net.parameters())):
+        with generation_gather(net, task.device_for(net), say):  # the whole model once, where it fits
             for ids, reference in prompts:
                 new = greedy_completion(model, task, ids, max_new_tokens, synced=world_size > 1)
                 out.append({"prompt": task.tokenizer.decode(ids), "completion": task.tokenizer.decode(new,
@@ -136,7 +134,7 @@ def log_samples(run, step: int, say: Say, stop: Callable[[], bool], answers: lis
         samples = answers[: len(run.sft.sample_prompts)]
     else:
         samples = greedy_samples(run.engine, run.task, run.sft.sample_prompts, run.cfg.max_new_tokens_eval,
-                                 world_size=run.dist_info.world_size, stop=stop)
+                                 world_size=run.dist_info.world_size, stop=stop, say=say)
         run.adapters.context.pop_stats()
     for k, s in enumerate(samples):
         if "correct" in s:  # an answer: the question asked, not the rendered prompt
