@@ -28,6 +28,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+from adamole_dist.config.training import QUANTIZE_BASE  # noqa: E402  (the checkout's, run as a script)
+
 METHODS = {  # method -> its adapter overrides (adamole's come from the recipe: 8 experts x r=4)
     "adamole": [],
     "lora": ["--method", "lora", "--rank", "32"],
@@ -61,7 +64,7 @@ def train_command(args, method: str, run_dir: Path) -> list[str]:
            "--lr", str(args.lr), "--eval_interval", str(args.eval_interval), "--eval_at_start",
            "--save_interval", str(args.eval_interval), "--max_eval_examples", str(args.eval_examples),
            "--sample_prompts", str(args.sample_prompts), "--seed", str(args.seed), "--output_dir", str(run_dir),
-           *METHODS[method]]
+           "--quantize_base", args.quantize_base, *METHODS[method]]
     if (run_dir / "checkpoints").is_dir():
         cmd += ["--resume", "latest"]
     return cmd
@@ -136,6 +139,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--sample_prompts", type=int, default=0, help="greedy samples at every evaluation (slow on CPU)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quantize_base", default="none", choices=QUANTIZE_BASE,
+                    help="the frozen base quantized (QLoRA; compare nf4 with none in two --runs folders)")
     ap.add_argument("--skip_train", action="store_true", help="only read the runs already in RUNS")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--plot", type=Path)
