@@ -13,6 +13,7 @@ import pytest
 
 from tests.helpers.launch_utils import (
     BIN,
+    MINILM_JOB,
     REPO,
     SMALL_RUN,
     TRAIN,
@@ -26,7 +27,7 @@ from tests.helpers.launch_utils import (
 
 pytestmark = pytest.mark.slow
 
-SHORT = ["--max_steps", "4", "--no-eval_at_start", *SMALL_RUN]
+SHORT = [*MINILM_JOB, "--max_steps", "4", "--no-eval_at_start", *SMALL_RUN]  # TRAIN run without the cmd helpers
 
 
 def test_mpirun_two_ranks(tmp_path):
