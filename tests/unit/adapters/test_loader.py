@@ -220,6 +220,7 @@ def test_an_adapter_trained_at_ep_size_2_gives_the_training_logits(tmp_path):
     driver.write_text(EP_DRIVER.format(ids=INPUT_IDS.tolist()))
     out, logits_file = tmp_path / "run", tmp_path / "train_logits.pt"
     args = ["--model", str(model_dir), "--task_type", "causal_lm", "--ds_config", "ds_configs/zero3.json",
+            "--dataset", "builtin:word_categories", "--autocast", "none",
             "--output_dir", str(out), "--ep_size", "2", "--max_steps", "4", "--micro_batch_size", "4",
             "--max_length", "32", "--max_train_examples", "64", "--max_eval_examples", "8", "--eval_batch_size", "4",
             "--no-eval_at_start", "--eval_interval", "0", "--log_interval", "1", "--lr", "1e-2", "--dropout", "0"]

@@ -62,6 +62,7 @@ def test_local_completions_through_the_server_scores_as_launch_eval_harness(adap
     out = root / "res.json"
     assert eval_cli.main(["--adapter", str(root / "adapter"), "--dataset", str(root / "data" / "ARC-Easy"),
                           "--lm_framing", "question_answer", "--batch_size", "4", "--json", str(out),
+                          "--autocast", "none",  # the server computes in fp32: the same numbers, not bf16's
                           "--harness", "arc_easy_local", "--harness_data", str(root / "data")]) == 0
     in_process = json.loads((root / "res.harness.json").read_text())["results"]["arc_easy_local"]
     samples = [json.loads(line) for line in (root / "res.harness_samples.jsonl").read_text().splitlines()]
