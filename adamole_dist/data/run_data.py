@@ -222,7 +222,9 @@ def load_sft_data(cfg: TrainConfig, data_format: str, train_records: list | None
     eval_records, eval_origin = load_records(cfg.dataset, cfg.eval_split)
     evaluation = tokenize_split(eval_records, spec, eval_origin, truncation=cfg.truncation,
                                 limit=cfg.max_eval_examples or None, seed=cfg.seed, keep_records=True)
-    every = [sample_prompt(rec, spec) for rec in evaluation.records]
+    # every held-out prompt rendered only where answers may be scored; off: the samples' few
+    every = [sample_prompt(rec, spec) for rec in evaluation.records[: None if cfg.answer_accuracy != "off"
+                                                                      else cfg.sample_prompts]]
     scored = answers_scored(cfg.answer_accuracy, [ref for _, ref in every], tokenizer_for(spec))
     answers = [AnswerPrompt(ids, ref, question_text(rec, data_format))
                for (ids, ref), rec in zip(every, evaluation.records)] if scored else []

@@ -9,6 +9,7 @@ every rank at the same point, for the trainer to checkpoint and exit.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -20,6 +21,7 @@ from adamole_dist.generation.batched import greedy_completion, greedy_replies
 from adamole_dist.moe.routing_stats import print_routing_table
 from adamole_dist.parallel import collectives
 from adamole_dist.progress import counter
+from adamole_dist.train.before_after import mark
 from adamole_dist.train.generation_gather import generation_gather
 from adamole_dist.train.reporting import fmt_duration, routing_over_ranks
 
@@ -58,16 +60,12 @@ def answer_accuracy(run, step: int, say: Say, stop: Callable[[], bool]) -> dict:
     Every rank generates every prompt, eval_batch_size at a time (under ZeRO-3 the gathers, and with expert
     parallelism the all-to-alls, are collective; 60 short answers cost seconds); routing statistics are not
     evaluation's."""
-    run.adapters.context.pop_stats()  # the loss evaluation's statistics were taken; keep these out
     prompts, batch_size = run.sft.answer_prompts, run.cfg.eval_batch_size
     tokenizer = run.task.tokenizer
-    net = getattr(run.engine, "module", run.engine)
-    was_training = net.training
-    net.eval()
     answers = []
     bar = counter(f"answers (step {step})") if run.dist_info.is_main else None
     try:
-        with generation_gather(net, run.task.device_for(net), say):  # once for all the batches, where it fits
+        with generating(run.engine, run.task, say):
             for start in range(0, len(prompts), batch_size):
                 batch = prompts[start:start + batch_size]
                 replies = greedy_replies(run.engine, run.task, [p.ids for p in batch], run.cfg.max_new_tokens_eval,
@@ -80,7 +78,6 @@ def answer_accuracy(run, step: int, say: Say, stop: Callable[[], bool]) -> dict:
                     bar(len(answers), len(prompts))
                 check_stop(stop, len(answers), len(prompts))
     finally:
-        net.train(was_training)
         run.adapters.context.pop_stats()
     correct = sum(a["correct"] for a in answers)
     return {"accuracy": correct / len(answers), "correct": correct, "answered": len(answers), "answers": answers}
@@ -110,20 +107,28 @@ def greedy_samples(model, task, prompts: list[tuple[list[int], str]], max_new_to
                    world_size: int = 1, stop: Callable[[], bool] | None = None, say: Say | None = None) -> list[dict]:
     """{"prompt", "completion", "reference"} texts of each (prompt ids, reference) greedy continuation.
     Collective under ZeRO-3: every rank calls it with the same prompts. ``stop`` is asked after each."""
-    was_training = model.training
-    model.eval()
     out = []
-    net = getattr(model, "module", model)
-    try:
-        with generation_gather(net, task.device_for(net), say):  # the whole model once, where it fits
-            for ids, reference in prompts:
-                new = greedy_completion(model, task, ids, max_new_tokens, synced=world_size > 1)
-                out.append({"prompt": task.tokenizer.decode(ids), "completion": task.tokenizer.decode(new,
-                            skip_special_tokens=False), "reference": reference})
-                check_stop(stop, len(out), len(prompts))
-    finally:
-        model.train(was_training)
+    with generating(model, task, say):
+        for ids, reference in prompts:
+            new = greedy_completion(model, task, ids, max_new_tokens, synced=world_size > 1)
+            out.append({"prompt": task.tokenizer.decode(ids), "completion": task.tokenizer.decode(new,
+                        skip_special_tokens=False), "reference": reference})
+            check_stop(stop, len(out), len(prompts))
     return out
+
+
+@contextlib.contextmanager
+def generating(model, task, say: Say | None):
+    """The model in eval mode, with the whole of it gathered once where it fits (generation_gather.py);
+    its training mode restored after. Collective."""
+    net = getattr(model, "module", model)
+    was_training = net.training
+    net.eval()
+    try:
+        with generation_gather(net, task.device_for(net), say):
+            yield
+    finally:
+        net.train(was_training)
 
 
 def log_samples(run, step: int, say: Say, stop: Callable[[], bool], answers: list[dict] | None = None) -> None:
@@ -138,8 +143,7 @@ def log_samples(run, step: int, say: Say, stop: Callable[[], bool], answers: lis
         run.adapters.context.pop_stats()
     for k, s in enumerate(samples):
         if "correct" in s:  # an answer: the question asked, not the rendered prompt
-            say(f"[step {step}] sample {k}: {s['question'][-200:]!r} -> {s['completion']!r} "
-                f"({'right' if s['correct'] else 'wrong'})")
+            say(f"[step {step}] sample {k}: {s['question'][-200:]!r} -> {s['completion']!r} ({mark(s)})")
         else:
             say(f"[step {step}] sample {k}: {s['prompt'][-200:]!r} -> {s['completion']!r}")
     run.logger.log(step, "samples", {"samples": samples})
