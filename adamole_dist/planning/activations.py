@@ -16,6 +16,7 @@ INPUT_GROUPS = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "
                 "key": "attn_in", "value": "attn_in", "attention.output.dense": "attn_out",
                 "intermediate.dense": "mlp_in", "output.dense": "mlp_out"}
 HIDDEN_SIZED_PER_BLOCK = 8  # norm inputs/outputs, residual sums, q, attention output
+SAVED_BY_THE_BLOCK = {"attn_out"}  # input groups the block's own tensors keep anyway (the attention's output)
 
 
 def default_target_names(shape: ModelShape) -> list[str]:
@@ -59,6 +60,21 @@ def adapter_floats_per_token(shape: ModelShape, plan: PlanConfig) -> int:
     return per_target + sum(router_inputs.values())
 
 
+def int8_held_input_floats_per_token(shape: ModelShape, plan: PlanConfig) -> int:
+    """What an int8 base adds per token: bitsandbytes' 8-bit linear keeps its input for the backward even with its
+    weight frozen (MatMul8bitFp's ``ctx.A`` on a CPU, MatMul8bitLt's ``ctx.tensors`` on a GPU; attributes of the
+    autograd node, so saved_tensors_hooks never see them). One input per group of layers reading the same tensor,
+    less the groups kept anyway: the attention's output, and a routed adapter's router input. A frozen fp32, bf16
+    or 4-bit linear keeps nothing of its input."""
+    if plan.quantize_base != "int8":
+        return 0
+    kept = set(SAVED_BY_THE_BLOCK)
+    if plan.method != "lora":
+        kept |= {INPUT_GROUPS[t] for t in target_dims(shape, plan.target_modules)}
+    widths = {INPUT_GROUPS[name]: d_in for name, (d_in, _) in shape.linears().items() if name in INPUT_GROUPS}
+    return sum(width for group, width in widths.items() if group not in kept)
+
+
 def block_floats_per_token(shape: ModelShape, plan: PlanConfig) -> int:
     """Everything one block saves per token for its backward."""
     kv = shape.hidden if shape.is_encoder else shape.kv_dim
@@ -66,7 +82,7 @@ def block_floats_per_token(shape: ModelShape, plan: PlanConfig) -> int:
     floats = HIDDEN_SIZED_PER_BLOCK * shape.hidden + 2 * kv + mlp * shape.intermediate
     if plan.attn_implementation == "eager" or shape.attention_dropout > 0:  # the [H x T] scores of each token
         floats += shape.heads * plan.max_length + 2 * (shape.q_dim - kv)  # + k, v repeated to every head (GQA)
-    return floats + adapter_floats_per_token(shape, plan)
+    return floats + adapter_floats_per_token(shape, plan) + int8_held_input_floats_per_token(shape, plan)
 
 
 def tokens_per_micro_batch(shape: ModelShape, plan: PlanConfig) -> int:

@@ -90,11 +90,13 @@ def logits_bytes(shape: ModelShape, plan: PlanConfig) -> int:
 
 
 def temporary_bytes(shape: ModelShape, plan: PlanConfig, one_block: int, engine_params: int) -> int:
-    """ZeRO-3's gathered weights (the block running plus the prefetched one, at most the prefetch bucket), its
-    gradient reduce bucket, and the backward's gradients of one block's activations."""
+    """ZeRO-3's gathered weights (the block running plus what it prefetches: up to the prefetch bucket's elements
+    of the modules that come next, the whole rest of a model smaller than the bucket), its gradient reduce bucket,
+    and the backward's gradients of one block's activations."""
     dense = plan.weight_bytes
     block = shape.block_linear_params() + shape.block_other_params()
-    gathered = (block + min(block, ZERO3_PREFETCH_BUCKET)) * dense if plan.world_size > 1 else 0
+    prefetched = min(ZERO3_PREFETCH_BUCKET, shape.total_params() - block)
+    gathered = (block + prefetched) * dense if plan.world_size > 1 else 0
     return int(gathered + min(engine_params, ZERO3_REDUCE_BUCKET) * 4 + one_block)
 
 

@@ -8,7 +8,8 @@ MiniLM-L6 under DeepSpeed ZeRO-3, the same training loop (benchmarks/scaling/ste
 three; PEFT LoRA has our lora's rank (N*r = 32), alpha, dropout and targets. Each system runs in
 its own processes (peak RSS is per process). Methods run round-robin --repeats times and the
 median tokens/s is kept, so machine noise hits all alike. Writes records
-{system, method, world, ep_size, tokens_per_s, peak_rss_mb}.
+{system, method, world, ep_size, tokens_per_s, peak_rss_mb, ...}, with the shapes the memory planner needs
+(rows per example: an encoder scores each choice as a row; the longest row a batch was padded to).
 """
 
 from __future__ import annotations
@@ -74,7 +75,9 @@ def run(args) -> list[dict]:
                 runs.setdefault((system, method, compiled), []).append(run_once(system, method, compiled, world, args))
         for (system, method, compiled), rs in runs.items():
             records.append({"system": system, "method": method, "compiled": compiled, "model": args.model,
-                            "world": world, "ep_size": 1,
+                            "world": world, "ep_size": 1, "examples_per_rank": args.batch,
+                            "rows_per_example": rs[0]["rows_per_example"],
+                            "padded_length_max": max(r["padded_length_max"] for r in rs),
                             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
                             "peak_rss_mb": statistics.median(r["peak_mem_mb_max"] for r in rs),
                             "step_ms_median": statistics.median(r["step_ms"] for r in rs),

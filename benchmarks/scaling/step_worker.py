@@ -157,6 +157,7 @@ class Job:
         self.counters = self.dispatcher.counters if self.dispatcher is not None else None
         self.aux_loss_coeff = adapters.cfg.aux_loss_coeff if adapters is not None else 0.0
         self.predicting = args.predict and adapters is not None and adapters.cfg.is_moe
+        self.padded_length, self.rows_per_example = 0, 1  # measure() notes them
 
     def batch_at(self, it: int) -> dict:
         start = (it * self.world + self.rank) * self.per_rank
@@ -165,7 +166,9 @@ class Job:
 
 def measure(args, job: Job, comms_logger) -> tuple[dict[str, list[float]], list[float], int, float | None]:
     """--warmup untimed steps, then --steps timed ones: seconds per phase and real tokens of every
-    timed step, the positions of a batch, and (predicting) the median step with the experts off in ms."""
+    timed step, the positions of a batch, and (predicting) the median step with the experts off in ms.
+    Notes on ``job`` the longest padded row of any step and the rows per example (what the memory planner
+    needs: batches are padded to their longest row, and an encoder scores each choice as a row)."""
     engine, task, adapters, counters = job.engine, job.task, job.adapters, job.counters
     base_ms = None
     clock = PhaseClock(engine.device)
@@ -177,6 +180,9 @@ def measure(args, job: Job, comms_logger) -> tuple[dict[str, list[float]], list[
             base_ms = time_without_experts(engine, task, adapters, lambda i: job.batch_at(args.warmup + i),
                                            job.aux_loss_coeff, args.steps)
         batch = job.batch_at(it)
+        rows, length = batch["attention_mask"].shape
+        job.padded_length = max(job.padded_length, length)
+        job.rows_per_example = rows // job.per_rank
         zero_before = comm_ms_total(comms_logger.comms_dict, ZERO_OPS)
         if counters is not None:
             counters.reset()
@@ -203,12 +209,13 @@ def summarise(args, job: Job, phases: dict[str, list[float]], tokens: list[float
     world = job.world
     # Totals over ranks: tokens per step; per rank: the breakdown of rank 0, memory of every rank.
     tokens_per_step = collectives.sum_over_ranks([statistics.mean(tokens)])[0]
-    mine = {"peak_mem_mb": peak_memory_mb(), **param_bytes(job.engine.module)}
+    mine = {"peak_mem_mb": peak_memory_mb(), "padded_length": job.padded_length, **param_bytes(job.engine.module)}
     everyone = collectives.all_gather_objects(mine)
     record = {
         "system": args.system, "method": args.method if args.system == "adamole_dist" else "lora",
         "world": world, "nodes": args.nodes, "ep_size": args.ep_size, "mode": args.mode,
-        "examples_per_rank": job.per_rank, "tokens_per_step": tokens_per_step,
+        "examples_per_rank": job.per_rank, "rows_per_example": job.rows_per_example,
+        "padded_length_max": max(e["padded_length"] for e in everyone), "tokens_per_step": tokens_per_step,
         "tokens_per_s": tokens_per_step / statistics.median(phases["step"]),
         **{f"{k}_ms": 1000 * statistics.median(v) for k, v in phases.items()},
         "peak_mem_mb_max": max(e["peak_mem_mb"] for e in everyone),
