@@ -16,6 +16,7 @@ INPUT_GROUPS = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "
                 "key": "attn_in", "value": "attn_in", "attention.output.dense": "attn_out",
                 "intermediate.dense": "mlp_in", "output.dense": "mlp_out"}
 HIDDEN_SIZED_PER_BLOCK = 8  # norm inputs/outputs, residual sums, q, attention output
+Q_SIZED_PER_BLOCK = 3  # of those, q's size in a decoder (q, rotated q, the attention output)
 SAVED_BY_THE_BLOCK = {"attn_out"}  # input groups the block's own tensors keep anyway (the attention's output)
 
 
@@ -79,7 +80,11 @@ def block_floats_per_token(shape: ModelShape, plan: PlanConfig) -> int:
     """Everything one block saves per token for its backward."""
     kv = shape.hidden if shape.is_encoder else shape.kv_dim
     mlp = 2 if shape.is_encoder else 3
-    floats = HIDDEN_SIZED_PER_BLOCK * shape.hidden + 2 * kv + mlp * shape.intermediate
+    q_sized = 0 if shape.is_encoder else Q_SIZED_PER_BLOCK  # of the hidden-sized ones: q's size where it differs
+    floats = (HIDDEN_SIZED_PER_BLOCK - q_sized) * shape.hidden + q_sized * shape.q_dim + 2 * kv
+    floats += mlp * shape.intermediate
+    if shape.sandwich_norms:  # the post-attention and both MLP norms' inputs; q and k before their norms
+        floats += 3 * shape.hidden + shape.q_dim + kv
     if plan.attn_implementation == "eager" or shape.attention_dropout > 0:  # the [H x T] scores of each token
         floats += shape.heads * plan.max_length + 2 * (shape.q_dim - kv)  # + k, v repeated to every head (GQA)
     return floats + adapter_floats_per_token(shape, plan) + int8_held_input_floats_per_token(shape, plan)

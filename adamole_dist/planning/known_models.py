@@ -1,5 +1,5 @@
 """Configs of models the planner knows by name, written by hand from their published config.json (no hub, no
-weights): the models of docs/memory_planner.md's table and the benchmarks' SmolLM2-135M."""
+weights): the models of docs/memory_planner.md's table and the built-in SmolLM2-135M and Gemma 3 270M."""
 
 from __future__ import annotations
 
@@ -18,4 +18,8 @@ KNOWN_MODELS: dict[str, dict] = {
                      "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
                      "num_key_value_heads": 3, "head_dim": 64, "attention_bias": False, "hidden_act": "silu",
                      "attention_dropout": 0.0},
+    "gemma3-270m": {"model_type": "gemma3_text", "vocab_size": 262144, "tie_word_embeddings": True, "hidden_size": 640,
+                    "intermediate_size": 2048, "num_hidden_layers": 18, "num_attention_heads": 4,
+                    "num_key_value_heads": 1, "head_dim": 256, "attention_bias": False,
+                    "hidden_activation": "gelu_pytorch_tanh", "attention_dropout": 0.0},
 }

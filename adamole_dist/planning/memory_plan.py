@@ -8,6 +8,7 @@ where it ranges 1.16 to 1.24). On a GPU the plan is what torch.cuda.max_memory_a
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from adamole_dist.planning.activations import offload_in_flight_bytes, saved_activation_bytes, target_dims
@@ -80,12 +81,13 @@ def adapter_params(shape: ModelShape, plan: PlanConfig) -> tuple[int, int]:
 
 def logits_bytes(shape: ModelShape, plan: PlanConfig) -> int:
     """A causal LM's fp32 logits, their log-softmax and their gradient: over every token with the plain loss,
-    over one chunk of loss_chunk_tokens with the chunked one. An encoder's 1-logit head: nothing to count."""
+    over one chunk of at most loss_chunk_tokens of the target tokens with the chunked one (it leaves the positions
+    without a target out before the head). An encoder's 1-logit head: nothing to count."""
     if shape.is_encoder:
         return 0
     tokens = plan.micro_batch_size * plan.max_length
     if plan.chunked_loss:
-        tokens = min(tokens, plan.loss_chunk_tokens)
+        tokens = min(math.ceil(tokens * plan.target_fraction), plan.loss_chunk_tokens)
     return 3 * tokens * shape.vocab * 4
 
 

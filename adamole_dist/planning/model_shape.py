@@ -1,7 +1,7 @@
 """A model's dimensions and parameter counts, from its config alone (config.json, a folder, a cached hub id or a
 name in known_models.py): no weights are read. Counts are by formula for the decoder families the trainer adapts
-(llama, mistral, qwen2, ...: GQA attention, gated MLP, RMS norms, tied or separate LM head) and for BERT-style
-encoders (the seq_cls path: a 1-logit head)."""
+(llama, mistral, qwen2, ...: GQA attention, gated MLP, RMS norms, tied or separate LM head; Gemma 3's four norms a
+block and its q/k norms) and for BERT-style encoders (the seq_cls path: a 1-logit head)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from adamole_dist.planning.known_models import KNOWN_MODELS
 
 ENCODER_TYPES = ("bert", "roberta")
 QKV_BIAS_TYPES = ("qwen2",)  # decoders whose q/k/v projections carry a bias by design
+SANDWICH_NORM_TYPES = ("gemma3_text",)  # norms before and after attention and MLP, and on q and k per head
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,10 @@ class ModelShape:
     @property
     def is_encoder(self) -> bool:
         return self.model_type in ENCODER_TYPES
+
+    @property
+    def sandwich_norms(self) -> bool:
+        return self.model_type in SANDWICH_NORM_TYPES
 
     @property
     def q_dim(self) -> int:
@@ -60,7 +65,10 @@ class ModelShape:
         return weights + (self.q_dim + 2 * self.kv_dim if self.qkv_bias else 0)
 
     def block_other_params(self) -> int:
-        """Norms of one block: RMS norm weights (decoders), layer norm weight and bias (encoders)."""
+        """Norms of one block: RMS norm weights (decoders; Gemma 3: four, and q's and k's over a head), layer norm
+        weight and bias (encoders)."""
+        if self.sandwich_norms:
+            return 4 * self.hidden + 2 * self.head_dim
         return 4 * self.hidden if self.is_encoder else 2 * self.hidden
 
     def outside_block_params(self) -> int:

@@ -18,7 +18,8 @@ ATTENTIONS = ("sdpa", "eager")
 @dataclass(kw_only=True)
 class PlanConfig:
     model: str = opt("minilm-l6", "a config.json, a folder holding one, a cached hub id, or a known name "
-                     "(llama-3.1-8b, llama-3.1-70b, qwen2.5-32b, smollm2-135m, minilm-l6); no weights are read")
+                     "(llama-3.1-8b, llama-3.1-70b, qwen2.5-32b, smollm2-135m, gemma3-270m, minilm-l6); no weights "
+                     "are read")
     world_size: int = opt(1, "ranks (GPUs) of the run: ZeRO-3 shards the frozen base and the engine's states over them")
     ep_size: int = opt(1, "expert parallelism: experts sharded over this many ranks")
     micro_batch_size: int = opt(8, "sequences per rank per forward pass")
@@ -38,6 +39,10 @@ class PlanConfig:
                                    "the one block's in flight")
     chunked_loss: bool = opt(True, "causal_lm: the LM head and loss over chunks of loss_chunk_tokens tokens")
     loss_chunk_tokens: int = opt(1024, "chunked_loss: target tokens per chunk")
+    target_fraction: float = opt(1.0, "chunked_loss: the share of a micro batch's tokens that carry a loss target "
+                                 "(the chunked loss computes logits for those only); 1 = every token (--loss_on "
+                                 "all); with the loss on the assistant's replies it is often far less. The trainer "
+                                 "measures it on its data (the fullest training row)")
     attn_implementation: str = opt("sdpa", "sdpa (flash-style: no [T x T] scores kept) or eager (keeps them)",
                                    choices=ATTENTIONS)
     method: str = opt("adamole", "adapter method", choices=METHODS)
@@ -58,6 +63,8 @@ class PlanConfig:
                      "loss_chunk_tokens"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} ({getattr(self, name)}) must be positive")
+        if not 0 < self.target_fraction <= 1:
+            raise ConfigError(f"target_fraction ({self.target_fraction}) must be in (0, 1]")
         if self.world_size % self.ep_size:
             raise ConfigError(f"ep_size ({self.ep_size}) must divide world_size ({self.world_size})")
         if self.num_experts % self.ep_size:

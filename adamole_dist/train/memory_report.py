@@ -17,6 +17,7 @@ import sys
 import torch
 
 from adamole_dist.config.fields import ConfigError
+from adamole_dist.data.sft_task import IGNORE, PackedRows
 from adamole_dist.parallel import collectives
 from adamole_dist.planning.activations import planned_target_names
 from adamole_dist.planning.memory_plan import MB, plan_memory
@@ -36,7 +37,23 @@ def run_plan_config(run, device: torch.device) -> PlanConfig:
     generates = run.sft is not None and bool(run.sft.sample_prompts or run.sft.answer_prompts)
     plan = plan_config_from_train(run.cfg, run.dist_info.world_size, kind, generates=generates)
     return dataclasses.replace(plan, model=run.model_path, ep_size=run.layout.ep_size,
-                               optimizer_offload=offload in ("cpu", "nvme"))
+                               optimizer_offload=offload in ("cpu", "nvme"), target_fraction=target_fraction(run))
+
+
+def target_fraction(run) -> float:
+    """Free-form data: the largest share of a training row's max_length positions that carry a loss target (the
+    chunked loss computes logits for those only: with the loss on the assistant's replies, a small share); 1.0 for
+    multiple choice, which the plan does not look into."""
+    if run.sft is None:
+        return 1.0
+    rows = run.train_examples
+    examples_of_row = (lambda i: rows[i]) if isinstance(rows, PackedRows) else (lambda i: [rows[i]])
+    most = max((sum(count_targets(e["labels"]) for e in examples_of_row(i)) for i in range(len(rows))), default=0)
+    return min(1.0, max(most, 1) / run.cfg.max_length)
+
+
+def count_targets(labels: list[int]) -> int:
+    return len(labels) - labels.count(IGNORE)
 
 
 def planned_peak(run, device: torch.device) -> tuple[str, float | None]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from adamole_dist.config.fields import ConfigError
 from adamole_dist.planning.activations import block_floats_per_token
 from adamole_dist.planning.memory_plan import MB, plan_memory
 from adamole_dist.planning.model_shape import load_model_shape, shape_from_config
@@ -21,7 +22,11 @@ TINY = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermedia
         "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False}
 
 
-@pytest.mark.parametrize("over", [{}, {"tie_word_embeddings": True}, {"model_type": "qwen2"}])
+GEMMA3 = {"model_type": "gemma3_text", "head_dim": 32, "tie_word_embeddings": True}  # q wider than the hidden size
+WIDE_Q = {"head_dim": 32}  # a Llama whose q (4 heads x 32) is twice its hidden size
+
+
+@pytest.mark.parametrize("over", [{}, {"tie_word_embeddings": True}, {"model_type": "qwen2"}, GEMMA3])
 def test_decoder_param_count_equals_a_real_model(over):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -56,9 +61,10 @@ def tensors_held_by_nodes(output: torch.Tensor) -> list[torch.Tensor]:
     return held
 
 
-def saved_floats_per_token_of_one_block(method: str, attn: str, tokens: int = 64, quantize: str = "none") -> float:
+def saved_floats_per_token_of_one_block(method: str, attn: str, tokens: int = 64, quantize: str = "none",
+                                        over: dict | None = None) -> float:
     """Floats per token autograd keeps for one more adapted block (3 blocks minus 2), parameters left out."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from adamole_dist.adapters.inject import inject_adapters
     from adamole_dist.base_model.quantize import QuantSpec, quantize_base
@@ -67,9 +73,9 @@ def saved_floats_per_token_of_one_block(method: str, attn: str, tokens: int = 64
     saved = []
     for layers in (2, 3):
         torch.manual_seed(0)
-        config = LlamaConfig(**{**TINY, "num_hidden_layers": layers})
+        config = AutoConfig.for_model(**{**TINY, **(over or {}), "num_hidden_layers": layers})
         config._attn_implementation = attn
-        model = LlamaForCausalLM(config).requires_grad_(False)
+        model = AutoModelForCausalLM.from_config(config).requires_grad_(False)
         if quantize != "none":
             quantize_base(model, QuantSpec(scheme=quantize))
         inject_adapters(model, AdapterConfig(method=method, num_experts=4, rank=2)).train(True)
@@ -89,11 +95,13 @@ def saved_floats_per_token_of_one_block(method: str, attn: str, tokens: int = 64
     return saved[1] - saved[0]
 
 
-@pytest.mark.parametrize("method,attn", [("adamole", "sdpa"), ("lora", "sdpa"), ("adamole", "eager")])
-def test_block_formula_matches_saved_tensors(method, attn):
+@pytest.mark.parametrize("method,attn,over", [("adamole", "sdpa", {}), ("lora", "sdpa", {}), ("adamole", "eager", {}),
+                                              ("lora", "sdpa", WIDE_Q), ("adamole", "sdpa", GEMMA3),
+                                              ("lora", "sdpa", GEMMA3)], ids=str)
+def test_block_formula_matches_saved_tensors(method, attn, over):
     plan = PlanConfig(model="tiny", method=method, num_experts=4, rank=2, attn_implementation=attn, max_length=64)
-    predicted = block_floats_per_token(shape_from_config(TINY, "tiny"), plan)
-    assert predicted == pytest.approx(saved_floats_per_token_of_one_block(method, attn), rel=0.05)
+    predicted = block_floats_per_token(shape_from_config({**TINY, **over}, "tiny"), plan)
+    assert predicted == pytest.approx(saved_floats_per_token_of_one_block(method, attn, over=over), rel=0.05)
 
 
 @pytest.mark.parametrize("method", ["adamole", "lora"])
@@ -150,6 +158,19 @@ def test_plan_within_15_percent_of_every_recorded_peak():
         if abs(predicted - measured) > 0.15 * measured:
             outside.append(label)
     assert sorted(outside) == sorted(KNOWN_MISSES)
+
+
+def test_the_chunked_loss_plans_the_logits_of_target_tokens_only():
+    shape = load_model_shape("smollm2-135m")
+    every = PlanConfig(model="smollm2-135m", micro_batch_size=4, max_length=256, precision="fp32")
+    tenth = dataclasses.replace(every, target_fraction=0.1)
+    assert plan_memory(shape, every).logits_and_loss == 3 * 1024 * shape.vocab * 4
+    assert plan_memory(shape, tenth).logits_and_loss == 3 * 103 * shape.vocab * 4  # ceil(1024 x 0.1)
+    plain = dataclasses.replace(tenth, chunked_loss=False)  # the plain loss computes every position's logits
+    assert plan_memory(shape, plain).logits_and_loss == plan_memory(shape, dataclasses.replace(
+        every, chunked_loss=False)).logits_and_loss
+    with pytest.raises(ConfigError, match="target_fraction"):
+        PlanConfig(target_fraction=0)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

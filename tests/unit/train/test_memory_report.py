@@ -12,7 +12,8 @@ from adamole_dist.config.training import TrainConfig
 from adamole_dist.planning.activations import planned_target_names
 from adamole_dist.planning.model_shape import shape_from_config
 from adamole_dist.runtime.process_group import DistInfo
-from adamole_dist.train.memory_report import measured_peak_bytes, peak_line, planned_peak
+from adamole_dist.data.sft_task import IGNORE, PackedRows
+from adamole_dist.train.memory_report import measured_peak_bytes, peak_line, planned_peak, run_plan_config
 
 TINY = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 160,
         "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False}
@@ -26,7 +27,8 @@ def built_run(config: dict, targets: list[str], **options) -> SimpleNamespace:
                            ds_config={"zero_optimization": {"stage": 3}}, layout=SimpleNamespace(ep_size=1),
                            engine=SimpleNamespace(module=SimpleNamespace(config=AutoConfig.for_model(**config))),
                            model_path="/models/tiny", adapters=SimpleNamespace(targets=targets),
-                           sft=SimpleNamespace(sample_prompts=[([1, 2], "a")], answer_prompts=[]))
+                           sft=SimpleNamespace(sample_prompts=[([1, 2], "a")], answer_prompts=[]),
+                           train_examples=[{"input_ids": [1, 2, 3, 4], "labels": [IGNORE, IGNORE, 3, 4]}])
 
 
 def test_the_plan_is_of_the_loaded_model_and_the_modules_adapted():
@@ -42,6 +44,20 @@ def test_the_plan_is_of_the_loaded_model_and_the_modules_adapted():
     assert "evaluation by generation: the base gathered" in text  # its free-form data's samples generate
     run.sft = None  # multiple-choice data: no generation
     assert "evaluation by generation" not in planned_peak(run, torch.device("cpu"))[0]
+
+
+def test_the_plan_counts_the_logits_of_the_fullest_rows_targets():
+    """The chunked loss computes logits for target positions only: the trainer plans the fullest training row's."""
+    def example(targets: int) -> dict:
+        return {"input_ids": list(range(10)), "labels": [IGNORE] * (10 - targets) + list(range(targets))}
+
+    run = built_run(TINY, ["self_attn.q_proj"], micro_batch_size=2, max_length=32)
+    run.train_examples = PackedRows([example(2), example(5), example(3)], [[0, 1], [2]])  # rows of 7 and 3 targets
+    assert run_plan_config(run, torch.device("cpu")).target_fraction == 7 / 32
+    run.train_examples = [example(3), example(1)]  # unpacked: one example a row
+    assert run_plan_config(run, torch.device("cpu")).target_fraction == 3 / 32
+    run.sft = None  # multiple choice: not looked into
+    assert run_plan_config(run, torch.device("cpu")).target_fraction == 1.0
 
 
 def test_a_model_the_planner_does_not_model_gives_no_plan():
