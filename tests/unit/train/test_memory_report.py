@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import torch
 
 from adamole_dist.config.training import TrainConfig
+from adamole_dist.data.sft_task import IGNORE, PackedRows
 from adamole_dist.planning.activations import planned_target_names
 from adamole_dist.planning.model_shape import shape_from_config
 from adamole_dist.runtime.process_group import DistInfo
-from adamole_dist.data.sft_task import IGNORE, PackedRows
 from adamole_dist.train.memory_report import measured_peak_bytes, peak_line, planned_peak, run_plan_config
 
 TINY = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 160,
