@@ -40,15 +40,20 @@ def run_plan_config(run, device: torch.device) -> PlanConfig:
                                optimizer_offload=offload in ("cpu", "nvme"), target_fraction=target_fraction(run))
 
 
+TARGET_ROWS_READ = 1000  # rows target_fraction reads at most (evenly spaced): a large set's labels stay on disk
+
+
 def target_fraction(run) -> float:
     """Free-form data: the largest share of a training row's max_length positions that carry a loss target (the
-    chunked loss computes logits for those only: with the loss on the assistant's replies, a small share); 1.0 for
-    multiple choice, which the plan does not look into."""
+    chunked loss computes logits for those only: with the loss on the assistant's replies, a small share), over
+    at most TARGET_ROWS_READ rows spread over the set; 1.0 for multiple choice, which the plan does not look into."""
     if run.sft is None:
         return 1.0
     rows = run.train_examples
     examples_of_row = (lambda i: rows[i]) if isinstance(rows, PackedRows) else (lambda i: [rows[i]])
-    most = max((sum(count_targets(e["labels"]) for e in examples_of_row(i)) for i in range(len(rows))), default=0)
+    step = max(1, len(rows) // TARGET_ROWS_READ)
+    most = max((sum(count_targets(e["labels"]) for e in examples_of_row(i)) for i in range(0, len(rows), step)),
+               default=0)
     return min(1.0, max(most, 1) / run.cfg.max_length)
 
 
