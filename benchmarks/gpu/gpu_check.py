@@ -13,8 +13,11 @@ real shapes), meant to finish in under 8 minutes on one GPU.
 3. levers: adamole's training step with each speed lever alone and together: torch.compile per block
    (train/compile.py, the trainer's --compile) and every attention kernel installed (sdpa; flash
    attention 2/3 where their package is), tokens/s against eager sdpa;
-4. generate: greedy generation tokens/s with the adapters in the model against the bare model;
-5. what one GPU cannot show, said in the output.
+4. memory: each memory lever on the trainer's step (the chunked loss against the plain one, an nf4 and an int8
+   base, gradient checkpointing, activation offload), the peak (torch.cuda.max_memory_allocated) beside the
+   memory planner's prediction for the same run (benchmarks/gpu/memory_levers.py);
+5. generate: greedy generation tokens/s with the adapters in the model against the bare model;
+6. what one GPU cannot show, said in the output.
 Every timed region synchronises the device (parallel/device_timer.py) after a warm-up.
 """
 
@@ -41,6 +44,8 @@ from adamole_dist.train.compile import compile_blocks
 from adamole_dist.train.step import train_step
 from benchmarks.common.host_syncs import HostReads
 from benchmarks.common.records import write_records
+from benchmarks.gpu.memory_levers import bench_memory
+from benchmarks.gpu.random_tokens import RandomTokensLM
 
 LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                 num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)  # TinyLlama's shape
@@ -119,14 +124,6 @@ def bench_layers(args, device) -> list[dict]:
                             "path": path, "d": d, "tokens": tokens, "ms_median": round(ms, 4),
                             "vs_peft_lora": round(ms / peft_ms, 3)})
     return records
-
-
-class RandomTokensLM:
-    """The causal-LM loss of random tokens through the model's own head (shapes are what count here)."""
-
-    def loss(self, model, batch):
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     labels=batch["input_ids"]).loss
 
 
 def llama(args, device, attn: str = "sdpa"):
@@ -290,6 +287,8 @@ def print_table(records: list[dict]) -> None:
                                         "host_reads_per_step")),
                              ("levers", ("attn_implementation", "compile", "tokens_per_s", "vs_eager_sdpa",
                                          "peak_memory_mb")),
+                             ("memory", ("lever", "peak_memory_mb", "planned_mb", "plan_error", "vs_plain_peak",
+                                         "tokens_per_s", "skipped", "failed")),
                              ("generate", ("adapters", "tokens_per_s", "vs_base"))):
         rows = [r for r in records if r.get("section") == section]
         if not rows:
@@ -305,7 +304,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, the same code (runs on a CPU in seconds)")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per case (default 10, smoke 2)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed repeats first (default 3, smoke 1)")
-    ap.add_argument("--sections", default="layer,train,levers,generate")
+    ap.add_argument("--sections", default="layer,train,levers,memory,generate")
     ap.add_argument("--peak_tflops", type=float, default=0.0, help="the device's peak for MFU (default: by name)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
@@ -328,6 +327,8 @@ def run(args) -> list[dict]:
     sections = args.sections.split(",")
     for name, fn in (("layer", lambda: bench_layers(args, device)), ("train", lambda: bench_train(args, device, info)),
                      ("levers", lambda: bench_levers(args, device, info)),
+                     ("memory", lambda: bench_memory(args, device, info, llama,
+                                                     LLAMA_SMOKE if args.smoke else LLAMA_1B)),
                      ("generate", lambda: bench_generate(args, device))):
         if name in sections:
             records += fn()

@@ -22,7 +22,7 @@ def test_gpu_check_smoke_writes_every_section(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = json.loads(out.read_text())
     sections = {r["section"] for r in records}
-    assert sections == {"device", "layer", "train", "levers", "generate"}
+    assert sections == {"device", "layer", "train", "levers", "memory", "generate"}
     layer = [r for r in records if r["section"] == "layer"]
     assert {r["method"] for r in layer} >= {"lora", "adamole", "mole_topk", "sira", "mole_threshold", "peft_lora"}
     assert {r["dtype"] for r in layer} == {"bfloat16", "float32"}
@@ -33,4 +33,10 @@ def test_gpu_check_smoke_writes_every_section(tmp_path):
     levers = {(r["attn_implementation"], r["compile"]): r for r in records if r["section"] == "levers"}
     assert set(levers) == {("sdpa", False), ("sdpa", True)}  # no flash attention on a CPU
     assert all(r["tokens_per_s"] > 0 for r in levers.values()) and levers[("sdpa", False)]["vs_eager_sdpa"] == 1.0
-    assert "NCCL all-to-all" in proc.stdout and "[train]" in proc.stdout and "[levers]" in proc.stdout
+    memory = {r["lever"]: r for r in records if r["section"] == "memory"}
+    assert len(memory) == 6 and not any("failed" in r for r in memory.values())
+    assert all(r["planned_mb"] > 0 for r in memory.values())
+    ran = [r for r in memory.values() if "skipped" not in r]  # a CPU: every lever but the activation offload
+    assert [r["lever"] for r in memory.values() if "skipped" in r] == ["chunked, checkpointing, activation offload"]
+    assert len(ran) == 5 and all(r["tokens_per_s"] > 0 for r in ran)
+    assert "NCCL all-to-all" in proc.stdout and "[train]" in proc.stdout and "[memory]" in proc.stdout
