@@ -131,8 +131,10 @@ def test_preempted_two_node_job_resumes_on_one_node_with_twice_the_accumulation(
     would), starts there, runs one task on it (train.sbatch counts the tasks of the nodes it got), and
     resumes with twice the accumulation (the checkpoint's global
     batch kept), ending with the losses of the same job left alone on 2 ranks beside it. Dropout off:
-    its masks are drawn per rank (the tiny BERT's own dropout is off too, unlike MiniLM's)."""
-    steps = 12
+    its masks are drawn per rank (the tiny BERT's own dropout is off too, unlike MiniLM's). The tiny BERT's steps
+    are short: 30 of them leave the drain and the signal time to land before the end (with 12, a CI run finished
+    every step first)."""
+    steps = 30
     model = write_tiny_bert(tmp_path / "tiny_bert")
     flags = ("--max_steps", str(steps), "--save_interval", "1000", "--dropout", "0", "--model", str(model))
     (tmp_path / "a").mkdir()
