@@ -35,17 +35,14 @@ import torch.nn as nn
 from adamole_dist import AdapterConfig, inject_adapters
 from adamole_dist.adapters.inject import adapt_linear
 from adamole_dist.base_model.attention import available_kernels
-from adamole_dist.config.deepspeed import build_ds_config
-from adamole_dist.config.training import TrainConfig
 from adamole_dist.parallel.device_timer import synchronize, wall_seconds
 from adamole_dist.runtime.process_group import init_distributed, resolve_backend
-from adamole_dist.train.builders import build_engine, build_expert_optimizer
 from adamole_dist.train.compile import compile_blocks
 from adamole_dist.train.step import train_step
 from benchmarks.common.host_syncs import HostReads
 from benchmarks.common.records import write_records
 from benchmarks.gpu.memory_levers import bench_memory
-from benchmarks.gpu.random_tokens import RandomTokensLM
+from benchmarks.gpu.training import RandomTokensLM, random_batch, zero3_engine
 
 LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                 num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)  # TinyLlama's shape
@@ -164,13 +161,8 @@ def train_system(args, device, info, system: str, method: str, micro: int, seq: 
     if compiled:
         compile_blocks(model)
     flops_per_token = model_flops_per_token(model, seq)
-    # batch sizes, clipping and AdamW's hyperparameters from a TrainConfig (config/deepspeed.py, as in
-    # training); ZeRO-3 with DeepSpeed's own defaults, bf16 on a GPU, torch's AdamW
-    cfg = TrainConfig(micro_batch_size=micro, gradient_accumulation_steps=1, max_grad_norm=1.0, lr=1e-4)
-    base = {"zero_optimization": {"stage": 3}, "bf16": {"enabled": cuda},
-            "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}
-    engine = build_engine(model, params, build_ds_config(cfg, info.world_size, base=base))
-    expert_opt = build_expert_optimizer(adapters.expert_parameters() if adapters else [], info.world_size, cfg)
+    engine, expert_opt = zero3_engine(model, params, adapters.expert_parameters() if adapters else [], micro, info,
+                                      cuda)
     return model, adapters, engine, expert_opt, flops_per_token
 
 
@@ -181,9 +173,7 @@ def time_train(args, device, info, system: str, method: str, micro: int, seq: in
     cuda = device.type == "cuda"
     model, adapters, engine, expert_opt, flops_per_token = train_system(
         args, device, info, system, method, micro, seq, attn, compiled)
-    g = torch.Generator().manual_seed(1)
-    batch = {"input_ids": torch.randint(0, model.config.vocab_size, (micro, seq), generator=g).to(device),
-             "attention_mask": torch.ones(micro, seq, dtype=torch.long, device=device)}
+    batch = random_batch(model.config.vocab_size, micro, seq, device)
     coeff = adapters.cfg.aux_loss_coeff if adapters is not None else 0.0
 
     def step():

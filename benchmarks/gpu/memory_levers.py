@@ -20,16 +20,13 @@ from adamole_dist import AdapterConfig, inject_adapters
 from adamole_dist.adapters.checkpointing import enable_gradient_checkpointing
 from adamole_dist.base_model.chunked_loss import install
 from adamole_dist.base_model.quantize import QuantSpec, quantize_base
-from adamole_dist.config.deepspeed import build_ds_config
-from adamole_dist.config.training import TrainConfig
 from adamole_dist.parallel.device_timer import wall_seconds
 from adamole_dist.planning.memory_plan import MB, plan_memory
 from adamole_dist.planning.model_shape import shape_from_config
 from adamole_dist.planning.plan_config import PlanConfig
 from adamole_dist.train.activation_offload import ActivationOffload
-from adamole_dist.train.builders import build_engine, build_expert_optimizer
 from adamole_dist.train.step import train_step
-from benchmarks.gpu.random_tokens import ChunkedRandomTokensLM, RandomTokensLM
+from benchmarks.gpu.training import ChunkedRandomTokensLM, RandomTokensLM, random_batch, zero3_engine
 
 CHUNK_TOKENS = 1024
 # (label, chunked loss, --quantize_base, gradient checkpointing, --activation_offload)
@@ -75,14 +72,9 @@ def measure_lever(args, device, info, llama, config: dict, micro: int, seq: int,
     if checkpointing:
         enable_gradient_checkpointing(model, adapters.context)
     task = ChunkedRandomTokensLM(install(model, CHUNK_TOKENS)) if chunked else RandomTokensLM()
-    cfg = TrainConfig(micro_batch_size=micro, gradient_accumulation_steps=1, max_grad_norm=1.0, lr=1e-4)
-    base = {"zero_optimization": {"stage": 3}, "bf16": {"enabled": cuda},
-            "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}
-    engine = build_engine(model, adapters.engine_parameters(), build_ds_config(cfg, info.world_size, base=base))
-    expert_opt = build_expert_optimizer(adapters.expert_parameters(), info.world_size, cfg)
-    g = torch.Generator().manual_seed(1)
-    batch = {"input_ids": torch.randint(0, config["vocab_size"], (micro, seq), generator=g).to(device),
-             "attention_mask": torch.ones(micro, seq, dtype=torch.long, device=device)}
+    engine, expert_opt = zero3_engine(model, adapters.engine_parameters(), adapters.expert_parameters(), micro, info,
+                                      cuda)
+    batch = random_batch(config["vocab_size"], micro, seq, device)
     offloading = ActivationOffload(device) if offload else None
 
     def step():
