@@ -25,7 +25,12 @@ from adamole_dist.moe.fused_routing import laid_out
 class RoutingContext:
     def __init__(self) -> None:
         self.attention_mask: torch.Tensor | None = None
+        # The layers' load-balancing losses of this forward: a list from eager layers (no operator per layer); a
+        # running sum and count from compiled blocks (a list's length is a guard of compiled code: every block
+        # would compile again, the next one appending), where the sums fuse into the block's kernels.
         self.aux_losses: list[torch.Tensor] = []
+        self.compiled_aux_sum: torch.Tensor | None = None
+        self.compiled_aux_terms: torch.Tensor | None = None
         self._stats: dict[str, torch.Tensor] = {}  # routing_stats.py's layout (the unfused routing)
         self.fused_layers: dict = {}  # name -> layer: the fused routing's statistics sums live on each layer
         # Set by the trainer for aux_loss_scope "global": sum over data-parallel ranks, and their count.
@@ -61,7 +66,7 @@ class RoutingContext:
         self.attention_mask = attention_mask
         if attention_mask is not None and self.fused_layers:
             self.move_fused_sums(attention_mask.device)
-        self.aux_losses = []
+        self.aux_losses, self.compiled_aux_sum, self.compiled_aux_terms = [], None, None
         if self.active_log is not None:
             self.active_log.append({})
 
@@ -90,13 +95,31 @@ class RoutingContext:
         return mask[:, -S:].reshape(-1).bool()
 
     def add_aux_loss(self, loss: torch.Tensor) -> None:
-        self.aux_losses.append(loss)
+        if not torch.compiler.is_compiling():
+            self.aux_losses.append(loss)
+        elif self.compiled_aux_sum is None or self.compiled_aux_terms is None:
+            self.compiled_aux_sum = loss
+            self.compiled_aux_terms = torch.ones((), dtype=loss.dtype, device=loss.device)
+        else:
+            self.compiled_aux_sum = self.compiled_aux_sum + loss
+            self.compiled_aux_terms = self.compiled_aux_terms + 1
 
-    def take_aux_losses(self) -> list[torch.Tensor]:
-        """The aux losses left since the last forward began (or the last take), and forget them: for a
-        layer run outside a model forward (benchmarks, calibration), where no forward clears them."""
-        losses, self.aux_losses = self.aux_losses, []
-        return losses
+    def aux_sum_and_terms(self) -> tuple[torch.Tensor, torch.Tensor | int] | None:
+        """(the sum of this forward's aux losses, how many), or None where no layer left one."""
+        total, terms = self.compiled_aux_sum, self.compiled_aux_terms
+        if self.aux_losses:
+            eager = torch.stack(self.aux_losses).sum() if len(self.aux_losses) > 1 else self.aux_losses[0]
+            total = eager if total is None else total + eager
+            terms = len(self.aux_losses) if terms is None else terms + len(self.aux_losses)
+        return None if total is None or terms is None else (total, terms)
+
+    def take_aux_loss(self) -> torch.Tensor:
+        """The sum of the aux losses left since the last forward began or the last take (a CPU zero where none
+        was: it adds to a loss on any device), and forget them: for a layer run outside a model forward
+        (benchmarks, calibration), where no forward clears them."""
+        summed = self.aux_sum_and_terms()
+        self.aux_losses, self.compiled_aux_sum, self.compiled_aux_terms = [], None, None
+        return summed[0] if summed is not None else torch.zeros(())
 
     def balance_over_data_parallel(self, all_reduce, world_size: int) -> None:
         """aux_loss_scope "global": each layer's balance loss sums its routing counts over the

@@ -40,11 +40,11 @@ class Adapters:
 
     def aux_loss(self) -> torch.Tensor | None:
         """Combined (unscaled) load-balancing loss of the last forward, or None."""
-        losses = self.context.aux_losses
-        if not losses:
+        summed = self.context.aux_sum_and_terms()
+        if summed is None:
             return None
-        total = torch.stack(losses).sum()
-        return total / len(losses) if self.cfg.aux_loss_reduce == "mean" else total
+        total, terms = summed
+        return total / terms if self.cfg.aux_loss_reduce == "mean" else total
 
     def engine_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters registered on the model (routers, LoRA, task head): data parallel."""

@@ -152,12 +152,24 @@ def model_inputs(batch: dict) -> dict:
     }
 
 
+def hf_config(model):
+    """The transformers config of ``model``, or of the model inside a DeepSpeed engine (its ``.module``; the
+    engine's own ``.config`` is DeepSpeed's); None for a model without one."""
+    from transformers import PretrainedConfig
+
+    for candidate in (model, getattr(model, "module", None)):
+        config = getattr(candidate, "config", None)
+        if isinstance(config, PretrainedConfig):
+            return config
+    return None
+
+
 def check_packing_attention(model) -> None:
     """ConfigError unless packed rows get exact per-example attention in this model.
 
     ``model`` may be a DeepSpeed engine (its ``.module`` is the HF model).
     """
-    config = getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)
+    config = hf_config(model)
     if config is None:
         raise ConfigError("packing: the model has no transformers config; packing needs a Hugging Face causal LM")
     if getattr(config, "is_encoder_decoder", False) or not getattr(config, "is_causal", True) \

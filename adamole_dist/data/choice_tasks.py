@@ -42,6 +42,8 @@ class CausalLMTask(Task):
     harness's way (``question_answer``): every candidate by its summed log-likelihood ("acc") and
     by that sum over its length in characters ("acc_norm")."""
 
+    decoder = True
+
     def __init__(self, tokenizer, max_length: int, loss_on: str = "answer", device=None,
                  framing: str = "instruction", autocast: str = "none") -> None:
         super().__init__(tokenizer, max_length, device, autocast)

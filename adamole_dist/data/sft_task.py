@@ -56,6 +56,7 @@ def target_count(labels: torch.Tensor) -> int:
 class SFTTask(Task):
     """Causal-LM training on tokenized free-form examples (see the module docstring)."""
 
+    decoder = True
     metrics = ()  # no choices to score: evaluation is held-out loss (data/evaluate.py evaluate_loss)
 
     def __init__(self, tokenizer, max_length: int, device=None, autocast: str = "none") -> None:

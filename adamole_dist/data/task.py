@@ -24,6 +24,7 @@ from typing import Protocol
 import torch
 
 from adamole_dist.config.training import AUTOCASTS
+from adamole_dist.data.batching import hf_config
 from adamole_dist.data.examples import IGNORE, Example
 
 AUTOCAST_DTYPES = {"none": None, "bf16": torch.bfloat16}  # config.training.AUTOCASTS, auto resolved by the caller
@@ -44,10 +45,19 @@ class LossHead(Protocol):
     def loss_of(self, targets: torch.Tensor, summed: bool = True) -> AbstractContextManager: ...
 
 
+def builds_kv_cache(model) -> bool:
+    """Whether ``model`` (or the model inside a DeepSpeed engine) builds a KV cache by default."""
+    return bool(getattr(hf_config(model), "use_cache", False))
+
+
 class Task:
     """Common interface; see the module docstring."""
 
     chunked_head: LossHead | None = None  # set by the run for causal LMs (train/builders.py)
+    # A decoder's forward builds a KV cache unless told not to (its config's use_cache); a loss needs none. Under
+    # --compile each layer's cache entry specialised the compiled block: a recompilation per layer, and the
+    # blocks past torch._dynamo's recompile limit ran eagerly (train/compile.py).
+    decoder = False
 
     def __init__(self, tokenizer, max_length: int, device: torch.device | str | None = None,
                  autocast: str = "none") -> None:
@@ -60,8 +70,11 @@ class Task:
         self.autocast_dtype = AUTOCAST_DTYPES[autocast]
 
     def forward(self, model, **inputs):
-        """``model(**inputs)``, under autocast when the task has an autocast dtype."""
+        """``model(**inputs)``, under autocast when the task has an autocast dtype; a decoder without a KV cache
+        unless ``inputs`` ask for one."""
         device = next(iter(inputs.values())).device
+        if self.decoder and "use_cache" not in inputs and builds_kv_cache(model):
+            inputs["use_cache"] = False
         with torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             return model(**inputs)

@@ -162,7 +162,7 @@ def build_run(cfg: TrainConfig, dist_info: DistInfo, stop: StopSignal | None = N
         task = build_task_for(cfg, task_type, tokenizer, device, free_form=data.sft is not None)  # checks max_length
         layout, dispatcher, adapters = adapt_model(cfg, dist_info, model, task_type, model_path, device)
         attach_chunked_loss(cfg, task, model, task_type)
-        compiled = CompileReport(compile_blocks(model, cfg.gradient_checkpointing)) if cfg.compile else None
+        compiled = CompileReport(compile_blocks(model, device, cfg.gradient_checkpointing)) if cfg.compile else None
     lock = lock_output_dir(cfg, out, config_record)
     adapters.expert_module.to(device)
     schedule = lr_lambda(cfg.lr_scheduler, total_steps, warmup_steps_for(total_steps, cfg.warmup_steps,

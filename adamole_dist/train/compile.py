@@ -24,8 +24,11 @@ Shapes: ``dynamic=True`` marks every dimension dynamic from the first compile, s
 sequence length (packing, length grouping, the last batch of an epoch) reuses the graphs instead of
 recompiling. What specialises a graph, once each: the first block's input needs no gradient (the frozen
 embeddings') and the others' do; a packed row holding one example gets no attention mask from
-transformers (plain causal attention) where the others get one. CompileReport counts recompilations
-of the blocks' forward, and those for a size (none expected), every log window.
+transformers (plain causal attention) where the others get one. Nothing specialises a graph per layer: the
+task runs a decoder without a KV cache (data/task.py), and compiled blocks sum their aux losses instead of
+appending to a list (adapters/context.py). Each of those had compiled every block again, and past
+torch._dynamo's recompile limit (8) the later blocks of a SmolLM2 ran eagerly. CompileReport counts
+recompilations of the blocks' forward, and those for a size (none expected), every log window.
 """
 
 from __future__ import annotations
@@ -65,10 +68,10 @@ def check_compile(device: torch.device) -> None:
                           "install one or leave --compile off")
 
 
-def compile_blocks(model: nn.Module, recompute: bool = False) -> list[nn.Module]:
+def compile_blocks(model: nn.Module, device: torch.device, recompute: bool = False) -> list[nn.Module]:
     """Replace every transformer block's forward by one that runs compiled (dynamic shapes) when autograd
     records (training) and eagerly otherwise (evaluation and generation, whose KV caches would specialise
-    the compiled code per decoding step); the count of blocks."""
+    the compiled code per decoding step); the count of blocks. ``device``: where the blocks train."""
     blocks = transformer_blocks(model)
     if not blocks:
         raise ConfigError(f"compile: found no transformer blocks in {type(model).__name__} to compile")
@@ -79,9 +82,20 @@ def compile_blocks(model: nn.Module, recompute: bool = False) -> list[nn.Module]
         import torch._functorch.config
 
         torch._functorch.config.activation_memory_budget = 0.0  # keep the least, recompute the rest
+    random_numbers_for(device)
     for block in blocks:
         block.forward = compiled_when_training(block.forward)
     return blocks
+
+
+def random_numbers_for(device: torch.device) -> None:
+    """On a CPU, compiled code draws dropout's masks from ATen's generator, as eager does: inductor's own C++
+    random numbers made a compiled LoRA layer 1.3 x slower than eager at dropout 0.05 (benchmarks/README.md,
+    speed levers). On a GPU inductor generates its Philox numbers inside the fused kernels: kept there."""
+    if device.type == "cpu":
+        import torch._inductor.config
+
+        torch._inductor.config.fallback_random = True
 
 
 def compiled_when_training(forward):
@@ -105,6 +119,7 @@ class CompileReport:
         self.blocks = len(blocks)
         self.codes = {block.forward.compiled_code for block in blocks}
         self.logged = False
+        self.warned = False
 
     def metrics(self) -> dict:
         from torch._dynamo.utils import compilation_time_metrics, counters, guard_failures
@@ -119,4 +134,10 @@ class CompileReport:
             out.update(compiled_blocks=self.blocks, compile_s=round(seconds, 2))
             log.info(f"torch.compile: {self.blocks} blocks, {out['compiled_graphs']} graphs, "
                      f"{out['graph_breaks']} graph breaks, {seconds:.1f} s compiling")
+        limit = torch._dynamo.config.recompile_limit
+        if len(failures) >= limit and not self.warned:
+            self.warned = True
+            log.warning(f"torch.compile: the blocks recompiled {len(failures)} times, torch._dynamo's limit "
+                        f"(recompile_limit {limit}): blocks that need another graph now run eagerly. The latest "
+                        f"reason: {failures[-1].splitlines()[0]}")
         return out

@@ -108,7 +108,7 @@ def bench_layers(args, device) -> list[dict]:
                     layer(xx).backward(grad)
                     ctx = getattr(layer, "context", None)
                     if ctx is not None:
-                        ctx.take_aux_losses()
+                        ctx.take_aux_loss()
                         ctx.pop_stats()
 
                 seconds = wall_seconds(fwd_bwd, device)
@@ -159,7 +159,7 @@ def train_system(args, device, info, system: str, method: str, micro: int, seq: 
         adapters.expert_module.to(device)
         params = adapters.engine_parameters()
     if compiled:
-        compile_blocks(model)
+        compile_blocks(model, device)
     flops_per_token = model_flops_per_token(model, seq)
     engine, expert_opt = zero3_engine(model, params, adapters.expert_parameters() if adapters else [], micro, info,
                                       cuda)

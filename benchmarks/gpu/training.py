@@ -32,8 +32,9 @@ class RandomTokensLM:
     """transformers' own head and loss: the full [tokens x vocabulary] logits."""
 
     def loss(self, model, batch):
+        # no KV cache, as the trainer's tasks (data/task.py): under --compile it recompiles every block
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     labels=batch["input_ids"]).loss
+                     labels=batch["input_ids"], use_cache=False).loss
 
 
 class ChunkedRandomTokensLM:
@@ -46,5 +47,5 @@ class ChunkedRandomTokensLM:
         ids = batch["input_ids"]
         targets = torch.cat([ids[:, 1:], ids.new_full((ids.shape[0], 1), IGNORE)], dim=1)
         with self.head.loss_of(targets):
-            total = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+            total = model(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False).logits
         return total / (ids.shape[0] * (ids.shape[1] - 1))

@@ -25,6 +25,7 @@ from adamole_dist.config.adapter import AdapterConfig
 from adamole_dist.moe.experts import GROUPED_PAIR_COST, choose_compute_path
 from adamole_dist.moe.routing_stats import summarize_stats
 from adamole_dist.parallel.device_timer import timed
+from adamole_dist.train.compile import random_numbers_for
 from benchmarks.common.operators import ComputingOperators
 from benchmarks.common.records import write_records
 from benchmarks.layer.loop_reference import LoopAdaMoLE
@@ -33,7 +34,8 @@ MOE_METHODS = ["mole_topk", "mole_threshold", "sira", "adamole"]
 
 
 class Case:
-    """One timed variant: a callable returning (delta, aux_loss or None), plus its parameters."""
+    """One timed variant: a callable returning (delta, aux loss: an adapted layer's, a zero without one; None for
+    the loop reference and the base layer), plus its parameters."""
 
     def __init__(self, method: str, module: nn.Module, run, avg_active) -> None:
         self.method, self.module, self.run, self.avg_active = method, module, run, avg_active
@@ -53,13 +55,13 @@ def adapted_case(method: str, args, d: int, path: str = "auto", top_k: int = 2, 
     else:
         nn.init.normal_(layer.lora.lora_B, std=0.01)
 
+    if compiled:
+        random_numbers_for(torch.device("cpu"))  # the benchmark runs on the CPU
     delta_of = torch.compile(layer.delta) if compiled else layer.delta  # the trainer's --compile, one layer
 
     def run(x):
         delta = delta_of(x)
-        losses = layer.context.take_aux_losses()
-        aux = torch.stack(losses).sum() if losses else None
-        return delta, aux
+        return delta, layer.context.take_aux_loss()
 
     def avg_active():
         if layer.router is None:

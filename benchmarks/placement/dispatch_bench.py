@@ -93,7 +93,7 @@ def time_steps(args, ep_size: int, layer, dispatcher, cfg: AdapterConfig, expert
             delta.backward(grad)
             expert_opt.step()
         t_route, t_step = route_time.seconds, step_time.seconds
-        layer.context.take_aux_losses()
+        layer.context.take_aux_loss()
         if it < args.warmup:
             layer.context.pop_stats()
             continue

@@ -83,7 +83,7 @@ def build(args, layout):
                                    expert_slice=layout.expert_slice(cfg.num_experts))
         params = adapters.engine_parameters()
     if args.compile:  # the trainer's --compile: every transformer block, adapters included (train/compile.py)
-        compile_blocks(model)
+        compile_blocks(model, DEVICE)
     return model, tokenizer, task_type, adapters, params
 
 

